@@ -1,0 +1,324 @@
+//! Input rows: CSV (with a header) or JSONL, streamed from a file or stdin on a blocking thread.
+//! A bad record becomes a `RowError` naming the file, line and field; the stream goes on.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::error::Error;
+use crate::job::InputFormat;
+
+/// One input row: its 1-based number among the data rows, its id, and its fields.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub number: u64,
+    pub id: String,
+    pub fields: Map<String, Value>,
+}
+
+/// A row that could not be read. It still has a number, so it gets a record of its own.
+#[derive(Debug, Clone)]
+pub struct RowError {
+    pub number: u64,
+    pub message: String,
+}
+
+pub type RowResult = Result<Row, RowError>;
+
+pub struct Source {
+    pub path: PathBuf,
+    pub format: InputFormat,
+    pub id_column: Option<String>,
+}
+
+impl Source {
+    fn open(&self) -> Result<Box<dyn Read + Send>, Error> {
+        if self.path.as_os_str() == "-" {
+            return Ok(Box::new(std::io::stdin()));
+        }
+        let f = std::fs::File::open(&self.path).map_err(|e| Error::Io {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        Ok(Box::new(f))
+    }
+
+    /// The column names, read from the CSV header or the first JSONL object (for `validate`).
+    pub fn columns(&self) -> Result<Vec<String>, Error> {
+        let mut rows = self.reader()?;
+        match self.format {
+            InputFormat::Csv => Ok(rows.header.clone()),
+            InputFormat::Jsonl => {
+                for r in rows.by_ref() {
+                    if let Ok(row) = r {
+                        return Ok(row.fields.keys().cloned().collect());
+                    }
+                }
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    /// A blocking iterator over the rows. Opening errors (missing file, bad header) are
+    /// returned here, before any request goes out.
+    pub fn reader(&self) -> Result<Rows, Error> {
+        let display = self.path.display().to_string();
+        let inner = self.open()?;
+        match self.format {
+            InputFormat::Csv => {
+                let mut rdr = csv::ReaderBuilder::new()
+                    .has_headers(true)
+                    .flexible(true)
+                    .from_reader(inner);
+                let header = rdr.byte_headers().map_err(|e| Error::Input {
+                    path: self.path.clone(),
+                    message: format!("cannot read the CSV header: {e}"),
+                })?;
+                let mut names = Vec::with_capacity(header.len());
+                for (i, h) in header.iter().enumerate() {
+                    let name = std::str::from_utf8(h).map_err(|_| Error::Input {
+                        path: self.path.clone(),
+                        message: format!("line 1: header column {} is not valid UTF-8", i + 1),
+                    })?;
+                    // A UTF-8 byte-order mark would otherwise stick to the first column's name.
+                    names.push(name.trim_start_matches('\u{feff}').to_string());
+                }
+                if let Some(id) = &self.id_column {
+                    if !names.contains(id) {
+                        return Err(Error::Input {
+                            path: self.path.clone(),
+                            message: format!(
+                                "the id column `{id}` is not in the header ({})",
+                                names.join(", ")
+                            ),
+                        });
+                    }
+                }
+                Ok(Rows {
+                    display,
+                    id_column: self.id_column.clone(),
+                    header: names,
+                    kind: Kind::Csv(rdr, csv::ByteRecord::new()),
+                    number: 0,
+                })
+            }
+            InputFormat::Jsonl => Ok(Rows {
+                display,
+                id_column: self.id_column.clone(),
+                header: Vec::new(),
+                kind: Kind::Jsonl {
+                    reader: BufReader::with_capacity(64 * 1024, inner),
+                    line: 0,
+                    buf: Vec::new(),
+                },
+                number: 0,
+            }),
+        }
+    }
+
+    /// Streams rows into a bounded channel from a blocking thread, so reading never holds
+    /// more than the channel's capacity in memory.
+    pub fn stream(&self, capacity: usize) -> Result<mpsc::Receiver<RowResult>, Error> {
+        let rows = self.reader()?;
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        std::thread::Builder::new()
+            .name("input".into())
+            .spawn(move || {
+                for r in rows {
+                    if tx.blocking_send(r).is_err() {
+                        break; // the scheduler stopped reading
+                    }
+                }
+            })
+            .map_err(|e| Error::Other(format!("cannot start the input reader: {e}")))?;
+        Ok(rx)
+    }
+}
+
+enum Kind {
+    Csv(csv::Reader<Box<dyn Read + Send>>, csv::ByteRecord),
+    Jsonl {
+        reader: BufReader<Box<dyn Read + Send>>,
+        line: u64,
+        buf: Vec<u8>,
+    },
+}
+
+pub struct Rows {
+    display: String,
+    id_column: Option<String>,
+    header: Vec<String>,
+    kind: Kind,
+    number: u64,
+}
+
+impl Rows {
+    fn id_for(&self, number: u64, fields: &Map<String, Value>, at: &str) -> Result<String, String> {
+        let Some(col) = &self.id_column else {
+            return Ok(number.to_string());
+        };
+        match fields.get(col) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            Some(Value::Number(n)) => Ok(n.to_string()),
+            Some(Value::String(_)) | Some(Value::Null) | None => Err(format!(
+                "{}: {at}: field `{col}` (the id column) is missing or empty",
+                self.display
+            )),
+            Some(_) => Err(format!(
+                "{}: {at}: field `{col}` (the id column) must be a string or a number",
+                self.display
+            )),
+        }
+    }
+}
+
+impl Iterator for Rows {
+    type Item = RowResult;
+
+    fn next(&mut self) -> Option<RowResult> {
+        match &mut self.kind {
+            Kind::Csv(rdr, rec) => {
+                let res = rdr.read_byte_record(rec);
+                self.number += 1;
+                let number = self.number;
+                match res {
+                    Ok(false) => None,
+                    Err(e) => {
+                        let line = e.position().map(|p| p.line()).unwrap_or(0);
+                        // An I/O error ends the stream; a malformed record fails that row only.
+                        let fatal = matches!(e.kind(), csv::ErrorKind::Io(_));
+                        let err = RowError {
+                            number,
+                            message: format!(
+                                "{}: line {line}: malformed CSV record: {e}",
+                                self.display
+                            ),
+                        };
+                        if fatal {
+                            self.kind = Kind::Jsonl {
+                                reader: BufReader::new(Box::new(std::io::empty())),
+                                line: 0,
+                                buf: Vec::new(),
+                            };
+                        }
+                        Some(Err(err))
+                    }
+                    Ok(true) => {
+                        let line = rec.position().map(|p| p.line()).unwrap_or(0);
+                        let at = format!("line {line} (row {number})");
+                        if rec.len() != self.header.len() {
+                            return Some(Err(RowError {
+                                number,
+                                message: format!(
+                                    "{}: {at}: malformed CSV record: {} fields, the header has {}",
+                                    self.display,
+                                    rec.len(),
+                                    self.header.len()
+                                ),
+                            }));
+                        }
+                        let mut fields = Map::with_capacity(self.header.len());
+                        for (name, raw) in self.header.iter().zip(rec.iter()) {
+                            match std::str::from_utf8(raw) {
+                                Ok(s) => {
+                                    fields.insert(name.clone(), Value::String(s.to_string()));
+                                }
+                                Err(_) => {
+                                    return Some(Err(RowError {
+                                        number,
+                                        message: format!(
+                                            "{}: {at}: field `{name}` is not valid UTF-8",
+                                            self.display
+                                        ),
+                                    }))
+                                }
+                            }
+                        }
+                        Some(match self.id_for(number, &fields, &at) {
+                            Ok(id) => Ok(Row { number, id, fields }),
+                            Err(message) => Err(RowError { number, message }),
+                        })
+                    }
+                }
+            }
+            Kind::Jsonl { reader, line, buf } => loop {
+                buf.clear();
+                match reader.read_until(b'\n', buf) {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.number += 1;
+                        let err = RowError {
+                            number: self.number,
+                            message: format!(
+                                "{}: line {}: read error: {e}",
+                                self.display,
+                                *line + 1
+                            ),
+                        };
+                        self.kind = Kind::Jsonl {
+                            reader: BufReader::new(Box::new(std::io::empty())),
+                            line: 0,
+                            buf: Vec::new(),
+                        };
+                        return Some(Err(err));
+                    }
+                }
+                *line += 1;
+                let text = buf.trim_ascii();
+                if text.is_empty() {
+                    continue; // blank lines are not rows
+                }
+                self.number += 1;
+                let number = self.number;
+                let at = format!("line {} (row {number})", *line);
+                let parsed = match std::str::from_utf8(text) {
+                    Err(e) => Err(format!(
+                        "{}: {at}: not valid UTF-8 (at byte {})",
+                        self.display,
+                        e.valid_up_to()
+                    )),
+                    Ok(s) => match serde_json::from_str::<Value>(s) {
+                        Ok(Value::Object(m)) => Ok(m),
+                        Ok(other) => Err(format!(
+                            "{}: {at}: expected a JSON object, found {}",
+                            self.display,
+                            json_kind(&other)
+                        )),
+                        Err(e) => Err(format!("{}: {at}: invalid JSON: {e}", self.display)),
+                    },
+                };
+                let at = at.clone();
+                return Some(match parsed {
+                    Ok(fields) => match self.id_for(number, &fields, &at) {
+                        Ok(id) => Ok(Row { number, id, fields }),
+                        Err(message) => Err(RowError { number, message }),
+                    },
+                    Err(message) => Err(RowError { number, message }),
+                });
+            },
+        }
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// For messages that name the input: `-` reads as stdin.
+pub fn describe(path: &Path) -> String {
+    if path.as_os_str() == "-" {
+        "stdin".into()
+    } else {
+        path.display().to_string()
+    }
+}

@@ -1,0 +1,36 @@
+//! promptmill turns rows of data into LLM completions at scale.
+//!
+//! One row's path, module by module:
+//!
+//! ```text
+//! job       jobs/NAME.toml → validated Job (paths, params, limits; keys refused)
+//! input     CSV | JSONL, streamed on a thread → Row { number, id, fields } or RowError
+//! render    Tera, loaded once → the row's chat messages
+//! schedule  fingerprint → skip if done (journal) → budget → concurrency → pace → provider
+//!   pace      RPM/TPM spacing, learned from x-ratelimit-* headers, slowed by 429s
+//!   retry     which failures retry, and when (backoff with jitter, retry-after)
+//!   provider  openai (HTTP, plain or streamed) | local (llama.cpp, in process)
+//!   tokens    prompt tokens with the model's tiktoken encoding
+//!   cost      price table × usage
+//! journal   the JSONL output: appended per row, repaired, resumed, compacted into row order
+//! output    the record, and the CSV export
+//! report    progress and the summary
+//! app       the commands, wired from the CLI
+//! ```
+
+pub mod app;
+pub mod cli;
+pub mod cost;
+pub mod error;
+pub mod input;
+pub mod job;
+pub mod journal;
+pub mod models;
+pub mod output;
+pub mod pace;
+pub mod provider;
+pub mod render;
+pub mod report;
+pub mod retry;
+pub mod schedule;
+pub mod tokens;

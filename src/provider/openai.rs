@@ -1,0 +1,520 @@
+//! The OpenAI-compatible HTTP provider: `POST {base_url}/chat/completions`, plain or streamed,
+//! with every failure classified from its status, body and headers (the API's error table).
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use serde::{Deserialize, Serialize};
+
+use super::{Completion, ErrorKind, Message, Provider, ProviderError, RateLimits, Request, Usage};
+use crate::job::Params;
+
+/// The API key, kept out of every `Debug` and `Display`.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> ApiKey {
+        ApiKey(key)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey([redacted])")
+    }
+}
+
+pub struct OpenAi {
+    client: reqwest::Client,
+    url: String,
+    /// Kept only to scrub it from any error text a server echoes back.
+    key: Option<ApiKey>,
+    stream: bool,
+}
+
+/// The request body, serialized once per row: the same bytes are sent on every attempt and
+/// hashed for the row's fingerprint.
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    messages: &'a [Message],
+    #[serde(flatten)]
+    params: &'a Params,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    extra: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+pub fn request_body(model: &str, messages: &[Message], params: &Params) -> bytes::Bytes {
+    let body = Body {
+        model,
+        messages,
+        params,
+        stream_options: params.stream.unwrap_or(false).then_some(StreamOptions {
+            include_usage: true,
+        }),
+        extra: &params.extra,
+    };
+    bytes::Bytes::from(serde_json::to_vec(&body).expect("a request body always serializes"))
+}
+
+impl OpenAi {
+    pub fn new(
+        base_url: &str,
+        key: Option<ApiKey>,
+        timeout: Duration,
+        concurrency: usize,
+        stream: bool,
+    ) -> Result<OpenAi, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(k) = &key {
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", k.expose())).map_err(|_| {
+                "the API key contains characters not allowed in an HTTP header".to_string()
+            })?;
+            v.set_sensitive(true);
+            headers.insert(AUTHORIZATION, v);
+        }
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(30)))
+            .pool_max_idle_per_host(concurrency.max(1))
+            .tcp_nodelay(true)
+            .user_agent(concat!("promptmill/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(OpenAi {
+            client,
+            url: format!("{base_url}/chat/completions"),
+            key,
+            stream,
+        })
+    }
+
+    async fn attempt(&self, req: &Request) -> Result<Completion, ProviderError> {
+        let resp = self
+            .client
+            .post(&self.url)
+            .body(req.body.clone())
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        let status = resp.status();
+        let rate_limits = rate_limits(resp.headers());
+        if !status.is_success() {
+            let retry_after = retry_after(resp.headers());
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(self.status_error(status.as_u16(), &body, retry_after, rate_limits));
+        }
+        let mut c = if self.stream {
+            self.read_stream(resp).await?
+        } else {
+            let body = resp.bytes().await.map_err(|e| self.transport_error(e))?;
+            parse_completion(&body)?
+        };
+        c.rate_limits = rate_limits;
+        Ok(c)
+    }
+
+    async fn read_stream(&self, resp: reqwest::Response) -> Result<Completion, ProviderError> {
+        let mut acc = StreamAcc::default();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| self.transport_error(e))?;
+            pending.extend_from_slice(&chunk);
+            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                if acc.line(&line)? {
+                    return acc.finish();
+                }
+            }
+        }
+        if !pending.is_empty() && acc.line(&pending)? {
+            return acc.finish();
+        }
+        Err(ProviderError::new(
+            ErrorKind::InvalidResponse,
+            "the stream ended before `data: [DONE]`",
+        ))
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        match &self.key {
+            Some(k) if !k.expose().is_empty() => text.replace(k.expose(), "[redacted]"),
+            _ => text.to_string(),
+        }
+    }
+
+    fn transport_error(&self, e: reqwest::Error) -> ProviderError {
+        let kind = if e.is_timeout() {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Connection
+        };
+        // reqwest's Display stops at the top error; the cause says "connection reset" etc.
+        let e = e.without_url();
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        ProviderError::new(kind, self.scrub(&msg))
+    }
+
+    fn status_error(
+        &self,
+        status: u16,
+        body: &[u8],
+        retry_after: Option<Duration>,
+        rate_limits: Option<RateLimits>,
+    ) -> ProviderError {
+        let api: Option<ApiErrorBody> = serde_json::from_slice(body).ok();
+        let api = api.map(|b| b.error);
+        let code = api
+            .as_ref()
+            .and_then(|e| e.code.clone())
+            .unwrap_or_default();
+        let etype = api
+            .as_ref()
+            .and_then(|e| e.r#type.clone())
+            .unwrap_or_default();
+        let raw = match &api {
+            Some(e) => e.message.clone().unwrap_or_default(),
+            None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+        };
+        let kind = match status {
+            429 if code == "insufficient_quota" || etype == "insufficient_quota" => {
+                ErrorKind::Quota
+            }
+            429 => ErrorKind::RateLimited,
+            401 | 403 => ErrorKind::Auth,
+            408 | 409 => ErrorKind::Server,
+            s if s >= 500 => ErrorKind::Server,
+            _ => ErrorKind::BadRequest,
+        };
+        let mut message = self.scrub(&raw);
+        if !code.is_empty() {
+            message = format!("{message} [{code}]");
+        }
+        ProviderError {
+            kind,
+            status: Some(status),
+            message,
+            retry_after,
+            rate_limits,
+        }
+    }
+}
+
+impl Provider for OpenAi {
+    fn complete<'a>(
+        &'a self,
+        req: &'a Request,
+    ) -> BoxFuture<'a, Result<Completion, ProviderError>> {
+        Box::pin(self.attempt(req))
+    }
+}
+
+#[derive(Deserialize)]
+struct ApiErrorBody {
+    error: ApiError,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    message: Option<String>,
+    r#type: Option<String>,
+    code: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    usage: Option<ApiUsage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: Option<ChoiceMessage>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceMessage {
+    content: Option<String>,
+    refusal: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ApiUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    total_tokens: Option<u64>,
+    prompt_tokens_details: Option<PromptDetails>,
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    reasoning_tokens: Option<u64>,
+}
+
+impl From<ApiUsage> for Usage {
+    fn from(u: ApiUsage) -> Usage {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u
+                .total_tokens
+                .unwrap_or(u.prompt_tokens + u.completion_tokens),
+            cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
+            reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ProviderError {
+    ProviderError::new(ErrorKind::InvalidResponse, msg)
+}
+
+pub(crate) fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError> {
+    let r: ChatResponse = serde_json::from_slice(body)
+        .map_err(|e| invalid(format!("the response is not a chat completion: {e}")))?;
+    let choice = r
+        .choices
+        .into_iter()
+        .next()
+        .ok_or_else(|| invalid("the response has no choices"))?;
+    let msg = choice
+        .message
+        .ok_or_else(|| invalid("the response's choice has no message"))?;
+    Ok(Completion {
+        text: msg.content.or(msg.refusal).unwrap_or_default(),
+        finish_reason: choice.finish_reason,
+        model: r.model,
+        usage: r.usage.map(Usage::from).unwrap_or_default(),
+        rate_limits: None,
+    })
+}
+
+/// Assembles a streamed completion from its server-sent events.
+#[derive(Default)]
+struct StreamAcc {
+    text: String,
+    finish_reason: Option<String>,
+    model: Option<String>,
+    usage: Option<Usage>,
+    saw_choice: bool,
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    usage: Option<ApiUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    delta: Option<Delta>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    content: Option<String>,
+}
+
+impl StreamAcc {
+    /// Takes one line; true at `data: [DONE]`.
+    fn line(&mut self, raw: &[u8]) -> Result<bool, ProviderError> {
+        let line = std::str::from_utf8(raw)
+            .map_err(|_| invalid("the stream is not valid UTF-8"))?
+            .trim_end_matches(['\r', '\n']);
+        let Some(data) = line.strip_prefix("data:") else {
+            return Ok(false); // comments, event names, blank separators
+        };
+        let data = data.trim_start();
+        if data == "[DONE]" {
+            return Ok(true);
+        }
+        let c: Chunk = serde_json::from_str(data)
+            .map_err(|e| invalid(format!("a stream chunk is not valid JSON: {e}")))?;
+        if self.model.is_none() {
+            self.model = c.model;
+        }
+        for ch in c.choices {
+            self.saw_choice = true;
+            if let Some(t) = ch.delta.and_then(|d| d.content) {
+                self.text.push_str(&t);
+            }
+            if ch.finish_reason.is_some() {
+                self.finish_reason = ch.finish_reason;
+            }
+        }
+        if let Some(u) = c.usage {
+            self.usage = Some(u.into());
+        }
+        Ok(false)
+    }
+
+    fn finish(self) -> Result<Completion, ProviderError> {
+        if !self.saw_choice {
+            return Err(invalid("the stream carried no choices"));
+        }
+        Ok(Completion {
+            text: self.text,
+            finish_reason: self.finish_reason,
+            model: self.model,
+            usage: self.usage.unwrap_or_default(),
+            rate_limits: None,
+        })
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// `retry-after-ms` (OpenAI's, precise) first, then `retry-after` in seconds.
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = header_str(h, "retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms >= 0.0 && ms.is_finite() {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    header_str(h, "retry-after")
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| *s >= 0.0 && s.is_finite())
+        .map(Duration::from_secs_f64)
+}
+
+fn rate_limits(h: &HeaderMap) -> Option<RateLimits> {
+    let num = |n: &str| header_str(h, n).and_then(|v| v.parse::<u64>().ok());
+    let dur = |n: &str| header_str(h, n).and_then(parse_reset);
+    let rl = RateLimits {
+        limit_requests: num("x-ratelimit-limit-requests"),
+        limit_tokens: num("x-ratelimit-limit-tokens"),
+        remaining_requests: num("x-ratelimit-remaining-requests"),
+        remaining_tokens: num("x-ratelimit-remaining-tokens"),
+        reset_requests: dur("x-ratelimit-reset-requests"),
+        reset_tokens: dur("x-ratelimit-reset-tokens"),
+    };
+    (rl != RateLimits::default()).then_some(rl)
+}
+
+/// OpenAI's reset durations: "1s", "6m0s", "250ms", "1.2s", "1h2m3s".
+pub(crate) fn parse_reset(v: &str) -> Option<Duration> {
+    let mut total = 0.0;
+    let mut num = String::new();
+    let mut chars = v.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let n: f64 = num.parse().ok()?;
+        num.clear();
+        let unit = match c {
+            'h' => 3600.0,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                0.001
+            }
+            'm' => 60.0,
+            's' => 1.0,
+            _ => return None,
+        };
+        total += n * unit;
+        any = true;
+    }
+    if !num.is_empty() {
+        total += num.parse::<f64>().ok()?; // bare number: seconds
+        any = true;
+    }
+    any.then(|| Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_durations_parse_like_openai_writes_them() {
+        assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_reset("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_reset("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_reset("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_reset("soon"), None);
+    }
+
+    #[test]
+    fn usage_details_are_read() {
+        let c = parse_completion(
+            br#"{"model":"gpt-4o-2024-08-06","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],
+               "usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+               "prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.text, "hi");
+        assert_eq!(c.usage.cached_tokens, Some(4));
+        assert_eq!(c.usage.reasoning_tokens, Some(2));
+        assert_eq!(c.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    }
+
+    #[test]
+    fn a_body_without_choices_is_invalid_and_retried() {
+        let e = parse_completion(br#"{"choices":[]}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidResponse);
+        let e = parse_completion(br#"{"id": "x", "choices": ["#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidResponse);
+    }
+
+    #[test]
+    fn extra_fields_are_flattened_into_the_body() {
+        let mut p = Params {
+            temperature: Some(0.2),
+            max_tokens: Some(5),
+            ..Default::default()
+        };
+        p.extra.insert("logprobs".into(), serde_json::json!(true));
+        let msgs = [Message {
+            role: super::super::Role::User,
+            name: None,
+            content: "x".into(),
+        }];
+        let v: serde_json::Value = serde_json::from_slice(&request_body("m", &msgs, &p)).unwrap();
+        assert_eq!(v["logprobs"], serde_json::json!(true));
+        assert_eq!(v["temperature"], serde_json::json!(0.2));
+        assert!(v.get("extra").is_none());
+        assert!(v.get("stream_options").is_none());
+    }
+}

@@ -1,0 +1,338 @@
+//! Tera templates, loaded once per run: a row's fields → the job's chat messages.
+//! Templates see only the row; `get_env` is replaced so no environment value (the API key
+//! included) can reach a prompt, and only files under the template folders are loaded.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use tera::ast::{Expr, ExprVal, FunctionCall, MacroDefinition, Node};
+use tera::{Context, Tera};
+
+use crate::error::Error;
+use crate::job::{Job, MessageSource, MessageSpec};
+use crate::provider::Message;
+
+/// Template file extensions picked up from the template folders.
+const EXTENSIONS: &[&str] = &["tera", "j2", "jinja", "txt", "md", "html", "prompt"];
+
+pub struct Renderer {
+    tera: Tera,
+    /// Per message: its role, name and the Tera template name that renders its content.
+    messages: Vec<(MessageSpec, String)>,
+}
+
+impl Renderer {
+    pub fn new(job: &Job) -> Result<Renderer, Error> {
+        let mut tera = Tera::default();
+        tera.autoescape_on(vec![]); // prompts are plain text, not HTML
+        tera.register_function("get_env", |_: &HashMap<String, Value>| {
+            Err(tera::Error::msg(
+                "get_env is disabled in promptmill templates",
+            ))
+        });
+        let mut files: Vec<(PathBuf, Option<String>)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for dir in &job.template_dirs {
+            collect_templates(dir, dir, &mut files, &mut seen)?;
+        }
+        tera.add_template_files(files)
+            .map_err(|e| template_error("templates", e))?;
+        let mut messages = Vec::with_capacity(job.messages.len());
+        for (i, spec) in job.messages.iter().enumerate() {
+            let name = match &spec.source {
+                MessageSource::Template(t) => {
+                    if !tera.get_template_names().any(|n| n == t) {
+                        let folders: Vec<String> = job
+                            .template_dirs
+                            .iter()
+                            .map(|d| d.display().to_string())
+                            .collect();
+                        return Err(Error::Job {
+                            path: job.file.clone(),
+                            field: format!("messages[{i}].template"),
+                            message: format!(
+                                "template `{t}` not found in the template folders ({})",
+                                if folders.is_empty() {
+                                    "none exist".to_string()
+                                } else {
+                                    folders.join(", ")
+                                }
+                            ),
+                        });
+                    }
+                    t.clone()
+                }
+                MessageSource::Inline(content) => {
+                    let name = format!("{}#messages[{i}].content", job.file.display());
+                    tera.add_raw_template(&name, content)
+                        .map_err(|e| template_error(&name, e))?;
+                    name
+                }
+            };
+            messages.push((spec.clone(), name));
+        }
+        Ok(Renderer { tera, messages })
+    }
+
+    /// Renders one row's messages. The error names the message and the missing field.
+    pub fn render(&self, fields: &Map<String, Value>) -> Result<Vec<Message>, String> {
+        let ctx = Context::from_value(Value::Object(fields.clone()))
+            .map_err(|e| format!("cannot use the row as template context: {e}"))?;
+        let mut out = Vec::with_capacity(self.messages.len());
+        for (spec, name) in &self.messages {
+            let content = self
+                .tera
+                .render(name, &ctx)
+                .map_err(|e| render_error(name, &e))?;
+            out.push(Message {
+                role: spec.role,
+                name: spec.name.clone(),
+                content,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every top-level variable the job's messages read (through includes, macros and
+    /// parents too), each with the template that reads it.
+    pub fn variables(&self) -> Vec<(String, String)> {
+        let mut out = BTreeSet::new();
+        let mut visited = BTreeSet::new();
+        for (_, name) in &self.messages {
+            self.template_vars(name, &mut visited, &mut out);
+        }
+        out.into_iter().collect()
+    }
+
+    fn template_vars(
+        &self,
+        name: &str,
+        visited: &mut BTreeSet<String>,
+        out: &mut BTreeSet<(String, String)>,
+    ) {
+        if !visited.insert(name.to_string()) {
+            return;
+        }
+        let Ok(t) = self.tera.get_template(name) else {
+            return;
+        };
+        let mut scope = Scope::default();
+        let mut found = BTreeSet::new();
+        let mut includes = Vec::new();
+        walk_nodes(&t.ast, &mut scope, &mut found, &mut includes);
+        for (_, m) in t.macros.iter() {
+            walk_macro(m, &mut found, &mut includes);
+        }
+        for p in &t.parents {
+            includes.push(p.clone());
+        }
+        for (file, _) in &t.imported_macro_files {
+            includes.push(file.clone());
+        }
+        for v in found {
+            out.insert((v, name.to_string()));
+        }
+        for inc in includes {
+            self.template_vars(&inc, visited, out);
+        }
+    }
+}
+
+fn collect_templates(
+    root: &Path,
+    dir: &Path,
+    files: &mut Vec<(PathBuf, Option<String>)>,
+    seen: &mut BTreeSet<String>,
+) -> Result<(), Error> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        if p.is_dir() {
+            collect_templates(root, &p, files, seen)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e))
+        {
+            let rel = p
+                .strip_prefix(root)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .replace('\\', "/");
+            // The job's own folder comes first, so its templates shadow the project's.
+            if seen.insert(rel.clone()) {
+                files.push((p, Some(rel)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tera's error chain, flattened: the cause says which line and what is wrong.
+fn chain(e: &tera::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    msg
+}
+
+fn template_error(name: &str, e: tera::Error) -> Error {
+    Error::Template {
+        name: name.to_string(),
+        message: chain(&e),
+    }
+}
+
+fn render_error(name: &str, e: &tera::Error) -> String {
+    let full = chain(e);
+    // Tera says "Variable `x` not found in context while rendering 'name'": name the field.
+    if let Some(start) = full.find("Variable `") {
+        let rest = &full[start + 10..];
+        if let Some(end) = rest.find('`') {
+            return format!(
+                "template {name}: field `{}` is missing from the row",
+                &rest[..end]
+            );
+        }
+    }
+    format!("template {name}: {full}")
+}
+
+/// Names bound inside the template (loop variables, `set`, macro arguments), which are not
+/// row fields.
+#[derive(Default, Clone)]
+struct Scope {
+    bound: Vec<String>,
+}
+
+impl Scope {
+    fn has(&self, n: &str) -> bool {
+        self.bound.iter().any(|b| b == n) || n == "loop" || n == "__tera_context"
+    }
+}
+
+fn walk_macro(m: &MacroDefinition, found: &mut BTreeSet<String>, includes: &mut Vec<String>) {
+    let mut scope = Scope {
+        bound: m.args.keys().cloned().collect(),
+    };
+    for e in m.args.values().flatten() {
+        walk_expr(e, &scope, found);
+    }
+    walk_nodes(&m.body, &mut scope, found, includes);
+}
+
+fn walk_nodes(
+    nodes: &[Node],
+    scope: &mut Scope,
+    found: &mut BTreeSet<String>,
+    includes: &mut Vec<String>,
+) {
+    for n in nodes {
+        match n {
+            Node::VariableBlock(_, e) => walk_expr(e, scope, found),
+            Node::Set(_, s) => {
+                walk_expr(&s.value, scope, found);
+                scope.bound.push(s.key.clone());
+            }
+            Node::FilterSection(_, f, _) => {
+                walk_fn(&f.filter, scope, found);
+                walk_nodes(&f.body, scope, found, includes);
+            }
+            Node::Block(_, b, _) => walk_nodes(&b.body, scope, found, includes),
+            Node::Forloop(_, f, _) => {
+                walk_expr(&f.container, scope, found);
+                let mut inner = scope.clone();
+                inner.bound.push(f.value.clone());
+                if let Some(k) = &f.key {
+                    inner.bound.push(k.clone());
+                }
+                walk_nodes(&f.body, &mut inner, found, includes);
+                if let Some(e) = &f.empty_body {
+                    walk_nodes(e, scope, found, includes);
+                }
+            }
+            Node::If(i, _) => {
+                for (_, cond, body) in &i.conditions {
+                    walk_expr(cond, scope, found);
+                    walk_nodes(body, scope, found, includes);
+                }
+                if let Some((_, body)) = &i.otherwise {
+                    walk_nodes(body, scope, found, includes);
+                }
+            }
+            Node::Include(_, names, _) => includes.extend(names.iter().cloned()),
+            _ => {}
+        }
+    }
+}
+
+fn walk_call(args: &HashMap<String, Expr>, scope: &Scope, found: &mut BTreeSet<String>) {
+    for e in args.values() {
+        walk_expr(e, scope, found);
+    }
+}
+
+fn walk_fn(f: &FunctionCall, scope: &Scope, found: &mut BTreeSet<String>) {
+    walk_call(&f.args, scope, found);
+}
+
+fn walk_expr(e: &Expr, scope: &Scope, found: &mut BTreeSet<String>) {
+    for f in &e.filters {
+        walk_fn(f, scope, found);
+    }
+    match &e.val {
+        ExprVal::Ident(id) => {
+            let root = id.split(['.', '[']).next().unwrap_or(id);
+            if !scope.has(root) {
+                found.insert(root.to_string());
+            }
+        }
+        ExprVal::Math(m) => {
+            walk_expr(&m.lhs, scope, found);
+            walk_expr(&m.rhs, scope, found);
+        }
+        ExprVal::Logic(l) => {
+            walk_expr(&l.lhs, scope, found);
+            walk_expr(&l.rhs, scope, found);
+        }
+        ExprVal::Test(t) => {
+            // `x is defined` asks whether the field exists: it does not require it.
+            if t.name != "defined" && t.name != "undefined" {
+                let root = t.ident.split(['.', '[']).next().unwrap_or(&t.ident);
+                if !scope.has(root) {
+                    found.insert(root.to_string());
+                }
+            }
+            for a in &t.args {
+                walk_expr(a, scope, found);
+            }
+        }
+        ExprVal::MacroCall(m) => walk_call(&m.args, scope, found),
+        ExprVal::FunctionCall(f) => walk_fn(f, scope, found),
+        ExprVal::Array(a) => a.iter().for_each(|x| walk_expr(x, scope, found)),
+        ExprVal::StringConcat(s) => {
+            for v in &s.values {
+                if let ExprVal::Ident(id) = v {
+                    let root = id.split(['.', '[']).next().unwrap_or(id);
+                    if !scope.has(root) {
+                        found.insert(root.to_string());
+                    }
+                }
+            }
+        }
+        ExprVal::In(i) => {
+            walk_expr(&i.lhs, scope, found);
+            walk_expr(&i.rhs, scope, found);
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,272 @@
+//! What the user sees of a run: live progress (a bar on a terminal, periodic log lines when not),
+//! and the end-of-run summary as a table on stderr and as JSON beside the output.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::error::Error;
+use crate::output::{Record, Status};
+
+/// Counters the writer task keeps as records arrive.
+pub struct Stats {
+    pub ok: u64,
+    pub failed: u64,
+    pub skipped_ok: u64,
+    pub skipped_failed: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_usd: f64,
+    /// Rows whose model had no known price: their cost is unknown, not zero.
+    pub unpriced_rows: u64,
+    pub retries: u64,
+    pub rate_limited: u64,
+    latency: Histogram<u64>,
+    started: Instant,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            ok: 0,
+            failed: 0,
+            skipped_ok: 0,
+            skipped_failed: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            cost_usd: 0.0,
+            unpriced_rows: 0,
+            retries: 0,
+            rate_limited: 0,
+            latency: Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Stats {
+    pub fn add(&mut self, r: &Record, retries: u32, rate_limited: u32, billed: bool) {
+        match r.status {
+            Status::Ok => self.ok += 1,
+            Status::Error => self.failed += 1,
+        }
+        self.retries += retries as u64;
+        self.rate_limited += rate_limited as u64;
+        if let Some(u) = &r.usage {
+            self.prompt_tokens += u.prompt_tokens;
+            self.completion_tokens += u.completion_tokens;
+            self.cached_tokens += u.cached_tokens.unwrap_or(0);
+            self.reasoning_tokens += u.reasoning_tokens.unwrap_or(0);
+            match r.cost_usd {
+                Some(c) => self.cost_usd += c,
+                None if billed => self.unpriced_rows += 1,
+                None => {}
+            }
+        }
+        if r.fingerprint.is_some() {
+            let _ = self.latency.record(r.latency_ms.max(1));
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn summary(&self, stopped: Option<String>) -> Summary {
+        let wall = self.elapsed().as_secs_f64();
+        let done = self.ok + self.failed;
+        let has_latency = !self.latency.is_empty();
+        Summary {
+            rows_ok: self.ok,
+            rows_failed: self.failed,
+            rows_skipped: self.skipped_ok + self.skipped_failed,
+            rows_skipped_failed: self.skipped_failed,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            cost_usd: if self.unpriced_rows > 0 && self.cost_usd == 0.0 {
+                None
+            } else {
+                Some(self.cost_usd)
+            },
+            unpriced_rows: self.unpriced_rows,
+            wall_time_s: wall,
+            rows_per_s: if wall > 0.0 { done as f64 / wall } else { 0.0 },
+            latency_p50_ms: has_latency.then(|| self.latency.value_at_quantile(0.5)),
+            latency_p95_ms: has_latency.then(|| self.latency.value_at_quantile(0.95)),
+            retries: self.retries,
+            rate_limited: self.rate_limited,
+            stopped,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, Clone)]
+pub struct Summary {
+    pub rows_ok: u64,
+    pub rows_failed: u64,
+    /// Rows already done by an earlier run (ok or failed) and not sent again.
+    pub rows_skipped: u64,
+    /// Of those, rows whose earlier result was a failure (`--retry-failed` sends them again).
+    pub rows_skipped_failed: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// `null` when no row's model had a known price.
+    pub cost_usd: Option<f64>,
+    pub unpriced_rows: u64,
+    pub wall_time_s: f64,
+    pub rows_per_s: f64,
+    pub latency_p50_ms: Option<u64>,
+    pub latency_p95_ms: Option<u64>,
+    pub retries: u64,
+    pub rate_limited: u64,
+    /// Why the job stopped early, if it did.
+    pub stopped: Option<String>,
+}
+
+impl Summary {
+    pub fn table(&self) -> String {
+        let cost = match self.cost_usd {
+            Some(c) if self.unpriced_rows > 0 => {
+                format!("${c:.6} (+{} rows of unknown price)", self.unpriced_rows)
+            }
+            Some(c) => format!("${c:.6}"),
+            None => "unknown (no price for this model; set [pricing])".into(),
+        };
+        let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+        let mut rows = vec![
+            ("rows ok", self.rows_ok.to_string()),
+            ("rows failed", self.rows_failed.to_string()),
+            (
+                "rows skipped (done before)",
+                if self.rows_skipped_failed > 0 {
+                    format!(
+                        "{} ({} of them failed earlier)",
+                        self.rows_skipped, self.rows_skipped_failed
+                    )
+                } else {
+                    self.rows_skipped.to_string()
+                },
+            ),
+            ("prompt tokens", self.prompt_tokens.to_string()),
+            ("completion tokens", self.completion_tokens.to_string()),
+            ("cost", cost),
+            ("wall time", format!("{:.2} s", self.wall_time_s)),
+            ("rows/s", format!("{:.2}", self.rows_per_s)),
+            (
+                "latency p50 / p95",
+                format!("{} / {}", ms(self.latency_p50_ms), ms(self.latency_p95_ms)),
+            ),
+            ("retries", self.retries.to_string()),
+            ("429s", self.rate_limited.to_string()),
+        ];
+        if self.cached_tokens > 0 || self.reasoning_tokens > 0 {
+            rows.insert(
+                5,
+                (
+                    "cached / reasoning tokens",
+                    format!("{} / {}", self.cached_tokens, self.reasoning_tokens),
+                ),
+            );
+        }
+        if let Some(s) = &self.stopped {
+            rows.push(("stopped", s.clone()));
+        }
+        let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        rows.iter()
+            .map(|(k, v)| format!("  {k:<w$}  {v}\n"))
+            .collect()
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), Error> {
+        let tmp = crate::job::sibling(path, ".tmp");
+        let text = serde_json::to_string_pretty(self).expect("summary serializes");
+        std::fs::write(&tmp, text + "\n").map_err(|e| Error::Io {
+            path: tmp.clone(),
+            source: e,
+        })?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    }
+}
+
+/// Live progress: an indicatif bar on a terminal, a log line every few seconds otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    every: Duration,
+    last_log: Instant,
+    quiet: bool,
+    window: std::collections::VecDeque<Instant>,
+}
+
+impl Progress {
+    pub fn new(quiet: bool) -> Progress {
+        use std::io::IsTerminal;
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .expect("valid template"),
+            );
+            b.enable_steady_tick(Duration::from_millis(200));
+            b
+        });
+        Progress {
+            bar,
+            every: Duration::from_secs(10),
+            last_log: Instant::now(),
+            quiet,
+            window: Default::default(),
+        }
+    }
+
+    pub fn update(&mut self, s: &Stats, force: bool) {
+        let now = Instant::now();
+        self.window.push_back(now);
+        while self
+            .window
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            self.window.pop_front();
+        }
+        let span = now
+            .duration_since(*self.window.front().unwrap_or(&now))
+            .as_secs_f64()
+            .max(1.0);
+        let rpm = self.window.len() as f64 * 60.0 / span.min(60.0);
+        let msg = format!(
+            "rows {} (ok {}, failed {}, skipped {}) | tokens {} | ${:.4} | {:.0} req/min",
+            s.ok + s.failed,
+            s.ok,
+            s.failed,
+            s.skipped_ok + s.skipped_failed,
+            s.prompt_tokens + s.completion_tokens,
+            s.cost_usd,
+            rpm
+        );
+        if let Some(b) = &self.bar {
+            b.set_message(msg);
+        } else if !self.quiet && (force || now.duration_since(self.last_log) >= self.every) {
+            self.last_log = now;
+            tracing::info!(target: "promptmill::progress", "{msg}");
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

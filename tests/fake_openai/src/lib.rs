@@ -1,0 +1,280 @@
+//! Public API of the fake OpenAI server: `Config`, `Stats`, `FakeServer` and its accept loop.
+//!
+//! The server is served with hyper directly (one task per TCP connection) rather than
+//! `axum::serve`, so that the `FAULT:reset` marker can drop a connection without any
+//! HTTP response. Routing and responses live in `handler`.
+
+mod fault;
+mod handler;
+mod limiter;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+/// How the fake server behaves. `Config::default()` is a fast, unlimited, recording server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Sleep before every answer (after rate-limit admission; 429s from the limiter are
+    /// immediate).
+    pub latency_ms: u64,
+    /// Requests per minute; None = unlimited.
+    pub rpm: Option<u64>,
+    /// Tokens per minute; None = unlimited.
+    pub tpm: Option<u64>,
+    /// Sliding window length in seconds; per-window limits are `rpm * window_s / 60`.
+    pub window_s: f64,
+    /// Model name to report in responses; None = echo the request's `model`.
+    pub model: Option<String>,
+    /// If set, requests need `Authorization: Bearer <key>`.
+    pub require_key: Option<String>,
+    /// Every n-th valid chat request (1-based, by arrival) answers 500.
+    pub fail_every: Option<u64>,
+    /// Keep every request body for `FakeServer::requests()`.
+    pub record_bodies: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            latency_ms: 0,
+            rpm: None,
+            tpm: None,
+            window_s: 10.0,
+            model: None,
+            require_key: None,
+            fail_every: None,
+            record_bodies: true,
+        }
+    }
+}
+
+/// A snapshot of what the server has seen on `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Every chat request, whatever its outcome.
+    pub requests: u64,
+    /// Normal 200 answers (including `usage=` and `slow=` markers).
+    pub ok: u64,
+    /// 429s from the rpm/tpm limiter (not `FAULT:429`).
+    pub rate_limited: u64,
+    /// Injected faults (every marker kind except `usage=`/`slow=`, plus `fail_every`).
+    pub faults: u64,
+    /// 400/401 from request validation or `require_key` (not from markers).
+    pub rejected: u64,
+    /// Sum of admitted requests' tokens (prompt estimate + max_tokens, or 16).
+    pub tokens_admitted: u64,
+    pub first_request_at: Option<Instant>,
+    pub last_request_at: Option<Instant>,
+}
+
+impl Stats {
+    /// Time from the first to the last request's arrival.
+    pub fn elapsed(&self) -> Duration {
+        match (self.first_request_at, self.last_request_at) {
+            (Some(a), Some(b)) => b.saturating_duration_since(a),
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// The JSON served on `GET /stats` and printed by the binary on exit.
+    pub fn to_json(&self) -> serde_json::Value {
+        let e = self.elapsed();
+        serde_json::json!({
+            "requests": self.requests,
+            "ok": self.ok,
+            "rate_limited": self.rate_limited,
+            "faults": self.faults,
+            "rejected": self.rejected,
+            "tokens_admitted": self.tokens_admitted,
+            "elapsed_s": e.as_secs_f64(),
+            "elapsed_ms": e.as_millis() as u64,
+        })
+    }
+}
+
+/// Lock-free counters; timestamps are nanoseconds since `epoch` plus one (0 = unset).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub requests: AtomicU64,
+    pub valid: AtomicU64,
+    pub ok: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub faults: AtomicU64,
+    pub rejected: AtomicU64,
+    pub tokens_admitted: AtomicU64,
+    first: AtomicU64,
+    last: AtomicU64,
+}
+
+/// State shared by all connections of one server.
+pub(crate) struct Shared {
+    pub config: Config,
+    pub epoch: Instant,
+    pub counters: Counters,
+    pub limiter: Option<limiter::Limiter>,
+    pub bodies: Mutex<Vec<serde_json::Value>>,
+    /// Marker hits per messages-hash, only touched for `FAULT:<kind>:<n>`.
+    pub fault_hits: Mutex<HashMap<u64, u64>>,
+    pub next_id: AtomicU64,
+}
+
+impl Shared {
+    /// Count an arriving chat request; returns its 1-based sequence number.
+    pub fn on_request(&self) -> u64 {
+        let ns = self.epoch.elapsed().as_nanos() as u64 + 1;
+        let c = &self.counters;
+        let _ = c
+            .first
+            .compare_exchange(0, ns, Ordering::Relaxed, Ordering::Relaxed);
+        c.last.fetch_max(ns, Ordering::Relaxed);
+        c.requests.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let at = |v: u64| (v != 0).then(|| self.epoch + Duration::from_nanos(v - 1));
+        Stats {
+            requests: c.requests.load(Ordering::Relaxed),
+            ok: c.ok.load(Ordering::Relaxed),
+            rate_limited: c.rate_limited.load(Ordering::Relaxed),
+            faults: c.faults.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            tokens_admitted: c.tokens_admitted.load(Ordering::Relaxed),
+            first_request_at: at(c.first.load(Ordering::Relaxed)),
+            last_request_at: at(c.last.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// Per-connection handle the `reset` fault uses to make the connection task drop the socket.
+#[derive(Clone)]
+pub(crate) struct ConnKill(pub Arc<Notify>);
+
+/// A running fake server. Dropping it stops accepting, closes its connections, and (for
+/// `spawn_background`) shuts its runtime down.
+pub struct FakeServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    /// Dropping the sender is the shutdown signal for the accept loop and all connections.
+    _shutdown: watch::Sender<()>,
+}
+
+impl FakeServer {
+    /// Start on 127.0.0.1 with an ephemeral port, inside the current tokio runtime.
+    pub async fn start(config: Config) -> FakeServer {
+        Self::start_on(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("fake_openai: bind 127.0.0.1:0")
+    }
+
+    /// Start on a given address (the binary uses this for `--port`).
+    pub async fn start_on(config: Config, addr: SocketAddr) -> std::io::Result<FakeServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            limiter: limiter::Limiter::new(config.rpm, config.tpm, config.window_s),
+            config,
+            epoch: Instant::now(),
+            counters: Counters::default(),
+            bodies: Mutex::new(Vec::new()),
+            fault_hits: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        });
+        let (tx, rx) = watch::channel(());
+        tokio::spawn(accept_loop(listener, shared.clone(), rx));
+        Ok(FakeServer {
+            addr,
+            shared,
+            _shutdown: tx,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT/v1`, ready to be used as an OpenAI base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Every chat request body received, in arrival order (empty unless
+    /// `Config::record_bodies`). Bodies that are not JSON are stored as a JSON string.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.shared.bodies.lock().unwrap().clone()
+    }
+}
+
+/// Start a server on its own multi-threaded runtime in a background thread, for plain
+/// `#[test]` functions. Returns once the socket is listening; drop the result to stop it.
+pub fn spawn_background(config: Config) -> FakeServer {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("fake_openai".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("fake_openai: build runtime");
+            rt.block_on(async move {
+                let server = FakeServer::start(config).await;
+                let mut stop = server._shutdown.subscribe();
+                let _ = tx.send(server);
+                // Err once the caller drops the FakeServer (the sender).
+                while stop.changed().await.is_ok() {}
+            });
+            // Dropping the runtime here cancels any connection still open (e.g. `hang`).
+        })
+        .expect("fake_openai: spawn thread");
+    rx.recv()
+        .expect("fake_openai: background server failed to start")
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
+    loop {
+        let stream = tokio::select! {
+            r = stop.changed() => match r {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    // Usually EMFILE under load: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let kill = ConnKill(Arc::new(Notify::new()));
+            let k = kill.clone();
+            let svc = service_fn(move |mut req| {
+                req.extensions_mut().insert(k.clone());
+                handler::route(shared.clone(), req)
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), svc);
+            // Leaving the select drops `conn` and with it the socket.
+            tokio::select! {
+                _ = conn => {}
+                _ = kill.0.notified() => {}
+                _ = async { while stop.changed().await.is_ok() {} } => {}
+            }
+        });
+    }
+}

@@ -1,0 +1,154 @@
+//! Test support: a job folder in a temp dir, the promptmill binary run against the fake server.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use fake_openai::{spawn_background, Config, FakeServer};
+
+pub const KEY: &str = "sk-test-DO-NOT-LEAK-0123456789abcdef";
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+        Fixture { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.path(rel);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// A job file with one user message `content`, against `base_url`.
+    pub fn job(
+        &self,
+        input: &str,
+        content: &str,
+        model_extra: &str,
+        run_extra: &str,
+        base_url: &str,
+    ) -> PathBuf {
+        self.write(
+            "job.toml",
+            format!(
+                r#"
+[input]
+path = "{input}"
+
+[[messages]]
+role = "system"
+content = "You are terse."
+
+[[messages]]
+role = "user"
+content = """{content}"""
+
+[model]
+name = "gpt-4o-mini"
+base_url = "{base_url}"
+max_tokens = 20
+{model_extra}
+
+[run]
+concurrency = 4
+max_retries = 4
+timeout_s = 5
+{run_extra}
+
+[output]
+path = "out/result.jsonl"
+csv = "out/result.csv"
+"#
+            ),
+        )
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_promptmill"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("OPENAI_API_KEY", KEY)
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PROMPTMILL_LOG");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Ran {
+        ran(self.cmd(args).output().unwrap())
+    }
+
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        read_jsonl(&self.path("out/result.jsonl"))
+    }
+
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(self.path("out/result.jsonl.summary.json")).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+pub fn ran(o: Output) -> Ran {
+    Ran {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+pub fn read_jsonl(p: &Path) -> Vec<serde_json::Value> {
+    match std::fs::read_to_string(p) {
+        Ok(t) => t
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// A CSV of `n` rows: id, text = "row i".
+pub fn csv_rows(n: usize) -> String {
+    let mut s = String::from("id,text\n");
+    for i in 1..=n {
+        s.push_str(&format!("r{i},row {i}\n"));
+    }
+    s
+}
+
+/// The user message of each request the server received.
+pub fn user_texts(server: &FakeServer) -> Vec<String> {
+    server
+        .requests()
+        .iter()
+        .map(|b| {
+            b["messages"]
+                .as_array()
+                .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
