@@ -60,9 +60,10 @@ fn init_logging(cli: &Cli) {
 
 fn dispatch(cli: Cli) -> Result<i32, Error> {
     let quiet = cli.quiet;
+    let json_logs = cli.log_format == LogFormat::Json;
     match cli.command {
         Command::Run(args) if args.dry_run => estimate(&args.job, &overrides(&args)),
-        Command::Run(args) => run(args, quiet),
+        Command::Run(args) => run(args, quiet, json_logs),
         Command::Estimate(args) => estimate(&args, &job_overrides(&args)),
         Command::Render { job, row } => render(&job, row),
         Command::Validate { job, input } => validate(&job, input),
@@ -203,7 +204,7 @@ fn is_loopback(url: &str) -> bool {
     host == "localhost" || host.starts_with("127.") || host == "::1"
 }
 
-fn run(args: RunArgs, quiet: bool) -> Result<i32, Error> {
+fn run(args: RunArgs, quiet: bool, json_logs: bool) -> Result<i32, Error> {
     let job = Job::load(&args.job.job, &overrides(&args))?;
     let renderer = Renderer::new(&job)?;
     let backend = backend(&job, true)?;
@@ -233,12 +234,19 @@ fn run(args: RunArgs, quiet: bool) -> Result<i32, Error> {
         schedule::run(job, opts, backend, renderer, cancel).await
     })?;
     rt.shutdown_background();
+    let csv = csv.map(|c| c.display().to_string());
+    if json_logs {
+        // Log collectors get the summary as one structured event, not a table.
+        let fields = serde_json::to_string(&summary).unwrap_or_default();
+        tracing::info!(summary = %fields, output = %output.display(), csv = ?csv, "run finished");
+        return Ok(code);
+    }
     if !quiet || code != EXIT_OK {
         eprint!("{}", summary.table());
     }
     eprintln!("output: {}", output.display());
     if let Some(c) = csv {
-        eprintln!("csv: {}", c.display());
+        eprintln!("csv: {c}");
     }
     eprintln!("summary: {}", summary_path.display());
     Ok(code)

@@ -275,6 +275,12 @@ fn the_api_key_never_reaches_outputs_logs_or_prompts() {
         assert!(!text.contains(KEY), "{file} holds the key");
     }
     assert!(!r.stderr.contains(KEY) && !r.stdout.contains(KEY));
+    // --log-format json: every line on stderr is a JSON event, the summary included.
+    for line in r.stderr.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string());
+    }
+    assert!(r.stderr.contains("run finished"));
     assert!(s.requests().iter().all(|b| !b.to_string().contains(KEY)));
     // A template cannot read the environment.
     let job = f.job(
@@ -985,4 +991,71 @@ fn without_a_configured_rpm_the_limit_is_learned_and_429s_stay_rare() {
     assert_eq!(f.records().len(), 60);
     let st = s.stats();
     assert!(st.rate_limited * 10 <= st.requests, "{st:?}");
+}
+
+#[test]
+fn ctrl_c_finishes_in_flight_rows_exits_130_and_the_rerun_resumes() {
+    let s = spawn_background(Config {
+        latency_ms: 200,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(40));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let child = f
+        .cmd(&["run", job.to_str().unwrap(), "--concurrency", "4"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.stats().requests < 6 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let r = ran(child.wait_with_output().unwrap());
+    assert_eq!(r.code, 130, "{}", r.stderr);
+    let sent = s.stats().requests;
+    let recs = f.records();
+    // Every request that went out was let finish and written.
+    assert_eq!(recs.len() as u64, sent, "{}", r.stderr);
+    assert!(sent < 40);
+    let r = f.run(&["run", job.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(f.records().len(), 40);
+    assert_eq!(s.stats().requests, 40, "no row sent twice");
+}
+
+#[test]
+fn tpm_pacing_keeps_a_token_bound_job_free_of_429s() {
+    // 1 s window of 2,000 tokens (120k/min); each request is ~ 20 prompt + 100 max tokens.
+    let s = spawn_background(Config {
+        tpm: Some(120_000),
+        window_s: 1.0,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(40));
+    let job = f.job(
+        "data.csv",
+        "{{ text }}",
+        "max_completion_tokens = 100",
+        "tpm = 100000",
+        &s.base_url(),
+    );
+    std::fs::write(
+        &job,
+        std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("max_tokens = 20\n", ""),
+    )
+    .unwrap();
+    let r = f.run(&["run", job.to_str().unwrap(), "--concurrency", "16"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(s.stats().rate_limited, 0);
+    assert_eq!(f.records().len(), 40);
 }

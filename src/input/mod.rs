@@ -51,12 +51,10 @@ impl Source {
         match self.format {
             InputFormat::Csv => Ok(rows.header.clone()),
             InputFormat::Jsonl => {
-                for r in rows.by_ref() {
-                    if let Ok(row) = r {
-                        return Ok(row.fields.keys().cloned().collect());
-                    }
-                }
-                Ok(Vec::new())
+                let first = rows.by_ref().flatten().next();
+                Ok(first
+                    .map(|row| row.fields.keys().cloned().collect())
+                    .unwrap_or_default())
             }
         }
     }

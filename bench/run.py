@@ -1,0 +1,534 @@
+#!/usr/bin/env python3
+"""promptmill throughput benchmark: the release binary against the fake OpenAI server on
+127.0.0.1 (nothing leaves the machine). Python 3 standard library only.
+
+    python3 bench/run.py                 # every scenario, the issue's default sizes
+    python3 bench/run.py --only 1,5      # some scenarios
+    python3 bench/run.py --help          # sizes, paths, load generator
+
+Prints each scenario's figures and the exact command(s) behind them, then a results table,
+also written to bench/results.md. See bench/README.md.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODEL = "gpt-4o-mini"
+SYSTEM = "You are terse."
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+class Measured:
+    """A finished child: wall time, CPU (user+sys) and peak RSS from wait4's rusage."""
+
+    def __init__(self, cmd, code, wall, user, sys_, maxrss_kb, log):
+        self.cmd, self.code, self.wall = cmd, code, wall
+        self.user, self.sys, self.maxrss_kb, self.log = user, sys_, maxrss_kb, log
+
+    @property
+    def cpu(self):
+        return self.user + self.sys
+
+    @property
+    def rss_mb(self):
+        return self.maxrss_kb / 1024.0
+
+
+def measure(cmd, cwd, env, log_path, timeout=None):
+    """Runs cmd to the end; stdout+stderr go to log_path (no pipe to fill)."""
+    with open(log_path, "wb") as log:
+        t0 = time.monotonic()
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG if deadline else 0)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                pid, status, ru = os.wait4(p.pid, 0)
+                break
+            time.sleep(0.01)
+        wall = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
+    return Measured(cmd, p.returncode, wall, ru.ru_utime, ru.ru_stime, ru.ru_maxrss, log_path)
+
+
+class FakeServer:
+    def __init__(self, binary, latency_ms=0, rpm=None, tpm=None, window_s=10.0):
+        cmd = [binary, "--port", "0", "--latency-ms", str(latency_ms), "--no-record"]
+        if rpm:
+            cmd += ["--rpm", str(rpm)]
+        if tpm:
+            cmd += ["--tpm", str(tpm)]
+        if rpm or tpm:
+            cmd += ["--window-s", str(window_s)]
+        self.cmd = cmd
+        self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            raise SystemExit(f"fake_openai did not start: {line!r}")
+        self.base_url = line.split()[-1]  # http://127.0.0.1:PORT/v1
+        self.root = self.base_url.rsplit("/v1", 1)[0]
+
+    def stats(self):
+        with urllib.request.urlopen(self.root + "/stats", timeout=10) as r:
+            return json.load(r)
+
+    def stop(self):
+        """SIGTERM; returns the final stats and the server's own CPU seconds."""
+        self.p.send_signal(signal.SIGTERM)
+        out = self.p.stdout.read()
+        _, status, ru = os.wait4(self.p.pid, 0)
+        self.p.returncode = os.waitstatus_to_exitcode(status)
+        last = [l for l in out.splitlines() if l.startswith("{")]
+        return (json.loads(last[-1]) if last else None), ru.ru_utime + ru.ru_stime
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        if self.p.returncode is None:
+            self.stop()
+
+
+def cmdline(cmd, env_extra=None):
+    pre = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env_extra or {}).items())
+    return (pre + " " if pre else "") + " ".join(shlex.quote(c) for c in cmd)
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs and jobs
+
+WORDS = (
+    "the of and to in is was for that on with as by at from his her an which this be are "
+    "have had not but what all were when we there can been one if would will more their "
+    "about so said some could them into other time only new these two may first then do any "
+    "like my now over such our man me even most made after also did many before must through "
+    "back years where much your way well down should because each just those people how too "
+    "little state good very make world still own see men work long get here between both life "
+    "being under never day same another know while last might us great old year off come since "
+    "against go came right used take three"
+).split()
+
+
+def prose(rng, n_words):
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def write_csv(path, rows, text_fn):
+    """id,text CSV; skipped when the file already has this many rows (same generator)."""
+    marker = path + f".{rows}.ok"
+    if os.path.exists(path) and os.path.exists(marker):
+        return
+    with open(path, "w", newline="") as f:
+        f.write("id,text\n")
+        buf = []
+        for i in range(1, rows + 1):
+            buf.append(f"r{i},{text_fn(i)}\n")
+            if len(buf) >= 10000:
+                f.write("".join(buf))
+                buf.clear()
+        f.write("".join(buf))
+    open(marker, "w").close()
+
+
+def write_job(work, name, input_path, base_url, user_content, max_tokens, concurrency,
+              rpm=None, tpm=None, system=True, max_retries=6):
+    out = os.path.join(work, "out", name + ".jsonl")
+    run = [f"concurrency = {concurrency}", f"max_retries = {max_retries}", "timeout_s = 60"]
+    if rpm:
+        run.append(f"rpm = {rpm}")
+    if tpm:
+        run.append(f"tpm = {tpm}")
+    msgs = ""
+    if system:
+        msgs += f'[[messages]]\nrole = "system"\ncontent = "{SYSTEM}"\n\n'
+    msgs += f'[[messages]]\nrole = "user"\ncontent = """{user_content}"""\n'
+    text = f"""# generated by bench/run.py
+[input]
+path = "{input_path}"
+
+{msgs}
+[model]
+name = "{MODEL}"
+base_url = "{base_url}"
+max_tokens = {max_tokens}
+
+[run]
+{chr(10).join(run)}
+
+[output]
+path = "{out}"
+"""
+    path = os.path.join(work, name + ".toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path, out
+
+
+def clean_output(out):
+    d = os.path.dirname(out)
+    base = os.path.basename(out)
+    if os.path.isdir(d):
+        for f in os.listdir(d):
+            if f.startswith(base):
+                os.remove(os.path.join(d, f))
+
+
+# ---------------------------------------------------------------------------------------------
+# the bench
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.work = os.path.abspath(a.work)
+        os.makedirs(os.path.join(self.work, "out"), exist_ok=True)
+        self.pm = os.path.abspath(a.promptmill)
+        self.fake = os.path.abspath(a.fake_openai)
+        self.env = dict(os.environ)
+        self.env["OPENAI_API_KEY"] = "sk-bench-dummy"
+        for k in ("OPENAI_BASE_URL", "PROMPTMILL_LOG", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy",
+                  "https_proxy", "ALL_PROXY", "all_proxy"):
+            self.env.pop(k, None)
+        self.env["NO_PROXY"] = "127.0.0.1,localhost"
+        self.results = []  # (scenario, figures, target, met)
+        self.commands = []
+
+    def say(self, *a):
+        print(*a, flush=True)
+
+    def log(self, name):
+        return os.path.join(self.work, name + ".log")
+
+    def pm_run(self, job, name, extra=()):
+        cmd = [self.pm, "--quiet", "run", job, *extra]
+        m = measure(cmd, self.work, self.env, self.log(name))
+        self.say(f"  $ {cmdline(cmd, {'OPENAI_API_KEY': 'sk-bench-dummy'})}")
+        if m.code != 0:
+            self.say(f"  ! exit {m.code}; log {m.log}:")
+            with open(m.log, errors="replace") as f:
+                self.say("    " + f.read()[-2000:].replace("\n", "\n    "))
+        return m
+
+    def record(self, scenario, figures, target, met):
+        self.results.append((scenario, figures, target, met))
+        self.say(f"  => {figures}  [{target}: {'MET' if met else 'MISSED'}]")
+
+    # -- the load generator ---------------------------------------------------------------
+
+    def loadgen(self, server, n, conc, body):
+        """Requests/s of a plain HTTP load generator at the same concurrency."""
+        url = server.base_url + "/chat/completions"
+        oha = self.a.oha or shutil.which("oha") or os.path.expanduser("~/.cargo/bin/oha")
+        if self.a.loadgen in ("auto", "oha") and oha and os.path.exists(oha):
+            body_path = os.path.join(self.work, "body.json")
+            with open(body_path, "w") as f:
+                f.write(body)
+            cmd = [oha, "-n", str(n), "-c", str(conc), "-m", "POST",
+                   "-H", "content-type: application/json", "-H", "authorization: Bearer sk-bench-dummy",
+                   "-D", body_path, "--no-tui", "--output-format", "json", url]
+            m = measure(cmd, self.work, self.env, self.log("loadgen"))
+            self.say(f"  $ {cmdline(cmd)}")
+            try:
+                with open(m.log) as f:
+                    text = f.read()
+                j = json.loads(text[text.index("{"):])
+                rps = j["summary"]["requestsPerSec"]
+                ok = j.get("statusCodeDistribution", {})
+                self.say(f"  oha: {rps:.0f} req/s, status codes {ok}, {m.cpu:.2f} CPU s")
+                return rps, "oha"
+            except Exception as e:  # noqa: BLE001
+                self.say(f"  ! could not read oha's output ({e}); log {m.log}")
+                if self.a.loadgen == "oha":
+                    return None, "oha"
+        load = self.a.load_example
+        if not os.path.exists(load):
+            self.say(f"  ! no load generator ({load} missing: "
+                     "cargo build --release -p fake_openai --example load)")
+            return None, None
+        cmd = [load, str(n), str(conc), server.base_url]
+        m = measure(cmd, self.work, self.env, self.log("loadgen"))
+        self.say(f"  $ {cmdline(cmd)}")
+        with open(m.log) as f:
+            text = f.read().strip()
+        self.say(f"  load: {text.splitlines()[-1] if text else '(no output)'}")
+        try:
+            rps = float(text.split(",")[-1].split()[0])
+        except (ValueError, IndexError):
+            return None, "fake_openai example load"
+        return rps, "fake_openai example load (reqwest; its own fixed body)"
+
+    # -- scenarios ------------------------------------------------------------------------
+
+    def s1_overhead(self):
+        a = self.a
+        n, conc = a.overhead_rows, 64
+        self.say(f"\n## 1. Overhead-bound: {n} rows, 0 ms latency, no limits, concurrency {conc}")
+        inp = os.path.join(self.work, f"overhead_{n}.csv")
+        rng = random.Random(1)
+        write_csv(inp, n, lambda i: f"row {i}: {prose(rng, 12)}")
+        content = "Summarise in five words: {{ text }}"
+        with FakeServer(self.fake) as s:
+            self.say(f"  server: {cmdline(s.cmd)}")
+            body = json.dumps({"model": MODEL, "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": "Summarise in five words: row 1: " + prose(random.Random(1), 12)}],
+                "max_tokens": 16}, separators=(",", ":"))
+            lg_rps, lg_name = self.loadgen(s, n, conc, body)
+            before = s.stats()["requests"]
+            job, out = write_job(self.work, "overhead", inp, s.base_url, content, 16, conc)
+            clean_output(out)
+            m = self.pm_run(job, "overhead")
+            sent = s.stats()["requests"] - before
+            _, srv_cpu = s.stop()
+        rps = n / m.wall
+        cpu_per_k = m.cpu / n * 1000 * 1000  # ms per 1,000 rows
+        frac = rps / lg_rps if lg_rps else float("nan")
+        self.say(f"  promptmill: {n} rows in {m.wall:.2f}s = {rps:.0f} rows/s; CPU {m.user:.2f}u+"
+                 f"{m.sys:.2f}s = {cpu_per_k:.0f} ms/1k rows; peak RSS {m.rss_mb:.1f} MB; "
+                 f"server saw {sent} requests; server CPU {srv_cpu:.1f}s total")
+        ok1 = m.code == 0 and sent == n and lg_rps is not None and frac >= 0.5
+        self.record("1 overhead: rows/s vs load generator",
+                    f"{rps:.0f} rows/s vs {lg_name} {lg_rps or 0:.0f} req/s = {frac:.0%}",
+                    ">= 50%", ok1)
+        self.record("1 overhead: CPU per 1,000 rows",
+                    f"{cpu_per_k:.0f} ms (user {m.user:.2f}s + sys {m.sys:.2f}s over {n} rows); "
+                    f"peak RSS {m.rss_mb:.1f} MB", "<= 100 ms", m.code == 0 and cpu_per_k <= 100)
+
+    def _quota(self, label, name, rows, conc, job_rpm):
+        self.say(f"\n## {label}")
+        inp = os.path.join(self.work, f"quota_{rows}.csv")
+        rng = random.Random(2)
+        write_csv(inp, rows, lambda i: f"row {i}: {prose(rng, 12)}")
+        with FakeServer(self.fake, latency_ms=200, rpm=3000, window_s=10) as s:
+            self.say(f"  server: {cmdline(s.cmd)}")
+            job, out = write_job(self.work, name, inp, s.base_url, "Summarise: {{ text }}", 16,
+                                 conc, rpm=job_rpm)
+            clean_output(out)
+            m = self.pm_run(job, name)
+            st, _ = s.stop()
+        ok, req, rl = st["ok"], st["requests"], st["rate_limited"]
+        rate = ok / st["elapsed_s"] if st["elapsed_s"] else 0
+        self.say(f"  server: {req} requests, {ok} ok, {rl} 429s, first→last {st['elapsed_s']:.2f}s; "
+                 f"promptmill wall {m.wall:.2f}s, exit {m.code}")
+        return m, st, rate, ok, req, rl
+
+    def s2_quota_known(self):
+        rows = self.a.quota_rows
+        m, st, rate, ok, req, rl = self._quota(
+            f"2. Quota-bound, limits known: {rows} rows, 200 ms latency, server 3000 rpm / 10 s "
+            f"window, job rpm 3000, concurrency 64", "quota_known", rows, 64, 3000)
+        self.record("2 quota known: achieved rate",
+                    f"{rate:.2f} req/s = {rate / 50:.1%} of 50/s; {rl} 429s of {req} requests",
+                    ">= 97%, zero 429s", m.code == 0 and rate / 50 >= 0.97 and rl == 0)
+
+    def s3_quota_unknown(self):
+        rows = self.a.quota_rows
+        m, st, rate, ok, req, rl = self._quota(
+            f"3. Quota-bound, limits unknown: {rows} rows, same server, job rpm unset, "
+            f"concurrency 200", "quota_unknown", rows, 200, None)
+        share = rl / req if req else 0
+        self.record("3 quota unknown: achieved rate",
+                    f"{rate:.2f} req/s = {rate / 50:.1%} of 50/s; {rl} 429s = {share:.2%} of {req}",
+                    ">= 90%, 429s < 2%", m.code == 0 and rate / 50 >= 0.90 and share < 0.02)
+
+    def s4_tokens(self):
+        a = self.a
+        rows, tpm, max_tokens = a.token_rows, 300_000, 100
+        self.say(f"\n## 4. Token-bound: {rows} rows of ~1,000-token prompts, 200 ms latency, "
+                 f"server tpm {tpm} / 10 s window, job tpm {tpm}")
+        inp = os.path.join(self.work, f"tokens_{rows}.csv")
+        rng = random.Random(4)
+        write_csv(inp, rows, lambda i: token_text(rng, i))
+        with FakeServer(self.fake, latency_ms=200, tpm=tpm, window_s=10) as s:
+            self.say(f"  server: {cmdline(s.cmd)}")
+            job, out = write_job(self.work, "tokens", inp, s.base_url, "{{ text }}", max_tokens,
+                                 64, tpm=tpm, system=False)
+            clean_output(out)
+            # What promptmill counts (tiktoken) for the same rows, to compare with the server.
+            est = measure([self.pm, "--quiet", "estimate", job], self.work, self.env,
+                          self.log("tokens_estimate"))
+            m = self.pm_run(job, "tokens")
+            st, _ = s.stop()
+        client_prompt = None
+        with open(est.log) as f:
+            for line in f:
+                if line.startswith("prompt tokens"):
+                    client_prompt = int(line.split()[2])
+        req, ok, rl = st["requests"], st["ok"], st["rate_limited"]
+        tok_min = st["tokens_admitted"] / st["elapsed_s"] * 60 if st["elapsed_s"] else 0
+        server_prompt = st["tokens_admitted"] - ok * max_tokens  # when every request was once
+        note = ""
+        if client_prompt and rl == 0 and ok == rows:
+            note = (f"; per request: promptmill counts {client_prompt / rows + max_tokens:.0f}, "
+                    f"server {server_prompt / rows + max_tokens:.0f} tokens")
+        self.say(f"  server: {req} requests, {ok} ok, {rl} 429s, {st['tokens_admitted']} tokens "
+                 f"admitted, first→last {st['elapsed_s']:.2f}s{note}")
+        self.record("4 tokens: achieved server-side tokens/min",
+                    f"{tok_min:.0f} tokens/min = {tok_min / tpm:.1%} of {tpm}; {rl} 429s{note}",
+                    ">= 95%, zero 429s", m.code == 0 and tok_min / tpm >= 0.95 and rl == 0)
+
+    def s5_to_s7(self):
+        a = self.a
+        big, base = a.scale_rows, a.scale_base_rows
+        text = lambda rng: (lambda i: f"row {i}: {prose(rng, 12)}")  # noqa: E731
+        inp_base = os.path.join(self.work, f"scale_{base}.csv")
+        inp_big = os.path.join(self.work, f"scale_{big}.csv")
+        t0 = time.monotonic()
+        write_csv(inp_base, base, text(random.Random(5)))
+        write_csv(inp_big, big, text(random.Random(5)))
+        self.say(f"\n(inputs: {inp_base}, {inp_big}: {time.monotonic() - t0:.1f}s)")
+        with FakeServer(self.fake) as s:
+            jb, out_b = write_job(self.work, f"scale_{base}", inp_base, s.base_url,
+                                  "Summarise in five words: {{ text }}", 16, 64)
+            jB, out_B = write_job(self.work, f"scale_{big}", inp_big, s.base_url,
+                                  "Summarise in five words: {{ text }}", 16, 64)
+            if "6" in a.only:
+                self.say(f"\n## 6. Dry run: promptmill estimate on {base} rows")
+                clean_output(out_b)
+                cmd = [self.pm, "--quiet", "estimate", jb]
+                m = measure(cmd, self.work, self.env, self.log("estimate"))
+                self.say(f"  $ {cmdline(cmd)}")
+                with open(m.log) as f:
+                    rows_line = [l.strip() for l in f if l.startswith("rows ")]
+                self.say(f"  {rows_line[0] if rows_line else '?'}; {m.wall:.2f}s wall, "
+                         f"CPU {m.cpu:.2f}s, peak RSS {m.rss_mb:.1f} MB")
+                self.record(f"6 dry run: estimate of {base} rows",
+                            f"{m.wall:.2f}s (peak RSS {m.rss_mb:.1f} MB)", "< 10 s",
+                            m.code == 0 and m.wall < 10)
+            if "5" in a.only or "7" in a.only:
+                self.say(f"\n## 5. Scale: {base} rows, then {big} rows, 0 ms latency, "
+                         f"concurrency 64")
+                clean_output(out_b)
+                before = s.stats()["requests"]
+                mb = self.pm_run(jb, "scale_base")
+                sent_b = s.stats()["requests"] - before
+                self.say(f"  {base} rows: {mb.wall:.1f}s = {base / mb.wall:.0f} rows/s, CPU "
+                         f"{mb.cpu:.1f}s = {mb.cpu / base * 1e6:.0f} ms/1k rows, peak RSS "
+                         f"{mb.rss_mb:.1f} MB, {sent_b} requests")
+            if "7" in a.only:
+                self.say(f"\n## 7. Resume: the finished {base}-row job again")
+                before = s.stats()["requests"]
+                m7 = self.pm_run(jb, "resume")
+                sent = s.stats()["requests"] - before
+                self.say(f"  {sent} requests sent, {m7.wall:.2f}s wall, CPU {m7.cpu:.2f}s, peak RSS "
+                         f"{m7.rss_mb:.1f} MB, exit {m7.code}")
+                self.record(f"7 resume: rerun of a finished {base}-row job",
+                            f"{sent} requests, {m7.wall:.2f}s", "0 requests, < 2 s",
+                            m7.code == 0 and sent == 0 and m7.wall < 2)
+            if "5" in a.only:
+                clean_output(out_B)
+                before = s.stats()["requests"]
+                mB = self.pm_run(jB, "scale_big")
+                sent_B = s.stats()["requests"] - before
+                self.say(f"  {big} rows: {mB.wall:.1f}s = {big / mB.wall:.0f} rows/s, CPU "
+                         f"{mB.cpu:.1f}s = {mB.cpu / big * 1e6:.0f} ms/1k rows, peak RSS "
+                         f"{mB.rss_mb:.1f} MB, {sent_B} requests")
+                ratio = mB.rss_mb / mb.rss_mb
+                self.record(f"5 scale: peak RSS, {big} vs {base} rows",
+                            f"{mB.rss_mb:.1f} MB vs {mb.rss_mb:.1f} MB (+{ratio - 1:.1%}); "
+                            f"{big / mB.wall:.0f} rows/s",
+                            "< 100 MB and <= +10%",
+                            mB.code == 0 and mb.code == 0 and sent_B == big and mB.rss_mb < 100
+                            and ratio <= 1.10)
+                if not a.keep_outputs:
+                    clean_output(out_B)
+
+    # -- the table ------------------------------------------------------------------------
+
+    def table(self):
+        lines = ["| scenario | figures | target | met? |", "| --- | --- | --- | --- |"]
+        for sc, fig, tgt, met in self.results:
+            lines.append(f"| {sc} | {fig} | {tgt} | {'yes' if met else '**no**'} |")
+        return "\n".join(lines)
+
+
+def token_text(rng, i):
+    """~1,000 tiktoken tokens of prose with numbers: tiktoken counts these at a little more than
+    the server's ceil(chars/4), so pacing on promptmill's count never overshoots the server."""
+    parts = []
+    while sum(len(p) + 1 for p in parts) < 3900:
+        if rng.random() < 0.2:
+            parts.append(str(rng.randint(100, 99999)))
+        else:
+            parts.append(rng.choice(WORDS))
+    return f"Document {i}: " + " ".join(parts)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="scenarios to run (default: all)")
+    ap.add_argument("--overhead-rows", type=int, default=20_000)
+    ap.add_argument("--quota-rows", type=int, default=1_500)
+    ap.add_argument("--token-rows", type=int, default=150)
+    ap.add_argument("--scale-rows", type=int, default=1_000_000)
+    ap.add_argument("--scale-base-rows", type=int, default=100_000,
+                    help="the baseline run for scenario 5, the dry run (6) and the resume (7)")
+    ap.add_argument("--work", default=os.path.join(HERE, "work"), help="inputs, jobs, outputs, logs")
+    ap.add_argument("--promptmill", default=os.path.join(ROOT, "target/release/promptmill"))
+    ap.add_argument("--fake-openai", default=os.path.join(ROOT, "target/release/fake_openai"))
+    ap.add_argument("--load-example", default=os.path.join(ROOT, "target/release/examples/load"))
+    ap.add_argument("--loadgen", choices=["auto", "oha", "load"], default="auto",
+                    help="auto: oha if installed, else fake_openai's example `load`")
+    ap.add_argument("--oha", default=None, help="path to oha (default: on PATH or ~/.cargo/bin)")
+    ap.add_argument("--build", action="store_true",
+                    help="cargo build the release binaries first (HTTP-only promptmill)")
+    ap.add_argument("--keep-outputs", action="store_true", help="keep the 1M-row output")
+    ap.add_argument("--results", default=os.path.join(HERE, "results.md"))
+    a = ap.parse_args()
+    a.only = set(x.strip() for x in a.only.split(","))
+
+    if a.build:
+        for cmd in (["cargo", "build", "--release", "--no-default-features"],
+                    ["cargo", "build", "--release", "-p", "fake_openai", "--example", "load",
+                     "--bin", "fake_openai"]):
+            print("$ " + cmdline(cmd), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
+    for p in (a.promptmill, a.fake_openai):
+        if not os.path.exists(p):
+            raise SystemExit(f"{p} is missing: run with --build, or see bench/README.md")
+
+    b = Bench(a)
+    t0 = time.monotonic()
+    print(f"# promptmill benchmark ({os.cpu_count()} CPUs); work folder {b.work}")
+    print(f"$ {cmdline([sys.executable, *sys.argv])}")
+    if "1" in a.only:
+        b.s1_overhead()
+    if "2" in a.only:
+        b.s2_quota_known()
+    if "3" in a.only:
+        b.s3_quota_unknown()
+    if "4" in a.only:
+        b.s4_tokens()
+    if a.only & {"5", "6", "7"}:
+        b.s5_to_s7()
+    took = time.monotonic() - t0
+    table = b.table()
+    cmd = cmdline(["python3", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])
+    print(f"\n## Results ({took:.0f} s)\n\n{table}")
+    with open(a.results, "w") as f:
+        f.write(f"# promptmill benchmark results\n\nCommand (from the repository root): `{cmd}`  \n"
+                f"Machine: {os.cpu_count()} CPUs, server and client together; total {took:.0f} s; "
+                f"{time.strftime('%Y-%m-%d %H:%M')}.\n\n{table}\n")
+    print(f"\n(written to {a.results})")
+    return 0 if all(r[3] for r in b.results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

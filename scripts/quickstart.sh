@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The README's first command: install what is missing, build, fetch the local model once, and
+# run the quick-start job on it, offline. Prints the summary and where the outputs are.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+scripts/setup-debian.sh
+cargo build --release --quiet
+target/release/promptmill fetch-model
+target/release/promptmill run jobs/quickstart.toml "$@"

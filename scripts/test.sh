@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's second command: the whole test suite (unit, integration against the fake
+# OpenAI server on 127.0.0.1, and the real embedded model). Release mode, because the
+# llama.cpp engine is unusably slow unoptimised and is built once for both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+scripts/setup-debian.sh
+cargo build --release --quiet
+target/release/promptmill fetch-model
+cargo test --release --workspace
