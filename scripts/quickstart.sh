@@ -4,7 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-scripts/setup-debian.sh
-cargo build --release --quiet
-target/release/promptmill fetch-model
+scripts/prepare.sh
 target/release/promptmill run jobs/quickstart.toml "$@"

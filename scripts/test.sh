@@ -5,7 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-scripts/setup-debian.sh
-cargo build --release --quiet
-target/release/promptmill fetch-model
+scripts/prepare.sh
 cargo test --release --workspace

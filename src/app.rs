@@ -9,7 +9,6 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{Cli, Command, JobArgs, LogFormat, RunArgs};
 use crate::cost::Price;
 use crate::error::{Error, EXIT_OK, EXIT_STOPPED};
-use crate::input::Source;
 use crate::job::{Job, Overrides, ProviderKind};
 use crate::journal;
 use crate::provider::openai::{ApiKey, OpenAi};
@@ -257,11 +256,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let renderer = Renderer::new(&job)?;
     let backend = backend(&job, false)?;
     let resume = journal::load(&job.output)?;
-    let source = Source {
-        path: job.input.clone(),
-        format: job.input_format,
-        id_column: job.id_column.clone(),
-    };
+    let source = job.source();
     let price = backend.price_for(None, &job.model);
     let max_out = job.params.max_output_tokens();
     let (mut rows, mut bad, mut done, mut prompt, mut prompt_todo, mut to_send) =
@@ -333,11 +328,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
 fn render(args: &JobArgs, row: u64) -> Result<i32, Error> {
     let job = Job::load(&args.job, &job_overrides(args))?;
     let renderer = Renderer::new(&job)?;
-    let source = Source {
-        path: job.input.clone(),
-        format: job.input_format,
-        id_column: job.id_column.clone(),
-    };
+    let source = job.source();
     for r in source.reader()? {
         let number = match &r {
             Ok(r) => r.number,
@@ -387,11 +378,7 @@ fn validate(path: &Path, input: Option<std::path::PathBuf>) -> Result<i32, Error
             None
         }
     };
-    let source = Source {
-        path: job.input.clone(),
-        format: job.input_format,
-        id_column: job.id_column.clone(),
-    };
+    let source = job.source();
     let columns = match source.columns() {
         Ok(c) => Some(c),
         Err(e) => {

@@ -12,6 +12,10 @@ use serde::Deserialize;
 use crate::error::Error;
 use crate::output::{Record, Status};
 
+/// Row numbers past this are treated as foreign lines, so a corrupt number cannot make the
+/// per-row index allocate without bound.
+const MAX_ROW: u64 = 1 << 28;
+
 /// What an earlier run left for one row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
@@ -142,7 +146,7 @@ pub fn load(path: &Path) -> Result<Resume, Error> {
             continue;
         }
         match serde_json::from_slice::<Entry>(&line) {
-            Ok(e) if e.row > 0 => {
+            Ok(e) if e.row > 0 && e.row <= MAX_ROW => {
                 let ok = e.status == Status::Ok;
                 if ok {
                     if let Some(u) = &e.usage {
@@ -235,10 +239,79 @@ fn row_of(line: &[u8]) -> Option<u64> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
+/// Rows indexed per compaction pass. The index costs 12 bytes a row, so it stays near 1.5 MB
+/// however long the output: an output of more rows is compacted in several passes (each one
+/// reads the file again, from the page cache as a rule).
+const COMPACT_PASS_ROWS: u64 = 1 << 17;
+
+/// Where the last record of each row in `lo..lo + COMPACT_PASS_ROWS` lies in the file.
+struct PassIndex {
+    lo: u64,
+    rows: u64,
+    offsets: Vec<u64>,
+    lens: Vec<u32>,
+}
+
+impl PassIndex {
+    fn new(lo: u64, rows: u64) -> PassIndex {
+        PassIndex {
+            lo,
+            rows,
+            offsets: Vec::new(),
+            lens: Vec::new(),
+        }
+    }
+
+    fn note(&mut self, row: u64, pos: u64, len: u32) {
+        if row < self.lo || row >= self.lo + self.rows {
+            return;
+        }
+        let i = (row - self.lo) as usize;
+        if self.offsets.len() <= i {
+            // Grow by doubling, but never past one pass's rows.
+            let want = (self.offsets.capacity() * 2)
+                .max(i + 1)
+                .min(self.rows as usize);
+            self.offsets.reserve_exact(want - self.offsets.len());
+            self.lens.reserve_exact(want - self.lens.len());
+            self.offsets.resize(i + 1, u64::MAX);
+            self.lens.resize(i + 1, 0);
+        }
+        self.offsets[i] = pos;
+        self.lens[i] = len;
+    }
+}
+
+/// Reads every line from the start: `each(row, offset, length)`, `row` `None` for a line that
+/// is not one of our records.
+fn scan_lines(
+    rdr: &mut BufReader<File>,
+    mut each: impl FnMut(Option<u64>, u64, u32),
+) -> std::io::Result<()> {
+    rdr.seek(SeekFrom::Start(0))?;
+    let mut line = Vec::new();
+    let mut pos = 0u64;
+    loop {
+        line.clear();
+        let n = rdr.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // Row numbers are dense from 1; anything else is not one of our records.
+        let row = row_of(&line).filter(|&r| r > 0 && r <= MAX_ROW);
+        each(row, pos, n as u32);
+        pos += n as u64;
+    }
+}
+
 /// Rewrites the output in row order with only the last record of each row, atomically
 /// (temp file + rename). Skipped when it is already in order without duplicates.
-/// Memory: 12 bytes per row for the index.
+/// Memory: bounded (see `COMPACT_PASS_ROWS`), whatever the number of rows.
 pub fn compact(path: &Path) -> Result<(), Error> {
+    compact_in_passes(path, COMPACT_PASS_ROWS)
+}
+
+fn compact_in_passes(path: &Path, pass_rows: u64) -> Result<(), Error> {
     let io = |e| Error::Io {
         path: path.to_path_buf(),
         source: e,
@@ -249,50 +322,53 @@ pub fn compact(path: &Path) -> Result<(), Error> {
         Err(e) => return Err(io(e)),
     };
     let mut rdr = BufReader::with_capacity(256 * 1024, f);
-    let mut offsets: Vec<u64> = Vec::new();
-    let mut lens: Vec<u32> = Vec::new();
-    let mut line = Vec::new();
-    let mut pos = 0u64;
+    // The first pass also tells whether there is anything to do.
+    let mut index = PassIndex::new(1, pass_rows);
     let mut last = 0u64;
     let mut in_order = true;
-    loop {
-        line.clear();
-        let n = rdr.read_until(b'\n', &mut line).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        if let Some(row) = row_of(&line) {
+    scan_lines(&mut rdr, |row, pos, n| match row {
+        Some(row) => {
             if row <= last {
                 in_order = false;
             }
             last = last.max(row);
-            let i = (row - 1) as usize;
-            if offsets.len() <= i {
-                offsets.resize(i + 1, u64::MAX);
-                lens.resize(i + 1, 0);
-            }
-            offsets[i] = pos;
-            lens[i] = n as u32;
-        } else {
-            in_order = false; // a foreign line: rewrite without it
+            index.note(row, pos, n);
         }
-        pos += n as u64;
-    }
+        None => in_order = false, // a foreign line: rewrite without it
+    })
+    .map_err(io)?;
     if in_order {
         return Ok(());
     }
     let tmp = crate::job::sibling(path, ".compact");
-    let mut src = rdr.into_inner();
     let mut out = BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(io)?);
     let mut buf = Vec::new();
-    for (i, &off) in offsets.iter().enumerate() {
-        if off == u64::MAX {
-            continue;
+    loop {
+        // Records are nearly in row order already (they finish about in the order they were
+        // sent), so most moves stay inside the read buffer: no system call.
+        rdr.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut at = 0u64;
+        for (&off, &len) in index.offsets.iter().zip(&index.lens) {
+            if off == u64::MAX {
+                continue;
+            }
+            rdr.seek_relative(off as i64 - at as i64).map_err(io)?;
+            buf.resize(len as usize, 0);
+            rdr.read_exact(&mut buf).map_err(io)?;
+            out.write_all(&buf).map_err(io)?;
+            at = off + len as u64;
         }
-        buf.resize(lens[i] as usize, 0);
-        src.seek(SeekFrom::Start(off)).map_err(io)?;
-        src.read_exact(&mut buf).map_err(io)?;
-        out.write_all(&buf).map_err(io)?;
+        let lo = index.lo + pass_rows;
+        if lo > last {
+            break;
+        }
+        index = PassIndex::new(lo, pass_rows);
+        scan_lines(&mut rdr, |row, pos, n| {
+            if let Some(row) = row {
+                index.note(row, pos, n);
+            }
+        })
+        .map_err(io)?;
     }
     let out = out.into_inner().map_err(|e| io(e.into_error()))?;
     out.sync_all().map_err(io)?;
@@ -386,6 +462,29 @@ mod tests {
             std::fs::read_to_string(&p).unwrap(),
             "{\"row\":1,\"v\":\"b\"}\n{\"row\":2,\"v\":\"c\"}\n"
         );
+    }
+
+    #[test]
+    fn compaction_in_several_passes_gives_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.jsonl");
+        let mut text = String::new();
+        // Out of order, a rerun of rows 3 and 7, a gap (row 5), a foreign line.
+        for (row, v) in [(2, "a"), (1, "b"), (3, "c"), (7, "d"), (4, "e"), (3, "f")] {
+            text.push_str(&format!("{{\"row\":{row},\"v\":\"{v}\"}}\n"));
+        }
+        text.push_str("not a record\n{\"row\":6,\"v\":\"g\"}\n{\"row\":7,\"v\":\"h\"}\n");
+        let want = "{\"row\":1,\"v\":\"b\"}\n{\"row\":2,\"v\":\"a\"}\n{\"row\":3,\"v\":\"f\"}\n\
+                    {\"row\":4,\"v\":\"e\"}\n{\"row\":6,\"v\":\"g\"}\n{\"row\":7,\"v\":\"h\"}\n";
+        for pass_rows in [1, 2, 3, 100] {
+            std::fs::write(&p, &text).unwrap();
+            compact_in_passes(&p, pass_rows).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&p).unwrap(),
+                want,
+                "{pass_rows} rows a pass"
+            );
+        }
     }
 
     #[test]

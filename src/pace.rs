@@ -12,6 +12,9 @@ use crate::provider::RateLimits;
 
 /// Aim this far under a limit learned from headers: clocks and windows never line up exactly.
 const LEARNED_MARGIN: f64 = 0.98;
+/// Send times kept to estimate the rate: the last 10 s, but no more than this many (an
+/// unpaced run sends tens of thousands a second; past 4096 a second the estimate is low).
+const RECENT_MAX: usize = 4096;
 /// Requests sent before any response when no limit is known: a probe, not a stampede.
 const PROBE_REQUESTS: u64 = 8;
 
@@ -76,6 +79,11 @@ impl Pacer {
         }
     }
 
+    /// Whether a tokens-per-minute limit is in force, so `acquire` uses its token count.
+    pub fn paces_tokens(&self) -> bool {
+        self.state.lock().unwrap().tpm.is_some()
+    }
+
     /// Waits until one request costing `tokens` (prompt + max output) may go out, and reserves
     /// its slot. Called by the one dispatcher, in row order.
     pub async fn acquire(&self, tokens: u64) {
@@ -104,19 +112,24 @@ impl Pacer {
                     .max(s.next_tokens_at)
                     .max(s.paused_until);
                 if at <= now {
-                    // Reserve from the moment it really goes out, so a late request never lets
-                    // the next one bunch up behind it.
+                    let due = s.next_request_at.max(s.next_tokens_at).max(s.paused_until);
+                    // Reserve from the slot this request was given, so the timer's own lateness
+                    // (a millisecond or so per wake-up) does not add up into a slower rate; but
+                    // from the moment it really goes out when it is later than that, so a late
+                    // request never lets the next ones bunch up behind it.
                     if let Some(rpm) = s.rpm {
-                        s.next_request_at = now + Duration::from_secs_f64(60.0 / rpm);
+                        let gap = Duration::from_secs_f64(60.0 / rpm);
+                        s.next_request_at = next_slot(due, now, gap);
                     }
                     if let Some(tpm) = s.tpm {
-                        s.next_tokens_at =
-                            now + Duration::from_secs_f64(60.0 * tokens as f64 / tpm);
+                        let gap = Duration::from_secs_f64(60.0 * tokens as f64 / tpm);
+                        s.next_tokens_at = next_slot(due, now, gap);
                     }
                     s.sent += 1;
                     s.recent.push_back(now);
-                    while s.recent.len() > 1
-                        && now.duration_since(s.recent[0]) > Duration::from_secs(10)
+                    while s.recent.len() > RECENT_MAX
+                        || (s.recent.len() > 1
+                            && now.duration_since(s.recent[0]) > Duration::from_secs(10))
                     {
                         s.recent.pop_front();
                     }
@@ -200,6 +213,19 @@ impl Pacer {
             });
         }
     }
+}
+
+/// Lateness forgiven when reserving the next slot: a quarter of the gap, at most this.
+const MAX_SLACK: Duration = Duration::from_millis(5);
+
+/// The next slot after one that was due at `due` and really went out at `now`.
+fn next_slot(due: Instant, now: Instant, gap: Duration) -> Instant {
+    let slack = (gap / 4).min(MAX_SLACK);
+    let from = match now.checked_sub(slack) {
+        Some(t) => due.max(t),
+        None => now,
+    };
+    from + gap
 }
 
 fn cap(job: Option<f64>, v: f64) -> f64 {

@@ -207,7 +207,8 @@ pub struct Progress {
     every: Duration,
     last_log: Instant,
     quiet: bool,
-    window: std::collections::VecDeque<Instant>,
+    /// (when, rows finished): one sample a second at most, over the last minute, for the rate.
+    window: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl Progress {
@@ -233,19 +234,30 @@ impl Progress {
 
     pub fn update(&mut self, s: &Stats, force: bool) {
         let now = Instant::now();
-        self.window.push_back(now);
+        let done = s.ok + s.failed;
+        // Called once per batch of records: sample at most once a second, so the window stays
+        // small however fast rows finish.
+        if self
+            .window
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+        {
+            self.window.push_back((now, done));
+        }
         while self
             .window
             .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+            .is_some_and(|(t, _)| now.duration_since(*t) > Duration::from_secs(60))
         {
             self.window.pop_front();
         }
-        let span = now
-            .duration_since(*self.window.front().unwrap_or(&now))
-            .as_secs_f64()
-            .max(1.0);
-        let rpm = self.window.len() as f64 * 60.0 / span.min(60.0);
+        let log_due = !self.quiet && (force || now.duration_since(self.last_log) >= self.every);
+        if self.bar.is_none() && !log_due {
+            return; // nothing to show: skip formatting the line
+        }
+        let (t0, done0) = self.window.front().copied().unwrap_or((now, done));
+        let span = now.duration_since(t0).as_secs_f64().max(1.0);
+        let rpm = done.saturating_sub(done0) as f64 * 60.0 / span.min(60.0);
         let msg = format!(
             "rows {} (ok {}, failed {}, skipped {}) | tokens {} | ${:.4} | {:.0} req/min",
             s.ok + s.failed,
@@ -258,7 +270,7 @@ impl Progress {
         );
         if let Some(b) = &self.bar {
             b.set_message(msg);
-        } else if !self.quiet && (force || now.duration_since(self.last_log) >= self.every) {
+        } else if log_due {
             self.last_log = now;
             tracing::info!(target: "promptmill::progress", "{msg}");
         }

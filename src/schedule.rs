@@ -92,8 +92,14 @@ pub fn prepare(job: &Job, renderer: &Renderer, row: Row) -> Result<Prepared, (Ro
 
 /// 128 bits of the SHA-256 of the request body, in hex.
 pub fn fingerprint(body: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = Sha256::digest(body);
-    d[..16].iter().map(|b| format!("{b:02x}")).collect()
+    let mut s = String::with_capacity(32);
+    for b in &d[..16] {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
 }
 
 /// Whether an earlier run already settled this row (same request, and ok or not retried).
@@ -318,7 +324,15 @@ pub async fn run(
             }
             continue;
         }
-        let prompt_tokens = shared.backend.counter.count_prompt(&p.request.messages);
+        // Counting with tiktoken is the dearest step of a row and runs here, in the one
+        // dispatcher: do it only when something uses the count, a tokens-per-minute limit (the
+        // job's or one learned from headers) or a budget.
+        let counted = job.max_cost_usd.is_some() || shared.pacer.paces_tokens();
+        let prompt_tokens = if counted {
+            shared.backend.counter.count_prompt(&p.request.messages)
+        } else {
+            0
+        };
         let pace_tokens = prompt_tokens + max_output.unwrap_or(0);
         // The budget: what was billed, plus every request in flight at its worst case.
         let bound = shared
@@ -350,7 +364,7 @@ pub async fn run(
         }
         let shared2 = shared.clone();
         tasks.spawn(async move {
-            let msg = process(&shared2, p, pace_tokens, bound).await;
+            let msg = process(&shared2, p, pace_tokens, counted, bound).await;
             drop(permit);
             if let Some(m) = msg {
                 let _ = shared2.tx.send(m).await;
@@ -398,7 +412,13 @@ pub async fn run(
 }
 
 /// Sends one row with retries. `None`: the row stays pending (job stopped or interrupted).
-async fn process(sh: &Shared, p: Prepared, pace_tokens: u64, bound: f64) -> Option<Msg> {
+async fn process(
+    sh: &Shared,
+    p: Prepared,
+    mut pace_tokens: u64,
+    mut counted: bool,
+    bound: f64,
+) -> Option<Msg> {
     let started = Instant::now();
     let mut retrier = sh.retry.start();
     let mut attempts = 0u32;
@@ -433,6 +453,11 @@ async fn process(sh: &Shared, p: Prepared, pace_tokens: u64, bound: f64) -> Opti
                         tokio::select! {
                             _ = sh.cancel.cancelled() => { release(sh, bound, 0.0); return None; }
                             _ = tokio::time::sleep(delay) => {}
+                        }
+                        if !counted && sh.pacer.paces_tokens() {
+                            // A token limit was learned since this row was dispatched.
+                            pace_tokens += sh.backend.counter.count_prompt(&p.request.messages);
+                            counted = true;
                         }
                         tokio::select! {
                             _ = sh.cancel.cancelled() => { release(sh, bound, 0.0); return None; }

@@ -384,11 +384,7 @@ fn resume_after_kill_9_loses_nothing_and_repays_nothing() {
         .spawn()
         .unwrap();
     let out = f.path("out/result.jsonl");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while read_jsonl_lenient(&out) < 60 {
-        assert!(Instant::now() < deadline, "the run made no progress");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_lines(&out, 60, Duration::from_secs(30));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     // Simulate the worst tear: half a line at the end.
@@ -435,6 +431,15 @@ fn read_jsonl_lenient(p: &std::path::Path) -> usize {
     std::fs::read_to_string(p)
         .map(|t| t.lines().count())
         .unwrap_or(0)
+}
+
+/// Waits until a running job has written `n` lines, so a test can kill it mid-run.
+fn wait_for_lines(p: &std::path::Path, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while read_jsonl_lenient(p) < n {
+        assert!(Instant::now() < deadline, "the run made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]
@@ -1058,4 +1063,166 @@ fn tpm_pacing_keeps_a_token_bound_job_free_of_429s() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(s.stats().rate_limited, 0);
     assert_eq!(f.records().len(), 40);
+}
+
+#[test]
+fn base_url_comes_from_openai_base_url_when_the_job_has_none() {
+    let s = server();
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(2));
+    let job = f.job("data.csv", "{{ text }}", "", "", "UNUSED");
+    std::fs::write(
+        &job,
+        std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("base_url = \"UNUSED\"\n", ""),
+    )
+    .unwrap();
+    let r = ran(f
+        .cmd(&["run", job.to_str().unwrap()])
+        .env("OPENAI_BASE_URL", s.base_url())
+        .output()
+        .unwrap());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(s.stats().requests, 2);
+}
+
+/// The embedded model, for real: the default model must have been fetched
+/// (`promptmill fetch-model`; scripts/test.sh does it first).
+#[cfg(feature = "local")]
+mod local_model {
+    use super::*;
+
+    fn local_job(f: &Fixture, rows: usize, extra: &str) -> std::path::PathBuf {
+        let mut data = String::from("id,text\n");
+        let texts = [
+            "The cat sat on the mat.",
+            "Rain is expected tomorrow.",
+            "The shop opens at nine.",
+            "Water boils at 100 degrees.",
+        ];
+        for i in 1..=rows {
+            data.push_str(&format!("r{i},\"{} ({i})\"\n", texts[i % texts.len()]));
+        }
+        f.write("data.csv", data);
+        f.write(
+            "job.toml",
+            format!(
+                r#"
+[input]
+path = "data.csv"
+id = "id"
+[[messages]]
+role = "user"
+content = "Translate into French: {{{{ text }}}}"
+[model]
+provider = "local"
+temperature = 0.0
+seed = 42
+max_tokens = 8
+{extra}
+[run]
+concurrency = 2
+[output]
+path = "out/result.jsonl"
+"#
+            ),
+        )
+    }
+
+    #[test]
+    fn the_local_model_generates_with_real_usage_and_zero_cost() {
+        let f = Fixture::new();
+        let job = local_job(&f, 4, "");
+        let r = f.run(&["run", job.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let recs = f.records();
+        assert_eq!(recs.len(), 4);
+        let mut prompt_total = 0;
+        for rec in &recs {
+            assert_eq!(rec["status"], "ok");
+            assert!(!rec["completion"].as_str().unwrap().is_empty(), "{rec}");
+            let u = &rec["usage"];
+            let c = u["completion_tokens"].as_u64().unwrap();
+            assert!((1..=8).contains(&c), "{u}");
+            if c == 8 {
+                assert_eq!(rec["finish_reason"], "length");
+            }
+            assert_eq!(rec["cost_usd"], 0.0);
+            prompt_total += u["prompt_tokens"].as_u64().unwrap();
+        }
+        // The dry run counts with the same tokenizer and template: the same prompt tokens.
+        let est = f.run(&["estimate", job.to_str().unwrap()]);
+        assert_eq!(est.code, 0, "{}", est.stderr);
+        assert!(
+            est.stdout
+                .contains(&format!("prompt tokens     {prompt_total} ")),
+            "{prompt_total}: {}",
+            est.stdout
+        );
+    }
+
+    #[test]
+    fn the_local_model_is_deterministic_at_temperature_0_with_a_seed() {
+        let f = Fixture::new();
+        let job = local_job(&f, 3, "");
+        // One sequence at a time: batched decoding sums floats in another order, which can
+        // flip a near-tie between two tokens (see the README).
+        let j = job.to_str().unwrap();
+        assert_eq!(f.run(&["run", j, "--concurrency", "1"]).code, 0);
+        let first: Vec<Value> = f
+            .records()
+            .iter()
+            .map(|r| r["completion"].clone())
+            .collect();
+        assert_eq!(f.run(&["run", "--fresh", j, "--concurrency", "1"]).code, 0);
+        let second: Vec<Value> = f
+            .records()
+            .iter()
+            .map(|r| r["completion"].clone())
+            .collect();
+        assert_eq!(first, second);
+    }
+
+    #[test]
+    fn a_killed_local_run_resumes_without_redoing_finished_rows() {
+        let f = Fixture::new();
+        let job = local_job(&f, 24, "");
+        let mut child = f
+            .cmd(&["run", "--quiet", job.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        let out = f.path("out/result.jsonl");
+        wait_for_lines(&out, 3, Duration::from_secs(120));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let before = read_jsonl_lenient(&out) as u64;
+        let r = f.run(&["run", job.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let recs = f.records();
+        assert_eq!(recs.len(), 24);
+        for (i, rec) in recs.iter().enumerate() {
+            assert_eq!(rec["row"], i as u64 + 1);
+        }
+        let sum = f.summary();
+        assert_eq!(sum["rows_skipped"].as_u64().unwrap(), before);
+        assert_eq!(sum["rows_ok"].as_u64().unwrap(), 24 - before);
+    }
+
+    #[test]
+    fn a_missing_model_file_says_how_to_get_one() {
+        let f = Fixture::new();
+        let job = local_job(&f, 1, "path = \"no/such/model.gguf\"");
+        let r = f.run(&["run", job.to_str().unwrap()]);
+        assert_eq!(r.code, 2);
+        assert!(
+            r.stderr.contains("model.gguf") && r.stderr.contains("promptmill fetch-model"),
+            "{}",
+            r.stderr
+        );
+        f.write("no/such/model.gguf", "this is not a gguf file at all");
+        let r = f.run(&["run", job.to_str().unwrap()]);
+        assert_eq!(r.code, 2);
+        assert!(r.stderr.contains("promptmill fetch-model"), "{}", r.stderr);
+    }
 }

@@ -506,7 +506,16 @@ impl Job {
         })
     }
 
-    /// Where the CSV export goes when `--output` moved the JSONL: beside it.
+    /// The job's input, ready to stream.
+    pub fn source(&self) -> crate::input::Source {
+        crate::input::Source {
+            path: self.input.clone(),
+            format: self.input_format,
+            id_column: self.id_column.clone(),
+        }
+    }
+
+    /// `OUTPUT.summary.json`, beside the JSONL output.
     pub fn summary_path(&self) -> PathBuf {
         sibling(&self.output, ".summary.json")
     }

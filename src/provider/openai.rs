@@ -32,7 +32,8 @@ impl std::fmt::Debug for ApiKey {
 
 pub struct OpenAi {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: parsing it again for every request costs more than the request's JSON.
+    url: reqwest::Url,
     /// Kept only to scrub it from any error text a server echoes back.
     key: Option<ApiKey>,
     stream: bool,
@@ -96,9 +97,11 @@ impl OpenAi {
             .user_agent(concat!("promptmill/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let url = format!("{base_url}/chat/completions");
+        let url = reqwest::Url::parse(&url).map_err(|e| format!("the base URL {url}: {e}"))?;
         Ok(OpenAi {
             client,
-            url: format!("{base_url}/chat/completions"),
+            url,
             key,
             stream,
         })
@@ -107,7 +110,7 @@ impl OpenAi {
     async fn attempt(&self, req: &Request) -> Result<Completion, ProviderError> {
         let resp = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .body(req.body.clone())
             .send()
             .await

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# What both README commands need first: build dependencies, a release build, the local model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup-debian.sh
+cargo build --release --quiet
+target/release/promptmill fetch-model
