@@ -46,8 +46,11 @@ fn init_logging(cli: &Cli) {
             _ => "trace",
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PROMPTMILL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("warn,promptmill={level}")));
+    // llama.cpp's own warnings (about the model file's metadata) are not the user's business.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("PROMPTMILL_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("warn,promptmill={level},llama-cpp-2=error"))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
