@@ -277,7 +277,7 @@ impl Job {
             if p.is_absolute() {
                 p.to_path_buf()
             } else {
-                dir.join(p)
+                tidy(&dir.join(p))
             }
         };
 
@@ -532,6 +532,25 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `jobs/../out/x.jsonl` → `out/x.jsonl`, lexically, so messages show the path a user would write.
+fn tidy(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir if !out.is_empty() => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
 fn expand_home(p: &str) -> Option<PathBuf> {
     let rest = p.strip_prefix("~/")?;
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(rest))
@@ -594,4 +613,20 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
         .unwrap_or(0)
         + 1;
     (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_relative_to_the_job_are_tidied() {
+        assert_eq!(
+            tidy(Path::new("jobs/../out/x.jsonl")),
+            PathBuf::from("out/x.jsonl")
+        );
+        assert_eq!(tidy(Path::new("./data.csv")), PathBuf::from("./data.csv"));
+        assert_eq!(tidy(Path::new("../a/./b")), PathBuf::from("../a/b"));
+        assert_eq!(tidy(Path::new("a/..")), PathBuf::from("."));
+    }
 }
