@@ -742,21 +742,17 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn greedy_is_deterministic() {
-        let model = load(&params(Some(0.0), 8), 1);
-        let req = request(vec![user("Name three colours.")]);
-        let a = model.complete(&req).await.unwrap();
-        let b = model.complete(&req).await.unwrap();
-        assert_eq!(a.text, b.text);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn seeded_sampling_is_deterministic() {
-        let model = load(&params(Some(0.8), 8), 1);
-        let req = request(vec![user("Tell me a fact about the sea.")]);
-        let a = model.complete(&req).await.unwrap();
-        let b = model.complete(&req).await.unwrap();
-        assert_eq!(a.text, b.text);
+    async fn greedy_and_seeded_sampling_are_deterministic() {
+        for (temperature, prompt) in [
+            (0.0, "Name three colours."),
+            (0.8, "Tell me a fact about the sea."),
+        ] {
+            let model = load(&params(Some(temperature), 8), 1);
+            let req = request(vec![user(prompt)]);
+            let a = model.complete(&req).await.unwrap();
+            let b = model.complete(&req).await.unwrap();
+            assert_eq!(a.text, b.text, "temperature {temperature}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
