@@ -32,9 +32,6 @@ pub enum Error {
     },
     #[error("template {name}: {message}")]
     Template { name: String, message: String },
-    /// Several problems found by `validate`, each already located.
-    #[error("{} problem(s):\n{}", .0.len(), .0.join("\n"))]
-    Invalid(Vec<String>),
     #[error("{}: {message}", path.display())]
     Input { path: PathBuf, message: String },
     #[error("the API key variable {var} is not set (in the environment or in .env)")]
@@ -43,9 +40,6 @@ pub enum Error {
     Locked { path: PathBuf, since: String },
     #[error("model {}: {message}", path.display())]
     Model { path: PathBuf, message: String },
-    /// The provider refused the job as a whole (401/403, insufficient_quota).
-    #[error("{message}")]
-    Stopped { message: String },
     #[error("{0}")]
     Other(String),
 }

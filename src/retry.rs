@@ -70,10 +70,6 @@ impl Retrier {
             _ => ours,
         })
     }
-
-    pub fn retries(&self) -> u32 {
-        self.retries
-    }
 }
 
 #[cfg(test)]
