@@ -108,6 +108,22 @@ impl Stats {
     }
 }
 
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut n, mut last) = (0u64, b'\n');
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += buf[..k].iter().filter(|&&c| c == b'\n').count() as u64;
+        last = buf[k - 1];
+    }
+    Ok(if last == b'\n' { n } else { n + 1 })
+}
+
 #[derive(Debug, Serialize, serde::Deserialize, Clone)]
 pub struct Summary {
     pub rows_ok: u64,
@@ -212,7 +228,14 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(quiet: bool) -> Progress {
+    /// `input`: the input file, counted in the background (only when a bar is shown) to give
+    /// the bar its length and an ETA; `header_lines` are not rows; `limit` caps the count.
+    pub fn new(
+        quiet: bool,
+        input: Option<&Path>,
+        header_lines: u64,
+        limit: Option<u64>,
+    ) -> Progress {
         use std::io::IsTerminal;
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
             let b = indicatif::ProgressBar::new_spinner();
@@ -221,6 +244,23 @@ impl Progress {
                     .expect("valid template"),
             );
             b.enable_steady_tick(Duration::from_millis(200));
+            if let Some(path) = input.filter(|p| p.as_os_str() != "-") {
+                let (b, path) = (b.clone(), path.to_path_buf());
+                // Newlines, not records: a CSV field may hold a newline, so this is an
+                // estimate, good enough for a bar and an ETA.
+                std::thread::spawn(move || {
+                    if let Ok(lines) = count_lines(&path) {
+                        let rows = lines.saturating_sub(header_lines);
+                        b.set_length(limit.map_or(rows, |l| l.min(rows)));
+                        b.set_style(
+                            indicatif::ProgressStyle::with_template(
+                                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} (ETA {eta}) {msg}",
+                            )
+                            .expect("valid template"),
+                        );
+                    }
+                });
+            }
             b
         });
         Progress {
@@ -269,6 +309,7 @@ impl Progress {
             rpm
         );
         if let Some(b) = &self.bar {
+            b.set_position(done + s.skipped_ok + s.skipped_failed);
             b.set_message(msg);
         } else if log_due {
             self.last_log = now;

@@ -248,7 +248,12 @@ pub async fn run(
     let writer = tokio::spawn(write_records(
         rx,
         appender,
-        Progress::new(opts.quiet),
+        Progress::new(
+            opts.quiet,
+            Some(&job.input),
+            u64::from(job.input_format == crate::job::InputFormat::Csv),
+            opts.limit,
+        ),
         billed,
     ));
 
