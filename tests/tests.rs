@@ -561,7 +561,7 @@ fn bad_rows_fail_alone_with_file_line_and_field_and_the_job_goes_on() {
         m(2)
     );
     assert!(
-        m(3).contains("line 4") && m(3).contains("UTF-8"),
+        m(3).contains("line 4") && m(3).contains("field `t` is not valid UTF-8"),
         "{}",
         m(3)
     );

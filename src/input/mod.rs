@@ -273,11 +273,16 @@ impl Iterator for Rows {
                 let number = self.number;
                 let at = format!("line {} (row {number})", *line);
                 let parsed = match std::str::from_utf8(text) {
-                    Err(e) => Err(format!(
-                        "{}: {at}: not valid UTF-8 (at byte {})",
-                        self.display,
-                        e.valid_up_to()
-                    )),
+                    Err(e) => Err(match bad_utf8_field(text) {
+                        Some(field) => {
+                            format!("{}: {at}: field `{field}` is not valid UTF-8", self.display)
+                        }
+                        None => format!(
+                            "{}: {at}: not valid UTF-8 (at byte {})",
+                            self.display,
+                            e.valid_up_to()
+                        ),
+                    }),
                     Ok(s) => match serde_json::from_str::<Value>(s) {
                         Ok(Value::Object(m)) => Ok(m),
                         Ok(other) => Err(format!(
@@ -299,6 +304,19 @@ impl Iterator for Rows {
             },
         }
     }
+}
+
+/// Which top-level field of a JSONL line holds the invalid bytes: parse a lossy copy and look
+/// for the replacement character.
+fn bad_utf8_field(line: &[u8]) -> Option<String> {
+    let lossy = String::from_utf8_lossy(line);
+    let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&lossy) else {
+        return None;
+    };
+    let has = |v: &Value| v.to_string().contains('\u{fffd}');
+    m.iter()
+        .find(|(k, v)| k.contains('\u{fffd}') || has(v))
+        .map(|(k, _)| k.clone())
 }
 
 fn json_kind(v: &Value) -> &'static str {
