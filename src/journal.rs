@@ -51,6 +51,17 @@ impl Resume {
     }
 }
 
+/// Lower-case hex; the inverse of [`fingerprint_bytes`] for fingerprints.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
 pub fn fingerprint_bytes(hex: &str) -> Option<[u8; 16]> {
     if hex.len() < 32 {
         return None;

@@ -65,11 +65,7 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok(crate::journal::to_hex(&hasher.finalize()))
 }
 
 /// Checks that `path` is a readable GGUF file before llama.cpp sees it, so a missing or
@@ -253,7 +249,7 @@ pub fn fetch_default_model(quiet: bool) -> Result<PathBuf, Error> {
     }
     out.sync_all().map_err(io_partial)?;
     drop(out);
-    let digest = hex(&hasher.finalize());
+    let digest = crate::journal::to_hex(&hasher.finalize());
     if digest != DEFAULT_MODEL_SHA256 || total != DEFAULT_MODEL_SIZE {
         return Err(Error::Model {
             path: dest,

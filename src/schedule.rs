@@ -92,14 +92,7 @@ pub fn prepare(job: &Job, renderer: &Renderer, row: Row) -> Result<Prepared, (Ro
 
 /// 128 bits of the SHA-256 of the request body, in hex.
 pub fn fingerprint(body: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let d = Sha256::digest(body);
-    let mut s = String::with_capacity(32);
-    for b in &d[..16] {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 15) as usize] as char);
-    }
-    s
+    journal::to_hex(&Sha256::digest(body)[..16])
 }
 
 /// Whether an earlier run already settled this row (same request, and ok or not retried).
