@@ -237,6 +237,18 @@ class Bench:
     def log(self, name):
         return os.path.join(self.work, name + ".log")
 
+    def scale_run(self, server, job, out, rows, name):
+        """One scale run from an empty output: prints its rate, CPU and peak RSS; returns the
+        measurement and the requests the server saw."""
+        clean_output(out)
+        before = server.stats()["requests"]
+        m = self.pm_run(job, name)
+        sent = server.stats()["requests"] - before
+        self.say(f"  {rows} rows: {m.wall:.1f}s = {rows / m.wall:.0f} rows/s, CPU "
+                 f"{m.cpu:.1f}s = {m.cpu / rows * 1e6:.0f} ms/1k rows, peak RSS "
+                 f"{m.rss_mb:.1f} MB, {sent} requests")
+        return m, sent
+
     def pm_run(self, job, name, extra=()):
         cmd = [self.pm, "--quiet", "run", job, *extra]
         m = measure(cmd, self.work, self.env, self.log(name))
@@ -448,13 +460,7 @@ class Bench:
             if "5" in a.only or "7" in a.only:
                 self.say(f"\n## 5. Scale: {base} rows, then {big} rows, 0 ms latency, "
                          f"concurrency 64")
-                clean_output(out_b)
-                before = s.stats()["requests"]
-                mb = self.pm_run(jb, "scale_base")
-                sent_b = s.stats()["requests"] - before
-                self.say(f"  {base} rows: {mb.wall:.1f}s = {base / mb.wall:.0f} rows/s, CPU "
-                         f"{mb.cpu:.1f}s = {mb.cpu / base * 1e6:.0f} ms/1k rows, peak RSS "
-                         f"{mb.rss_mb:.1f} MB, {sent_b} requests")
+                mb, _ = self.scale_run(s, jb, out_b, base, "scale_base")
             if "7" in a.only:
                 self.say(f"\n## 7. Resume: the finished {base}-row job again")
                 before = s.stats()["requests"]
@@ -466,13 +472,7 @@ class Bench:
                             f"{sent} requests, {m7.wall:.2f}s", "0 requests, < 2 s",
                             m7.code == 0 and sent == 0 and m7.wall < 2)
             if "5" in a.only:
-                clean_output(out_B)
-                before = s.stats()["requests"]
-                mB = self.pm_run(jB, "scale_big")
-                sent_B = s.stats()["requests"] - before
-                self.say(f"  {big} rows: {mB.wall:.1f}s = {big / mB.wall:.0f} rows/s, CPU "
-                         f"{mB.cpu:.1f}s = {mB.cpu / big * 1e6:.0f} ms/1k rows, peak RSS "
-                         f"{mB.rss_mb:.1f} MB, {sent_B} requests")
+                mB, sent_B = self.scale_run(s, jB, out_B, big, "scale_big")
                 ratio = mB.rss_mb / mb.rss_mb
                 self.record(f"5 scale: peak RSS, {big} vs {base} rows",
                             f"{mB.rss_mb:.1f} MB vs {mb.rss_mb:.1f} MB (+{ratio - 1:.1%}); "

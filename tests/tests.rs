@@ -11,6 +11,19 @@ fn server() -> FakeServer {
     spawn_background(Config::default())
 }
 
+/// A server answering after `latency_ms` and a job of `rows` rows on it: slow enough that a
+/// test can act on the run while it goes.
+fn slow_job(latency_ms: u64, rows: usize) -> (FakeServer, Fixture, std::path::PathBuf) {
+    let s = spawn_background(Config {
+        latency_ms,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(rows));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    (s, f, job)
+}
+
 #[test]
 fn a_job_runs_end_to_end_with_ordered_outputs_usage_and_cost() {
     let s = server();
@@ -366,13 +379,7 @@ fn the_key_is_read_from_dotenv_in_the_working_folder() {
 /// kill -9 in the middle of a run: the rerun loses no finished row and pays for none twice.
 #[test]
 fn resume_after_kill_9_loses_nothing_and_repays_nothing() {
-    let s = spawn_background(Config {
-        latency_ms: 30,
-        ..Default::default()
-    });
-    let f = Fixture::new();
-    f.write("data.csv", csv_rows(300));
-    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let (s, f, job) = slow_job(30, 300);
     let mut child = f
         .cmd(&[
             "run",
@@ -860,13 +867,7 @@ fn streaming_responses_are_assembled_with_usage() {
 
 #[test]
 fn a_second_run_on_the_same_output_is_refused_while_one_runs() {
-    let s = spawn_background(Config {
-        latency_ms: 300,
-        ..Default::default()
-    });
-    let f = Fixture::new();
-    f.write("data.csv", csv_rows(8));
-    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let (s, f, job) = slow_job(300, 8);
     let mut first = f
         .cmd(&[
             "run",
@@ -1022,13 +1023,7 @@ fn without_a_configured_rpm_the_limit_is_learned_and_429s_stay_rare() {
 
 #[test]
 fn ctrl_c_finishes_in_flight_rows_exits_130_and_the_rerun_resumes() {
-    let s = spawn_background(Config {
-        latency_ms: 200,
-        ..Default::default()
-    });
-    let f = Fixture::new();
-    f.write("data.csv", csv_rows(40));
-    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let (s, f, job) = slow_job(200, 40);
     let child = f
         .cmd(&["run", job.to_str().unwrap(), "--concurrency", "4"])
         .stderr(std::process::Stdio::piped())
