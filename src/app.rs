@@ -2,20 +2,19 @@
 //! the one place an error becomes a message and an exit code.
 
 use std::path::Path;
-use std::sync::Arc;
-
-use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command, JobArgs, LogFormat, RunArgs};
-use crate::cost::Price;
 use crate::error::{Error, EXIT_OK, EXIT_STOPPED};
-use crate::job::{Job, Overrides, ProviderKind};
-use crate::journal;
-use crate::provider::openai::{ApiKey, OpenAi};
+use crate::job::{Job, Overrides, ProviderKind, ASSUMED_MAX_OUTPUT};
+use crate::ledger::Index;
+use crate::plan::{Decision, Planner};
+use crate::provider::{self, is_loopback};
 use crate::render::Renderer;
-use crate::schedule::{self, Backend, RunOptions, ASSUMED_MAX_OUTPUT};
+use crate::request::Builder;
+use crate::schedule::{self, Interrupt, RunOptions, Signals};
 
 pub fn main(cli: Cli) -> i32 {
+    ignore_file_size_signal();
     init_logging(&cli);
     // A .env in the working folder supplies the key without exporting it; an existing
     // variable wins over the file.
@@ -102,114 +101,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
         .map_err(|e| Error::Other(format!("cannot start the async runtime: {e}")))
 }
 
-/// The provider for the job, and the tokenizer whose counts match it. Checks the key (HTTP)
-/// or loads the model (local) before anything is sent.
-fn backend(job: &Job, need_provider: bool) -> Result<Backend, Error> {
-    let pricing = job.pricing.map(Price::from);
-    match job.provider {
-        ProviderKind::Openai => {
-            let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
-            let provider: Arc<dyn crate::provider::Provider> = if need_provider {
-                let key = std::env::var(&job.api_key_env)
-                    .ok()
-                    .filter(|k| !k.trim().is_empty());
-                // Local servers (llama.cpp, Ollama, vLLM on this machine) usually need no key.
-                if key.is_none() && !is_loopback(&job.base_url) {
-                    return Err(Error::MissingKey {
-                        var: job.api_key_env.clone(),
-                    });
-                }
-                let stream = job.params.stream.unwrap_or(false);
-                Arc::new(
-                    OpenAi::new(
-                        &job.base_url,
-                        key.map(ApiKey::new),
-                        job.timeout,
-                        job.concurrency,
-                        stream,
-                    )
-                    .map_err(Error::Other)?,
-                )
-            } else {
-                Arc::new(NoProvider)
-            };
-            Ok(Backend {
-                provider,
-                counter,
-                pricing,
-            })
-        }
-        ProviderKind::Local => local_backend(job, pricing),
-    }
-}
-
-#[cfg(feature = "local")]
-fn local_backend(job: &Job, pricing: Option<Price>) -> Result<Backend, Error> {
-    let path = job.model_path.clone().ok_or_else(|| Error::Model {
-        path: "(no path)".into(),
-        message: "no model path and no cache folder (set HOME or PROMPTMILL_MODEL_DIR)".into(),
-    })?;
-    let model = crate::provider::local::LocalModel::load(
-        &path,
-        &job.model,
-        &job.params,
-        job.concurrency,
-        job.context_tokens,
-    )?;
-    Ok(Backend {
-        provider: model.clone(),
-        counter: model,
-        pricing,
-    })
-}
-
-#[cfg(not(feature = "local"))]
-fn local_backend(job: &Job, _pricing: Option<Price>) -> Result<Backend, Error> {
-    Err(Error::Job {
-        path: job.file.clone(),
-        field: "model.provider".into(),
-        message:
-            "this promptmill was built without the `local` feature; rebuild with default features"
-                .into(),
-    })
-}
-
-/// Stands in for the provider where nothing is sent (estimate, render).
-struct NoProvider;
-
-impl crate::provider::Provider for NoProvider {
-    fn complete<'a>(
-        &'a self,
-        _req: &'a crate::provider::Request,
-    ) -> futures::future::BoxFuture<
-        'a,
-        Result<crate::provider::Completion, crate::provider::ProviderError>,
-    > {
-        Box::pin(async {
-            Err(crate::provider::ProviderError::new(
-                crate::provider::ErrorKind::BadRequest,
-                "nothing is sent in this mode",
-            ))
-        })
-    }
-}
-
-fn is_loopback(url: &str) -> bool {
-    let rest = url.split("://").nth(1).unwrap_or("");
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    let host = if host.starts_with('[') {
-        host.split(']').next().unwrap_or("").trim_start_matches('[')
-    } else {
-        host.split(':').next().unwrap_or("")
-    };
-    host == "localhost" || host.starts_with("127.") || host == "::1"
-}
-
 fn run(args: RunArgs, quiet: bool, json_logs: bool) -> Result<i32, Error> {
     let job = Job::load(&args.job.job, &overrides(&args))?;
     let renderer = Renderer::new(&job)?;
-    let backend = backend(&job, true)?;
+    let backend = provider::build(&job, true)?;
     let opts = RunOptions {
         limit: args.job.limit,
         fresh: args.fresh,
@@ -219,21 +114,12 @@ fn run(args: RunArgs, quiet: bool, json_logs: bool) -> Result<i32, Error> {
     let output = job.output.clone();
     let csv = job.csv.clone();
     let summary_path = job.summary_path();
+    let grace = job.shutdown_grace;
     let rt = runtime()?;
     let (summary, code) = rt.block_on(async move {
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::warn!("interrupted: no new requests; waiting for those in flight (Ctrl-C again to quit now)");
-                c.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    // Everything finished is already in the journal; the rerun resumes.
-                    std::process::exit(crate::error::EXIT_INTERRUPTED);
-                }
-            }
-        });
-        schedule::run(job, opts, backend, renderer, cancel).await
+        let signals = Signals::default();
+        listen_for_signals(&signals, grace)?;
+        schedule::run(job, opts, backend, renderer, signals).await
     })?;
     rt.shutdown_background();
     let csv = csv.map(|c| c.display().to_string());
@@ -254,17 +140,56 @@ fn run(args: RunArgs, quiet: bool, json_logs: bool) -> Result<i32, Error> {
     Ok(code)
 }
 
+/// Ctrl-C and SIGTERM (systemd, docker stop, Kubernetes, `timeout`) stop the run the same
+/// way: no new requests, those in flight get `grace`, a second signal cancels them; every
+/// record received is written and the summary printed either way.
+fn listen_for_signals(signals: &Signals, grace: std::time::Duration) -> Result<(), Error> {
+    let s = signals.clone();
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            s.interrupt(Interrupt::CtrlC, grace);
+        }
+    });
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())
+            .map_err(|e| Error::Other(format!("cannot listen for SIGTERM: {e}")))?;
+        let s = signals.clone();
+        tokio::spawn(async move {
+            while term.recv().await.is_some() {
+                s.interrupt(Interrupt::Term, grace);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A file-size limit (`ulimit -f`) must be an I/O error the writer can stop on, not a
+/// signal that kills the process with rows in flight.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN at start-up, before any thread runs.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let job = Job::load(&args.job, ov)?;
     let renderer = Renderer::new(&job)?;
-    let backend = backend(&job, false)?;
-    let resume = journal::load(&job.output)?;
-    let source = job.source();
+    let backend = provider::build(&job, false)?;
+    let keying = schedule::keying(&job);
+    let index = Index::load(&job.output, keying)?;
+    let mean_completion = index.mean_completion_tokens;
+    // The run's own planner, so "rows to send" is what `run` would send.
+    let mut planner = Planner::new(index, keying, false, None);
+    let builder = Builder::new(&job, &backend.identity);
     let price = backend.price_for(None, &job.model);
     let max_out = job.params.max_output_tokens();
-    let (mut rows, mut bad, mut done, mut prompt, mut prompt_todo, mut to_send) =
-        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
-    for r in source.reader()? {
+    let (mut rows, mut bad, mut done, mut copies, mut prompt, mut prompt_todo, mut to_send) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    for r in job.source().reader()? {
         if args.limit.is_some_and(|l| rows >= l) {
             break;
         }
@@ -273,25 +198,24 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
             bad += 1;
             continue;
         };
-        let number = row.number;
-        let Ok(p) = schedule::prepare(&job, &renderer, row) else {
+        let Ok(p) = builder.prepare(&job.input, &renderer, row) else {
             bad += 1;
             continue;
         };
         let n = backend.counter.count_prompt(&p.request.messages);
         prompt += n;
-        let d = resume.get(number);
-        let fp = journal::fingerprint_bytes(&p.fingerprint);
-        if d.is_some_and(|d| d.ok && d.fingerprint == fp) {
-            done += 1;
-        } else {
-            to_send += 1;
-            prompt_todo += n;
+        match planner.plan(&p)? {
+            Decision::Send => {
+                to_send += 1;
+                prompt_todo += n;
+            }
+            Decision::Copy => copies += 1,
+            Decision::Done | Decision::DoneFailed | Decision::WriteError => done += 1,
         }
     }
     let out_cap = max_out.unwrap_or(ASSUMED_MAX_OUTPUT);
     // Expected output: what earlier rows of this job really used, else half the cap.
-    let (expected_out, basis) = match resume.mean_completion_tokens {
+    let (expected_out, basis) = match mean_completion {
         Some(m) => (m, "the mean of earlier rows of this output"),
         None => (out_cap as f64 / 2.0, "assumed: half of max_tokens"),
     };
@@ -306,6 +230,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     println!("model             {}", job.model);
     println!("rows              {rows} ({bad} unreadable or unrenderable)");
     println!("already done      {done}");
+    println!("same request      {copies} (copied from another row, not sent)");
     println!("rows to send      {to_send}");
     println!("prompt tokens     {prompt} (to send: {prompt_todo})");
     println!(
@@ -331,6 +256,8 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
 fn render(args: &JobArgs, row: u64) -> Result<i32, Error> {
     let job = Job::load(&args.job, &job_overrides(args))?;
     let renderer = Renderer::new(&job)?;
+    let backend = provider::build(&job, false)?;
+    let builder = Builder::new(&job, &backend.identity);
     let source = job.source();
     for r in source.reader()? {
         let number = match &r {
@@ -344,10 +271,12 @@ fn render(args: &JobArgs, row: u64) -> Result<i32, Error> {
             path: job.input.clone(),
             message: e.message,
         })?;
-        let p = schedule::prepare(&job, &renderer, r).map_err(|(_, m)| Error::Input {
-            path: job.input.clone(),
-            message: m,
-        })?;
+        let p = builder
+            .prepare(&job.input, &renderer, r)
+            .map_err(|(_, m)| Error::Input {
+                path: job.input.clone(),
+                message: m,
+            })?;
         for m in &p.request.messages {
             match &m.name {
                 Some(n) => println!("--- {} ({n})", m.role.as_str()),
@@ -355,7 +284,7 @@ fn render(args: &JobArgs, row: u64) -> Result<i32, Error> {
             }
             println!("{}", m.content);
         }
-        println!("--- fingerprint {}", p.fingerprint);
+        println!("--- fingerprint {}", crate::request::hex(&p.fingerprint));
         return Ok(EXIT_OK);
     }
     Err(Error::Input {
@@ -411,7 +340,7 @@ fn validate(path: &Path, input: Option<std::path::PathBuf>) -> Result<i32, Error
         ));
     }
     if job.provider == ProviderKind::Local {
-        if let Some(p) = &job.model_path {
+        if let Ok(p) = provider::local_model_path(&job) {
             if !p.is_file() {
                 problems.push(format!(
                     "model {}: not found; run `promptmill fetch-model`",

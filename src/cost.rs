@@ -145,6 +145,7 @@ mod tests {
             total_tokens: p + c,
             cached_tokens: cached,
             reasoning_tokens: reasoning,
+            estimated: false,
         }
     }
 

@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 
 /// Exit codes: 0 all rows ok, 1 some rows failed, 2 the job could not run or was stopped,
-/// 130 interrupted.
+/// 130 interrupted by Ctrl-C, 143 by SIGTERM.
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_ROWS_FAILED: i32 = 1;
 pub const EXIT_STOPPED: i32 = 2;
 pub const EXIT_INTERRUPTED: i32 = 130;
+/// Stopped by SIGTERM (128 + 15, as shells report it).
+pub const EXIT_TERMINATED: i32 = 143;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

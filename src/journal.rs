@@ -1,98 +1,117 @@
 //! The journal is the JSONL output itself: one line per finished row, appended and flushed as
-//! each row finishes, so a crash or kill at any moment loses no finished row. On start it is
-//! read back (a torn last line is cut off) to know which rows are done and with which request
-//! fingerprint; at the end it is rewritten in input order with one line per row.
+//! each batch of rows finishes, so a crash or kill at any moment loses no finished row. This
+//! module is the file layer: the one parser every reader of the journal uses, the appender,
+//! the torn-tail repair and the lock. What the lines mean (which rows are done, compaction)
+//! is `ledger`'s.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::output::{Record, Status};
+use crate::provider::ErrorKind;
 
-/// Row numbers past this are treated as foreign lines, so a corrupt number cannot make the
-/// per-row index allocate without bound.
-const MAX_ROW: u64 = 1 << 28;
-
-/// What an earlier run left for one row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Done {
-    pub ok: bool,
-    /// The first 16 bytes of the request fingerprint; `None` for rows that never got a request
-    /// (input errors), which are always looked at again.
-    pub fingerprint: Option<[u8; 16]>,
+/// What the ledger needs of one journal line. Field order and spacing do not matter (a file
+/// rewritten by another tool still reads), and nothing in it sizes an allocation.
+#[derive(Debug, Deserialize)]
+pub struct Line<'a> {
+    pub row: u64,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    pub status: Status,
+    #[serde(borrow, default)]
+    pub fingerprint: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub error: Option<LineError<'a>>,
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
+    #[serde(default)]
+    pub unconfirmed_usd: Option<f64>,
+    #[serde(default)]
+    pub copied_from: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    pub usage: Option<LineUsage>,
+    #[serde(borrow, default)]
+    pub input: Option<&'a RawValue>,
 }
 
-/// Per-row state from earlier runs, indexed by row number (rows are dense from 1).
-#[derive(Default)]
-pub struct Resume {
-    rows: Vec<Option<Done>>,
-    pub records: u64,
-    /// Mean completion tokens of earlier ok rows, for the dry run's expected cost.
-    pub mean_completion_tokens: Option<f64>,
+#[derive(Debug, Deserialize)]
+pub struct LineError<'a> {
+    pub kind: ErrorKind,
+    #[serde(borrow, default)]
+    pub message: Cow<'a, str>,
 }
 
-impl Resume {
-    pub fn get(&self, row: u64) -> Option<Done> {
-        self.rows
-            .get(row.checked_sub(1)? as usize)
-            .copied()
-            .flatten()
+#[derive(Debug, Deserialize)]
+pub struct LineUsage {
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// Parses one line (without its line ending). `Ok(None)` for a blank line; `Err` with the
+/// reason for a line that is not a record.
+pub fn parse_line(bytes: &[u8]) -> Result<Option<Line<'_>>, String> {
+    let text = bytes.trim_ascii();
+    if text.is_empty() {
+        return Ok(None);
     }
+    let line: Line = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    if line.status == Status::Ok && line.fingerprint.is_none() {
+        return Err("an ok record without a fingerprint".into());
+    }
+    Ok(Some(line))
+}
 
-    fn set(&mut self, row: u64, d: Done) {
-        let i = (row - 1) as usize;
-        if self.rows.len() <= i {
-            self.rows.resize(i + 1, None);
+/// Whether a line is exactly as promptmill writes it (compact JSON, `row` first, LF only):
+/// such a line can be copied byte for byte; any other is rewritten.
+pub fn is_canonical(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"{\"row\":") && bytes.ends_with(b"}\n") && !bytes.contains(&b'\r')
+}
+
+/// Calls `each(offset, line_number, bytes)` for every line of the file, in order; `bytes`
+/// includes the line ending. A missing file has no lines.
+pub fn for_each_line(
+    path: &Path,
+    mut each: impl FnMut(u64, u64, &[u8]) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let mut rdr = BufReader::with_capacity(256 * 1024, f);
+    let mut buf = Vec::new();
+    let (mut offset, mut number) = (0u64, 0u64);
+    loop {
+        buf.clear();
+        let n = rdr
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| io_err(path, e))?;
+        if n == 0 {
+            return Ok(());
         }
-        self.rows[i] = Some(d);
+        number += 1;
+        each(offset, number, &buf)?;
+        offset += n as u64;
     }
 }
 
-/// Lower-case hex; the inverse of [`fingerprint_bytes`] for fingerprints.
-pub fn to_hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 15) as usize] as char);
+pub fn io_err(path: &Path, source: std::io::Error) -> Error {
+    Error::Io {
+        path: path.to_path_buf(),
+        source,
     }
-    s
-}
-
-pub fn fingerprint_bytes(hex: &str) -> Option<[u8; 16]> {
-    if hex.len() < 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-#[derive(Deserialize)]
-struct Entry {
-    row: u64,
-    status: Status,
-    fingerprint: Option<String>,
-    usage: Option<EntryUsage>,
-}
-
-#[derive(Deserialize)]
-struct EntryUsage {
-    completion_tokens: u64,
 }
 
 /// Cuts a torn last line (a kill mid-write) so the next append starts on a fresh line.
 /// Returns the number of bytes removed.
 pub fn repair(path: &Path) -> Result<u64, Error> {
-    let io = |e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
+    let io = |e| io_err(path, e);
     let mut f = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -125,267 +144,79 @@ pub fn repair(path: &Path) -> Result<u64, Error> {
     Ok(len - keep)
 }
 
-/// Reads what earlier runs finished. Lines that do not parse are skipped with a warning:
-/// they are not trusted as done, so their rows run again.
-pub fn load(path: &Path) -> Result<Resume, Error> {
-    let mut r = Resume::default();
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(r),
-        Err(e) => {
-            return Err(Error::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })
-        }
-    };
-    let mut rdr = BufReader::with_capacity(256 * 1024, f);
-    let mut line = Vec::new();
-    let mut n = 0u64;
-    let (mut ok_rows, mut ok_tokens) = (0u64, 0u64);
-    loop {
-        line.clear();
-        let got = rdr.read_until(b'\n', &mut line).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        if got == 0 {
-            break;
-        }
-        n += 1;
-        if line.trim_ascii().is_empty() {
-            continue;
-        }
-        match serde_json::from_slice::<Entry>(&line) {
-            Ok(e) if e.row > 0 && e.row <= MAX_ROW => {
-                let ok = e.status == Status::Ok;
-                if ok {
-                    if let Some(u) = &e.usage {
-                        ok_rows += 1;
-                        ok_tokens += u.completion_tokens;
-                    }
-                }
-                r.set(
-                    e.row,
-                    Done {
-                        ok,
-                        fingerprint: e.fingerprint.as_deref().and_then(fingerprint_bytes),
-                    },
-                );
-                r.records += 1;
-            }
-            _ => tracing::warn!(
-                "{}: line {n} is not a record; its row will run again",
-                path.display()
-            ),
-        }
-    }
-    if ok_rows > 0 {
-        r.mean_completion_tokens = Some(ok_tokens as f64 / ok_rows as f64);
-    }
-    Ok(r)
-}
-
-/// The appender: the one writer of the output during a run.
+/// The appender: the one writer of the output during a run. Records are buffered and written
+/// whole on `flush`; a write that fails is cut back to the last whole line, so a full disk
+/// never leaves half a record for a later line to be glued onto, and the unwritten records
+/// stay buffered for the next try.
 pub struct Appender {
     path: PathBuf,
-    w: BufWriter<File>,
-    line: Vec<u8>,
+    file: File,
+    /// The file's length after the last successful flush: everything before it is whole lines.
+    durable: u64,
+    pending: Vec<u8>,
+    pending_records: usize,
 }
 
 impl Appender {
     pub fn open(path: &Path) -> Result<Appender, Error> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         }
-        let f = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| Error::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+            .map_err(|e| io_err(path, e))?;
+        let durable = file.metadata().map_err(|e| io_err(path, e))?.len();
         Ok(Appender {
             path: path.to_path_buf(),
-            w: BufWriter::with_capacity(256 * 1024, f),
-            line: Vec::with_capacity(4096),
+            file,
+            durable,
+            pending: Vec::with_capacity(256 * 1024),
+            pending_records: 0,
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Buffers one record; `flush` makes it durable against a process kill.
-    pub fn append(&mut self, r: &Record) -> Result<(), Error> {
-        self.line.clear();
-        serde_json::to_writer(&mut self.line, r).expect("a record always serializes");
-        self.line.push(b'\n');
-        self.w.write_all(&self.line).map_err(|e| Error::Io {
-            path: self.path.clone(),
-            source: e,
-        })
+    pub fn append(&mut self, r: &Record) {
+        serde_json::to_writer(&mut self.pending, r).expect("a record always serializes");
+        self.pending.push(b'\n');
+        self.pending_records += 1;
+    }
+
+    /// Records buffered and not yet on disk.
+    pub fn unwritten(&self) -> usize {
+        self.pending_records
     }
 
     pub fn flush(&mut self) -> Result<(), Error> {
-        self.w.flush().map_err(|e| Error::Io {
-            path: self.path.clone(),
-            source: e,
-        })
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        match self.file.write_all(&self.pending) {
+            Ok(()) => {
+                self.durable += self.pending.len() as u64;
+                self.pending.clear();
+                self.pending_records = 0;
+                Ok(())
+            }
+            Err(e) => {
+                // Part of the batch may be on disk: cut it off so the file ends on a whole
+                // line. If even that fails, the next run's repair cuts the torn tail.
+                let _ = self.file.set_len(self.durable);
+                Err(io_err(&self.path, e))
+            }
+        }
     }
 
     pub fn finish(mut self) -> Result<(), Error> {
         self.flush()?;
-        self.w.get_ref().sync_data().map_err(|e| Error::Io {
-            path: self.path.clone(),
-            source: e,
-        })
+        self.file.sync_data().map_err(|e| io_err(&self.path, e))
     }
-}
-
-/// The row number from a line's prefix (`{"row":123,`) without parsing the rest.
-fn row_of(line: &[u8]) -> Option<u64> {
-    let rest = line.strip_prefix(b"{\"row\":")?;
-    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
-    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
-}
-
-/// Rows indexed per compaction pass. The index costs 12 bytes a row, so it stays near 1.5 MB
-/// however long the output: an output of more rows is compacted in several passes (each one
-/// reads the file again, from the page cache as a rule).
-const COMPACT_PASS_ROWS: u64 = 1 << 17;
-
-/// Where the last record of each row in `lo..lo + COMPACT_PASS_ROWS` lies in the file.
-struct PassIndex {
-    lo: u64,
-    rows: u64,
-    offsets: Vec<u64>,
-    lens: Vec<u32>,
-}
-
-impl PassIndex {
-    fn new(lo: u64, rows: u64) -> PassIndex {
-        PassIndex {
-            lo,
-            rows,
-            offsets: Vec::new(),
-            lens: Vec::new(),
-        }
-    }
-
-    fn note(&mut self, row: u64, pos: u64, len: u32) {
-        if row < self.lo || row >= self.lo + self.rows {
-            return;
-        }
-        let i = (row - self.lo) as usize;
-        if self.offsets.len() <= i {
-            // Grow by doubling, but never past one pass's rows.
-            let want = (self.offsets.capacity() * 2)
-                .max(i + 1)
-                .min(self.rows as usize);
-            self.offsets.reserve_exact(want - self.offsets.len());
-            self.lens.reserve_exact(want - self.lens.len());
-            self.offsets.resize(i + 1, u64::MAX);
-            self.lens.resize(i + 1, 0);
-        }
-        self.offsets[i] = pos;
-        self.lens[i] = len;
-    }
-}
-
-/// Reads every line from the start: `each(row, offset, length)`, `row` `None` for a line that
-/// is not one of our records.
-fn scan_lines(
-    rdr: &mut BufReader<File>,
-    mut each: impl FnMut(Option<u64>, u64, u32),
-) -> std::io::Result<()> {
-    rdr.seek(SeekFrom::Start(0))?;
-    let mut line = Vec::new();
-    let mut pos = 0u64;
-    loop {
-        line.clear();
-        let n = rdr.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            return Ok(());
-        }
-        // Row numbers are dense from 1; anything else is not one of our records.
-        let row = row_of(&line).filter(|&r| r > 0 && r <= MAX_ROW);
-        each(row, pos, n as u32);
-        pos += n as u64;
-    }
-}
-
-/// Rewrites the output in row order with only the last record of each row, atomically
-/// (temp file + rename). Skipped when it is already in order without duplicates.
-/// Memory: bounded (see `COMPACT_PASS_ROWS`), whatever the number of rows.
-pub fn compact(path: &Path) -> Result<(), Error> {
-    compact_in_passes(path, COMPACT_PASS_ROWS)
-}
-
-fn compact_in_passes(path: &Path, pass_rows: u64) -> Result<(), Error> {
-    let io = |e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io(e)),
-    };
-    let mut rdr = BufReader::with_capacity(256 * 1024, f);
-    // The first pass also tells whether there is anything to do.
-    let mut index = PassIndex::new(1, pass_rows);
-    let mut last = 0u64;
-    let mut in_order = true;
-    scan_lines(&mut rdr, |row, pos, n| match row {
-        Some(row) => {
-            if row <= last {
-                in_order = false;
-            }
-            last = last.max(row);
-            index.note(row, pos, n);
-        }
-        None => in_order = false, // a foreign line: rewrite without it
-    })
-    .map_err(io)?;
-    if in_order {
-        return Ok(());
-    }
-    let tmp = crate::job::sibling(path, ".compact");
-    let mut out = BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(io)?);
-    let mut buf = Vec::new();
-    loop {
-        // Records are nearly in row order already (they finish about in the order they were
-        // sent), so most moves stay inside the read buffer: no system call.
-        rdr.seek(SeekFrom::Start(0)).map_err(io)?;
-        let mut at = 0u64;
-        for (&off, &len) in index.offsets.iter().zip(&index.lens) {
-            if off == u64::MAX {
-                continue;
-            }
-            rdr.seek_relative(off as i64 - at as i64).map_err(io)?;
-            buf.resize(len as usize, 0);
-            rdr.read_exact(&mut buf).map_err(io)?;
-            out.write_all(&buf).map_err(io)?;
-            at = off + len as u64;
-        }
-        let lo = index.lo + pass_rows;
-        if lo > last {
-            break;
-        }
-        index = PassIndex::new(lo, pass_rows);
-        scan_lines(&mut rdr, |row, pos, n| {
-            if let Some(row) = row {
-                index.note(row, pos, n);
-            }
-        })
-        .map_err(io)?;
-    }
-    let out = out.into_inner().map_err(|e| io(e.into_error()))?;
-    out.sync_all().map_err(io)?;
-    drop(out);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
 }
 
 /// The lock that keeps two runs off one output. Holds an OS file lock, released by the OS if
@@ -399,10 +230,7 @@ pub struct Lock {
 impl Lock {
     pub fn acquire(path: &Path) -> Result<Lock, Error> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-                path: dir.to_path_buf(),
-                source: e,
-            })?;
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         }
         let mut f = OpenOptions::new()
             .read(true)
@@ -410,10 +238,7 @@ impl Lock {
             .create(true)
             .truncate(false)
             .open(path)
-            .map_err(|e| Error::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })?;
+            .map_err(|e| io_err(path, e))?;
         match f.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -424,12 +249,7 @@ impl Lock {
                     since: since.trim().to_string(),
                 });
             }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(Error::Io {
-                    path: path.to_path_buf(),
-                    source: e,
-                })
-            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(path, e)),
         }
         let stamp = format!(
             "pid {} at unix time {}",
@@ -460,42 +280,56 @@ mod tests {
     }
 
     #[test]
-    fn compaction_orders_rows_and_keeps_the_last_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("o.jsonl");
-        std::fs::write(
-            &p,
-            "{\"row\":2,\"v\":\"a\"}\n{\"row\":1,\"v\":\"b\"}\n{\"row\":2,\"v\":\"c\"}\n",
-        )
-        .unwrap();
-        compact(&p).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&p).unwrap(),
-            "{\"row\":1,\"v\":\"b\"}\n{\"row\":2,\"v\":\"c\"}\n"
-        );
+    fn lines_from_other_tools_parse_the_same() {
+        let ours = br#"{"row":3,"id":"a","status":"ok","input":{"x":"1"},"fingerprint":"00112233445566778899aabbccddeeff","cost_usd":0.5}"#;
+        let theirs = b"{\"cost_usd\": 0.5, \"status\": \"ok\", \"fingerprint\": \"00112233445566778899aabbccddeeff\",  \"id\": \"a\", \"input\": {\"x\": \"1\"}, \"row\": 3}\r\n";
+        for l in [&ours[..], &theirs[..]] {
+            let p = parse_line(l).unwrap().unwrap();
+            assert_eq!((p.row, p.id.as_ref(), p.cost_usd), (3, "a", Some(0.5)));
+            assert_eq!(
+                p.fingerprint.as_deref(),
+                Some("00112233445566778899aabbccddeeff")
+            );
+        }
+        assert!(is_canonical(&[&ours[..], b"\n"].concat()));
+        assert!(!is_canonical(theirs));
+        assert!(parse_line(b"  \r\n").unwrap().is_none());
     }
 
     #[test]
-    fn compaction_in_several_passes_gives_the_same_file() {
+    fn a_corrupt_row_number_is_a_bad_line_not_an_allocation() {
+        for l in [
+            &br#"{"row":99999999999999999999999,"id":"1","status":"ok","fingerprint":"x"}"#[..],
+            br#"{"row":-1,"id":"1","status":"ok"}"#,
+            b"not json",
+            br#"{"row":1,"id":"1","status":"ok"}"#,
+        ] {
+            assert!(parse_line(l).is_err(), "{}", String::from_utf8_lossy(l));
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_whole_lines_and_keeps_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("o.jsonl");
-        let mut text = String::new();
-        // Out of order, a rerun of rows 3 and 7, a gap (row 5), a foreign line.
-        for (row, v) in [(2, "a"), (1, "b"), (3, "c"), (7, "d"), (4, "e"), (3, "f")] {
-            text.push_str(&format!("{{\"row\":{row},\"v\":\"{v}\"}}\n"));
-        }
-        text.push_str("not a record\n{\"row\":6,\"v\":\"g\"}\n{\"row\":7,\"v\":\"h\"}\n");
-        let want = "{\"row\":1,\"v\":\"b\"}\n{\"row\":2,\"v\":\"a\"}\n{\"row\":3,\"v\":\"f\"}\n\
-                    {\"row\":4,\"v\":\"e\"}\n{\"row\":6,\"v\":\"g\"}\n{\"row\":7,\"v\":\"h\"}\n";
-        for pass_rows in [1, 2, 3, 100] {
-            std::fs::write(&p, &text).unwrap();
-            compact_in_passes(&p, pass_rows).unwrap();
-            assert_eq!(
-                std::fs::read_to_string(&p).unwrap(),
-                want,
-                "{pass_rows} rows a pass"
-            );
-        }
+        let mut a = Appender::open(&p).unwrap();
+        let r: Record = serde_json::from_str(
+            r#"{"row":1,"id":"1","status":"ok","input":{},"completion":"x","finish_reason":null,
+               "model":null,"usage":null,"cost_usd":null,"attempts":1,"latency_ms":1,
+               "fingerprint":"00112233445566778899aabbccddeeff","error":null}"#,
+        )
+        .unwrap();
+        a.append(&r);
+        a.flush().unwrap();
+        a.append(&r);
+        assert_eq!(a.unwritten(), 1);
+        a.flush().unwrap();
+        assert_eq!(a.unwritten(), 0);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        assert!(text
+            .lines()
+            .all(|l| parse_line(l.as_bytes()).unwrap().is_some()));
     }
 
     #[test]

@@ -23,18 +23,22 @@
 #![allow(clippy::result_large_err)]
 
 pub mod app;
+pub mod chat;
 pub mod cli;
 pub mod cost;
 pub mod error;
 pub mod input;
 pub mod job;
 pub mod journal;
+pub mod ledger;
 pub mod models;
 pub mod output;
 pub mod pace;
+pub mod plan;
 pub mod provider;
 pub mod render;
 pub mod report;
+pub mod request;
 pub mod retry;
 pub mod schedule;
 pub mod tokens;

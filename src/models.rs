@@ -65,7 +65,7 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(crate::journal::to_hex(&hasher.finalize()))
+    Ok(crate::request::hex(&hasher.finalize()))
 }
 
 /// Checks that `path` is a readable GGUF file before llama.cpp sees it, so a missing or
@@ -249,7 +249,7 @@ pub fn fetch_default_model(quiet: bool) -> Result<PathBuf, Error> {
     }
     out.sync_all().map_err(io_partial)?;
     drop(out);
-    let digest = crate::journal::to_hex(&hasher.finalize());
+    let digest = crate::request::hex(&hasher.finalize());
     if digest != DEFAULT_MODEL_SHA256 || total != DEFAULT_MODEL_SIZE {
         return Err(Error::Model {
             path: dest,

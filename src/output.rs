@@ -23,7 +23,14 @@ pub struct RecordError {
     pub message: String,
 }
 
-/// One finished row. `row` comes first: the journal reads it from each line's prefix.
+/// Where a copied record came from: an earlier row with a byte-identical request.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CopiedFrom {
+    pub row: u64,
+    pub id: String,
+}
+
+/// One finished row. `row` comes first: a canonical line starts with it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub row: u64,
@@ -37,9 +44,21 @@ pub struct Record {
     pub cost_usd: Option<f64>,
     pub attempts: u32,
     pub latency_ms: u64,
-    /// Hash of the exact request body; `None` when the row never got as far as a request.
+    /// Hash of the request's identity (`request` module); `None` when the row never got as
+    /// far as a request.
     pub fingerprint: Option<String>,
     pub error: Option<RecordError>,
+    /// Set on a row that was not sent because an earlier row made the same request; such a
+    /// record costs nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_from: Option<CopiedFrom>,
+    /// The worst-case cost of attempts the server may have billed without giving a usable
+    /// completion (a timeout after sending, a stream cut off, an unusable 200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unconfirmed_usd: Option<f64>,
+    /// Fields another tool added to the line: kept as they are.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// Writes the CSV export from the (ordered, compacted) JSONL output.

@@ -25,6 +25,18 @@ pub struct Stats {
     pub unpriced_rows: u64,
     pub retries: u64,
     pub rate_limited: u64,
+    /// Rows whose request another row made: copied, not sent.
+    pub copied: u64,
+    /// Failed rows a plain rerun sends again (connection, timeout, 5xx, 429 after retries).
+    pub failed_transient: u64,
+    /// Rows whose usage the server did not send (counted with the tokenizer).
+    pub estimated_usage: u64,
+    /// Rows read this run that ended with no record (stopped, interrupted): set at the end.
+    pub pending: u64,
+    /// Records of rows no longer in the input, moved to the stale file: set at the end.
+    pub stale_moved: u64,
+    /// Worst case of attempts that may have been billed for rows that ended pending.
+    pub pending_unconfirmed_usd: f64,
     latency: Histogram<u64>,
     started: Instant,
 }
@@ -44,6 +56,12 @@ impl Default for Stats {
             unpriced_rows: 0,
             retries: 0,
             rate_limited: 0,
+            copied: 0,
+            failed_transient: 0,
+            estimated_usage: 0,
+            pending: 0,
+            stale_moved: 0,
+            pending_unconfirmed_usd: 0.0,
             latency: Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
             started: Instant::now(),
         }
@@ -54,11 +72,21 @@ impl Stats {
     pub fn add(&mut self, r: &Record, retries: u32, rate_limited: u32, billed: bool) {
         match r.status {
             Status::Ok => self.ok += 1,
-            Status::Error => self.failed += 1,
+            Status::Error => {
+                self.failed += 1;
+                if r.error.as_ref().is_some_and(|e| {
+                    crate::ledger::error_outcome(e.kind) == crate::ledger::Outcome::FailedTransient
+                }) {
+                    self.failed_transient += 1;
+                }
+            }
         }
         self.retries += retries as u64;
         self.rate_limited += rate_limited as u64;
         if let Some(u) = &r.usage {
+            if u.estimated {
+                self.estimated_usage += 1;
+            }
             self.prompt_tokens += u.prompt_tokens;
             self.completion_tokens += u.completion_tokens;
             self.cached_tokens += u.cached_tokens.unwrap_or(0);
@@ -103,6 +131,14 @@ impl Stats {
             latency_p95_ms: has_latency.then(|| self.latency.value_at_quantile(0.95)),
             retries: self.retries,
             rate_limited: self.rate_limited,
+            rows_copied: self.copied,
+            rows_failed_transient: self.failed_transient,
+            rows_pending: self.pending,
+            rows_stale: self.stale_moved,
+            estimated_usage_rows: self.estimated_usage,
+            spent_usd: None,
+            budget_usd: None,
+            unconfirmed_usd: 0.0,
             stopped,
         }
     }
@@ -145,6 +181,32 @@ pub struct Summary {
     pub latency_p95_ms: Option<u64>,
     pub retries: u64,
     pub rate_limited: u64,
+    /// Rows not sent because another row made the same request; their records are copies.
+    #[serde(default)]
+    pub rows_copied: u64,
+    /// Of `rows_failed`, those a plain rerun sends again (connection, timeout, 5xx, 429 after
+    /// every retry); the rest are the API's verdicts, sent again only with `--retry-failed`.
+    #[serde(default)]
+    pub rows_failed_transient: u64,
+    /// Rows read this run that have no record yet (the run stopped before them).
+    #[serde(default)]
+    pub rows_pending: u64,
+    /// Records of rows no longer in the input, moved to `OUTPUT.stale.jsonl` this run.
+    #[serde(default)]
+    pub rows_stale: u64,
+    /// Rows whose server sent no usage: their tokens were counted with the tokenizer.
+    #[serde(default)]
+    pub estimated_usage_rows: u64,
+    /// Everything this output has spent across all runs, this one included, USD.
+    #[serde(default)]
+    pub spent_usd: Option<f64>,
+    /// `max_cost_usd`, if the job has one.
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
+    /// Of this run's spend: attempts the server may have billed without a usable completion,
+    /// at their worst case.
+    #[serde(default)]
+    pub unconfirmed_usd: f64,
     /// Why the job stopped early, if it did.
     pub stopped: Option<String>,
 }
@@ -159,9 +221,19 @@ impl Summary {
             None => "unknown (no price for this model; set [pricing])".into(),
         };
         let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+        let failed = if self.rows_failed > 0 {
+            format!(
+                "{} ({} transient: sent again by a plain rerun; {} API verdicts: --retry-failed)",
+                self.rows_failed,
+                self.rows_failed_transient,
+                self.rows_failed - self.rows_failed_transient
+            )
+        } else {
+            "0".into()
+        };
         let mut rows = vec![
             ("rows ok", self.rows_ok.to_string()),
-            ("rows failed", self.rows_failed.to_string()),
+            ("rows failed", failed),
             (
                 "rows skipped (done before)",
                 if self.rows_skipped_failed > 0 {
@@ -185,6 +257,47 @@ impl Summary {
             ("retries", self.retries.to_string()),
             ("429s", self.rate_limited.to_string()),
         ];
+        let mut extra = Vec::new();
+        if self.rows_copied > 0 {
+            extra.push(("rows copied (same request)", self.rows_copied.to_string()));
+        }
+        if self.rows_pending > 0 {
+            extra.push(("rows pending", self.rows_pending.to_string()));
+        }
+        if self.rows_stale > 0 {
+            extra.push((
+                "rows left the input",
+                format!("{} (records moved to the stale file)", self.rows_stale),
+            ));
+        }
+        if self.estimated_usage_rows > 0 {
+            extra.push((
+                "usage estimated",
+                format!(
+                    "{} rows (the server sent no usage)",
+                    self.estimated_usage_rows
+                ),
+            ));
+        }
+        match (self.spent_usd, self.budget_usd) {
+            (Some(s), Some(b)) => extra.push(("spent / budget", format!("${s:.6} / ${b:.6}"))),
+            (Some(s), None) if s > 0.0 && self.cost_usd != Some(s) => {
+                extra.push(("spent in this output", format!("${s:.6}")))
+            }
+            _ => {}
+        }
+        if self.unconfirmed_usd > 0.0 {
+            extra.push((
+                "unconfirmed spend",
+                format!(
+                    "${:.6} (attempts that may have been billed without an answer, at worst case)",
+                    self.unconfirmed_usd
+                ),
+            ));
+        }
+        for (i, e) in extra.into_iter().enumerate() {
+            rows.insert(3 + i, e);
+        }
         if self.cached_tokens > 0 || self.reasoning_tokens > 0 {
             rows.insert(
                 5,

@@ -1,34 +1,36 @@
-//! The run: rows stream in, each is rendered, fingerprinted and either skipped (done before)
-//! or dispatched under the concurrency limit, the pacer and the budget; each request is
-//! retried per the retry policy; one writer task appends every finished row to the journal.
+//! The run, in four steps: open the output (lock, `--fresh`, repair, load the ledger), plan and
+//! dispatch each row (skip, copy, or send under the budget, the concurrency limit and the
+//! pacer, with retries and the circuit breaker), let the one writer task journal every
+//! finished row, then finish (compact into input order, CSV, summary, exit code).
+//!
+//! Every way a run can end keeps the promise: a row ends exactly once, nothing finished is lost,
+//! nothing is paid for twice, the budget is never passed. A writer that cannot write stops the
+//! spending; SIGTERM and Ctrl-C let requests in flight finish (for a grace period) and write
+//! them; an outage stops the job instead of failing every row.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use serde_json::Map;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cost::Price;
-use crate::error::{Error, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_STOPPED};
-use crate::input::{Row, RowResult, Source};
+use crate::error::{Error, EXIT_OK, EXIT_ROWS_FAILED, EXIT_STOPPED};
+use crate::input::RowResult;
 use crate::job::Job;
-use crate::journal::{self, Appender, Resume};
+use crate::journal::{self, Appender};
+use crate::ledger::{self, Carried, Index, Keying, Sidecars, Spool};
 use crate::output::{Record, RecordError, Status};
 use crate::pace::Pacer;
-use crate::provider::{
-    openai, Completion, Disposition, ErrorKind, Message, Provider, ProviderError, Request,
-    TokenCounter,
-};
+use crate::plan::{Decision, Planner};
+use crate::provider::{Backend, Completion, Disposition, ErrorKind, ProviderError, Usage};
 use crate::render::Renderer;
 use crate::report::{Progress, Stats, Summary};
+use crate::request::{self, Builder, Prepared};
 use crate::retry::RetryPolicy;
-
-/// The output tokens a request is assumed to use for the budget when the job sets no
-/// `max_tokens` (the API's own cap is model-specific).
-pub const ASSUMED_MAX_OUTPUT: u64 = 4096;
 
 pub struct RunOptions {
     pub limit: Option<u64>,
@@ -37,83 +39,111 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
-/// The provider and the tokenizer that matches it, built once per run.
-pub struct Backend {
-    pub provider: Arc<dyn Provider>,
-    pub counter: Arc<dyn TokenCounter>,
-    /// The job's `[pricing]`, or `None` to look the returned model up in the built-in table.
-    pub pricing: Option<Price>,
+/// Which signal interrupted the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    CtrlC,
+    Term,
 }
 
-impl Backend {
-    /// The price of a completion from `model` (as returned), falling back to the job's model.
-    pub fn price_for(&self, returned: Option<&str>, job_model: &str) -> Option<Price> {
-        if !self.provider.is_billed() {
-            return Some(Price {
-                input: 0.0,
-                cached_input: 0.0,
-                output: 0.0,
-            });
+impl Interrupt {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Interrupt::CtrlC => crate::error::EXIT_INTERRUPTED,
+            Interrupt::Term => crate::error::EXIT_TERMINATED,
         }
-        self.pricing
-            .or_else(|| returned.and_then(crate::cost::lookup))
-            .or_else(|| crate::cost::lookup(job_model))
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Interrupt::CtrlC => "Ctrl-C",
+            Interrupt::Term => "SIGTERM",
+        }
     }
 }
 
-/// One row, rendered: what is needed to send it and to record it.
-pub struct Prepared {
-    pub row: Row,
-    pub request: Request,
-    pub fingerprint: String,
+/// How the process asks a run to stop: `stop` ends dispatching (requests in flight finish),
+/// `abort` cancels what is in flight. Records already received are written either way.
+#[derive(Clone, Default)]
+pub struct Signals {
+    pub stop: CancellationToken,
+    pub abort: CancellationToken,
+    which: Arc<Mutex<Option<Interrupt>>>,
 }
 
-/// Renders a row into its request and fingerprint; the error text names the field.
-pub fn prepare(job: &Job, renderer: &Renderer, row: Row) -> Result<Prepared, (Row, String)> {
-    let messages: Vec<Message> = match renderer.render(&row.fields) {
-        Ok(m) => m,
-        Err(e) => {
-            let msg = format!(
-                "{}: row {}: {e}",
-                crate::input::describe(&job.input),
-                row.number
+impl Signals {
+    /// The first signal stops dispatching and gives requests in flight `grace` to finish;
+    /// a second one (or the end of the grace period) cancels them.
+    pub fn interrupt(&self, what: Interrupt, grace: Duration) {
+        let first = {
+            let mut w = self.which.lock().unwrap();
+            let first = w.is_none();
+            w.get_or_insert(what);
+            first
+        };
+        if first {
+            tracing::warn!(
+                "{}: no new requests; waiting up to {:.0} s for those in flight ({} again to cancel them)",
+                what.name(),
+                grace.as_secs_f64(),
+                what.name()
             );
-            return Err((row, msg));
+            self.stop.cancel();
+            let abort = self.abort.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if !abort.is_cancelled() {
+                    tracing::warn!("grace period over: cancelling the requests in flight");
+                    abort.cancel();
+                }
+            });
+        } else {
+            tracing::warn!(
+                "{} again: cancelling the requests in flight; writing what has arrived",
+                what.name()
+            );
+            self.stop.cancel();
+            self.abort.cancel();
         }
-    };
-    let body = openai::request_body(&job.model, &messages, &job.params);
-    let fingerprint = fingerprint(&body);
-    Ok(Prepared {
-        row,
-        request: Request { messages, body },
-        fingerprint,
-    })
-}
-
-/// 128 bits of the SHA-256 of the request body, in hex.
-pub fn fingerprint(body: &[u8]) -> String {
-    journal::to_hex(&Sha256::digest(body)[..16])
-}
-
-/// Whether an earlier run already settled this row (same request, and ok or not retried).
-fn already_done(resume: &Resume, row: u64, fp: Option<&str>, retry_failed: bool) -> Option<bool> {
-    let done = resume.get(row)?;
-    let same = match (done.fingerprint, fp) {
-        (Some(a), Some(b)) => journal::fingerprint_bytes(b) == Some(a),
-        (None, None) => true, // an input error, still an input error
-        _ => false,
-    };
-    if !same {
-        return None;
     }
-    if done.ok {
-        Some(true)
-    } else if fp.is_none() || !retry_failed {
-        // Input errors are checked again on every run for free; only if the row still fails
-        // the same way is it left as it is.
-        Some(false)
-    } else {
-        None
+
+    pub fn interrupted(&self) -> Option<Interrupt> {
+        *self.which.lock().unwrap()
+    }
+}
+
+/// Why dispatching stopped early: each is exit 2.
+#[derive(Debug, Clone)]
+enum Stop {
+    /// Auth, quota, budget, outage.
+    Job(String),
+    /// The output (or the plan spool) cannot be written.
+    Write(String),
+}
+
+impl Stop {
+    fn message(&self) -> &str {
+        match self {
+            Stop::Job(m) | Stop::Write(m) => m,
+        }
+    }
+}
+
+/// The stop reason, shared by the dispatcher, the row tasks and the writer.
+struct Stopper {
+    why: Mutex<Option<Stop>>,
+    signals: Signals,
+}
+
+impl Stopper {
+    fn stop(&self, why: Stop) {
+        let mut s = self.why.lock().unwrap();
+        if s.is_none() {
+            tracing::error!("stopping the job: {}", why.message());
+            *s = Some(why);
+        }
+        drop(s);
+        self.signals.stop.cancel();
     }
 }
 
@@ -126,13 +156,109 @@ enum Msg {
     Skipped {
         ok: bool,
     },
+    Copied,
+    /// A row that ended with no record after attempts the server may have billed.
+    Unconfirmed(f64),
 }
 
-/// Why dispatching stopped early.
-#[derive(Debug, Clone)]
-enum Stop {
-    /// Auth, quota, budget: exit 2 with this message.
-    Job(String),
+/// Spend in USD: what the output recorded before this run, and this run's.
+#[derive(Default)]
+struct Budget {
+    cap: Option<f64>,
+    before: f64,
+    spent: f64,
+    unconfirmed: f64,
+    /// Requests in flight at their worst case.
+    reserved: f64,
+}
+
+impl Budget {
+    fn total(&self) -> f64 {
+        self.before + self.spent + self.unconfirmed
+    }
+}
+
+/// One request's budget reservation, released however the row ends (a panic included).
+struct Reservation {
+    sh: Arc<Shared>,
+    bound: f64,
+    settled: bool,
+}
+
+impl Reservation {
+    fn settle(mut self, spent: f64, unconfirmed: f64) {
+        let mut b = self.sh.budget.lock().unwrap();
+        b.reserved = (b.reserved - self.bound).max(0.0);
+        b.spent += spent;
+        b.unconfirmed += unconfirmed;
+        self.settled = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            if let Ok(mut b) = self.sh.budget.lock() {
+                b.reserved = (b.reserved - self.bound).max(0.0);
+            }
+        }
+    }
+}
+
+/// The circuit breaker: an endpoint that fails every request the same transient way for a
+/// while is down, and an outage is not a verdict on the rows.
+#[derive(Default)]
+struct Breaker {
+    failing_since: Option<Instant>,
+    failures: u32,
+    unreachable_only: bool,
+}
+
+/// An unreachable endpoint (nothing listening, DNS, TLS) stops the job after this long at most.
+const UNREACHABLE_WINDOW: Duration = Duration::from_secs(10);
+
+impl Breaker {
+    fn success(&mut self) {
+        *self = Breaker::default();
+    }
+
+    /// Counts a failed attempt; `Some(cause)` when the job must stop.
+    fn failure(&mut self, e: &ProviderError, outage: Duration) -> Option<String> {
+        if !matches!(
+            e.kind,
+            ErrorKind::Connection
+                | ErrorKind::Timeout
+                | ErrorKind::Server
+                | ErrorKind::InvalidResponse
+        ) {
+            return None; // 429s are pacing's business; row errors are the row's
+        }
+        let now = Instant::now();
+        if self.failing_since.is_none() {
+            self.failing_since = Some(now);
+            self.unreachable_only = true;
+        }
+        self.failures += 1;
+        self.unreachable_only &= e.unreachable;
+        let window = if self.unreachable_only {
+            outage.min(UNREACHABLE_WINDOW)
+        } else {
+            outage
+        };
+        let since = self.failing_since.expect("set above");
+        (self.failures >= 3 && now.duration_since(since) >= window).then(|| {
+            format!(
+                "{} for {:.0} s, {} attempts in a row ({e})",
+                if self.unreachable_only {
+                    "the endpoint cannot be reached"
+                } else {
+                    "every request has failed"
+                },
+                now.duration_since(since).as_secs_f64(),
+                self.failures
+            )
+        })
+    }
 }
 
 struct Shared {
@@ -140,29 +266,17 @@ struct Shared {
     backend: Backend,
     pacer: Pacer,
     retry: RetryPolicy,
-    cancel: CancellationToken,
-    stop: Mutex<Option<Stop>>,
+    stopper: Arc<Stopper>,
     budget: Mutex<Budget>,
+    breaker: Mutex<Breaker>,
     unknown_price_warned: AtomicBool,
+    no_usage_warned: AtomicBool,
     tx: mpsc::Sender<Msg>,
-}
-
-#[derive(Default)]
-struct Budget {
-    spent: f64,
-    reserved: f64,
 }
 
 impl Shared {
     fn stop(&self, why: Stop) {
-        let mut s = self.stop.lock().unwrap();
-        if s.is_none() {
-            let Stop::Job(m) = &why;
-            tracing::error!("stopping the job: {m}");
-            *s = Some(why);
-        }
-        drop(s);
-        self.cancel.cancel();
+        self.stopper.stop(why);
     }
 
     fn price(&self, returned: Option<&str>) -> Option<Price> {
@@ -177,47 +291,22 @@ impl Shared {
     }
 }
 
-/// Runs the job to the end, or until it is stopped; returns the summary and the exit code.
-pub async fn run(
-    job: Job,
-    opts: RunOptions,
-    backend: Backend,
-    renderer: Renderer,
-    cancel: CancellationToken,
-) -> Result<(Summary, i32), Error> {
-    let _lock = journal::Lock::acquire(&job.lock_path())?;
-    if opts.fresh {
-        for p in [
-            Some(job.output.clone()),
-            job.csv.clone(),
-            Some(job.summary_path()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            match std::fs::remove_file(&p) {
-                Ok(()) => tracing::info!("--fresh: removed {}", p.display()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::Io { path: p, source: e }),
-            }
-        }
-    }
-    let cut = journal::repair(&job.output)?;
-    if cut > 0 {
-        tracing::warn!(
-            "{}: cut a torn last line ({cut} bytes) left by an interrupted run; that row runs again",
-            job.output.display()
-        );
-    }
-    let resume = journal::load(&job.output)?;
-    if resume.records > 0 {
-        tracing::info!(
-            "{}: {} earlier records found; resuming",
-            job.output.display(),
-            resume.records
-        );
-    }
-    let max_output = job.params.max_output_tokens();
+/// What opening the output found.
+struct Opened {
+    _lock: journal::Lock,
+    index: Index,
+    spent_before: f64,
+}
+
+/// Step 1: lock, `--fresh`, repair, load the ledger. `--fresh` moves the old output aside only
+/// after everything else has been checked, so a mistyped flag cannot cost paid results.
+fn open_output(
+    job: &Job,
+    opts: &RunOptions,
+    backend: &Backend,
+    keying: Keying,
+) -> Result<Opened, Error> {
+    let lock = journal::Lock::acquire(&job.lock_path())?;
     if job.max_cost_usd.is_some() && backend.price_for(None, &job.model).is_none() {
         return Err(Error::Job {
             path: job.file.clone(),
@@ -228,14 +317,83 @@ pub async fn run(
             ),
         });
     }
-    let source = Source {
-        path: job.input.clone(),
-        format: job.input_format,
-        id_column: job.id_column.clone(),
-    };
-    let mut rows = source.stream(job.concurrency * 2 + 16)?;
+    if opts.fresh {
+        let prev = job.prev_path();
+        for p in [job.output.clone(), job.stale_path()] {
+            if ledger::move_appending(&p, &prev)? {
+                tracing::info!("--fresh: {} moved to {}", p.display(), prev.display());
+            }
+        }
+        for p in [
+            Some(job.spend_path()),
+            job.csv.clone(),
+            Some(job.summary_path()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(journal::io_err(&p, e)),
+            }
+        }
+    }
+    let cut = journal::repair(&job.output)?;
+    if cut > 0 {
+        tracing::warn!(
+            "{}: cut a torn last line ({cut} bytes) left by an interrupted run; that row runs again",
+            job.output.display()
+        );
+    }
+    let index = Index::load(&job.output, keying)?;
+    if index.records > 0 {
+        tracing::info!(
+            "{}: {} earlier records found; resuming",
+            job.output.display(),
+            index.records
+        );
+    }
+    let carried = Carried::read(&job.spend_path())?;
+    let spent_before = index.spent_usd
+        + index.unconfirmed_usd
+        + ledger::stale_spend(&job.stale_path())?
+        + carried.unconfirmed_usd;
+    Ok(Opened {
+        _lock: lock,
+        index,
+        spent_before,
+    })
+}
+
+/// How the job's rows are keyed in the ledger.
+pub fn keying(job: &Job) -> Keying {
+    Keying {
+        by_id: job.id_column.is_some(),
+    }
+}
+
+/// Runs the job to the end, or until it is stopped; returns the summary and the exit code.
+pub async fn run(
+    job: Job,
+    opts: RunOptions,
+    backend: Backend,
+    renderer: Renderer,
+    signals: Signals,
+) -> Result<(Summary, i32), Error> {
+    let keying = keying(&job);
+    // The input must open before `--fresh` moves anything.
+    let mut rows = job.source().stream(job.concurrency * 2 + 16)?;
+    let opened = open_output(&job, &opts, &backend, keying)?;
+    let builder = Builder::new(&job, &backend.identity);
+    let spool = Spool::create(&job.plan_path())?;
+    let mut planner = Planner::new(opened.index, keying, opts.retry_failed, Some(spool));
     let appender = Appender::open(&job.output)?;
 
+    let stopper = Arc::new(Stopper {
+        why: Mutex::new(None),
+        signals: signals.clone(),
+    });
     let (tx, rx) = mpsc::channel::<Msg>(job.concurrency * 2 + 64);
     let billed = backend.provider.is_billed();
     let writer = tokio::spawn(write_records(
@@ -248,23 +406,99 @@ pub async fn run(
             opts.limit,
         ),
         billed,
+        stopper.clone(),
     ));
 
     let shared = Arc::new(Shared {
         pacer: Pacer::new(job.rpm, job.tpm),
         retry: RetryPolicy::new(job.max_retries),
-        cancel: cancel.clone(),
-        stop: Mutex::new(None),
-        budget: Mutex::new(Budget::default()),
+        stopper: stopper.clone(),
+        budget: Mutex::new(Budget {
+            cap: job.max_cost_usd,
+            before: opened.spent_before,
+            ..Budget::default()
+        }),
+        breaker: Mutex::new(Breaker::default()),
         unknown_price_warned: AtomicBool::new(false),
+        no_usage_warned: AtomicBool::new(false),
         tx: tx.clone(),
         backend,
         job,
     });
+
+    // Step 2: plan and dispatch.
+    let complete = dispatch(
+        &shared,
+        &renderer,
+        &builder,
+        &mut planner,
+        &mut rows,
+        &opts,
+        &tx,
+    )
+    .await;
+    drop(rows); // the reader thread ends when its channel closes
+    let spool = planner.finish();
+    drop(tx);
+    // `dispatch` joined every row task, and with them every other reference.
+    let shared = Arc::into_inner(shared).expect("every row task has finished");
+    let Shared {
+        job, budget, tx, ..
+    } = shared;
+    drop(tx);
+    let w = writer
+        .await
+        .map_err(|e| Error::Other(format!("the writer task failed: {e}")))?;
+    let WriterEnd {
+        appender,
+        mut stats,
+        progress,
+        mut failed,
+    } = w;
+    let unwritten = appender.unwritten();
+    if let Err(e) = appender.finish() {
+        if failed.is_none() {
+            stopper.stop(Stop::Write(write_stop_message(&e)));
+            failed = Some(e);
+        }
+    }
+    progress.finish();
+    let spool = match spool {
+        Ok(s) => s,
+        Err(e) => {
+            if failed.is_none() {
+                stopper.stop(Stop::Write(write_stop_message(&e)));
+                failed = Some(e);
+            }
+            None
+        }
+    };
+
+    // Step 3: finish.
+    finish(
+        job, budget, &mut stats, stopper, signals, complete, spool, failed, unwritten,
+    )
+}
+
+/// Plans each row and sends those that need it. Returns whether the whole input was read
+/// (so compaction may move the records of rows that left it to the stale file).
+async fn dispatch(
+    shared: &Arc<Shared>,
+    renderer: &Renderer,
+    builder: &Builder,
+    planner: &mut Planner,
+    rows: &mut mpsc::Receiver<RowResult>,
+    opts: &RunOptions,
+    tx: &mpsc::Sender<Msg>,
+) -> bool {
     let job = &shared.job;
+    let stop = shared.stopper.signals.stop.clone();
+    let max_output = job.params.max_output_tokens();
     let semaphore = Arc::new(Semaphore::new(job.concurrency));
     let mut tasks = JoinSet::new();
     let mut seen = 0u64;
+    let mut complete = false;
+    let mut read_failed = false;
 
     loop {
         if opts.limit.is_some_and(|l| seen >= l) {
@@ -272,38 +506,53 @@ pub async fn run(
         }
         let item: RowResult = tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
-            r = rows.recv() => match r { Some(r) => r, None => break },
+            _ = stop.cancelled() => break,
+            r = rows.recv() => match r {
+                Some(r) => r,
+                None => { complete = !read_failed; break }
+            },
         };
         seen += 1;
         while tasks.try_join_next().is_some() {}
         let prepared = match item {
-            Err(e) => Err((e.number, String::new(), serde_json::Map::new(), e.message)),
-            Ok(row) => prepare(job, &renderer, row)
+            Err(e) => {
+                read_failed |= e.fatal;
+                Err((e.number, e.number.to_string(), Map::new(), e.message))
+            }
+            Ok(row) => builder
+                .prepare(&job.input, renderer, row)
                 .map_err(|(row, msg)| (row.number, row.id, row.fields, msg)),
         };
         let p = match prepared {
             Ok(p) => p,
             Err((number, id, input, message)) => {
-                let msg = if already_done(&resume, number, None, opts.retry_failed).is_some() {
-                    Msg::Skipped { ok: false }
-                } else {
-                    tracing::warn!("{message}");
-                    Msg::Finished {
-                        record: Box::new(error_record(
-                            number,
-                            id,
-                            input,
-                            None,
-                            ErrorKind::Input,
-                            None,
-                            message,
-                            0,
-                            0,
-                        )),
-                        retries: 0,
-                        rate_limited: 0,
+                let msg = match planner.plan_input_error(number, &id, &message, &input) {
+                    Err(e) => {
+                        shared.stop(Stop::Write(write_stop_message(&e)));
+                        break;
                     }
+                    Ok(Decision::WriteError) => {
+                        tracing::warn!("{message}");
+                        Msg::Finished {
+                            record: Box::new(error_record(
+                                number,
+                                id,
+                                input,
+                                None,
+                                RecordError {
+                                    kind: ErrorKind::Input,
+                                    status: None,
+                                    message,
+                                },
+                                0,
+                                0,
+                                0.0,
+                            )),
+                            retries: 0,
+                            rate_limited: 0,
+                        }
+                    }
+                    Ok(_) => Msg::Skipped { ok: false },
                 };
                 if tx.send(msg).await.is_err() {
                     break;
@@ -311,13 +560,22 @@ pub async fn run(
                 continue;
             }
         };
-        if let Some(ok) = already_done(
-            &resume,
-            p.row.number,
-            Some(&p.fingerprint),
-            opts.retry_failed,
-        ) {
-            if tx.send(Msg::Skipped { ok }).await.is_err() {
+        let decision = match planner.plan(&p) {
+            Ok(d) => d,
+            Err(e) => {
+                shared.stop(Stop::Write(write_stop_message(&e)));
+                break;
+            }
+        };
+        let msg = match decision {
+            Decision::Done => Some(Msg::Skipped { ok: true }),
+            Decision::DoneFailed => Some(Msg::Skipped { ok: false }),
+            Decision::Copy => Some(Msg::Copied),
+            Decision::WriteError => unreachable!("only for unreadable rows"),
+            Decision::Send => None,
+        };
+        if let Some(m) = msg {
+            if tx.send(m).await.is_err() {
                 break;
             }
             continue;
@@ -332,104 +590,121 @@ pub async fn run(
             0
         };
         let pace_tokens = prompt_tokens + max_output.unwrap_or(0);
-        // The budget: what was billed, plus every request in flight at its worst case.
+        // The budget: the whole output's spend, plus every request in flight at its worst
+        // case. `Job` refuses a budget without a completion cap, so the bound is a bound.
         let bound = shared
             .price(None)
-            .map(|pr| pr.bound(prompt_tokens, max_output.unwrap_or(ASSUMED_MAX_OUTPUT)))
+            .map(|pr| pr.bound(prompt_tokens, max_output.unwrap_or(0)))
             .unwrap_or(0.0);
-        if let Some(max) = job.max_cost_usd {
+        {
             let mut b = shared.budget.lock().unwrap();
-            if b.spent + b.reserved + bound > max {
-                drop(b);
-                shared.stop(Stop::Job(format!(
-                    "the budget of ${max:.4} would be exceeded: stopped dispatching at row {}; \
-                     raise run.max_cost_usd (or --max-cost) and run again to go on",
-                    p.row.number
-                )));
-                break;
+            if let Some(cap) = b.cap {
+                if b.total() + b.reserved + bound > cap {
+                    let spent = b.total();
+                    drop(b);
+                    shared.stop(Stop::Job(format!(
+                        "the budget would be exceeded: ${spent:.4} of ${cap:.4} spent in this output \
+                         so far; the next request could cost up to ${bound:.4}. Stopped dispatching \
+                         at row {}; raise run.max_cost_usd (or --max-cost) and run again to go on",
+                        p.row.number
+                    )));
+                    break;
+                }
             }
             b.reserved += bound;
         }
+        let reservation = Reservation {
+            sh: shared.clone(),
+            bound,
+            settled: false,
+        };
         let permit = tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
+            _ = stop.cancelled() => break,
             p = semaphore.clone().acquire_owned() => p.expect("the semaphore is never closed"),
         };
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break,
+            _ = stop.cancelled() => break,
             _ = shared.pacer.acquire(pace_tokens) => {}
         }
-        let shared2 = shared.clone();
+        let sh = shared.clone();
         tasks.spawn(async move {
-            let msg = process(&shared2, p, pace_tokens, counted, bound).await;
+            let msg = process(
+                &sh,
+                p,
+                reservation,
+                pace_tokens,
+                counted.then_some(prompt_tokens),
+            )
+            .await;
             drop(permit);
             if let Some(m) = msg {
-                let _ = shared2.tx.send(m).await;
+                let _ = sh.tx.send(m).await;
             }
         });
     }
-    drop(rows); // the reader thread ends when its channel closes
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
             if e.is_panic() {
-                tracing::error!("a row task panicked: {e}");
+                tracing::error!("a row task panicked (its row stays pending): {e}");
             }
         }
     }
-    drop(tx);
-    let shared = Arc::into_inner(shared).expect("every task has finished");
-    drop(shared.tx);
-    let (appender, stats, progress) = writer
-        .await
-        .map_err(|e| Error::Other(format!("the writer task failed: {e}")))??;
-    appender.finish()?;
-    progress.finish();
-    let job = shared.job;
-    journal::compact(&job.output)?;
-    if let Some(csv) = &job.csv {
-        crate::output::export_csv(&job.output, csv)?;
-    }
-    let stop = shared.stop.into_inner().unwrap();
-    let stopped = match &stop {
-        Some(Stop::Job(m)) => Some(m.clone()),
-        None if cancel.is_cancelled() => {
-            Some("interrupted (Ctrl-C); run the same command again to resume".to_string())
-        }
-        None => None,
-    };
-    let summary = stats.summary(stopped);
-    summary.write(&job.summary_path())?;
-    let code = match stop {
-        Some(Stop::Job(_)) => EXIT_STOPPED,
-        None if cancel.is_cancelled() => EXIT_INTERRUPTED,
-        None if summary.rows_failed > 0 || summary.rows_skipped_failed > 0 => EXIT_ROWS_FAILED,
-        None => EXIT_OK,
-    };
-    Ok((summary, code))
+    complete && opts.limit.is_none_or(|l| seen < l)
 }
 
 /// Sends one row with retries. `None`: the row stays pending (job stopped or interrupted).
 async fn process(
-    sh: &Shared,
+    sh: &Arc<Shared>,
     p: Prepared,
+    reservation: Reservation,
     mut pace_tokens: u64,
-    mut counted: bool,
-    bound: f64,
+    mut prompt_tokens: Option<u64>,
 ) -> Option<Msg> {
     let started = Instant::now();
+    let signals = &sh.stopper.signals;
     let mut retrier = sh.retry.start();
     let mut attempts = 0u32;
     let mut rate_limited = 0u32;
+    let mut unconfirmed = 0.0;
+    // The worst case of one attempt that may have been billed without an answer.
+    let worst = |prompt_tokens: &mut Option<u64>| -> f64 {
+        let n = *prompt_tokens
+            .get_or_insert_with(|| sh.backend.counter.count_prompt(&p.request.messages));
+        let out = sh
+            .job
+            .params
+            .max_output_tokens()
+            .unwrap_or(crate::job::ASSUMED_MAX_OUTPUT);
+        sh.price(None).map(|pr| pr.bound(n, out)).unwrap_or(0.0)
+    };
+    let pending = |reservation: Reservation, unconfirmed: f64| {
+        reservation.settle(0.0, unconfirmed);
+        (unconfirmed > 0.0).then_some(Msg::Unconfirmed(unconfirmed))
+    };
     let outcome = loop {
         attempts += 1;
-        match sh.backend.provider.complete(&p.request).await {
+        let result = tokio::select! {
+            biased;
+            _ = signals.abort.cancelled() => {
+                // Cancelled after it was sent: the server may bill it anyway.
+                unconfirmed += worst(&mut prompt_tokens);
+                return pending(reservation, unconfirmed);
+            }
+            r = sh.backend.provider.complete(&p.request) => r,
+        };
+        match result {
             Ok(c) => {
                 sh.pacer.observe(c.rate_limits.as_ref());
                 sh.pacer.succeeded();
+                sh.breaker.lock().unwrap().success();
                 break Ok(c);
             }
             Err(e) => {
+                if e.maybe_billed {
+                    unconfirmed += worst(&mut prompt_tokens);
+                }
                 if e.kind == ErrorKind::RateLimited {
                     rate_limited += 1;
                     sh.pacer.rate_limited(e.retry_after, e.rate_limits.as_ref());
@@ -438,8 +713,16 @@ async fn process(
                 }
                 if e.kind.disposition() == Disposition::StopJob {
                     sh.stop(Stop::Job(job_stop_message(&sh.job, &e)));
-                    release(sh, bound, 0.0);
-                    return None;
+                    return pending(reservation, unconfirmed);
+                }
+                let tripped = sh.breaker.lock().unwrap().failure(&e, sh.job.outage);
+                if let Some(cause) = tripped {
+                    sh.stop(Stop::Job(format!(
+                        "{}: {cause}. Rows not done stay pending: run the same command again \
+                         once the endpoint is back",
+                        sh.job.base_url
+                    )));
+                    return pending(reservation, unconfirmed);
                 }
                 match retrier.next_delay(&e) {
                     Some(delay) => {
@@ -448,17 +731,19 @@ async fn process(
                             attempt = attempts,
                             "retrying in {delay:?}: {e}"
                         );
+                        // A retry is a new request: after a stop, the row waits for the rerun.
                         tokio::select! {
-                            _ = sh.cancel.cancelled() => { release(sh, bound, 0.0); return None; }
+                            _ = signals.stop.cancelled() => return pending(reservation, unconfirmed),
                             _ = tokio::time::sleep(delay) => {}
                         }
-                        if !counted && sh.pacer.paces_tokens() {
+                        if prompt_tokens.is_none() && sh.pacer.paces_tokens() {
                             // A token limit was learned since this row was dispatched.
-                            pace_tokens += sh.backend.counter.count_prompt(&p.request.messages);
-                            counted = true;
+                            let n = sh.backend.counter.count_prompt(&p.request.messages);
+                            pace_tokens += n;
+                            prompt_tokens = Some(n);
                         }
                         tokio::select! {
-                            _ = sh.cancel.cancelled() => { release(sh, bound, 0.0); return None; }
+                            _ = signals.stop.cancelled() => return pending(reservation, unconfirmed),
                             _ = sh.pacer.acquire(pace_tokens) => {}
                         }
                     }
@@ -469,10 +754,34 @@ async fn process(
     };
     let latency_ms = started.elapsed().as_millis() as u64;
     let Prepared {
-        row, fingerprint, ..
+        row,
+        fingerprint,
+        request,
     } = p;
+    let fingerprint = request::hex(&fingerprint);
     let record = match outcome {
-        Ok(c) => ok_record(sh, row, fingerprint, c, attempts, latency_ms),
+        Ok(c) => {
+            let usage = usage_of(sh, &request.messages, &c);
+            let cost = sh.price(c.model.as_deref()).map(|pr| pr.cost(&usage));
+            Record {
+                row: row.number,
+                id: row.id,
+                status: Status::Ok,
+                input: row.fields,
+                completion: Some(c.text),
+                finish_reason: c.finish_reason,
+                model: c.model,
+                usage: Some(usage),
+                cost_usd: cost,
+                attempts,
+                latency_ms,
+                fingerprint: Some(fingerprint),
+                error: None,
+                copied_from: None,
+                unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
+                extra: Map::new(),
+            }
+        }
         Err(e) => {
             tracing::warn!(
                 "row {}: failed after {attempts} attempt(s): {e}",
@@ -483,15 +792,18 @@ async fn process(
                 row.id,
                 row.fields,
                 Some(fingerprint),
-                e.kind,
-                e.status,
-                e.message,
+                RecordError {
+                    kind: e.kind,
+                    status: e.status,
+                    message: e.message,
+                },
                 attempts,
                 latency_ms,
+                unconfirmed,
             )
         }
     };
-    release(sh, bound, record.cost_usd.unwrap_or(0.0));
+    reservation.settle(record.cost_usd.unwrap_or(0.0), unconfirmed);
     Some(Msg::Finished {
         record: Box::new(record),
         retries: attempts - 1,
@@ -499,37 +811,28 @@ async fn process(
     })
 }
 
-fn release(sh: &Shared, bound: f64, spent: f64) {
-    if sh.job.max_cost_usd.is_some() {
-        let mut b = sh.budget.lock().unwrap();
-        b.reserved = (b.reserved - bound).max(0.0);
-        b.spent += spent;
+/// The server's usage, or, when it sent none, the tokenizer's count marked as estimated:
+/// never a silent 0.
+fn usage_of(sh: &Shared, messages: &[crate::chat::Message], c: &Completion) -> Usage {
+    if let Some(u) = c.usage {
+        return u;
     }
-}
-
-fn ok_record(
-    sh: &Shared,
-    row: Row,
-    fingerprint: String,
-    c: Completion,
-    attempts: u32,
-    latency_ms: u64,
-) -> Record {
-    let cost = sh.price(c.model.as_deref()).map(|p| p.cost(&c.usage));
-    Record {
-        row: row.number,
-        id: row.id,
-        status: Status::Ok,
-        input: row.fields,
-        completion: Some(c.text),
-        finish_reason: c.finish_reason,
-        model: c.model,
-        usage: Some(c.usage),
-        cost_usd: cost,
-        attempts,
-        latency_ms,
-        fingerprint: Some(fingerprint),
-        error: None,
+    if !sh.no_usage_warned.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "{} sent no `usage`: counting tokens with the tokenizer instead; those records say \
+             \"estimated\": true",
+            sh.job.base_url
+        );
+    }
+    let prompt = sh.backend.counter.count_prompt(messages);
+    let completion = sh.backend.counter.count_text(&c.text);
+    Usage {
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        total_tokens: prompt + completion,
+        cached_tokens: None,
+        reasoning_tokens: None,
+        estimated: true,
     }
 }
 
@@ -539,11 +842,10 @@ fn error_record(
     id: String,
     input: serde_json::Map<String, serde_json::Value>,
     fingerprint: Option<String>,
-    kind: ErrorKind,
-    status: Option<u16>,
-    message: String,
+    error: RecordError,
     attempts: u32,
     latency_ms: u64,
+    unconfirmed: f64,
 ) -> Record {
     Record {
         row,
@@ -558,11 +860,10 @@ fn error_record(
         attempts,
         latency_ms,
         fingerprint,
-        error: Some(RecordError {
-            kind,
-            status,
-            message,
-        }),
+        error: Some(error),
+        copied_from: None,
+        unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
+        extra: Map::new(),
     }
 }
 
@@ -583,14 +884,34 @@ fn job_stop_message(job: &Job, e: &ProviderError) -> String {
     }
 }
 
-/// The one task that writes: journal appends, counters, progress.
+fn write_stop_message(e: &Error) -> String {
+    format!(
+        "cannot write {e}. Stopped sending; requests in flight were written if the disk \
+         allowed. Free space (or fix the folder's permissions) and run the same command again: \
+         every row written is kept, the rest are sent then"
+    )
+}
+
+struct WriterEnd {
+    appender: Appender,
+    stats: Stats,
+    progress: Progress,
+    /// The first write error: dispatching was stopped when it happened.
+    failed: Option<Error>,
+}
+
+/// The one task that writes: journal appends, counters, progress. A write that fails stops
+/// the dispatching at once; later batches are still tried, so rows in flight are kept if the
+/// disk allows.
 async fn write_records(
     mut rx: mpsc::Receiver<Msg>,
     mut appender: Appender,
     mut progress: Progress,
     billed: bool,
-) -> Result<(Appender, Stats, Progress), Error> {
+    stopper: Arc<Stopper>,
+) -> WriterEnd {
     let mut stats = Stats::default();
+    let mut failed: Option<Error> = None;
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         // Take everything already queued, then flush once: durable per batch, cheap per row.
@@ -601,17 +922,113 @@ async fn write_records(
                     retries,
                     rate_limited,
                 } => {
-                    appender.append(&record)?;
+                    appender.append(&record);
                     stats.add(&record, retries, rate_limited, billed);
                 }
                 Msg::Skipped { ok: true } => stats.skipped_ok += 1,
                 Msg::Skipped { ok: false } => stats.skipped_failed += 1,
+                Msg::Copied => stats.copied += 1,
+                Msg::Unconfirmed(usd) => stats.pending_unconfirmed_usd += usd,
             }
             next = rx.try_recv().ok();
         }
-        appender.flush()?;
+        if let Err(e) = appender.flush() {
+            if failed.is_none() {
+                stopper.stop(Stop::Write(write_stop_message(&e)));
+                failed = Some(e);
+            }
+        }
         progress.update(&stats, false);
     }
     progress.update(&stats, true);
-    Ok((appender, stats, progress))
+    WriterEnd {
+        appender,
+        stats,
+        progress,
+        failed,
+    }
+}
+
+/// Step 3: compaction into input order, the CSV, the summary, the carried spend, the exit code.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    job: Job,
+    budget: Mutex<Budget>,
+    stats: &mut Stats,
+    stopper: Arc<Stopper>,
+    signals: Signals,
+    complete: bool,
+    spool: Option<std::path::PathBuf>,
+    failed: Option<Error>,
+    unwritten: usize,
+) -> Result<(Summary, i32), Error> {
+    let budget = budget.into_inner().unwrap();
+    if failed.is_none() {
+        if let Some(spool) = &spool {
+            let c = ledger::compact(
+                &job.output,
+                spool,
+                complete,
+                keying(&job),
+                &Sidecars {
+                    stale: job.stale_path(),
+                    rejected: job.rejected_path(),
+                },
+            )?;
+            stats.pending = c.pending;
+            stats.stale_moved = c.stale;
+        }
+    } else if unwritten > 0 {
+        tracing::error!(
+            "{unwritten} finished rows could not be written; they are pending and will be sent again"
+        );
+    }
+    if let Some(spool) = &spool {
+        let _ = std::fs::remove_file(spool);
+    }
+    if failed.is_none() {
+        if let Some(csv) = &job.csv {
+            crate::output::export_csv(&job.output, csv)?;
+        }
+    }
+    if stats.pending_unconfirmed_usd > 0.0 {
+        let carried = Carried {
+            unconfirmed_usd: Carried::read(&job.spend_path())
+                .map(|c| c.unconfirmed_usd)
+                .unwrap_or(0.0)
+                + stats.pending_unconfirmed_usd,
+        };
+        if let Err(e) = carried.write(&job.spend_path()) {
+            tracing::error!("cannot record the unconfirmed spend: {e}");
+        }
+    }
+    let stop = stopper.why.lock().unwrap().clone();
+    let interrupt = signals.interrupted();
+    let stopped = match (&stop, interrupt) {
+        (Some(s), _) => Some(s.message().to_string()),
+        (None, Some(i)) => Some(format!(
+            "interrupted ({}); run the same command again to resume",
+            i.name()
+        )),
+        (None, None) => None,
+    };
+    let mut summary = stats.summary(stopped);
+    summary.spent_usd = Some(budget.total());
+    summary.budget_usd = budget.cap;
+    summary.unconfirmed_usd = budget.unconfirmed;
+    if let Err(e) = summary.write(&job.summary_path()) {
+        if failed.is_none() {
+            return Err(e);
+        }
+        tracing::error!("cannot write the summary: {e}");
+    }
+    let code = match (stop, interrupt) {
+        (Some(_), _) => EXIT_STOPPED,
+        (None, Some(i)) => i.exit_code(),
+        (None, None) if summary.rows_failed > 0 || summary.rows_skipped_failed > 0 => {
+            EXIT_ROWS_FAILED
+        }
+        (None, None) => EXIT_OK,
+    };
+    Ok((summary, code))
 }

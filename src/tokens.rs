@@ -6,7 +6,8 @@ use std::sync::OnceLock;
 
 use tiktoken_rs::CoreBPE;
 
-use crate::provider::{Message, TokenCounter};
+use crate::chat::Message;
+use crate::provider::TokenCounter;
 
 pub struct Tiktoken {
     model: String,
@@ -30,13 +31,13 @@ impl Tiktoken {
                 .expect("the built-in o200k_base encoding loads")
         })
     }
-
-    pub fn count_text(&self, text: &str) -> u64 {
-        self.bpe().encode_with_special_tokens(text).len() as u64
-    }
 }
 
 impl TokenCounter for Tiktoken {
+    fn count_text(&self, text: &str) -> u64 {
+        self.bpe().encode_with_special_tokens(text).len() as u64
+    }
+
     /// OpenAI's published recipe: 3 tokens per message, 1 more for a name, 3 to prime the reply.
     fn count_prompt(&self, messages: &[Message]) -> u64 {
         let mut n = 3;
@@ -53,7 +54,7 @@ impl TokenCounter for Tiktoken {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Role;
+    use crate::chat::Role;
 
     #[test]
     fn counts_match_openai_cookbook_example() {

@@ -4,11 +4,19 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
-use crate::job::InputFormat;
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+/// The input file's format.
+pub enum InputFormat {
+    Csv,
+    Jsonl,
+}
 
 /// One input row: its 1-based number among the data rows, its id, and its fields.
 #[derive(Debug, Clone)]
@@ -23,6 +31,9 @@ pub struct Row {
 pub struct RowError {
     pub number: u64,
     pub message: String,
+    /// The input could not be read past this point (an I/O error): the rows after it are
+    /// unknown, not gone.
+    pub fatal: bool,
 }
 
 pub type RowResult = Result<Row, RowError>;
@@ -193,6 +204,7 @@ impl Iterator for Rows {
                                 "{}: line {line}: malformed CSV record: {e}",
                                 self.display
                             ),
+                            fatal,
                         };
                         if fatal {
                             self.kind = Kind::Jsonl {
@@ -215,6 +227,7 @@ impl Iterator for Rows {
                                     rec.len(),
                                     self.header.len()
                                 ),
+                                fatal: false,
                             }));
                         }
                         let mut fields = Map::with_capacity(self.header.len());
@@ -230,13 +243,18 @@ impl Iterator for Rows {
                                             "{}: {at}: field `{name}` is not valid UTF-8",
                                             self.display
                                         ),
+                                        fatal: false,
                                     }))
                                 }
                             }
                         }
                         Some(match self.id_for(number, &fields, &at) {
                             Ok(id) => Ok(Row { number, id, fields }),
-                            Err(message) => Err(RowError { number, message }),
+                            Err(message) => Err(RowError {
+                                number,
+                                message,
+                                fatal: false,
+                            }),
                         })
                     }
                 }
@@ -255,6 +273,7 @@ impl Iterator for Rows {
                                 self.display,
                                 *line + 1
                             ),
+                            fatal: true,
                         };
                         self.kind = Kind::Jsonl {
                             reader: BufReader::new(Box::new(std::io::empty())),
@@ -297,9 +316,17 @@ impl Iterator for Rows {
                 return Some(match parsed {
                     Ok(fields) => match self.id_for(number, &fields, &at) {
                         Ok(id) => Ok(Row { number, id, fields }),
-                        Err(message) => Err(RowError { number, message }),
+                        Err(message) => Err(RowError {
+                            number,
+                            message,
+                            fatal: false,
+                        }),
                     },
-                    Err(message) => Err(RowError { number, message }),
+                    Err(message) => Err(RowError {
+                        number,
+                        message,
+                        fatal: false,
+                    }),
                 });
             },
         }

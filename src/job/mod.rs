@@ -6,10 +6,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::chat::{Params, Role, Stop};
 use crate::error::Error;
-use crate::provider::Role;
+pub use crate::input::InputFormat;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// The completion tokens a request is assumed to use where no cap is set (the dry run's
+/// bound; the worst case of an unconfirmed attempt). A budget requires a real cap.
+pub const ASSUMED_MAX_OUTPUT: u64 = 4096;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,13 +38,6 @@ pub struct RawInput {
     pub id: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum InputFormat {
-    Csv,
-    Jsonl,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMessage {
@@ -55,23 +53,6 @@ pub enum ProviderKind {
     #[default]
     Openai,
     Local,
-}
-
-/// `stop` is a string or a list of strings in the API.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(untagged)]
-pub enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl Stop {
-    pub fn as_vec(&self) -> Vec<String> {
-        match self {
-            Stop::One(s) => vec![s.clone()],
-            Stop::Many(v) => v.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,44 +103,6 @@ impl RawModel {
     }
 }
 
-/// The chat completions request fields, sent as written (unset fields are not sent).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Params {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub temperature: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub top_p: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_completion_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub presence_penalty: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub frequency_penalty: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stop: Option<Stop>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user: Option<String>,
-    /// Stream the completion (server-sent events) and assemble it; usage is asked for with
-    /// `stream_options.include_usage`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stream: Option<bool>,
-    /// Any other request field, passed through verbatim (flattened into the body by the
-    /// HTTP provider, so it is not serialized here).
-    #[serde(skip)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Params {
-    /// The completion token cap the API applies, if the job sets one.
-    pub fn max_output_tokens(&self) -> Option<u64> {
-        self.max_completion_tokens.or(self.max_tokens)
-    }
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRun {
@@ -169,6 +112,11 @@ pub struct RawRun {
     pub max_retries: Option<u32>,
     pub timeout_s: Option<f64>,
     pub max_cost_usd: Option<f64>,
+    /// Seconds requests in flight get to finish after SIGTERM or Ctrl-C.
+    pub shutdown_grace_s: Option<f64>,
+    /// Seconds without one successful request, every attempt failing transiently, before
+    /// the job stops as an outage (an unreachable endpoint stops it sooner).
+    pub outage_s: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +172,8 @@ pub struct Job {
     pub max_retries: u32,
     pub timeout: Duration,
     pub max_cost_usd: Option<f64>,
+    pub shutdown_grace: Duration,
+    pub outage: Duration,
     pub output: PathBuf,
     pub csv: Option<PathBuf>,
     pub pricing: Option<Pricing>,
@@ -378,23 +328,18 @@ impl Job {
                 (name, None)
             }
             ProviderKind::Local => {
+                // No path: the default model, which `provider::build` finds in the cache.
                 let p = model
                     .path
                     .as_deref()
-                    .map(|p| expand_home(p).unwrap_or_else(|| resolve(p)))
-                    .or_else(crate::models::default_model_path)
-                    .ok_or_else(|| {
-                        bad(
-                            "model.path",
-                            "a local model needs `path` to a .gguf file".into(),
-                        )
-                    })?;
+                    .map(|p| expand_home(p).unwrap_or_else(|| resolve(p)));
                 let name = model.name.clone().unwrap_or_else(|| {
-                    p.file_stem()
+                    p.as_deref()
+                        .and_then(Path::file_stem)
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_default()
                 });
-                (name, Some(p))
+                (name, p)
             }
         };
         let base_url = model
@@ -438,12 +383,11 @@ impl Job {
         if p.max_tokens == Some(0) || p.max_completion_tokens == Some(0) {
             return Err(bad("model.max_tokens", "must be at least 1".into()));
         }
-        for reserved in ["model", "messages"] {
-            if p.extra.contains_key(reserved) {
-                return Err(bad(
-                    &format!("model.extra.{reserved}"),
-                    "is set by promptmill itself".into(),
-                ));
+        // What the job sets through its own keys is not overridden from `extra`: the request
+        // must be what the job says, and its fingerprint must mean what it covers.
+        for (reserved, owner) in RESERVED_EXTRA {
+            if p.extra.contains_key(*reserved) {
+                return Err(bad(&format!("model.extra.{reserved}"), owner.to_string()));
             }
         }
         refuse_secret_values(
@@ -475,6 +419,27 @@ impl Job {
                 ));
             }
         }
+        if max_cost_usd.is_some() && params.max_output_tokens().is_none() {
+            return Err(bad(
+                "run.max_cost_usd",
+                "a budget needs a completion cap: set [model] max_tokens (or \
+                 max_completion_tokens), since without one a request's cost has no upper bound \
+                 (reasoning models can write tens of thousands of tokens)"
+                    .into(),
+            ));
+        }
+        let seconds = |field: &str, v: Option<f64>, default: f64| -> Result<Duration, Error> {
+            let v = v.unwrap_or(default);
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(bad(
+                    field,
+                    "must be a non-negative number of seconds".into(),
+                ));
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        let shutdown_grace = seconds("run.shutdown_grace_s", run.shutdown_grace_s, 25.0)?;
+        let outage = seconds("run.outage_s", run.outage_s, 60.0)?;
         let output = ov
             .output
             .clone()
@@ -500,6 +465,8 @@ impl Job {
             max_retries: run.max_retries.unwrap_or(6),
             timeout: Duration::from_secs_f64(timeout_s),
             max_cost_usd,
+            shutdown_grace,
+            outage,
             output,
             csv,
             pricing: raw.pricing,
@@ -523,7 +490,73 @@ impl Job {
     pub fn lock_path(&self) -> PathBuf {
         sibling(&self.output, ".lock")
     }
+
+    /// `out/x.jsonl` → `out/x.KIND.jsonl`: the output's companions that hold records.
+    fn companion(&self, kind: &str) -> PathBuf {
+        let name = self
+            .output
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (stem, ext) = match name.rsplit_once('.') {
+            Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
+            _ => (name.clone(), String::new()),
+        };
+        self.output.with_file_name(format!("{stem}.{kind}{ext}"))
+    }
+
+    /// Records of rows that left the input: paid for, so never deleted.
+    pub fn stale_path(&self) -> PathBuf {
+        self.companion("stale")
+    }
+
+    /// What `--fresh` moved out of the way.
+    pub fn prev_path(&self) -> PathBuf {
+        self.companion("prev")
+    }
+
+    /// Lines of the output that were not records.
+    pub fn rejected_path(&self) -> PathBuf {
+        self.companion("rejected").with_extension("txt")
+    }
+
+    /// Unconfirmed spend of rows that ended with no record, carried across runs.
+    pub fn spend_path(&self) -> PathBuf {
+        sibling(&self.output, ".spend.json")
+    }
+
+    /// The run's plan spool (temporary).
+    pub fn plan_path(&self) -> PathBuf {
+        sibling(&self.output, ".plan")
+    }
 }
+
+/// `extra` keys the job owns, each with where to set it instead.
+const RESERVED_EXTRA: &[(&str, &str)] = &[
+    ("model", "set by [model] name"),
+    ("messages", "set by [[messages]]"),
+    ("stream", "set by [model] stream"),
+    (
+        "stream_options",
+        "set by promptmill when [model] stream = true",
+    ),
+    (
+        "n",
+        "promptmill keeps one choice per row; variants are not supported yet",
+    ),
+    ("temperature", "set by [model] temperature"),
+    ("top_p", "set by [model] top_p"),
+    ("max_tokens", "set by [model] max_tokens"),
+    (
+        "max_completion_tokens",
+        "set by [model] max_completion_tokens",
+    ),
+    ("presence_penalty", "set by [model] presence_penalty"),
+    ("frequency_penalty", "set by [model] frequency_penalty"),
+    ("stop", "set by [model] stop"),
+    ("seed", "set by [model] seed"),
+    ("user", "set by [model] user"),
+];
 
 /// `out/x.jsonl` + `.lock` → `out/x.jsonl.lock`.
 pub fn sibling(path: &Path, suffix: &str) -> PathBuf {

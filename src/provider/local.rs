@@ -33,8 +33,8 @@ use tokio::sync::oneshot;
 use super::{
     Completion, ErrorKind, Message, Provider, ProviderError, Request, Role, TokenCounter, Usage,
 };
+use crate::chat::Params;
 use crate::error::Error;
-use crate::job::Params;
 
 /// Completion cap when the job sets neither `max_tokens` nor `max_completion_tokens`.
 pub const DEFAULT_MAX_TOKENS: u64 = 256;
@@ -354,6 +354,13 @@ impl TokenCounter for LocalModel {
     fn count_prompt(&self, messages: &[Message]) -> u64 {
         self.tokenize_prompt(messages).len() as u64
     }
+
+    fn count_text(&self, text: &str) -> u64 {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .len() as u64
+    }
 }
 
 impl Provider for LocalModel {
@@ -650,13 +657,14 @@ impl<'m> Engine<'m> {
             text: seq.text,
             finish_reason: Some(reason.to_string()),
             model: Some(self.model_name.clone()),
-            usage: Usage {
+            usage: Some(Usage {
                 prompt_tokens,
                 completion_tokens: seq.generated,
                 total_tokens: prompt_tokens + seq.generated,
                 cached_tokens: None,
                 reasoning_tokens: None,
-            },
+                estimated: false,
+            }),
             rate_limits: None,
         };
         let _ = seq.reply.send(Ok(completion));
@@ -726,13 +734,13 @@ mod tests {
         ];
         let c = model.complete(&request(msgs.clone())).await.unwrap();
         assert!(!c.text.is_empty(), "empty completion");
-        assert_eq!(c.usage.prompt_tokens, model.count_prompt(&msgs));
-        assert!(c.usage.completion_tokens <= 8);
+        assert_eq!(c.usage.unwrap().prompt_tokens, model.count_prompt(&msgs));
+        assert!(c.usage.unwrap().completion_tokens <= 8);
         assert_eq!(
-            c.usage.total_tokens,
-            c.usage.prompt_tokens + c.usage.completion_tokens
+            c.usage.unwrap().total_tokens,
+            c.usage.unwrap().prompt_tokens + c.usage.unwrap().completion_tokens
         );
-        if c.usage.completion_tokens == 8 {
+        if c.usage.unwrap().completion_tokens == 8 {
             assert_eq!(c.finish_reason.as_deref(), Some("length"));
         } else {
             assert_eq!(c.finish_reason.as_deref(), Some("stop"));
@@ -775,9 +783,12 @@ mod tests {
         );
         for (r, c) in reqs.iter().zip([a, b, c, d]) {
             let c = c.unwrap();
-            assert!(!c.text.is_empty() || c.usage.completion_tokens == 0);
-            assert_eq!(c.usage.prompt_tokens, model.count_prompt(&r.messages));
-            assert!(c.usage.completion_tokens <= 8);
+            assert!(!c.text.is_empty() || c.usage.unwrap().completion_tokens == 0);
+            assert_eq!(
+                c.usage.unwrap().prompt_tokens,
+                model.count_prompt(&r.messages)
+            );
+            assert!(c.usage.unwrap().completion_tokens <= 8);
         }
         // More rows than slots: the extra rows wait for a free slot.
         let many: Vec<_> = (0..9)
@@ -800,7 +811,7 @@ mod tests {
         let Some(stop) = full.text.chars().nth(1).filter(|c| !c.is_whitespace()) else {
             return;
         };
-        p.stop = Some(crate::job::Stop::One(stop.to_string()));
+        p.stop = Some(crate::chat::Stop::One(stop.to_string()));
         let model = load(&p, 1);
         let c = model.complete(&req).await.unwrap();
         assert_eq!(c.finish_reason.as_deref(), Some("stop"));

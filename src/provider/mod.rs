@@ -7,45 +7,19 @@ pub mod openai;
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-/// A chat message as the API takes it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Message {
-    pub role: Role,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    pub content: String,
-}
+pub use crate::chat::{Message, Role};
+use crate::cost::Price;
+use crate::error::Error;
+use crate::job::{Job, ProviderKind};
+use openai::{ApiKey, OpenAi};
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    Developer,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::Developer => "developer",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-/// One row's request, rendered once by the scheduler and shared by every attempt.
-#[derive(Debug)]
-pub struct Request {
-    pub messages: Vec<Message>,
-    /// The exact JSON body the HTTP provider posts; the row's fingerprint is its hash.
-    pub body: bytes::Bytes,
-}
+pub use crate::request::Request;
 
 /// Token usage as the provider reports it.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -59,6 +33,9 @@ pub struct Usage {
     /// Reasoning tokens; already part of `completion_tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_tokens: Option<u64>,
+    /// True when the server sent no usage and these counts come from the tokenizer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
 }
 
 /// What the provider's rate-limit headers said (OpenAI's `x-ratelimit-*`).
@@ -78,7 +55,8 @@ pub struct Completion {
     pub finish_reason: Option<String>,
     /// The model name as the provider returned it (a dated snapshot, often).
     pub model: Option<String>,
-    pub usage: Usage,
+    /// `None` when the server sent no usage (the scheduler then counts with the tokenizer).
+    pub usage: Option<Usage>,
     pub rate_limits: Option<RateLimits>,
 }
 
@@ -114,6 +92,12 @@ pub enum Disposition {
 }
 
 impl ErrorKind {
+    /// The API's verdict on the request itself: sending it again gives the same answer, so a
+    /// rerun leaves it unless `--retry-failed`. Every other recorded failure is transient.
+    pub fn is_final_verdict(self) -> bool {
+        matches!(self, ErrorKind::BadRequest | ErrorKind::Model)
+    }
+
     pub fn disposition(self) -> Disposition {
         match self {
             ErrorKind::RateLimited
@@ -137,6 +121,12 @@ pub struct ProviderError {
     /// From `retry-after-ms` / `retry-after`.
     pub retry_after: Option<Duration>,
     pub rate_limits: Option<RateLimits>,
+    /// The endpoint could not be reached at all (DNS, connection refused, TLS): nothing was
+    /// sent, and the circuit breaker counts it as an outage.
+    pub unreachable: bool,
+    /// The request reached the server and may have been billed, though no usable completion
+    /// came back (a timeout after sending, a cut stream, an unusable 200).
+    pub maybe_billed: bool,
 }
 
 impl ProviderError {
@@ -147,6 +137,8 @@ impl ProviderError {
             message: message.into(),
             retry_after: None,
             rate_limits: None,
+            unreachable: false,
+            maybe_billed: false,
         }
     }
 }
@@ -154,6 +146,8 @@ impl ProviderError {
 /// Counts a chat request's prompt tokens with the model's own tokenizer.
 pub trait TokenCounter: Send + Sync {
     fn count_prompt(&self, messages: &[Message]) -> u64;
+    /// A completion's tokens, for servers that send no usage.
+    fn count_text(&self, text: &str) -> u64;
 }
 
 /// A backend that turns one request into one completion. Retries, pacing and journaling are
@@ -165,4 +159,151 @@ pub trait Provider: Send + Sync {
     fn is_billed(&self) -> bool {
         true
     }
+}
+
+/// The provider for a run, the tokenizer whose counts match it, and who it is.
+pub struct Backend {
+    pub provider: Arc<dyn Provider>,
+    pub counter: Arc<dyn TokenCounter>,
+    /// The job's `[pricing]`, or `None` to look the returned model up in the built-in table.
+    pub pricing: Option<Price>,
+    /// Who answers, as the fingerprint knows it (`request::provider_identity`).
+    pub identity: String,
+}
+
+impl Backend {
+    /// The price of a completion from `model` (as returned), falling back to the job's model.
+    pub fn price_for(&self, returned: Option<&str>, job_model: &str) -> Option<Price> {
+        if !self.provider.is_billed() {
+            return Some(Price {
+                input: 0.0,
+                cached_input: 0.0,
+                output: 0.0,
+            });
+        }
+        self.pricing
+            .or_else(|| returned.and_then(crate::cost::lookup))
+            .or_else(|| crate::cost::lookup(job_model))
+    }
+}
+
+/// The local model file: the job's `path`, else the fetched default.
+pub fn local_model_path(job: &Job) -> Result<PathBuf, Error> {
+    job.model_path
+        .clone()
+        .or_else(crate::models::default_model_path)
+        .ok_or_else(|| Error::Model {
+            path: "(no path)".into(),
+            message: "no model path and no cache folder (set HOME or PROMPTMILL_MODEL_DIR)".into(),
+        })
+}
+
+/// The provider for the job, and the tokenizer whose counts match it. Checks the key (HTTP)
+/// or loads the model (local) before anything is sent.
+pub fn build(job: &Job, need_provider: bool) -> Result<Backend, Error> {
+    let pricing = job.pricing.map(Price::from);
+    match job.provider {
+        ProviderKind::Openai => {
+            let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
+            let provider: Arc<dyn Provider> = if need_provider {
+                let key = std::env::var(&job.api_key_env)
+                    .ok()
+                    .filter(|k| !k.trim().is_empty());
+                // Local servers (llama.cpp, Ollama, vLLM on this machine) usually need no key.
+                if key.is_none() && !is_loopback(&job.base_url) {
+                    return Err(Error::MissingKey {
+                        var: job.api_key_env.clone(),
+                    });
+                }
+                let stream = job.params.stream.unwrap_or(false);
+                Arc::new(
+                    OpenAi::new(
+                        &job.base_url,
+                        key.map(ApiKey::new),
+                        job.timeout,
+                        job.concurrency,
+                        stream,
+                    )
+                    .map_err(Error::Other)?,
+                )
+            } else {
+                Arc::new(NoProvider)
+            };
+            Ok(Backend {
+                provider,
+                counter,
+                pricing,
+                identity: crate::request::provider_identity(job, None),
+            })
+        }
+        ProviderKind::Local => local_backend(job, pricing),
+    }
+}
+
+#[cfg(feature = "local")]
+fn local_backend(job: &Job, pricing: Option<Price>) -> Result<Backend, Error> {
+    let path = local_model_path(job)?;
+    let name = if job.model.is_empty() {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        job.model.clone()
+    };
+    // The file's checksum is part of every row's fingerprint: another file is another model.
+    crate::models::check_model_file(&path)?;
+    let sha = crate::models::sha256_file(&path)?;
+    let model = local::LocalModel::load(
+        &path,
+        &name,
+        &job.params,
+        job.concurrency,
+        job.context_tokens,
+    )?;
+    Ok(Backend {
+        provider: model.clone(),
+        counter: model,
+        pricing,
+        identity: crate::request::provider_identity(job, Some(&sha)),
+    })
+}
+
+#[cfg(not(feature = "local"))]
+fn local_backend(job: &Job, _pricing: Option<Price>) -> Result<Backend, Error> {
+    Err(Error::Job {
+        path: job.file.clone(),
+        field: "model.provider".into(),
+        message:
+            "this promptmill was built without the `local` feature; rebuild with default features"
+                .into(),
+    })
+}
+
+/// Stands in for the provider where nothing is sent (estimate, render).
+struct NoProvider;
+
+impl Provider for NoProvider {
+    fn complete<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> futures::future::BoxFuture<'a, Result<Completion, ProviderError>> {
+        Box::pin(async {
+            Err(ProviderError::new(
+                ErrorKind::BadRequest,
+                "nothing is sent in this mode",
+            ))
+        })
+    }
+}
+
+pub fn is_loopback(url: &str) -> bool {
+    let rest = url.split("://").nth(1).unwrap_or("");
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = if host.starts_with('[') {
+        host.split(']').next().unwrap_or("").trim_start_matches('[')
+    } else {
+        host.split(':').next().unwrap_or("")
+    };
+    host == "localhost" || host.starts_with("127.") || host == "::1"
 }

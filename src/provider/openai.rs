@@ -9,7 +9,7 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
 
 use super::{Completion, ErrorKind, Message, Provider, ProviderError, RateLimits, Request, Usage};
-use crate::job::Params;
+use crate::chat::Params;
 
 /// The API key, kept out of every `Debug` and `Display`.
 #[derive(Clone)]
@@ -149,10 +149,7 @@ impl OpenAi {
         if !pending.is_empty() && acc.line(&pending)? {
             return acc.finish();
         }
-        Err(ProviderError::new(
-            ErrorKind::InvalidResponse,
-            "the stream ended before `data: [DONE]`",
-        ))
+        Err(invalid("the stream ended before `data: [DONE]`"))
     }
 
     fn scrub(&self, text: &str) -> String {
@@ -168,6 +165,8 @@ impl OpenAi {
         } else {
             ErrorKind::Connection
         };
+        // A connect failure sent nothing; anything later may have reached the model.
+        let unreachable = e.is_connect();
         // reqwest's Display stops at the top error; the cause says "connection reset" etc.
         let e = e.without_url();
         let mut msg = e.to_string();
@@ -177,7 +176,10 @@ impl OpenAi {
             msg.push_str(&s.to_string());
             src = s.source();
         }
-        ProviderError::new(kind, self.scrub(&msg))
+        let mut err = ProviderError::new(kind, self.scrub(&msg));
+        err.unreachable = unreachable;
+        err.maybe_billed = !unreachable;
+        err
     }
 
     fn status_error(
@@ -221,6 +223,8 @@ impl OpenAi {
             message,
             retry_after,
             rate_limits,
+            unreachable: false,
+            maybe_billed: false,
         }
     }
 }
@@ -297,12 +301,16 @@ impl From<ApiUsage> for Usage {
                 .unwrap_or(u.prompt_tokens + u.completion_tokens),
             cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
+            estimated: false,
         }
     }
 }
 
+/// A 200 whose body is not a usable completion: the server may have billed it.
 fn invalid(msg: impl Into<String>) -> ProviderError {
-    ProviderError::new(ErrorKind::InvalidResponse, msg)
+    let mut e = ProviderError::new(ErrorKind::InvalidResponse, msg);
+    e.maybe_billed = true;
+    e
 }
 
 pub(crate) fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError> {
@@ -320,7 +328,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError>
         text: msg.content.or(msg.refusal).unwrap_or_default(),
         finish_reason: choice.finish_reason,
         model: r.model,
-        usage: r.usage.map(Usage::from).unwrap_or_default(),
+        usage: r.usage.map(Usage::from),
         rate_limits: None,
     })
 }
@@ -395,7 +403,7 @@ impl StreamAcc {
             text: self.text,
             finish_reason: self.finish_reason,
             model: self.model,
-            usage: self.usage.unwrap_or_default(),
+            usage: self.usage,
             rate_limits: None,
         })
     }
@@ -488,9 +496,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.text, "hi");
-        assert_eq!(c.usage.cached_tokens, Some(4));
-        assert_eq!(c.usage.reasoning_tokens, Some(2));
+        let u = c.usage.unwrap();
+        assert_eq!(u.cached_tokens, Some(4));
+        assert_eq!(u.reasoning_tokens, Some(2));
         assert_eq!(c.model.as_deref(), Some("gpt-4o-2024-08-06"));
+    }
+
+    #[test]
+    fn a_body_without_usage_has_none_not_zero() {
+        let c = parse_completion(
+            br#"{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.usage, None);
     }
 
     #[test]

@@ -1,0 +1,851 @@
+//! The ledger: what the journal says is done, known by request rather than by position.
+//!
+//! A row's key is its request fingerprint (and its id's hash, when the job names an id
+//! column); an unreadable row's key is a hash of its row number and error. The index of those
+//! keys is loaded once, by the one parser in `journal`, for resuming and for compacting.
+//!
+//! During a run the planner writes the plan spool: one line per input row, in input order,
+//! naming the row's key (and its current id and fields when its record must be rewritten).
+//! Compaction walks the spool and writes each row's record in input order; a second row with
+//! the same request gets a copy that says where it came from. Records no row asked for moved
+//! to `OUTPUT.stale.jsonl` (they were paid for); lines that are not records to
+//! `OUTPUT.rejected.txt`. Nothing is deleted but superseded records that cost nothing.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+use crate::journal::{self, io_err, Line};
+use crate::output::{CopiedFrom, Record, Status};
+use crate::provider::ErrorKind;
+use crate::request::fingerprint_bytes;
+
+/// How a key's latest record ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// The API's verdict (400, 404, 422, …): sent again only with `--retry-failed`.
+    FailedFinal,
+    /// Connection, timeout, 5xx or 429 after all retries: sent again by a plain rerun.
+    FailedTransient,
+    /// The row could not be read or rendered.
+    Input,
+}
+
+const OUTCOME_MASK: u8 = 3;
+const COPY: u8 = 4;
+/// The line records money: a cost or an unconfirmed cost.
+const PAID: u8 = 8;
+const REFERENCED: u8 = 16;
+
+/// One key's latest record. 48 bytes: a 1,000,000-row output's index is under 50 MB.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub fp: [u8; 16],
+    /// The id's hash when the job has an id column, else 0.
+    pub idh: u64,
+    /// Hash of (row, id, input) as written, 0 when the line must be rewritten anyway; equal
+    /// to the current row's [`ident`] when the record can be kept byte for byte.
+    pub ident: u64,
+    pub offset: u64,
+    /// The first row that took this record during compaction: later rows copy from it.
+    first_row: u32,
+    flags: u8,
+}
+
+impl Entry {
+    pub fn outcome(&self) -> Outcome {
+        match self.flags & OUTCOME_MASK {
+            0 => Outcome::Ok,
+            1 => Outcome::FailedFinal,
+            2 => Outcome::FailedTransient,
+            _ => Outcome::Input,
+        }
+    }
+    pub fn is_copy(&self) -> bool {
+        self.flags & COPY != 0
+    }
+    fn key(&self) -> ([u8; 16], u64) {
+        (self.fp, self.idh)
+    }
+}
+
+/// Whether the id column is part of a row's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keying {
+    pub by_id: bool,
+}
+
+impl Keying {
+    pub fn id_hash(&self, id: &str) -> u64 {
+        if !self.by_id {
+            return 0;
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        id.hash(&mut h);
+        h.finish() | 1
+    }
+}
+
+/// The identity of a row's record as written: its number, id and fields.
+pub fn ident(row: u64, id: &str, input_json: &[u8]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    row.hash(&mut h);
+    id.hash(&mut h);
+    input_json.hash(&mut h);
+    h.finish() | 1
+}
+
+/// The key of an unreadable row's record: same row, same error, same record.
+pub fn input_error_key(row: u64, message: &str) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(b"input-error\0");
+    h.update(row.to_le_bytes());
+    h.update(message.as_bytes());
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize()[..16]);
+    out
+}
+
+pub fn error_outcome(kind: ErrorKind) -> Outcome {
+    match kind {
+        ErrorKind::Input => Outcome::Input,
+        k if k.is_final_verdict() => Outcome::FailedFinal,
+        _ => Outcome::FailedTransient,
+    }
+}
+
+/// Everything the journal (and the stale file) says, loaded once.
+#[derive(Default)]
+pub struct Index {
+    /// Sorted by key; one entry per key.
+    entries: Vec<Entry>,
+    /// Records replaced by a later record of the same key that cost money: kept, as stale.
+    superseded_paid: Vec<u64>,
+    /// (line number, offset) of lines that are not records.
+    pub unreadable: Vec<(u64, u64)>,
+    pub records: u64,
+    /// Cost of every record in the output (the stale file's is `stale_spend`).
+    pub spent_usd: f64,
+    /// Worst-case cost of attempts that may have been billed without a usable completion.
+    pub unconfirmed_usd: f64,
+    pub mean_completion_tokens: Option<f64>,
+}
+
+impl Index {
+    /// Reads the journal at `path` (and the stale file's spend). Memory: 48 bytes per key.
+    pub fn load(path: &Path, keying: Keying) -> Result<Index, Error> {
+        let mut ix = Index::default();
+        let mut last_dedup = 0usize;
+        let (mut ok_rows, mut ok_tokens) = (0u64, 0u64);
+        journal::for_each_line(path, |offset, number, bytes| {
+            let line = match journal::parse_line(bytes) {
+                Ok(Some(l)) => l,
+                Ok(None) => return Ok(()),
+                Err(why) => {
+                    if ix.unreadable.len() < 5 {
+                        tracing::warn!(
+                            "{}: line {number} is not a record ({why}); it is kept aside",
+                            path.display()
+                        );
+                    }
+                    ix.unreadable.push((number, offset));
+                    return Ok(());
+                }
+            };
+            let Some(e) = entry_of(&line, bytes, offset, keying) else {
+                if ix.unreadable.len() < 5 {
+                    tracing::warn!(
+                        "{}: line {number} has a malformed fingerprint; it is kept aside",
+                        path.display()
+                    );
+                }
+                ix.unreadable.push((number, offset));
+                return Ok(());
+            };
+            ix.records += 1;
+            ix.spent_usd += line.cost_usd.unwrap_or(0.0);
+            ix.unconfirmed_usd += line.unconfirmed_usd.unwrap_or(0.0);
+            if line.status == Status::Ok && line.copied_from.is_none() {
+                if let Some(u) = &line.usage {
+                    ok_rows += 1;
+                    ok_tokens += u.completion_tokens;
+                }
+            }
+            ix.entries.push(e);
+            // Keep duplicates (reruns of a key) from piling up in memory.
+            if ix.entries.len() >= 1024 && ix.entries.len() >= 2 * last_dedup {
+                ix.dedup();
+                last_dedup = ix.entries.len();
+            }
+            Ok(())
+        })?;
+        if ix.unreadable.len() > 5 {
+            tracing::warn!(
+                "{}: {} lines in all are not records; they are kept aside",
+                path.display(),
+                ix.unreadable.len()
+            );
+        }
+        ix.dedup();
+        if ok_rows > 0 {
+            ix.mean_completion_tokens = Some(ok_tokens as f64 / ok_rows as f64);
+        }
+        Ok(ix)
+    }
+
+    /// One entry per key: the latest original record, else the latest copy.
+    fn dedup(&mut self) {
+        self.entries.sort_unstable_by(|a, b| {
+            a.key()
+                .cmp(&b.key())
+                .then((!a.is_copy()).cmp(&!b.is_copy()))
+                .then(a.offset.cmp(&b.offset))
+        });
+        let mut out: Vec<Entry> = Vec::with_capacity(self.entries.len());
+        for e in self.entries.drain(..) {
+            if let Some(last) = out.last_mut() {
+                if last.key() == e.key() {
+                    if last.flags & PAID != 0 {
+                        self.superseded_paid.push(last.offset);
+                    }
+                    *last = e;
+                    continue;
+                }
+            }
+            out.push(e);
+        }
+        out.shrink_to_fit();
+        self.entries = out;
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn position(&self, fp: &[u8; 16], idh: u64) -> Option<usize> {
+        self.entries
+            .binary_search_by(|e| e.key().cmp(&(*fp, idh)))
+            .ok()
+    }
+
+    pub fn get(&self, fp: &[u8; 16], idh: u64) -> Option<&Entry> {
+        self.position(fp, idh).map(|i| &self.entries[i])
+    }
+
+    /// A record of the same request under any id, to copy from: an ok original first.
+    fn source_index(&self, fp: &[u8; 16], ok_only: bool) -> Option<usize> {
+        let start = self.entries.partition_point(|e| e.fp < *fp);
+        let end = start + self.entries[start..].partition_point(|e| e.fp == *fp);
+        let rank = |e: &Entry| {
+            (
+                e.outcome() == Outcome::Ok,
+                !e.is_copy(),
+                e.flags & REFERENCED != 0,
+            )
+        };
+        (start..end)
+            .filter(|&i| !ok_only || self.entries[i].outcome() == Outcome::Ok)
+            .max_by_key(|&i| rank(&self.entries[i]))
+    }
+
+    /// Whether an ok record of this request exists under any id.
+    pub fn has_ok_source(&self, fp: &[u8; 16]) -> bool {
+        self.source_index(fp, true).is_some()
+    }
+}
+
+fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -> Option<Entry> {
+    let outcome = match (&line.status, &line.error) {
+        (Status::Ok, _) => Outcome::Ok,
+        (Status::Error, Some(e)) => error_outcome(e.kind),
+        (Status::Error, None) => Outcome::FailedTransient,
+    };
+    let (fp, idh) = match (&line.fingerprint, outcome) {
+        (Some(f), _) => (fingerprint_bytes(f)?, keying.id_hash(&line.id)),
+        (None, Outcome::Input) => {
+            let msg = line
+                .error
+                .as_ref()
+                .map(|e| e.message.as_ref())
+                .unwrap_or("");
+            (input_error_key(line.row, msg), 0)
+        }
+        // A failure without a request fingerprint that is not an input error: nothing to key
+        // it by; it is superseded by whatever the row gets next.
+        (None, _) => (input_error_key(line.row, "no fingerprint"), 0),
+    };
+    let ident = if journal::is_canonical(bytes) {
+        let input = line.input.map(|r| r.get().as_bytes()).unwrap_or(b"{}");
+        ident(line.row, &line.id, input)
+    } else {
+        0
+    };
+    let mut flags = outcome as u8;
+    if line.copied_from.is_some() {
+        flags |= COPY;
+    }
+    if line.cost_usd.unwrap_or(0.0) > 0.0 || line.unconfirmed_usd.unwrap_or(0.0) > 0.0 {
+        flags |= PAID;
+    }
+    Some(Entry {
+        fp,
+        idh,
+        ident,
+        offset,
+        first_row: 0,
+        flags,
+    })
+}
+
+/// The total spend recorded in a stale file (records moved out of the output).
+pub fn stale_spend(path: &Path) -> Result<f64, Error> {
+    let mut total = 0.0;
+    journal::for_each_line(path, |_, _, bytes| {
+        if let Ok(Some(l)) = journal::parse_line(bytes) {
+            total += l.cost_usd.unwrap_or(0.0) + l.unconfirmed_usd.unwrap_or(0.0);
+        }
+        Ok(())
+    })?;
+    Ok(total)
+}
+
+/// Unconfirmed spend of attempts whose rows ended with no record (stopped, interrupted),
+/// carried across runs in `OUTPUT.spend.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Carried {
+    pub unconfirmed_usd: f64,
+}
+
+impl Carried {
+    pub fn read(path: &Path) -> Result<Carried, Error> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Input {
+                path: path.to_path_buf(),
+                message: format!("not a spend file: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Carried::default()),
+            Err(e) => Err(io_err(path, e)),
+        }
+    }
+
+    pub fn write(&self, path: &Path) -> Result<(), Error> {
+        let tmp = crate::job::sibling(path, ".tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self).expect("serializes"))
+            .map_err(|e| io_err(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    }
+}
+
+/// One input row in the plan spool.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Planned {
+    pub row: u64,
+    /// Hex of the key's fingerprint part.
+    pub fp: String,
+    #[serde(default)]
+    pub idh: u64,
+    /// Present when the row's record must be rewritten (renumbered, changed fields, a copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<Map<String, Value>>,
+}
+
+/// The plan spool's writer: one line per input row, in input order. A temporary file beside
+/// the output, read by compaction and removed after it.
+pub struct Spool {
+    path: PathBuf,
+    w: BufWriter<File>,
+    line: Vec<u8>,
+}
+
+impl Spool {
+    pub fn create(path: &Path) -> Result<Spool, Error> {
+        let f = File::create(path).map_err(|e| io_err(path, e))?;
+        Ok(Spool {
+            path: path.to_path_buf(),
+            w: BufWriter::with_capacity(256 * 1024, f),
+            line: Vec::with_capacity(1024),
+        })
+    }
+
+    pub fn push(&mut self, p: &Planned) -> Result<(), Error> {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, p).expect("a plan line serializes");
+        self.line.push(b'\n');
+        self.w
+            .write_all(&self.line)
+            .map_err(|e| io_err(&self.path, e))
+    }
+
+    pub fn finish(self) -> Result<PathBuf, Error> {
+        let path = self.path.clone();
+        self.w
+            .into_inner()
+            .map_err(|e| io_err(&path, e.into_error()))?;
+        Ok(path)
+    }
+}
+
+/// Where compaction puts what it takes out of the output.
+pub struct Sidecars {
+    pub stale: PathBuf,
+    pub rejected: PathBuf,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub rows: u64,
+    pub copies: u64,
+    pub pending: u64,
+    pub stale: u64,
+    pub rejected: u64,
+    pub rewritten: bool,
+}
+
+/// Rewrites the output in input order from the plan spool. `complete`: the spool covers the
+/// whole current input (the run read it to the end); otherwise records no row asked for stay
+/// in the output, after the ordered rows, for the rows not reached yet.
+pub fn compact(
+    output: &Path,
+    spool: &Path,
+    complete: bool,
+    keying: Keying,
+    side: &Sidecars,
+) -> Result<Compacted, Error> {
+    let mut ix = Index::load(output, keying)?;
+    let mut report = Compacted::default();
+    let tmp = crate::job::sibling(output, ".compact");
+    let mut out =
+        BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
+    let mut src = match File::open(output) {
+        Ok(f) => Some(BufReader::with_capacity(256 * 1024, f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(output, e)),
+    };
+    let mut pos = 0u64; // where `src` stands
+    let mut expect = 0u64; // the offset a verbatim copy of the file would read next
+    let mut in_place = true;
+    let mut buf = Vec::new();
+    let wr = |out: &mut BufWriter<File>, b: &[u8]| out.write_all(b).map_err(|e| io_err(&tmp, e));
+
+    let spool_file = File::open(spool).map_err(|e| io_err(spool, e))?;
+    let mut line = String::new();
+    let mut spool_rdr = BufReader::with_capacity(256 * 1024, spool_file);
+    let mut spool_line = 0u64;
+    loop {
+        line.clear();
+        if spool_rdr
+            .read_line(&mut line)
+            .map_err(|e| io_err(spool, e))?
+            == 0
+        {
+            break;
+        }
+        spool_line += 1;
+        let p: Planned = serde_json::from_str(&line).map_err(|e| Error::Input {
+            path: spool.to_path_buf(),
+            message: format!("line {spool_line}: {e}"),
+        })?;
+        let fp = fingerprint_bytes(&p.fp).ok_or_else(|| Error::Input {
+            path: spool.to_path_buf(),
+            message: format!("line {spool_line}: bad key"),
+        })?;
+        // The row's own record, unless an earlier row already took it; else a copy of the
+        // same request's record.
+        let (i, copy) = match ix.position(&fp, p.idh) {
+            Some(i) if ix.entries[i].flags & REFERENCED == 0 => (i, false),
+            Some(i) => (i, true),
+            None => match ix.source_index(&fp, false) {
+                Some(i) => (i, true),
+                None => {
+                    report.pending += 1;
+                    in_place = false;
+                    continue;
+                }
+            },
+        };
+        let e = ix.entries[i];
+        let Some(rdr) = src.as_mut() else {
+            unreachable!("an index entry implies an output file")
+        };
+        read_line_at(rdr, &mut pos, e.offset, &mut buf).map_err(|err| io_err(output, err))?;
+        if !copy {
+            ix.entries[i].flags |= REFERENCED;
+            ix.entries[i].first_row = p.row.min(u32::MAX as u64) as u32;
+        }
+        let verbatim = !copy && p.input.is_none() && e.ident != 0;
+        if verbatim {
+            if e.offset != expect {
+                in_place = false;
+            }
+            expect = e.offset + buf.len() as u64;
+            wr(&mut out, &buf)?;
+        } else {
+            in_place = false;
+            let mut r: Record =
+                serde_json::from_slice(buf.trim_ascii()).map_err(|err| Error::Input {
+                    path: output.to_path_buf(),
+                    message: format!("the record at byte {}: {err}", e.offset),
+                })?;
+            if copy {
+                report.copies += 1;
+                let from_row = if e.flags & REFERENCED != 0 && e.first_row > 0 {
+                    e.first_row as u64
+                } else {
+                    r.row
+                };
+                r.copied_from = Some(CopiedFrom {
+                    row: from_row,
+                    id: r.id.clone(),
+                });
+                r.usage = None;
+                r.cost_usd = Some(0.0);
+                r.unconfirmed_usd = None;
+                r.attempts = 0;
+                r.latency_ms = 0;
+            }
+            r.row = p.row;
+            if let Some(id) = p.id {
+                r.id = id;
+            }
+            if let Some(input) = p.input {
+                r.input = input;
+            }
+            let mut s = serde_json::to_vec(&r).expect("a record serializes");
+            s.push(b'\n');
+            wr(&mut out, &s)?;
+        }
+        report.rows += 1;
+    }
+
+    // What no row took: stale when the whole input was read, else kept for the rows to come.
+    let mut leftover: Vec<(u64, bool)> = ix
+        .entries
+        .iter()
+        .filter(|e| e.flags & REFERENCED == 0)
+        .map(|e| (e.offset, e.outcome() == Outcome::Input))
+        .collect();
+    leftover.sort_unstable();
+    let mut stale: Vec<u64> = ix.superseded_paid.clone();
+    for (offset, input_error) in &leftover {
+        if complete {
+            if !input_error {
+                stale.push(*offset);
+            }
+        } else if let Some(rdr) = src.as_mut() {
+            read_line_at(rdr, &mut pos, *offset, &mut buf).map_err(|e| io_err(output, e))?;
+            if *offset != expect {
+                in_place = false;
+            }
+            expect = offset + buf.len() as u64;
+            wr(&mut out, &buf)?;
+        }
+    }
+    if complete && !leftover.is_empty() {
+        in_place = false;
+    }
+    if !ix.superseded_paid.is_empty() || !ix.unreadable.is_empty() {
+        in_place = false;
+    }
+    let file_len = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    // Superseded lines that cost nothing are dropped: they too make the file change.
+    if expect != file_len {
+        in_place = false;
+    }
+    let out = out.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
+    if in_place {
+        drop(out);
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(report);
+    }
+    out.sync_all().map_err(|e| io_err(&tmp, e))?;
+    drop(out);
+
+    // Move aside first, then replace: a crash in between leaves a line twice, never none.
+    stale.sort_unstable();
+    if let Some(rdr) = src.as_mut() {
+        report.stale = append_lines(rdr, &mut pos, &stale, &side.stale, output)?;
+        let rejected: Vec<u64> = ix.unreadable.iter().map(|&(_, o)| o).collect();
+        report.rejected = append_lines(rdr, &mut pos, &rejected, &side.rejected, output)?;
+    }
+    if report.stale > 0 {
+        tracing::info!(
+            "{}: {} records of rows no longer in the input moved to {}",
+            output.display(),
+            report.stale,
+            side.stale.display()
+        );
+    }
+    if report.rejected > 0 {
+        tracing::warn!(
+            "{}: {} lines that are not records moved to {} (line numbers: {})",
+            output.display(),
+            report.rejected,
+            side.rejected.display(),
+            ix.unreadable
+                .iter()
+                .take(10)
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    std::fs::rename(&tmp, output).map_err(|e| io_err(output, e))?;
+    report.rewritten = true;
+    Ok(report)
+}
+
+fn read_line_at(
+    rdr: &mut BufReader<File>,
+    pos: &mut u64,
+    offset: u64,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    // Records are mostly in order already, so most moves stay inside the read buffer.
+    if offset != *pos {
+        rdr.seek_relative(offset as i64 - *pos as i64)?;
+    }
+    buf.clear();
+    let n = rdr.read_until(b'\n', buf)?;
+    if buf.last() != Some(&b'\n') {
+        buf.push(b'\n');
+    }
+    *pos = offset + n as u64;
+    Ok(())
+}
+
+/// Appends the lines at `offsets` to `dest` and syncs it; returns how many.
+fn append_lines(
+    rdr: &mut BufReader<File>,
+    pos: &mut u64,
+    offsets: &[u64],
+    dest: &Path,
+    output: &Path,
+) -> Result<u64, Error> {
+    if offsets.is_empty() {
+        return Ok(0);
+    }
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dest)
+        .map_err(|e| io_err(dest, e))?;
+    let mut w = BufWriter::new(f);
+    let mut buf = Vec::new();
+    let mut seen = HashSet::new();
+    let mut n = 0;
+    for &o in offsets {
+        if !seen.insert(o) {
+            continue;
+        }
+        read_line_at(rdr, pos, o, &mut buf).map_err(|e| io_err(output, e))?;
+        w.write_all(&buf).map_err(|e| io_err(dest, e))?;
+        n += 1;
+    }
+    let f = w.into_inner().map_err(|e| io_err(dest, e.into_error()))?;
+    f.sync_all().map_err(|e| io_err(dest, e))?;
+    Ok(n)
+}
+
+/// Appends a whole file to `dest` (creating it), then removes it: `--fresh` keeps what an
+/// earlier output holds instead of deleting it.
+pub fn move_appending(from: &Path, dest: &Path) -> Result<bool, Error> {
+    let mut f = match File::open(from) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err(from, e)),
+    };
+    let mut d = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dest)
+        .map_err(|e| io_err(dest, e))?;
+    let mut head = [0u8; 1];
+    let nonempty = f.read(&mut head).map_err(|e| io_err(from, e))? > 0;
+    if nonempty {
+        f.seek(SeekFrom::Start(0)).map_err(|e| io_err(from, e))?;
+        std::io::copy(&mut f, &mut d).map_err(|e| io_err(dest, e))?;
+        d.sync_all().map_err(|e| io_err(dest, e))?;
+    }
+    std::fs::remove_file(from).map_err(|e| io_err(from, e))?;
+    Ok(nonempty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(row: u64, id: &str, fp: u8, status: &str, extra: &str) -> String {
+        format!(
+            r#"{{"row":{row},"id":"{id}","status":"{status}","input":{{"t":"{id}"}},"completion":"c{id}","finish_reason":null,"model":null,"usage":null,"cost_usd":0.5,"attempts":1,"latency_ms":1,"fingerprint":"{}","error":{}{extra}}}"#,
+            crate::request::hex(&[fp; 16]),
+            if status == "ok" {
+                "null".to_string()
+            } else {
+                r#"{"kind":"server","status":500,"message":"boom"}"#.to_string()
+            }
+        )
+    }
+
+    fn planned(row: u64, fp: u8, input: Option<&str>) -> String {
+        let mut p = Planned {
+            row,
+            fp: crate::request::hex(&[fp; 16]),
+            idh: 0,
+            id: None,
+            input: None,
+        };
+        if let Some(t) = input {
+            p.id = Some(row.to_string());
+            p.input = Some(serde_json::from_str(&format!(r#"{{"t":"{t}"}}"#)).unwrap());
+        }
+        serde_json::to_string(&p).unwrap() + "\n"
+    }
+
+    fn side(dir: &Path) -> Sidecars {
+        Sidecars {
+            stale: dir.join("stale.jsonl"),
+            rejected: dir.join("rejected.txt"),
+        }
+    }
+
+    const BY_FP: Keying = Keying { by_id: false };
+
+    #[test]
+    fn the_latest_original_wins_and_paid_superseded_records_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.jsonl");
+        let text = [
+            rec(1, "1", 1, "error", ""),
+            rec(1, "1", 1, "ok", ""),
+            rec(2, "2", 2, "ok", ""),
+        ]
+        .join("\n")
+            + "\n";
+        std::fs::write(&out, &text).unwrap();
+        let ix = Index::load(&out, BY_FP).unwrap();
+        assert_eq!(ix.len(), 2);
+        assert_eq!(ix.get(&[1; 16], 0).unwrap().outcome(), Outcome::Ok);
+        assert_eq!(ix.records, 3);
+        assert!((ix.spent_usd - 1.5).abs() < 1e-9);
+        let spool = dir.path().join("plan");
+        std::fs::write(&spool, planned(1, 1, None) + &planned(2, 2, None)).unwrap();
+        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        assert_eq!((c.rows, c.stale, c.rewritten), (2, 1, true));
+        let stale = std::fs::read_to_string(dir.path().join("stale.jsonl")).unwrap();
+        assert!(stale.contains("\"error\""), "{stale}");
+    }
+
+    #[test]
+    fn compaction_follows_the_input_and_moves_rows_that_left_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.jsonl");
+        let text = [
+            rec(1, "1", 1, "ok", ""),
+            rec(2, "2", 2, "ok", ""),
+            rec(3, "3", 3, "ok", ""),
+        ]
+        .join("\n")
+            + "\n";
+        std::fs::write(&out, &text).unwrap();
+        // The input is now: a new row (pending), row 3 (renumbered to 2), row 1 (to 3), and a
+        // duplicate of the old row 1's request.
+        let spool = dir.path().join("plan");
+        std::fs::write(
+            &spool,
+            planned(1, 9, None)
+                + &planned(2, 3, Some("3"))
+                + &planned(3, 1, Some("1"))
+                + &planned(4, 1, Some("dup")),
+        )
+        .unwrap();
+        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        assert_eq!((c.rows, c.pending, c.copies, c.stale), (3, 1, 1, 1));
+        let recs: Vec<Value> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let rows: Vec<(u64, &str)> = recs
+            .iter()
+            .map(|r| {
+                (
+                    r["row"].as_u64().unwrap(),
+                    r["completion"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(rows, [(2, "c3"), (3, "c1"), (4, "c1")]);
+        assert_eq!(recs[2]["copied_from"]["row"], 3);
+        assert_eq!(recs[2]["cost_usd"], 0.0);
+        assert_eq!(recs[2]["input"]["t"], "dup");
+        let stale = std::fs::read_to_string(dir.path().join("stale.jsonl")).unwrap();
+        assert!(stale.contains("\"c2\""));
+    }
+
+    #[test]
+    fn an_unchanged_output_is_not_rewritten_and_foreign_lines_are_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.jsonl");
+        let a = rec(1, "1", 1, "ok", "");
+        let b = rec(2, "2", 2, "ok", "");
+        std::fs::write(&out, format!("{a}\n{b}\n")).unwrap();
+        let spool = dir.path().join("plan");
+        std::fs::write(&spool, planned(1, 1, None) + &planned(2, 2, None)).unwrap();
+        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        assert!(!c.rewritten);
+        std::fs::write(&out, format!("{a}\ngarbage\n{b}\n")).unwrap();
+        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        assert_eq!((c.rows, c.rejected, c.rewritten), (2, 1, true));
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            format!("{a}\n{b}\n")
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("rejected.txt")).unwrap(),
+            "garbage\n"
+        );
+    }
+
+    #[test]
+    fn a_partial_plan_keeps_the_records_of_rows_not_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.jsonl");
+        let text = [rec(2, "2", 2, "ok", ""), rec(1, "1", 1, "ok", "")].join("\n") + "\n";
+        std::fs::write(&out, &text).unwrap();
+        let spool = dir.path().join("plan");
+        std::fs::write(&spool, planned(1, 1, None)).unwrap();
+        let c = compact(&out, &spool, false, BY_FP, &side(dir.path())).unwrap();
+        assert_eq!((c.rows, c.stale), (1, 0));
+        let rows: Vec<u64> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["row"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(rows, [1, 2]);
+    }
+
+    #[test]
+    fn the_index_entry_stays_small() {
+        assert!(std::mem::size_of::<Entry>() <= 48);
+        // 1,000,000 keys: the index's vector, with the slack of one dedup pass.
+        assert!(std::mem::size_of::<Entry>() * 1_000_000 < 64 << 20);
+    }
+}

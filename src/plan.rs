@@ -1,0 +1,141 @@
+//! The planner: for each input row, in input order, what this run does with it: nothing (done
+//! before), a copy (the same request was answered already), or a request. `run` and
+//! `estimate` share it, so the dry run's "to send" is what the run sends.
+
+use std::collections::HashSet;
+
+use serde_json::{Map, Value};
+
+use crate::error::Error;
+use crate::ledger::{self, Index, Keying, Outcome, Planned, Spool};
+use crate::request::{hex, Prepared};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Send the request.
+    Send,
+    /// An earlier run finished it (ok).
+    Done,
+    /// An earlier run's final verdict was a failure, or the row is unreadable as before.
+    DoneFailed,
+    /// Another row made the byte-identical request (this run or before): copy its record.
+    Copy,
+    /// An unreadable row with no record of that yet: write its error record.
+    WriteError,
+}
+
+pub struct Planner {
+    pub index: Index,
+    keying: Keying,
+    retry_failed: bool,
+    /// The first 8 bytes of every fingerprint sent this run: a later identical row copies.
+    sent: HashSet<u64>,
+    spool: Option<Spool>,
+}
+
+impl Planner {
+    /// `spool`: where the run's plan goes (none for a dry run).
+    pub fn new(index: Index, keying: Keying, retry_failed: bool, spool: Option<Spool>) -> Planner {
+        Planner {
+            index,
+            keying,
+            retry_failed,
+            sent: HashSet::new(),
+            spool,
+        }
+    }
+
+    /// The spool, finished, for compaction.
+    pub fn finish(self) -> Result<Option<std::path::PathBuf>, Error> {
+        self.spool.map(Spool::finish).transpose()
+    }
+
+    pub fn plan(&mut self, p: &Prepared) -> Result<Decision, Error> {
+        let idh = self.keying.id_hash(&p.row.id);
+        let found = self.index.get(&p.fingerprint, idh).copied();
+        let decision = match found.map(|e| e.outcome()) {
+            Some(Outcome::Ok) => Decision::Done,
+            Some(Outcome::FailedFinal) if !self.retry_failed => Decision::DoneFailed,
+            _ => {
+                let head = u64::from_le_bytes(p.fingerprint[..8].try_into().expect("8 bytes"));
+                if self.sent.contains(&head) || self.index.has_ok_source(&p.fingerprint) {
+                    Decision::Copy
+                } else {
+                    self.sent.insert(head);
+                    Decision::Send
+                }
+            }
+        };
+        if self.spool.is_some() {
+            // The record is kept byte for byte only when it already says this row, id and
+            // fields; otherwise compaction rewrites it with them.
+            let current = match found {
+                Some(e) if decision != Decision::Copy && e.ident != 0 => {
+                    let input = serde_json::to_vec(&p.row.fields).expect("fields serialize");
+                    ledger::ident(p.row.number, &p.row.id, &input) == e.ident
+                }
+                Some(_) => false,
+                None => decision == Decision::Send,
+            };
+            self.spool_row(
+                p.row.number,
+                &p.fingerprint,
+                idh,
+                current,
+                &p.row.id,
+                &p.row.fields,
+            )?;
+        }
+        Ok(decision)
+    }
+
+    /// An unreadable (or unrenderable) row: `fields` is what could be read of it.
+    pub fn plan_input_error(
+        &mut self,
+        row: u64,
+        id: &str,
+        message: &str,
+        fields: &Map<String, Value>,
+    ) -> Result<Decision, Error> {
+        let key = ledger::input_error_key(row, message);
+        let found = self.index.get(&key, 0).copied();
+        let decision = if found.is_some() {
+            Decision::DoneFailed
+        } else {
+            Decision::WriteError
+        };
+        if self.spool.is_some() {
+            let current = match found {
+                Some(e) if e.ident != 0 => {
+                    let input = serde_json::to_vec(fields).expect("fields serialize");
+                    ledger::ident(row, id, &input) == e.ident
+                }
+                Some(_) => false,
+                None => true,
+            };
+            self.spool_row(row, &key, 0, current, id, fields)?;
+        }
+        Ok(decision)
+    }
+
+    fn spool_row(
+        &mut self,
+        row: u64,
+        fp: &[u8; 16],
+        idh: u64,
+        current: bool,
+        id: &str,
+        fields: &Map<String, Value>,
+    ) -> Result<(), Error> {
+        let Some(spool) = self.spool.as_mut() else {
+            return Ok(());
+        };
+        spool.push(&Planned {
+            row,
+            fp: hex(fp),
+            idh,
+            id: (!current).then(|| id.to_string()),
+            input: (!current).then(|| fields.clone()),
+        })
+    }
+}

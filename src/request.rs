@@ -1,0 +1,181 @@
+//! One row → one request, and the request's identity: the one place that builds the body the
+//! provider sends and the fingerprint the ledger knows the row by.
+//!
+//! The fingerprint covers exactly what changes the completion (the model, the messages, the
+//! sampling parameters, `extra`, and which provider answers: the base URL's host, or the local
+//! model file's checksum and context size). It leaves out transport (`stream`,
+//! `stream_options`, timeouts) and the key order inside `extra`, so toggling streaming or
+//! re-ordering a TOML table never re-pays a finished row.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::chat::{Message, Params};
+use crate::input::Row;
+use crate::job::{Job, ProviderKind};
+use crate::render::Renderer;
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[(b >> 4) as usize] as char);
+        s.push(HEX[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// The inverse of [`hex`] for a 128-bit fingerprint; `None` for anything else.
+pub fn fingerprint_bytes(hex: &str) -> Option<[u8; 16]> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// One row's request, rendered once and shared by every attempt.
+#[derive(Debug)]
+pub struct Request {
+    pub messages: Vec<Message>,
+    /// The exact JSON body the HTTP provider posts.
+    pub body: bytes::Bytes,
+}
+
+/// One row, rendered: what is needed to send it and to record it.
+pub struct Prepared {
+    pub row: Row,
+    pub request: Request,
+    /// 128 bits of SHA-256 over the request's identity (see the module doc).
+    pub fingerprint: [u8; 16],
+}
+
+/// Builds every row's request for one job: the parts shared by all rows are serialized and
+/// hashed once.
+pub struct Builder {
+    model: String,
+    params: Params,
+    /// The hasher after the identity's constant prefix; cloned per row.
+    prefix: Sha256,
+}
+
+impl Builder {
+    /// `provider_identity`: who answers (see [`provider_identity`]).
+    pub fn new(job: &Job, provider_identity: &str) -> Builder {
+        let mut sampling = job.params.clone();
+        // Transport and bookkeeping, not what the model is asked.
+        sampling.stream = None;
+        sampling.user = None;
+        sampling.extra = Map::new();
+        let mut extra = Value::Object(job.params.extra.clone());
+        sort_keys(&mut extra);
+        let constant = serde_json::json!({
+            "provider": provider_identity,
+            "model": job.model,
+            "params": sampling,
+            "extra": extra,
+        });
+        let mut prefix = Sha256::new();
+        prefix.update(serde_json::to_vec(&constant).expect("the identity serializes"));
+        prefix.update(b"\nmessages:");
+        Builder {
+            model: job.model.clone(),
+            params: job.params.clone(),
+            prefix,
+        }
+    }
+
+    /// Renders a row into its request; the error text names the input, row and field.
+    pub fn prepare(
+        &self,
+        input: &std::path::Path,
+        renderer: &Renderer,
+        row: Row,
+    ) -> Result<Prepared, (Row, String)> {
+        let messages = match renderer.render(&row.fields) {
+            Ok(m) => m,
+            Err(e) => {
+                let msg = format!("{}: row {}: {e}", crate::input::describe(input), row.number);
+                return Err((row, msg));
+            }
+        };
+        let body = crate::provider::openai::request_body(&self.model, &messages, &self.params);
+        let fingerprint = self.fingerprint(&messages);
+        Ok(Prepared {
+            row,
+            request: Request { messages, body },
+            fingerprint,
+        })
+    }
+
+    pub fn fingerprint(&self, messages: &[Message]) -> [u8; 16] {
+        let mut h = self.prefix.clone();
+        h.update(serde_json::to_vec(messages).expect("messages serialize"));
+        let d = h.finalize();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&d[..16]);
+        out
+    }
+}
+
+/// Who answers a job's requests, as far as it changes the completion: the HTTP endpoint's host
+/// (and port), or the local model's file checksum and context size.
+pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String {
+    match job.provider {
+        ProviderKind::Openai => {
+            let rest = job.base_url.split("://").nth(1).unwrap_or(&job.base_url);
+            let host = rest.split(['/', '?']).next().unwrap_or(rest);
+            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+            format!("openai:{}", host.to_ascii_lowercase())
+        }
+        ProviderKind::Local => format!(
+            "local:{}:ctx={}",
+            local_model_sha256.unwrap_or("unknown"),
+            job.context_tokens
+                .map_or("default".into(), |c| c.to_string())
+        ),
+    }
+}
+
+/// Objects' keys in sorted order, recursively: key order in a TOML table is not meaning.
+fn sort_keys(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(String, Value)> = std::mem::take(m).into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            for (k, mut v) in entries {
+                sort_keys(&mut v);
+                m.insert(k, v);
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_a_fingerprint() {
+        let b: [u8; 16] = core::array::from_fn(|i| (i * 17) as u8);
+        assert_eq!(fingerprint_bytes(&hex(&b)), Some(b));
+        assert_eq!(fingerprint_bytes("abc"), None);
+        assert_eq!(fingerprint_bytes(&"zz".repeat(16)), None);
+    }
+
+    #[test]
+    fn nested_keys_are_sorted() {
+        let mut v = serde_json::json!({"b": {"y": 1, "x": [ {"d": 1, "c": 2} ]}, "a": 0});
+        sort_keys(&mut v);
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"a":0,"b":{"x":[{"c":2,"d":1}],"y":1}}"#
+        );
+    }
+}
