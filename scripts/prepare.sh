@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-debian.sh
 cargo build --release --quiet
-target/release/promptmill fetch-model
+# Through cargo, which knows where it put the binary (CARGO_TARGET_DIR, build.target-dir).
+cargo run --release --quiet -- fetch-model

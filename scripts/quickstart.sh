@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 scripts/prepare.sh
-target/release/promptmill run jobs/quickstart.toml "$@"
+# Through cargo, which knows where it put the binary (CARGO_TARGET_DIR, build.target-dir).
+cargo run --release --quiet -- run jobs/quickstart.toml "$@"

@@ -1,6 +1,7 @@
 //! The commands, wired from the CLI to the library: logging, `.env`, the runtime, Ctrl-C, and
 //! the one place an error becomes a message and an exit code.
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use crate::cli::{Cli, Command, JobArgs, LogFormat, RunArgs};
@@ -50,8 +51,13 @@ fn init_logging(cli: &Cli) {
         tracing_subscriber::EnvFilter::try_from_env("PROMPTMILL_LOG").unwrap_or_else(|_| {
             tracing_subscriber::EnvFilter::new(format!("warn,promptmill={level},llama-cpp-2=error"))
         });
+    // Colour is for a person at a terminal: a log file or a pipe gets plain text, and a
+    // non-empty NO_COLOR (https://no-color.org) turns it off even at a terminal.
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Json => builder.json().init(),

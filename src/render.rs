@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
-use tera::ast::{Expr, ExprVal, FunctionCall, MacroDefinition, Node};
+use tera::ast::{Expr, ExprVal, FunctionCall, LogicExpr, LogicOperator, MacroDefinition, Node};
 use tera::{Context, Tera};
 
 use crate::error::Error;
@@ -94,8 +94,10 @@ impl Renderer {
         Ok(out)
     }
 
-    /// Every top-level variable the job's messages read (through includes, macros and
-    /// parents too), each with the template that reads it.
+    /// Every top-level variable the job's messages need from the row (through includes,
+    /// macros and parents too), each with the template that reads it. A variable read only
+    /// where it may be missing (behind `default(...)`, `x is defined`, a truthy `{% if x %}`)
+    /// is optional and not listed.
     pub fn variables(&self) -> Vec<(String, String)> {
         let mut out = BTreeSet::new();
         let mut visited = BTreeSet::new();
@@ -207,22 +209,75 @@ fn render_error(name: &str, e: &tera::Error) -> String {
     format!("template {name}: {full}")
 }
 
-/// Names bound inside the template (loop variables, `set`, macro arguments), which are not
-/// row fields.
+/// Names a read of which cannot fail for want of a row field.
 #[derive(Default, Clone)]
 struct Scope {
+    /// Bound inside the template (loop variables, `set`, macro arguments): not row fields.
     bound: Vec<String>,
+    /// Shown present by an enclosing condition (`x is defined`, a truthy `x`): the row
+    /// must have them only where that condition holds, so they are optional.
+    guarded: Vec<String>,
 }
 
 impl Scope {
     fn has(&self, n: &str) -> bool {
-        self.bound.iter().any(|b| b == n) || n == "loop" || n == "__tera_context"
+        self.bound.iter().chain(&self.guarded).any(|b| b == n)
+            || n == "loop"
+            || n == "__tera_context"
+    }
+}
+
+/// The row field an identifier reads: `a` of `a.b[0]`.
+fn root(id: &str) -> &str {
+    id.split(['.', '[']).next().unwrap_or(id)
+}
+
+/// Names certainly present when the condition `e` evaluates to `value`.
+fn proven(e: &Expr, value: bool) -> Vec<String> {
+    // `not e` has `value` when `e` has the opposite.
+    let value = value != e.negated;
+    match &e.val {
+        // A missing name reads as false in a condition, so true means present; unless a
+        // `default` answers for the missing name.
+        ExprVal::Ident(id) if value && !e.has_default_filter() => vec![root(id).to_string()],
+        ExprVal::Test(t) => {
+            let passed = value != t.negated;
+            let present = match t.name.as_str() {
+                "defined" => passed,
+                "undefined" => !passed,
+                _ => false,
+            };
+            if present {
+                vec![root(&t.ident).to_string()]
+            } else {
+                Vec::new()
+            }
+        }
+        ExprVal::Logic(l) => match (&l.operator, value) {
+            // Both sides have the value: what either proves holds.
+            (LogicOperator::And, true) | (LogicOperator::Or, false) => {
+                let mut v = proven(&l.lhs, value);
+                v.extend(proven(&l.rhs, value));
+                v
+            }
+            // Either side may have given the value: only what both prove holds.
+            (LogicOperator::And, false) | (LogicOperator::Or, true) => {
+                let r = proven(&l.rhs, value);
+                proven(&l.lhs, value)
+                    .into_iter()
+                    .filter(|n| r.contains(n))
+                    .collect()
+            }
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
     }
 }
 
 fn walk_macro(m: &MacroDefinition, found: &mut BTreeSet<String>, includes: &mut Vec<String>) {
     let mut scope = Scope {
         bound: m.args.keys().cloned().collect(),
+        ..Scope::default()
     };
     for e in m.args.values().flatten() {
         walk_expr(e, &scope, found);
@@ -261,13 +316,20 @@ fn walk_nodes(
                 }
             }
             Node::If(i, _) => {
+                // A branch runs when its condition is true and every earlier one was false.
+                let outer = scope.guarded.len();
                 for (_, cond, body) in &i.conditions {
-                    walk_expr(cond, scope, found);
+                    walk_cond(cond, scope, found);
+                    let before = scope.guarded.len();
+                    scope.guarded.extend(proven(cond, true));
                     walk_nodes(body, scope, found, includes);
+                    scope.guarded.truncate(before);
+                    scope.guarded.extend(proven(cond, false));
                 }
                 if let Some((_, body)) = &i.otherwise {
                     walk_nodes(body, scope, found, includes);
                 }
+                scope.guarded.truncate(outer);
             }
             Node::Include(_, names, _) => includes.extend(names.iter().cloned()),
             _ => {}
@@ -285,20 +347,47 @@ fn walk_fn(f: &FunctionCall, scope: &Scope, found: &mut BTreeSet<String>) {
     walk_call(&f.args, scope, found);
 }
 
+/// An expression Tera reads as a condition (an `if`, a side of `and`/`or`), where a missing
+/// name is false instead of an error.
+fn walk_cond(e: &Expr, scope: &Scope, found: &mut BTreeSet<String>) {
+    match &e.val {
+        ExprVal::Ident(_) => {
+            for f in &e.filters {
+                walk_fn(f, scope, found);
+            }
+        }
+        _ => walk_expr(e, scope, found),
+    }
+}
+
+/// Both sides of `and`/`or`, which Tera reads as conditions.
+fn walk_and_or(l: &LogicExpr, scope: &Scope, found: &mut BTreeSet<String>) {
+    walk_cond(&l.lhs, scope, found);
+    // `and` reads its right side only when the left is true, `or` only when it is false.
+    let mut right = scope.clone();
+    right
+        .guarded
+        .extend(proven(&l.lhs, matches!(l.operator, LogicOperator::And)));
+    walk_cond(&l.rhs, &right, found);
+}
+
 fn walk_expr(e: &Expr, scope: &Scope, found: &mut BTreeSet<String>) {
     for f in &e.filters {
         walk_fn(f, scope, found);
     }
     match &e.val {
-        ExprVal::Ident(id) => {
-            let root = id.split(['.', '[']).next().unwrap_or(id);
-            if !scope.has(root) {
-                found.insert(root.to_string());
-            }
+        // A `default` first in line stands in for a missing field, and `not x` of a missing
+        // `x` is true: neither requires the field. (A later `default` does not help: Tera
+        // fails on the lookup first.)
+        ExprVal::Ident(id) if !(e.negated || e.has_default_filter() || scope.has(root(id))) => {
+            found.insert(root(id).to_string());
         }
         ExprVal::Math(m) => {
             walk_expr(&m.lhs, scope, found);
             walk_expr(&m.rhs, scope, found);
+        }
+        ExprVal::Logic(l) if matches!(l.operator, LogicOperator::And | LogicOperator::Or) => {
+            walk_and_or(l, scope, found)
         }
         ExprVal::Logic(l) => {
             walk_expr(&l.lhs, scope, found);
@@ -306,11 +395,8 @@ fn walk_expr(e: &Expr, scope: &Scope, found: &mut BTreeSet<String>) {
         }
         ExprVal::Test(t) => {
             // `x is defined` asks whether the field exists: it does not require it.
-            if t.name != "defined" && t.name != "undefined" {
-                let root = t.ident.split(['.', '[']).next().unwrap_or(&t.ident);
-                if !scope.has(root) {
-                    found.insert(root.to_string());
-                }
+            if t.name != "defined" && t.name != "undefined" && !scope.has(root(&t.ident)) {
+                found.insert(root(&t.ident).to_string());
             }
             for a in &t.args {
                 walk_expr(a, scope, found);
@@ -322,9 +408,8 @@ fn walk_expr(e: &Expr, scope: &Scope, found: &mut BTreeSet<String>) {
         ExprVal::StringConcat(s) => {
             for v in &s.values {
                 if let ExprVal::Ident(id) = v {
-                    let root = id.split(['.', '[']).next().unwrap_or(id);
-                    if !scope.has(root) {
-                        found.insert(root.to_string());
+                    if !scope.has(root(id)) {
+                        found.insert(root(id).to_string());
                     }
                 }
             }
@@ -334,5 +419,133 @@ fn walk_expr(e: &Expr, scope: &Scope, found: &mut BTreeSet<String>) {
             walk_expr(&i.rhs, scope, found);
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::Role;
+
+    fn renderer(src: &str) -> Renderer {
+        let mut tera = Tera::default();
+        tera.add_raw_template("t", src).unwrap();
+        let spec = MessageSpec {
+            role: Role::User,
+            name: None,
+            source: MessageSource::Inline(src.into()),
+        };
+        Renderer {
+            tera,
+            messages: vec![(spec, "t".into())],
+        }
+    }
+
+    /// `src` needs exactly `want` from the row, and a row of just those fields renders: the
+    /// walk agrees with what Tera does.
+    fn needs(src: &str, want: &[&str]) {
+        let r = renderer(src);
+        let got: Vec<String> = r.variables().into_iter().map(|(v, _)| v).collect();
+        assert_eq!(got, want, "{src}");
+        let row: Map<String, Value> = want
+            .iter()
+            .map(|v| (v.to_string(), Value::from("v")))
+            .collect();
+        if let Err(e) = r.render(&row) {
+            panic!("{src}: a row of {want:?} does not render: {e}");
+        }
+    }
+
+    #[test]
+    fn a_field_with_a_default_is_optional() {
+        // The project's own jobs/translate.toml template, which validate used to refuse.
+        needs(
+            "Translate into {{ language | default(value=\"French\") }}.\n\n{{ text }}",
+            &["text"],
+        );
+        needs("{{ tags.first | default(value=\"\") }}", &[]);
+        needs(
+            "{% for t in tags | default(value=[]) %}{{ t }}{% endfor %}",
+            &[],
+        );
+        needs(
+            "{% set tone = tone | default(value=\"neutral\") %}{{ tone }}",
+            &[],
+        );
+    }
+
+    #[test]
+    fn a_default_after_another_filter_does_not_make_a_field_optional() {
+        needs("{{ tone | upper | default(value=\"x\") }}", &["tone"]);
+        // Tera looks the field up before any filter, so the row really needs it.
+        assert!(renderer("{{ tone | upper | default(value=\"x\") }}")
+            .render(&Map::new())
+            .is_err());
+        // The fallback itself is read when the field is missing.
+        needs("{{ title | default(value=name) }}", &["name"]);
+    }
+
+    #[test]
+    fn a_field_read_under_is_defined_is_optional() {
+        needs(
+            "{% if tone is defined %}Tone: {{ tone | upper }}.{% endif %}{{ text }}",
+            &["text"],
+        );
+        needs(
+            "{% if tone is defined and tone != \"\" %}{{ tone }}{% endif %}",
+            &[],
+        );
+        needs(
+            "{% if tone is undefined %}neutral{% else %}{{ tone }}{% endif %}",
+            &[],
+        );
+        needs(
+            "{% if a is not defined %}-{% elif a == \"y\" %}yes{% else %}{{ a }}{% endif %}",
+            &[],
+        );
+        needs(
+            "{% if not (a is defined) %}-{% else %}{{ a }}{% endif %}",
+            &[],
+        );
+        needs(
+            "{% if a is undefined or a == \"\" %}-{% else %}{{ a }}{% endif %}",
+            &[],
+        );
+        needs(
+            "{% if user.name is defined %}{{ user.name }}{% endif %}",
+            &[],
+        );
+        needs(
+            "{% if a is defined %}{% if b is defined %}{{ a }}{{ b }}{% endif %}{% endif %}",
+            &[],
+        );
+    }
+
+    #[test]
+    fn a_truthy_test_of_a_missing_field_is_false_not_an_error() {
+        needs("{% if notes %}Notes: {{ notes }}{% endif %}", &[]);
+        needs(
+            "{% if not notes %}none{% else %}{{ notes }}{% endif %}",
+            &[],
+        );
+        needs("{% if notes | length %}{{ notes }}{% endif %}", &[]);
+    }
+
+    #[test]
+    fn required_fields_are_still_reported() {
+        // Outside the guarded branch, or after it.
+        needs("{% if tone is defined %}{% endif %}{{ tone }}", &["tone"]);
+        // A comparison reads the field; so does a test other than defined.
+        needs("{% if x == \"a\" %}{{ y }}{% endif %}", &["x", "y"]);
+        needs("{% if x is containing(\"a\") %}!{% endif %}", &["x"]);
+        // Either side of `or` may be the defined one: neither is proven.
+        needs(
+            "{% if a is defined or b is defined %}{{ a }}{% endif %}",
+            &["a"],
+        );
+        // `is defined` on one field guards only that field.
+        needs("{% if a is defined %}{{ b }}{% endif %}", &["b"]);
+        // A branch after a true `is defined` learns nothing.
+        needs("{% if a is defined %}-{% else %}{{ a }}{% endif %}", &["a"]);
     }
 }

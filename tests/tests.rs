@@ -803,7 +803,7 @@ fn render_prints_one_rows_messages() {
 fn validate_lists_every_problem_with_its_location() {
     let f = Fixture::new();
     f.write("data.csv", csv_rows(3));
-    f.write("templates/t.tera", "{{ text }} {{ title }} {% for x in tags %}{{ x }}{% endfor %} {{ loop_free | default(value=1) }}");
+    f.write("templates/t.tera", "{{ text }} {{ title }} {% for x in tags %}{{ x }}{% endfor %} {{ loop_free }} {{ tone | default(value=1) }}");
     f.write(
         "job.toml",
         r#"
@@ -833,6 +833,10 @@ path = "out.jsonl"
     }
     assert!(!r.stderr.contains("variable `text`"));
     assert!(!r.stderr.contains("variable `x`"));
+    assert!(
+        !r.stderr.contains("variable `tone`"),
+        "a default makes it optional"
+    );
     assert!(r.stderr.contains("t.tera"));
     f.write("templates/t.tera", "{{ text }}");
     f.write(

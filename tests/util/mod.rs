@@ -1,6 +1,7 @@
 //! Test support: a job folder in a temp dir, the promptmill binary run against the fake server.
 
-#![allow(dead_code)]
+// Each test binary uses a part of this module.
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

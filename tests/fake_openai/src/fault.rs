@@ -14,6 +14,12 @@ pub(crate) enum FaultKind {
     Usage(u64, u64, u64, u64),
     /// Normal answer after this many extra milliseconds.
     Slow(u64),
+    /// Normal answer without usage: no `usage` field, no usage chunk when streaming, like
+    /// servers that ignore `stream_options`.
+    NoUsage,
+    /// Answer cut short: a stream ends after some content without `data: [DONE]`; a
+    /// non-streamed body stops halfway and the connection drops.
+    Cut,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +63,8 @@ fn parse_token(token: &str) -> Option<Marker> {
         "hang" => FaultKind::Hang,
         "badjson" => FaultKind::BadJson,
         "empty" => FaultKind::Empty,
+        "nousage" => FaultKind::NoUsage,
+        "cut" => FaultKind::Cut,
         _ => {
             if let Some(v) = kind_s.strip_prefix("usage=") {
                 let n: Vec<u64> = v
@@ -109,5 +117,12 @@ mod tests {
             m(FaultKind::Hang, None)
         );
         assert_eq!(find_marker("FAULT:usage=1,2"), None);
+        assert_eq!(find_marker("FAULT:nousage"), m(FaultKind::NoUsage, None));
+        assert_eq!(
+            find_marker("FAULT:nousage:2."),
+            m(FaultKind::NoUsage, Some(2))
+        );
+        assert_eq!(find_marker("FAULT:cut:1"), m(FaultKind::Cut, Some(1)));
+        assert_eq!(find_marker("FAULT:cutting"), None);
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use bytes::Bytes;
+use futures::StreamExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
@@ -341,6 +342,8 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
     let mut usage_override = None;
     let mut extra_delay = 0;
+    let mut omit_usage = shared.config.omit_usage;
+    let mut cut = false;
     if let (None, Some(mk)) = (&fault, marker) {
         let applies = match mk.times {
             None => true,
@@ -362,6 +365,8 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                     usage_override = Some((p, c, cached, reasoning))
                 }
                 FaultKind::Slow(ms) => extra_delay = ms,
+                FaultKind::NoUsage => omit_usage = true,
+                FaultKind::Cut => cut = true,
                 k => fault = Some(k),
             }
         }
@@ -370,6 +375,11 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let model = shared.config.model.as_deref().unwrap_or(cr.model);
     if let Some(kind) = fault {
         counters.faults.fetch_add(1, Ordering::Relaxed);
+        if kind == FaultKind::Hang {
+            // Counted now: the client gives up long before the hang ends, and a real API
+            // charges the generation all the same.
+            counters.billed_unanswered.fetch_add(1, Ordering::Relaxed);
+        }
         sleep_ms(shared.config.latency_ms).await;
         let mut r = match fault_response(&kind, model, &parts.headers, kill.as_ref()).await {
             Some(r) => r,
@@ -436,6 +446,13 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
     let (p, c, cached, reasoning) =
         usage_override.unwrap_or((prompt_tokens, ceil4(text.chars().count()), 0, 0));
+    // Billed whether or not the client will see the usage (nousage, cut).
+    counters
+        .billed_prompt_tokens
+        .fetch_add(p, Ordering::Relaxed);
+    counters
+        .billed_completion_tokens
+        .fetch_add(c, Ordering::Relaxed);
     let usage = json!({
         "prompt_tokens": p,
         "completion_tokens": c,
@@ -459,12 +476,11 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             model,
             &text,
             finish,
-            cr.include_usage.then_some(usage),
+            (cr.include_usage && !omit_usage).then_some(usage),
+            cut,
         )
     } else {
-        json_response(
-            StatusCode::OK,
-            &json!({
+        let mut v = json!({
                 "id": id,
                 "object": "chat.completion",
                 "created": created,
@@ -477,10 +493,23 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                 }],
                 "usage": usage,
                 "system_fingerprint": "fp_fake",
-            }),
-        )
+        });
+        if omit_usage {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("usage");
+            }
+        }
+        if cut {
+            cut_json_response(&v)
+        } else {
+            json_response(StatusCode::OK, &v)
+        }
     };
-    counters.ok.fetch_add(1, Ordering::Relaxed);
+    if cut {
+        counters.faults.fetch_add(1, Ordering::Relaxed);
+    } else {
+        counters.ok.fetch_add(1, Ordering::Relaxed);
+    }
     add_common_headers(&mut r, shared, &req_id, snapshot.as_ref());
     r
 }
@@ -498,8 +527,31 @@ fn set_retry_after(r: &mut Response<Body>, wait: Duration) {
     set_header(r, "retry-after", &ms.div_ceil(1000).to_string());
 }
 
+/// A 200 whose JSON body stops halfway, then the connection drops: the body stream fails, so
+/// hyper aborts the connection instead of ending the message.
+fn cut_json_response(v: &Value) -> Response<Body> {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    let half = Bytes::from(bytes[..bytes.len() / 2].to_vec());
+    let frames = futures::stream::iter([Ok(half)]).chain(futures::stream::once(async {
+        // Without the pause hyper meets the error before flushing, and the client would
+        // get no answer at all, as with `reset`.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Err(std::io::Error::other("FAULT:cut: connection dropped"))
+    }));
+    let mut r = Response::new(Body::from_stream(frames));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
 /// SSE answer: a role chunk, content pieces of 4 chars (the last with finish_reason), an
 /// optional usage chunk, then `[DONE]`. Each event is its own body frame.
+///
+/// `cut` stops after the first half of the content pieces: no finish_reason, no usage, no
+/// `[DONE]`. The body ends cleanly and `Connection: close` ends the connection, so the client
+/// sees a well-formed HTTP answer whose stream simply stops, as when a proxy drops it.
 fn stream_response(
     id: &str,
     created: u64,
@@ -507,6 +559,7 @@ fn stream_response(
     text: &str,
     finish: &str,
     usage: Option<Value>,
+    cut: bool,
 ) -> Response<Body> {
     let with_usage = usage.is_some();
     let chunk = |delta: Value, finish: Option<&str>| {
@@ -526,26 +579,32 @@ fn stream_response(
     let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
     let chars: Vec<char> = text.chars().collect();
     let pieces: Vec<String> = chars.chunks(4).map(|c| c.iter().collect()).collect();
-    if pieces.is_empty() {
-        events.push(chunk(json!({}), Some(finish)));
+    if cut {
+        for p in &pieces[..pieces.len().div_ceil(2)] {
+            events.push(chunk(json!({"content": p}), None));
+        }
+    } else {
+        if pieces.is_empty() {
+            events.push(chunk(json!({}), Some(finish)));
+        }
+        for (i, p) in pieces.iter().enumerate() {
+            let last = i + 1 == pieces.len();
+            events.push(chunk(json!({"content": p}), last.then_some(finish)));
+        }
+        if let Some(u) = usage {
+            let v = json!({
+                "id": id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": [],
+                "usage": u,
+            });
+            events.push(Bytes::from(format!("data: {v}\n\n")));
+        }
+        events.push(Bytes::from_static(b"data: [DONE]\n\n"));
     }
-    for (i, p) in pieces.iter().enumerate() {
-        let last = i + 1 == pieces.len();
-        events.push(chunk(json!({"content": p}), last.then_some(finish)));
-    }
-    if let Some(u) = usage {
-        let v = json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": "fp_fake",
-            "choices": [],
-            "usage": u,
-        });
-        events.push(Bytes::from(format!("data: {v}\n\n")));
-    }
-    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
     let stream = futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>));
     let mut r = Response::new(Body::from_stream(stream));
     let h = r.headers_mut();
@@ -554,6 +613,9 @@ fn stream_response(
         HeaderValue::from_static("text/event-stream"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if cut {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     r
 }
 
@@ -670,7 +732,9 @@ async fn fault_response(
             }),
         ),
         // Not faults: handled as normal answers by the caller.
-        FaultKind::Usage(..) | FaultKind::Slow(_) => unreachable!("usage/slow are not faults"),
+        FaultKind::Usage(..) | FaultKind::Slow(_) | FaultKind::NoUsage | FaultKind::Cut => {
+            unreachable!("usage/slow/nousage/cut are answers, not error responses")
+        }
     };
     Some(r)
 }

@@ -40,6 +40,9 @@ pub struct Config {
     pub fail_every: Option<u64>,
     /// Keep every request body for `FakeServer::requests()`.
     pub record_bodies: bool,
+    /// Answer every request as if it carried `FAULT:nousage`: a server that never reports
+    /// usage and ignores `stream_options`.
+    pub omit_usage: bool,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
             require_key: None,
             fail_every: None,
             record_bodies: true,
+            omit_usage: false,
         }
     }
 }
@@ -62,16 +66,28 @@ impl Default for Config {
 pub struct Stats {
     /// Every chat request, whatever its outcome.
     pub requests: u64,
-    /// Normal 200 answers (including `usage=` and `slow=` markers).
+    /// Normal 200 answers (including `usage=`, `slow=` and `nousage` markers).
     pub ok: u64,
     /// 429s from the rpm/tpm limiter (not `FAULT:429`).
     pub rate_limited: u64,
-    /// Injected faults (every marker kind except `usage=`/`slow=`, plus `fail_every`).
+    /// Injected faults (every marker kind except `usage=`/`slow=`/`nousage`, plus
+    /// `fail_every`).
     pub faults: u64,
     /// 400/401 from request validation or `require_key` (not from markers).
     pub rejected: u64,
     /// Sum of admitted requests' tokens (prompt estimate + max_tokens, or 16).
     pub tokens_admitted: u64,
+    /// Prompt tokens of every answer that carried a completion, whether or not the client
+    /// saw its usage: normal and `usage=` answers, streams, `nousage` and `cut` answers. The
+    /// number is the one the answer's usage reports (or would have reported), so a client
+    /// that records every usage it gets can compare its sum with this.
+    pub billed_prompt_tokens: u64,
+    /// Completion tokens of the same answers as `billed_prompt_tokens`.
+    pub billed_completion_tokens: u64,
+    /// Requests billed whose answer the client never got (`hang`: the client gave up
+    /// waiting, the generation is charged anyway). Not in the two token sums above, which
+    /// count only answers that were sent.
+    pub billed_unanswered: u64,
     pub first_request_at: Option<Instant>,
     pub last_request_at: Option<Instant>,
 }
@@ -95,6 +111,9 @@ impl Stats {
             "faults": self.faults,
             "rejected": self.rejected,
             "tokens_admitted": self.tokens_admitted,
+            "billed_prompt_tokens": self.billed_prompt_tokens,
+            "billed_completion_tokens": self.billed_completion_tokens,
+            "billed_unanswered": self.billed_unanswered,
             "elapsed_s": e.as_secs_f64(),
             "elapsed_ms": e.as_millis() as u64,
         })
@@ -111,6 +130,9 @@ pub(crate) struct Counters {
     pub faults: AtomicU64,
     pub rejected: AtomicU64,
     pub tokens_admitted: AtomicU64,
+    pub billed_prompt_tokens: AtomicU64,
+    pub billed_completion_tokens: AtomicU64,
+    pub billed_unanswered: AtomicU64,
     first: AtomicU64,
     last: AtomicU64,
 }
@@ -149,6 +171,9 @@ impl Shared {
             faults: c.faults.load(Ordering::Relaxed),
             rejected: c.rejected.load(Ordering::Relaxed),
             tokens_admitted: c.tokens_admitted.load(Ordering::Relaxed),
+            billed_prompt_tokens: c.billed_prompt_tokens.load(Ordering::Relaxed),
+            billed_completion_tokens: c.billed_completion_tokens.load(Ordering::Relaxed),
+            billed_unanswered: c.billed_unanswered.load(Ordering::Relaxed),
             first_request_at: at(c.first.load(Ordering::Relaxed)),
             last_request_at: at(c.last.load(Ordering::Relaxed)),
         }
@@ -217,6 +242,14 @@ impl FakeServer {
 /// Start a server on its own multi-threaded runtime in a background thread, for plain
 /// `#[test]` functions. Returns once the socket is listening; drop the result to stop it.
 pub fn spawn_background(config: Config) -> FakeServer {
+    spawn_background_on(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("fake_openai: bind 127.0.0.1:0")
+}
+
+/// `spawn_background` on a chosen address, for outage tests: a test can run its client
+/// against a port where nothing listens yet, then start the server on that same port.
+/// The bind error (e.g. the port is taken) is returned, not a panic.
+pub fn spawn_background_on(config: Config, addr: SocketAddr) -> std::io::Result<FakeServer> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("fake_openai".into())
@@ -227,17 +260,26 @@ pub fn spawn_background(config: Config) -> FakeServer {
                 .build()
                 .expect("fake_openai: build runtime");
             rt.block_on(async move {
-                let server = FakeServer::start(config).await;
+                let server = match FakeServer::start_on(config, addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
                 let mut stop = server._shutdown.subscribe();
-                let _ = tx.send(server);
+                let _ = tx.send(Ok(server));
                 // Err once the caller drops the FakeServer (the sender).
                 while stop.changed().await.is_ok() {}
             });
             // Dropping the runtime here cancels any connection still open (e.g. `hang`).
         })
-        .expect("fake_openai: spawn thread");
-    rx.recv()
-        .expect("fake_openai: background server failed to start")
+        .map_err(|e| std::io::Error::other(format!("fake_openai: spawn thread: {e}")))?;
+    rx.recv().unwrap_or_else(|_| {
+        Err(std::io::Error::other(
+            "fake_openai: runtime failed to start",
+        ))
+    })
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {

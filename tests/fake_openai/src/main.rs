@@ -40,6 +40,9 @@ struct Args {
     /// Do not keep request bodies in memory (for long benchmarks).
     #[arg(long)]
     no_record: bool,
+    /// Never report usage (as if every request carried `FAULT:nousage`).
+    #[arg(long)]
+    omit_usage: bool,
 }
 
 #[tokio::main]
@@ -54,6 +57,7 @@ async fn main() -> std::io::Result<()> {
         require_key: a.require_key,
         fail_every: a.fail_every,
         record_bodies: !a.no_record,
+        omit_usage: a.omit_usage,
     };
     let server = FakeServer::start_on(config, SocketAddr::new(a.host, a.port)).await?;
     {

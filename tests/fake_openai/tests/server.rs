@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fake_openai::{spawn_background, Config, FakeServer};
+use fake_openai::{spawn_background, spawn_background_on, Config, FakeServer};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -385,4 +385,236 @@ async fn reset_on_pooled_connection_is_still_an_error() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_datas(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect()
+}
+
+fn streamed(content: &str) -> Value {
+    let mut b = body(content);
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    b
+}
+
+#[tokio::test]
+async fn nousage_answers_without_usage_and_is_still_billed() {
+    let server = FakeServer::start(Config::default()).await;
+    // `:1`: the first request has no usage, the identical second one reports it.
+    let r = post(&server, &body("FAULT:nousage:1")).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v.get("usage").is_none(), "{v}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "echo: FAULT:nousage:1"
+    );
+    let v: Value = post(&server, &body("FAULT:nousage:1"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let (p, c) = (
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+    );
+
+    // Streaming: no usage chunk and no `usage: null` fields, though include_usage is set.
+    let text = post(&server, &streamed("FAULT:nousage:9"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let datas = sse_datas(&text);
+    assert_eq!(*datas.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = datas[..datas.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()), "{text}");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "echo: FAULT:nousage:9");
+
+    let s = server.stats();
+    assert_eq!((s.requests, s.ok, s.faults), (3, 3, 0));
+    // Three answers of the same length, each billed what the second one reported.
+    assert_eq!(s.billed_prompt_tokens, 3 * p);
+    assert_eq!(s.billed_completion_tokens, 3 * c);
+}
+
+#[tokio::test]
+async fn omit_usage_config_drops_usage_from_every_answer() {
+    let server = FakeServer::start(Config {
+        omit_usage: true,
+        ..Config::default()
+    })
+    .await;
+    let v: Value = post(&server, &body("hello world"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(v.get("usage").is_none(), "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], "echo: hello world");
+    let text = post(&server, &streamed("hello world"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("usage"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let s = server.stats();
+    assert_eq!(s.ok, 2);
+    // What the normal answer reports (see normal_completion), twice.
+    assert_eq!(
+        (s.billed_prompt_tokens, s.billed_completion_tokens),
+        (28, 10)
+    );
+}
+
+#[tokio::test]
+async fn billing_counts_every_sent_completion_and_hung_requests_apart() {
+    let server = FakeServer::start(Config::default()).await;
+    post(&server, &body("hello world")).await; // 14 + 5
+    post(&server, &body("x FAULT:usage=1000,200,400,50")).await;
+    post(&server, &streamed("hello world"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    // Error answers carry no completion: not billed.
+    post(&server, &body("FAULT:500")).await;
+    post(&server, &body("FAULT:empty")).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let err = client
+        .post(format!("{}/chat/completions", server.base_url()))
+        .json(&body("FAULT:hang"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+
+    let s = server.stats();
+    assert_eq!(s.billed_prompt_tokens, 14 + 1000 + 14);
+    assert_eq!(s.billed_completion_tokens, 5 + 200 + 5);
+    assert_eq!(s.billed_unanswered, 1);
+    let v: Value = reqwest::get(format!("http://{}/stats", server.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["billed_prompt_tokens"], 14 + 1000 + 14);
+    assert_eq!(v["billed_completion_tokens"], 5 + 200 + 5);
+    assert_eq!(v["billed_unanswered"], 1);
+}
+
+#[tokio::test]
+async fn cut_stream_stops_before_done_and_is_billed() {
+    let server = FakeServer::start(Config::default()).await;
+    let r = post(&server, &streamed("stream me please FAULT:cut:1")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["connection"], "close");
+    // The body ends cleanly: the client reads it all, and finds no end of stream in it.
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("[DONE]"), "{text}");
+    let chunks: Vec<Value> = sse_datas(&text)
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    // No finish_reason and no usage numbers (each chunk's `usage: null` is as usual).
+    assert!(chunks
+        .iter()
+        .all(|c| c["choices"][0]["finish_reason"].is_null() && c["usage"].is_null()));
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let full = "echo: stream me please FAULT:cut:1";
+    assert!(
+        !content.is_empty() && content.len() < full.len() && full.starts_with(&content),
+        "{content:?}"
+    );
+    let s = server.stats();
+    assert_eq!((s.ok, s.faults), (0, 1));
+
+    // `:1`: the retry gets the whole answer, whose usage is what the cut one was billed.
+    let text = post(&server, &streamed("stream me please FAULT:cut:1"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let datas = sse_datas(&text);
+    assert_eq!(*datas.last().unwrap(), "[DONE]");
+    let usage: Value = serde_json::from_str(datas[datas.len() - 2]).unwrap();
+    let s = server.stats();
+    assert_eq!((s.ok, s.faults), (1, 1));
+    assert_eq!(
+        s.billed_prompt_tokens,
+        2 * usage["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        s.billed_completion_tokens,
+        2 * usage["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn cut_without_streaming_drops_the_body_halfway() {
+    let server = FakeServer::start(Config::default()).await;
+    let r = post(&server, &body("hello world FAULT:cut")).await;
+    assert_eq!(r.status(), 200);
+    // The head and half the body arrive, then the connection drops.
+    let err = r
+        .bytes()
+        .await
+        .expect_err("a cut body must be a read error");
+    assert!(err.status().is_none(), "{err:?}");
+    let s = server.stats();
+    assert_eq!(s.faults, 1);
+    assert!(s.billed_prompt_tokens > 0 && s.billed_completion_tokens > 0);
+}
+
+#[test]
+fn background_server_on_a_chosen_port_after_an_outage() {
+    // A free port: bind it, note it, let it go.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = std::net::TcpStream::connect(addr).expect_err("nothing listens yet");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    let server = spawn_background_on(Config::default(), addr).expect("bind the freed port");
+    assert_eq!(server.addr, addr);
+    use std::io::{Read, Write};
+    let payload = body("back").to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        payload.len(),
+        payload
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(server.stats().ok, 1);
+
+    // A taken port is an error to handle, not a panic.
+    let taken = spawn_background_on(Config::default(), addr)
+        .err()
+        .expect("the port is in use");
+    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
 }
