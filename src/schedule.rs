@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cost::Price;
 use crate::error::{Error, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROWS_FAILED, EXIT_STOPPED};
+use crate::export::CsvOptions;
 use crate::input::{Row, RowResult, Source};
-use crate::job::Job;
+use crate::job::{InputFormat, Job};
 use crate::journal::{self, Appender, Resume};
 use crate::output::{Record, RecordError, Status};
 use crate::pace::Pacer;
@@ -388,7 +389,18 @@ pub async fn run(
     let job = shared.job;
     journal::compact(&job.output)?;
     if let Some(csv) = &job.csv {
-        crate::output::export_csv(&job.output, csv)?;
+        // A CSV input's header gives the columns in its order, even those no readable row had;
+        // stdin cannot be read twice, so its columns come from the records like JSONL's.
+        let header = match job.input_format {
+            InputFormat::Csv if job.input.as_os_str() != "-" => {
+                Some(job.source().reader()?.header().to_vec())
+            }
+            _ => None,
+        };
+        let opts = CsvOptions {
+            escape_formulas: job.csv_escape_formulas,
+        };
+        crate::export::export_csv(&job.output, csv, header.as_deref(), &opts)?;
     }
     let stop = shared.stop.into_inner().unwrap();
     let stopped = match &stop {

@@ -176,6 +176,7 @@ pub struct RawRun {
 pub struct RawOutput {
     pub path: String,
     pub csv: Option<String>,
+    pub csv_escape_formulas: Option<bool>,
 }
 
 /// USD per 1M tokens.
@@ -226,6 +227,8 @@ pub struct Job {
     pub max_cost_usd: Option<f64>,
     pub output: PathBuf,
     pub csv: Option<PathBuf>,
+    /// Quote CSV cells that a spreadsheet would run as a formula (CSV injection).
+    pub csv_escape_formulas: bool,
     pub pricing: Option<Pricing>,
 }
 
@@ -502,6 +505,7 @@ impl Job {
             max_cost_usd,
             output,
             csv,
+            csv_escape_formulas: raw.output.csv_escape_formulas.unwrap_or(false),
             pricing: raw.pricing,
         })
     }
