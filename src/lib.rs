@@ -13,7 +13,8 @@
 //!   tokens    prompt tokens with the model's tiktoken encoding
 //!   cost      price table × usage
 //! journal   the JSONL output: appended per row, repaired, resumed, compacted into row order
-//! output    the record, and the CSV export
+//! output    the record
+//! export    the CSV export: the JSONL output → one CSV line per record
 //! report    progress and the summary
 //! app       the commands, wired from the CLI
 //! ```
@@ -27,6 +28,7 @@ pub mod chat;
 pub mod cli;
 pub mod cost;
 pub mod error;
+pub mod export;
 pub mod input;
 pub mod job;
 pub mod journal;

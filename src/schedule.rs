@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cost::Price;
 use crate::error::{Error, EXIT_OK, EXIT_ROWS_FAILED, EXIT_STOPPED};
-use crate::input::RowResult;
+use crate::export::CsvOptions;
+use crate::input::{InputFormat, RowResult};
 use crate::job::Job;
 use crate::journal::{self, Appender};
 use crate::ledger::{self, Carried, Index, Keying, Sidecars, Spool};
@@ -382,7 +383,15 @@ pub async fn run(
     signals: Signals,
 ) -> Result<(Summary, i32), Error> {
     let keying = keying(&job);
-    // The input must open before `--fresh` moves anything.
+    // The input must open before `--fresh` moves anything. A CSV input's header gives the CSV
+    // export its columns in order, even those no readable row had; stdin cannot be read twice,
+    // so its columns come from the records, like JSONL's.
+    let header = match job.input_format {
+        InputFormat::Csv if job.input.as_os_str() != "-" => {
+            Some(job.source().reader()?.header().to_vec())
+        }
+        _ => None,
+    };
     let mut rows = job.source().stream(job.concurrency * 2 + 16)?;
     let opened = open_output(&job, &opts, &backend, keying)?;
     let builder = Builder::new(&job, &backend.identity);
@@ -402,7 +411,7 @@ pub async fn run(
         Progress::new(
             opts.quiet,
             Some(&job.input),
-            u64::from(job.input_format == crate::job::InputFormat::Csv),
+            u64::from(job.input_format == InputFormat::Csv),
             opts.limit,
         ),
         billed,
@@ -476,7 +485,7 @@ pub async fn run(
 
     // Step 3: finish.
     finish(
-        job, budget, &mut stats, stopper, signals, complete, spool, failed, unwritten,
+        job, budget, &mut stats, stopper, signals, complete, spool, failed, unwritten, header,
     )
 }
 
@@ -961,6 +970,7 @@ fn finish(
     spool: Option<std::path::PathBuf>,
     failed: Option<Error>,
     unwritten: usize,
+    header: Option<Vec<String>>,
 ) -> Result<(Summary, i32), Error> {
     let budget = budget.into_inner().unwrap();
     if failed.is_none() {
@@ -988,7 +998,10 @@ fn finish(
     }
     if failed.is_none() {
         if let Some(csv) = &job.csv {
-            crate::output::export_csv(&job.output, csv)?;
+            let opts = CsvOptions {
+                escape_formulas: job.csv_escape_formulas,
+            };
+            crate::export::export_csv(&job.output, csv, header.as_deref(), &opts)?;
         }
     }
     if stats.pending_unconfirmed_usd > 0.0 {

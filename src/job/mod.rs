@@ -124,6 +124,7 @@ pub struct RawRun {
 pub struct RawOutput {
     pub path: String,
     pub csv: Option<String>,
+    pub csv_escape_formulas: Option<bool>,
 }
 
 /// USD per 1M tokens.
@@ -176,6 +177,8 @@ pub struct Job {
     pub outage: Duration,
     pub output: PathBuf,
     pub csv: Option<PathBuf>,
+    /// Quote CSV cells that a spreadsheet would run as a formula (CSV injection).
+    pub csv_escape_formulas: bool,
     pub pricing: Option<Pricing>,
 }
 
@@ -469,6 +472,7 @@ impl Job {
             outage,
             output,
             csv,
+            csv_escape_formulas: raw.output.csv_escape_formulas.unwrap_or(false),
             pricing: raw.pricing,
         })
     }
