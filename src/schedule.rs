@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Map;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -153,6 +153,10 @@ enum Msg {
         record: Box<Record>,
         retries: u32,
         rate_limited: u32,
+        /// The row's concurrency slot, released once its record is on disk: at most
+        /// `concurrency` rows are ever sent and not yet durable, which bounds what a dead
+        /// writer can cost.
+        slot: Option<OwnedSemaphorePermit>,
     },
     Skipped {
         ok: bool,
@@ -171,6 +175,8 @@ struct Budget {
     unconfirmed: f64,
     /// Requests in flight at their worst case.
     reserved: f64,
+    /// How many reservations are held (float sums drift; a count does not).
+    holders: usize,
 }
 
 impl Budget {
@@ -190,9 +196,12 @@ impl Reservation {
     fn settle(mut self, spent: f64, unconfirmed: f64) {
         let mut b = self.sh.budget.lock().unwrap();
         b.reserved = (b.reserved - self.bound).max(0.0);
+        b.holders -= 1;
         b.spent += spent;
         b.unconfirmed += unconfirmed;
+        drop(b);
         self.settled = true;
+        self.sh.released.notify_waiters();
     }
 }
 
@@ -201,7 +210,9 @@ impl Drop for Reservation {
         if !self.settled {
             if let Ok(mut b) = self.sh.budget.lock() {
                 b.reserved = (b.reserved - self.bound).max(0.0);
+                b.holders = b.holders.saturating_sub(1);
             }
+            self.sh.released.notify_waiters();
         }
     }
 }
@@ -269,6 +280,8 @@ struct Shared {
     retry: RetryPolicy,
     stopper: Arc<Stopper>,
     budget: Mutex<Budget>,
+    /// Woken whenever a reservation is released, for a dispatcher waiting on the budget.
+    released: tokio::sync::Notify,
     breaker: Mutex<Breaker>,
     unknown_price_warned: AtomicBool,
     no_usage_warned: AtomicBool,
@@ -427,6 +440,7 @@ pub async fn run(
             before: opened.spent_before,
             ..Budget::default()
         }),
+        released: tokio::sync::Notify::new(),
         breaker: Mutex::new(Breaker::default()),
         unknown_price_warned: AtomicBool::new(false),
         no_usage_warned: AtomicBool::new(false),
@@ -559,6 +573,7 @@ async fn dispatch(
                             )),
                             retries: 0,
                             rate_limited: 0,
+                            slot: None,
                         }
                     }
                     Ok(_) => Msg::Skipped { ok: false },
@@ -605,22 +620,44 @@ async fn dispatch(
             .price(None)
             .map(|pr| pr.bound(prompt_tokens, max_output.unwrap_or(0)))
             .unwrap_or(0.0);
-        {
-            let mut b = shared.budget.lock().unwrap();
-            if let Some(cap) = b.cap {
-                if b.total() + b.reserved + bound > cap {
-                    let spent = b.total();
-                    drop(b);
-                    shared.stop(Stop::Job(format!(
-                        "the budget would be exceeded: ${spent:.4} of ${cap:.4} spent in this output \
-                         so far; the next request could cost up to ${bound:.4}. Stopped dispatching \
-                         at row {}; raise run.max_cost_usd (or --max-cost) and run again to go on",
-                        p.row.number
-                    )));
-                    break;
+        // While requests in flight hold reservations, wait for them to settle before calling
+        // the budget spent: a stop then means the output's spend is really at the cap, so the
+        // same command run again sends nothing.
+        let fits = loop {
+            let released = shared.released.notified();
+            {
+                let mut b = shared.budget.lock().unwrap();
+                match b.cap {
+                    Some(cap) if b.total() + b.reserved + bound > cap => {
+                        if b.holders == 0 {
+                            break Err((b.total(), cap));
+                        }
+                    }
+                    _ => {
+                        b.reserved += bound;
+                        b.holders += 1;
+                        break Ok(());
+                    }
                 }
             }
-            b.reserved += bound;
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break Err((f64::NAN, 0.0)),
+                _ = released => {}
+            }
+        };
+        match fits {
+            Ok(()) => {}
+            Err((spent, _)) if spent.is_nan() => break,
+            Err((spent, cap)) => {
+                shared.stop(Stop::Job(format!(
+                    "the budget is spent: ${spent:.6} of ${cap:.6} in this output so far, and the \
+                     next request could cost up to ${bound:.6}. Stopped dispatching at row {}; \
+                     raise run.max_cost_usd (or --max-cost) and run again to go on",
+                    p.row.number
+                )));
+                break;
+            }
         }
         let reservation = Reservation {
             sh: shared.clone(),
@@ -817,6 +854,7 @@ async fn process(
         record: Box::new(record),
         retries: attempts - 1,
         rate_limited,
+        slot: None,
     })
 }
 
@@ -921,6 +959,7 @@ async fn write_records(
 ) -> WriterEnd {
     let mut stats = Stats::default();
     let mut failed: Option<Error> = None;
+    let mut slots = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         // Take everything already queued, then flush once: durable per batch, cheap per row.
@@ -930,9 +969,11 @@ async fn write_records(
                     record,
                     retries,
                     rate_limited,
+                    slot,
                 } => {
                     appender.append(&record);
                     stats.add(&record, retries, rate_limited, billed);
+                    slots.extend(slot);
                 }
                 Msg::Skipped { ok: true } => stats.skipped_ok += 1,
                 Msg::Skipped { ok: false } => stats.skipped_failed += 1,
@@ -947,6 +988,8 @@ async fn write_records(
                 failed = Some(e);
             }
         }
+        // Durable (or dispatching is stopped): the rows' slots may go to new rows.
+        slots.clear();
         progress.update(&stats, false);
     }
     progress.update(&stats, true);

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub use fake_openai::{spawn_background, Config, FakeServer};
+pub use fake_openai::{spawn_background, spawn_background_on, Config, FakeServer};
 
 pub const KEY: &str = "sk-test-DO-NOT-LEAK-0123456789abcdef";
 
