@@ -65,7 +65,7 @@ async fn main() {
                     break tokens;
                 };
                 let c = model.complete(req).await.expect("completion");
-                tokens += c.usage.completion_tokens;
+                tokens += c.usage.map_or(0, |u| u.completion_tokens);
             }
         };
         let counts = futures::future::join_all((0..parallel).map(|_| worker())).await;
