@@ -684,10 +684,23 @@ async fn dispatch(
                 counted.then_some(prompt_tokens),
             )
             .await;
-            drop(permit);
-            if let Some(m) = msg {
-                let _ = sh.tx.send(m).await;
-            }
+            let m = match msg {
+                // The slot goes with the record, released once the record is on disk.
+                Some(Msg::Finished {
+                    record,
+                    retries,
+                    rate_limited,
+                    ..
+                }) => Msg::Finished {
+                    record,
+                    retries,
+                    rate_limited,
+                    slot: Some(permit),
+                },
+                Some(m) => m,
+                None => return,
+            };
+            let _ = sh.tx.send(m).await;
         });
     }
     while let Some(r) = tasks.join_next().await {
