@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use promptmill::job::Params;
+use promptmill::chat::Params;
+use promptmill::chat::{Message, Role};
 use promptmill::provider::local::LocalModel;
-use promptmill::provider::{Message, Provider, Request, Role};
+use promptmill::provider::{Provider, Request};
 
 const PROMPTS: [&str; 8] = [
     "Write a short story about a lighthouse keeper.",

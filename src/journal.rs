@@ -177,10 +177,6 @@ impl Appender {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Buffers one record; `flush` makes it durable against a process kill.
     pub fn append(&mut self, r: &Record) {
         serde_json::to_writer(&mut self.pending, r).expect("a record always serializes");

@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::hash::{Hash, Hasher};
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -226,12 +226,9 @@ impl Index {
         self.entries = out;
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     fn position(&self, fp: &[u8; 16], idh: u64) -> Option<usize> {
@@ -673,10 +670,8 @@ pub fn move_appending(from: &Path, dest: &Path) -> Result<bool, Error> {
         .append(true)
         .open(dest)
         .map_err(|e| io_err(dest, e))?;
-    let mut head = [0u8; 1];
-    let nonempty = f.read(&mut head).map_err(|e| io_err(from, e))? > 0;
+    let nonempty = f.metadata().map_err(|e| io_err(from, e))?.len() > 0;
     if nonempty {
-        f.seek(SeekFrom::Start(0)).map_err(|e| io_err(from, e))?;
         std::io::copy(&mut f, &mut d).map_err(|e| io_err(dest, e))?;
         d.sync_all().map_err(|e| io_err(dest, e))?;
     }

@@ -9,9 +9,9 @@ use serde_json::{Map, Value};
 use tera::ast::{Expr, ExprVal, FunctionCall, LogicExpr, LogicOperator, MacroDefinition, Node};
 use tera::{Context, Tera};
 
+use crate::chat::Message;
 use crate::error::Error;
 use crate::job::{Job, MessageSource, MessageSpec};
-use crate::provider::Message;
 
 /// Template file extensions picked up from the template folders.
 const EXTENSIONS: &[&str] = &["tera", "j2", "jinja", "txt", "md", "html", "prompt"];
@@ -425,7 +425,7 @@ fn walk_expr(e: &Expr, scope: &Scope, found: &mut BTreeSet<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Role;
+    use crate::chat::Role;
 
     fn renderer(src: &str) -> Renderer {
         let mut tera = Tera::default();

@@ -103,22 +103,17 @@ impl Builder {
                 return Err((row, msg));
             }
         };
-        let body = crate::provider::openai::request_body(&self.model, &messages, &self.params);
-        let fingerprint = self.fingerprint(&messages);
+        let json = serde_json::value::to_raw_value(&messages).expect("messages serialize");
+        let body = crate::provider::openai::request_body(&self.model, &json, &self.params);
+        let mut h = self.prefix.clone();
+        h.update(json.get().as_bytes());
+        let mut fingerprint = [0u8; 16];
+        fingerprint.copy_from_slice(&h.finalize()[..16]);
         Ok(Prepared {
             row,
             request: Request { messages, body },
             fingerprint,
         })
-    }
-
-    pub fn fingerprint(&self, messages: &[Message]) -> [u8; 16] {
-        let mut h = self.prefix.clone();
-        h.update(serde_json::to_vec(messages).expect("messages serialize"));
-        let d = h.finalize();
-        let mut out = [0u8; 16];
-        out.copy_from_slice(&d[..16]);
-        out
     }
 }
 
@@ -126,18 +121,28 @@ impl Builder {
 /// (and port), or the local model's file checksum and context size.
 pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String {
     match job.provider {
-        ProviderKind::Openai => {
-            let rest = job.base_url.split("://").nth(1).unwrap_or(&job.base_url);
-            let host = rest.split(['/', '?']).next().unwrap_or(rest);
-            let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-            format!("openai:{}", host.to_ascii_lowercase())
-        }
+        ProviderKind::Openai => format!("openai:{}", host_and_port(&job.base_url)),
         ProviderKind::Local => format!(
             "local:{}:ctx={}",
             local_model_sha256.unwrap_or("unknown"),
             job.context_tokens
                 .map_or("default".into(), |c| c.to_string())
         ),
+    }
+}
+
+/// `https://user@API.example.com:8443/v1` → `api.example.com:8443` (the URL itself when it
+/// does not parse; `Job` has checked it is http(s) already).
+pub fn host_and_port(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => {
+            let host = u.host_str().unwrap_or_default();
+            match u.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host.to_string(),
+            }
+        }
+        Err(_) => url.to_string(),
     }
 }
 
@@ -167,6 +172,39 @@ mod tests {
         assert_eq!(fingerprint_bytes(&hex(&b)), Some(b));
         assert_eq!(fingerprint_bytes("abc"), None);
         assert_eq!(fingerprint_bytes(&"zz".repeat(16)), None);
+    }
+
+    #[test]
+    fn another_local_model_file_is_another_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = |ctx: &str| {
+            let p = dir.path().join("job.toml");
+            std::fs::write(
+                &p,
+                format!(
+                    "[input]\npath = \"d.csv\"\n[[messages]]\nrole = \"user\"\ncontent = \"x\"\n\
+                     [model]\nprovider = \"local\"\npath = \"m.gguf\"\n{ctx}\n\
+                     [output]\npath = \"o.jsonl\"\n"
+                ),
+            )
+            .unwrap();
+            Job::load(&p, &Default::default()).unwrap()
+        };
+        let a = provider_identity(&job(""), Some("aa"));
+        assert_ne!(a, provider_identity(&job(""), Some("bb")));
+        assert_ne!(
+            a,
+            provider_identity(&job("context_tokens = 512"), Some("aa"))
+        );
+    }
+
+    #[test]
+    fn the_provider_is_known_by_host_and_port() {
+        assert_eq!(
+            host_and_port("https://u:p@API.Example.com/v1"),
+            "api.example.com"
+        );
+        assert_eq!(host_and_port("http://127.0.0.1:8080/v1"), "127.0.0.1:8080");
     }
 
     #[test]

@@ -224,14 +224,28 @@ struct Breaker {
     failing_since: Option<Instant>,
     failures: u32,
     unreachable_only: bool,
+    /// When any request last succeeded.
+    last_success: Option<Instant>,
 }
+
+/// How often a row caught in a possible outage tries again.
+const OUTAGE_PROBE: Duration = Duration::from_secs(1);
 
 /// An unreachable endpoint (nothing listening, DNS, TLS) stops the job after this long at most.
 const UNREACHABLE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Breaker {
     fn success(&mut self) {
-        *self = Breaker::default();
+        *self = Breaker {
+            last_success: Some(Instant::now()),
+            ..Breaker::default()
+        };
+    }
+
+    /// Whether nothing has succeeded since `t`: a row that ran out of retries then is caught in
+    /// what may be an outage, and waits for the breaker's verdict instead of failing.
+    fn nothing_succeeded_since(&self, t: Instant) -> bool {
+        self.last_success.is_none_or(|s| s < t)
     }
 
     /// Counts a failed attempt; `Some(cause)` when the job must stop.
@@ -804,6 +818,17 @@ async fn process(
                         tokio::select! {
                             _ = signals.stop.cancelled() => return pending(reservation, unconfirmed),
                             _ = sh.pacer.acquire(pace_tokens) => {}
+                        }
+                    }
+                    None if e.kind.disposition() == Disposition::Retry
+                        && sh.breaker.lock().unwrap().nothing_succeeded_since(started) =>
+                    {
+                        // Every request has failed since this row began: an outage is not a
+                        // verdict on the row. Keep trying until something succeeds (then the row
+                        // fails as usual) or the breaker stops the job (the row stays pending).
+                        tokio::select! {
+                            _ = signals.stop.cancelled() => return pending(reservation, unconfirmed),
+                            _ = tokio::time::sleep(OUTAGE_PROBE) => {}
                         }
                     }
                     None => break Err(e),

@@ -93,6 +93,15 @@ fn inserted_reordered_and_deleted_rows_cost_exactly_what_changed() {
         .collect();
     assert_eq!(all.len(), 313, "every paid record is kept somewhere");
     assert_eq!(f.summary()["rows_stale"], 313 - kept.len() as u64);
+    // The output's spend still counts the stale records: they were paid for.
+    let paid: f64 = f
+        .records()
+        .iter()
+        .chain(&stale)
+        .map(|r| r["cost_usd"].as_f64().unwrap())
+        .sum();
+    let spent = f.summary()["spent_usd"].as_f64().unwrap();
+    assert!((spent - paid).abs() < 1e-9, "spent {spent}, paid {paid}");
 
     // The CSV follows the output.
     let csv = std::fs::read_to_string(f.path("out/result.csv")).unwrap();
@@ -575,6 +584,50 @@ fn an_unreachable_endpoint_stops_the_job_and_leaves_the_rows_pending() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(f.records().len(), 50);
     assert_eq!(s.stats().requests, 50);
+}
+
+#[test]
+fn a_server_failing_every_request_stops_the_job_instead_of_failing_the_rows() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let mut data = String::from("text\n");
+    for i in 1..=30 {
+        data.push_str(&format!("row {i} FAULT:503\n"));
+    }
+    f.write("data.csv", data);
+    let job = f.job("data.csv", "{{ text }}", "", "outage_s = 2", &s.base_url());
+    set(&job, "max_retries = 4", "max_retries = 20");
+    let started = Instant::now();
+    let r = f.run(&["run", job.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        r.stderr.contains("every request has failed"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        f.records().is_empty(),
+        "no row is marked failed by an outage"
+    );
+}
+
+#[test]
+fn another_endpoint_is_another_request() {
+    let a = spawn_background(Config::default());
+    let b = spawn_background(Config::default());
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(5));
+    let job = f.job("data.csv", "{{ text }}", "", "", &a.base_url());
+    assert_eq!(f.run(&["run", "--quiet", job.to_str().unwrap()]).code, 0);
+    set(&job, &a.base_url(), &b.base_url());
+    assert_eq!(f.run(&["run", "--quiet", job.to_str().unwrap()]).code, 0);
+    assert_eq!(
+        b.stats().requests,
+        5,
+        "who answers is part of the fingerprint"
+    );
+    assert_eq!(f.records().len(), 5);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::chat::{Params, Role, Stop};
+use crate::chat::{Params, Role, Stop};
 use crate::error::Error;
 pub use crate::input::InputFormat;
 

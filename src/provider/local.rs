@@ -31,9 +31,9 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
 use super::{
-    Completion, ErrorKind, Message, Provider, ProviderError, Request, Role, TokenCounter, Usage,
+    Completion, ErrorKind, Message, Provider, ProviderError, Request, TokenCounter, Usage,
 };
-use crate::chat::Params;
+use crate::chat::{Params, Role};
 use crate::error::Error;
 
 /// Completion cap when the job sets neither `max_tokens` nor `max_completion_tokens`.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-pub use crate::chat::{Message, Role};
+pub use crate::chat::Message;
 use crate::cost::Price;
 use crate::error::Error;
 use crate::job::{Job, ProviderKind};
@@ -297,13 +297,15 @@ impl Provider for NoProvider {
 }
 
 pub fn is_loopback(url: &str) -> bool {
-    let rest = url.split("://").nth(1).unwrap_or("");
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
-    let host = if host.starts_with('[') {
-        host.split(']').next().unwrap_or("").trim_start_matches('[')
-    } else {
-        host.split(':').next().unwrap_or("")
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+    else {
+        return false;
     };
-    host == "localhost" || host.starts_with("127.") || host == "::1"
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
 }

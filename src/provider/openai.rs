@@ -8,7 +8,7 @@ use futures::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde::{Deserialize, Serialize};
 
-use super::{Completion, ErrorKind, Message, Provider, ProviderError, RateLimits, Request, Usage};
+use super::{Completion, ErrorKind, Provider, ProviderError, RateLimits, Request, Usage};
 use crate::chat::Params;
 
 /// The API key, kept out of every `Debug` and `Display`.
@@ -39,12 +39,12 @@ pub struct OpenAi {
     stream: bool,
 }
 
-/// The request body, serialized once per row: the same bytes are sent on every attempt and
-/// hashed for the row's fingerprint.
+/// The request body, serialized once per row: the same bytes are sent on every attempt.
 #[derive(Serialize)]
 struct Body<'a> {
     model: &'a str,
-    messages: &'a [Message],
+    /// Already JSON: the fingerprint hashes these same bytes, so they are made once.
+    messages: &'a serde_json::value::RawValue,
     #[serde(flatten)]
     params: &'a Params,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -58,7 +58,11 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-pub fn request_body(model: &str, messages: &[Message], params: &Params) -> bytes::Bytes {
+pub fn request_body(
+    model: &str,
+    messages: &serde_json::value::RawValue,
+    params: &Params,
+) -> bytes::Bytes {
     let body = Body {
         model,
         messages,
@@ -527,12 +531,17 @@ mod tests {
             ..Default::default()
         };
         p.extra.insert("logprobs".into(), serde_json::json!(true));
-        let msgs = [Message {
-            role: super::super::Role::User,
+        let msgs = [crate::chat::Message {
+            role: crate::chat::Role::User,
             name: None,
             content: "x".into(),
         }];
-        let v: serde_json::Value = serde_json::from_slice(&request_body("m", &msgs, &p)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&request_body(
+            "m",
+            &serde_json::value::to_raw_value(&msgs).unwrap(),
+            &p,
+        ))
+        .unwrap();
         assert_eq!(v["logprobs"], serde_json::json!(true));
         assert_eq!(v["temperature"], serde_json::json!(0.2));
         assert!(v.get("extra").is_none());
