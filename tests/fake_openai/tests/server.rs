@@ -337,18 +337,7 @@ fn background_server_from_plain_test() {
         ..Config::default()
     });
     // Prove it serves without the caller's runtime: a tiny blocking HTTP/1.1 request.
-    use std::io::{Read, Write};
-    let payload = body("bg").to_string();
-    let mut s = std::net::TcpStream::connect(server.addr).unwrap();
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-        payload.len(),
-        payload
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
+    let out = post_blocking(server.addr, &body("bg").to_string());
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("echo: bg"));
     assert_eq!(server.stats().ok, 1);
@@ -597,8 +586,21 @@ fn background_server_on_a_chosen_port_after_an_outage() {
 
     let server = spawn_background_on(Config::default(), addr).expect("bind the freed port");
     assert_eq!(server.addr, addr);
+    let out = post_blocking(addr, &body("back").to_string());
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(server.stats().ok, 1);
+
+    // A taken port is an error to handle, not a panic.
+    let taken = spawn_background_on(Config::default(), addr)
+        .err()
+        .expect("the port is in use");
+    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+}
+
+/// One chat request over a plain blocking socket, without the caller's runtime; the whole
+/// raw response.
+fn post_blocking(addr: std::net::SocketAddr, payload: &str) -> String {
     use std::io::{Read, Write};
-    let payload = body("back").to_string();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,
@@ -609,12 +611,5 @@ fn background_server_on_a_chosen_port_after_an_outage() {
     .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert_eq!(server.stats().ok, 1);
-
-    // A taken port is an error to handle, not a panic.
-    let taken = spawn_background_on(Config::default(), addr)
-        .err()
-        .expect("the port is in use");
-    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    out
 }
