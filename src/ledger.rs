@@ -201,7 +201,8 @@ impl Index {
         Ok(ix)
     }
 
-    /// One entry per key: the latest original record, else the latest copy.
+    /// One entry per key: the latest original record, else the latest copy. In place, so a
+    /// large index never exists twice.
     fn dedup(&mut self) {
         self.entries.sort_unstable_by(|a, b| {
             a.key()
@@ -209,21 +210,22 @@ impl Index {
                 .then((!a.is_copy()).cmp(&!b.is_copy()))
                 .then(a.offset.cmp(&b.offset))
         });
-        let mut out: Vec<Entry> = Vec::with_capacity(self.entries.len());
-        for e in self.entries.drain(..) {
-            if let Some(last) = out.last_mut() {
-                if last.key() == e.key() {
-                    if last.flags & PAID != 0 {
-                        self.superseded_paid.push(last.offset);
-                    }
-                    *last = e;
-                    continue;
+        // Sorted best-last within a key: keep each key's last entry.
+        let mut kept = 0;
+        for i in 0..self.entries.len() {
+            let e = self.entries[i];
+            if kept > 0 && self.entries[kept - 1].key() == e.key() {
+                let old = self.entries[kept - 1];
+                if old.flags & PAID != 0 {
+                    self.superseded_paid.push(old.offset);
                 }
+                self.entries[kept - 1] = e;
+            } else {
+                self.entries[kept] = e;
+                kept += 1;
             }
-            out.push(e);
         }
-        out.shrink_to_fit();
-        self.entries = out;
+        self.entries.truncate(kept);
     }
 
     #[cfg(test)]
