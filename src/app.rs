@@ -16,10 +16,10 @@ use crate::schedule::{self, Interrupt, RunOptions, Signals};
 
 pub fn main(cli: Cli) -> i32 {
     ignore_file_size_signal();
-    init_logging(&cli);
     // A .env in the working folder supplies the key without exporting it; an existing
-    // variable wins over the file.
+    // variable wins over the file. Read before logging starts, so NO_COLOR there counts too.
     let _ = dotenvy::dotenv();
+    init_logging(&cli);
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -360,6 +360,9 @@ pub struct Planned {
     pub id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<Map<String, Value>>,
+    /// The fingerprint the record must carry, when it was found under an older one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// The plan spool's writer: one line per input row, in input order. A temporary file beside
@@ -522,6 +525,9 @@ pub fn compact(
             }
             if let Some(input) = p.input {
                 r.input = input;
+            }
+            if let Some(fp) = p.fingerprint {
+                r.fingerprint = Some(fp);
             }
             let mut s = serde_json::to_vec(&r).expect("a record serializes");
             s.push(b'\n');
@@ -704,6 +710,7 @@ mod tests {
             idh: 0,
             id: None,
             input: None,
+            fingerprint: None,
         };
         if let Some(t) = input {
             p.id = Some(row.to_string());

@@ -52,7 +52,17 @@ impl Planner {
 
     pub fn plan(&mut self, p: &Prepared) -> Result<Decision, Error> {
         let idh = self.keying.id_hash(&p.row.id);
-        let found = self.index.get(&p.fingerprint, idh).copied();
+        let mut found = self.index.get(&p.fingerprint, idh).copied();
+        let mut legacy = None;
+        if found.is_none() && self.index.records > 0 {
+            // An output written before rows were keyed by request identity: its records carry
+            // the body's hash. Upgrading must not re-pay them.
+            let old = crate::request::legacy_fingerprint(&p.request.body);
+            if let Some(e) = self.index.get(&old, idh) {
+                found = Some(*e);
+                legacy = Some(old);
+            }
+        }
         let decision = match found.map(|e| e.outcome()) {
             Some(Outcome::Ok) => Decision::Done,
             Some(Outcome::FailedFinal) if !self.retry_failed => Decision::DoneFailed,
@@ -66,26 +76,34 @@ impl Planner {
                 }
             }
         };
-        if self.spool.is_some() {
+        if self.spool.is_none() {
+            return Ok(decision);
+        }
+        let kept = matches!(decision, Decision::Done | Decision::DoneFailed);
+        let (key, current, refingerprint) = match (legacy, found) {
+            // A kept legacy record is rewritten with the current fingerprint; a legacy record
+            // that is replaced (sent again) is superseded by the new one.
+            (Some(old), _) if kept => (old, false, Some(hex(&p.fingerprint))),
+            (Some(_), _) => (p.fingerprint, decision == Decision::Send, None),
             // The record is kept byte for byte only when it already says this row, id and
             // fields; otherwise compaction rewrites it with them.
-            let current = match found {
-                Some(e) if decision != Decision::Copy && e.ident != 0 => {
-                    let input = serde_json::to_vec(&p.row.fields).expect("fields serialize");
-                    ledger::ident(p.row.number, &p.row.id, &input) == e.ident
-                }
-                Some(_) => false,
-                None => decision == Decision::Send,
-            };
-            self.spool_row(
-                p.row.number,
-                &p.fingerprint,
-                idh,
-                current,
-                &p.row.id,
-                &p.row.fields,
-            )?;
-        }
+            (None, Some(e)) if decision != Decision::Copy && e.ident != 0 => {
+                let input = serde_json::to_vec(&p.row.fields).expect("fields serialize");
+                let same = ledger::ident(p.row.number, &p.row.id, &input) == e.ident;
+                (p.fingerprint, same, None)
+            }
+            (None, Some(_)) => (p.fingerprint, false, None),
+            (None, None) => (p.fingerprint, decision == Decision::Send, None),
+        };
+        self.spool_row(
+            p.row.number,
+            &key,
+            idh,
+            current,
+            &p.row.id,
+            &p.row.fields,
+            refingerprint,
+        )?;
         Ok(decision)
     }
 
@@ -113,11 +131,12 @@ impl Planner {
                 Some(_) => false,
                 None => true,
             };
-            self.spool_row(row, &key, 0, current, id, fields)?;
+            self.spool_row(row, &key, 0, current, id, fields, None)?;
         }
         Ok(decision)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spool_row(
         &mut self,
         row: u64,
@@ -126,6 +145,7 @@ impl Planner {
         current: bool,
         id: &str,
         fields: &Map<String, Value>,
+        refingerprint: Option<String>,
     ) -> Result<(), Error> {
         let Some(spool) = self.spool.as_mut() else {
             return Ok(());
@@ -136,6 +156,7 @@ impl Planner {
             idh,
             id: (!current).then(|| id.to_string()),
             input: (!current).then(|| fields.clone()),
+            fingerprint: refingerprint,
         })
     }
 }

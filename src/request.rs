@@ -117,6 +117,14 @@ impl Builder {
     }
 }
 
+/// The fingerprint promptmill recorded before rows were keyed by request identity: 128 bits of
+/// the request body's SHA-256. Read only to recognise records of older outputs.
+pub fn legacy_fingerprint(body: &[u8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&Sha256::digest(body)[..16]);
+    out
+}
+
 /// Who answers a job's requests, as far as it changes the completion: the HTTP endpoint's host
 /// (and port), or the local model's file checksum and context size.
 pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String {

@@ -109,6 +109,52 @@ fn inserted_reordered_and_deleted_rows_cost_exactly_what_changed() {
 }
 
 #[test]
+fn an_output_from_before_request_keys_is_resumed_without_paying_again() {
+    use sha2::Digest;
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(4));
+    let job = f.job(
+        "data.csv",
+        "{{ text }}",
+        "temperature = 0.5",
+        "",
+        &s.base_url(),
+    );
+    let job = job.to_str().unwrap();
+    assert_eq!(f.run(&["run", "--quiet", job]).code, 0);
+    // What the previous release wrote: the fingerprint was the request body's SHA-256.
+    let bodies = s.requests();
+    let out = f.path("out/result.jsonl");
+    let mut old = String::new();
+    for mut rec in f.records() {
+        let text = rec["input"]["text"].as_str().unwrap().to_string();
+        let body = bodies
+            .iter()
+            .find(|b| b["messages"][1]["content"] == text.as_str())
+            .unwrap();
+        let digest = sha2::Sha256::digest(serde_json::to_vec(body).unwrap());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        rec["fingerprint"] = Value::String(hex);
+        old.push_str(&serde_json::to_string(&rec).unwrap());
+        old.push('\n');
+    }
+    std::fs::write(&out, &old).unwrap();
+    let r = f.run(&["run", "--quiet", job]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(s.stats().requests, 4, "upgrading re-pays nothing");
+    let now: Vec<Value> = f.records();
+    assert_eq!(now.len(), 4);
+    assert!(now.iter().zip(old.lines()).all(|(n, o)| {
+        let o: Value = serde_json::from_str(o).unwrap();
+        n["fingerprint"] != o["fingerprint"] && n["completion"] == o["completion"]
+    }));
+    // Records now carry the current fingerprint: a third run is a plain resume.
+    assert_eq!(f.run(&["run", "--quiet", job]).code, 0);
+    assert_eq!(s.stats().requests, 4);
+}
+
+#[test]
 fn an_edited_unused_column_updates_the_record_without_a_request() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
