@@ -186,7 +186,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let renderer = Renderer::new(&job)?;
     let backend = provider::build(&job, false)?;
     let keying = schedule::keying(&job);
-    let index = Index::load(&job.output, keying)?;
+    let index = Index::load(&job.output, keying)?.with_stale(&job.stale_path(), keying)?;
     let mean_completion = index.mean_completion_tokens;
     // The run's own planner, so "rows to send" is what `run` would send.
     let mut planner = Planner::new(index, keying, false, None);

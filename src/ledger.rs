@@ -137,9 +137,26 @@ pub struct Index {
     /// Worst-case cost of attempts that may have been billed without a usable completion.
     pub unconfirmed_usd: f64,
     pub mean_completion_tokens: Option<f64>,
+    /// The stale file's records: not rows of this output, but answers a restored row can copy.
+    stale: Option<Box<Index>>,
 }
 
 impl Index {
+    /// Adds the stale file's records as copy sources, so a row deleted from the input and put
+    /// back later is not paid for again.
+    pub fn with_stale(mut self, stale: &Path, keying: Keying) -> Result<Index, Error> {
+        let ix = Index::load(stale, keying)?;
+        self.stale = (ix.records > 0).then(|| Box::new(ix));
+        Ok(self)
+    }
+
+    /// What the stale file's records cost (they were paid for).
+    pub fn stale_spent_usd(&self) -> f64 {
+        self.stale
+            .as_ref()
+            .map_or(0.0, |s| s.spent_usd + s.unconfirmed_usd)
+    }
+
     /// Reads the journal at `path` (and the stale file's spend). Memory: 48 bytes per key.
     pub fn load(path: &Path, keying: Keying) -> Result<Index, Error> {
         let mut ix = Index::default();
@@ -259,9 +276,10 @@ impl Index {
             .max_by_key(|&i| rank(&self.entries[i]))
     }
 
-    /// Whether an ok record of this request exists under any id.
+    /// Whether an ok record of this request exists under any id (the stale file's included).
     pub fn has_ok_source(&self, fp: &[u8; 16]) -> bool {
         self.source_index(fp, true).is_some()
+            || self.stale.as_ref().is_some_and(|s| s.has_ok_source(fp))
     }
 }
 
@@ -306,18 +324,6 @@ fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -> Option<En
         first_row: 0,
         flags,
     })
-}
-
-/// The total spend recorded in a stale file (records moved out of the output).
-pub fn stale_spend(path: &Path) -> Result<f64, Error> {
-    let mut total = 0.0;
-    journal::for_each_line(path, |_, _, bytes| {
-        if let Ok(Some(l)) = journal::parse_line(bytes) {
-            total += l.cost_usd.unwrap_or(0.0) + l.unconfirmed_usd.unwrap_or(0.0);
-        }
-        Ok(())
-    })?;
-    Ok(total)
 }
 
 /// Unconfirmed spend of attempts whose rows ended with no record (stopped, interrupted),
@@ -427,8 +433,10 @@ pub fn compact(
     keying: Keying,
     side: &Sidecars,
 ) -> Result<Compacted, Error> {
-    let mut ix = Index::load(output, keying)?;
+    let mut ix = Index::load(output, keying)?.with_stale(&side.stale, keying)?;
     let mut report = Compacted::default();
+    // The stale file, read only for a restored row's copy.
+    let mut stale_src: Option<(BufReader<File>, u64)> = None;
     let tmp = crate::job::sibling(output, ".compact");
     let mut out =
         BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
@@ -473,8 +481,25 @@ pub fn compact(
             None => match ix.source_index(&fp, false) {
                 Some(i) => (i, true),
                 None => {
-                    report.pending += 1;
                     in_place = false;
+                    let from_stale = ix
+                        .stale
+                        .as_ref()
+                        .and_then(|st| st.source_index(&fp, true).map(|i| st.entries[i].offset));
+                    let Some(offset) = from_stale else {
+                        report.pending += 1;
+                        continue;
+                    };
+                    if stale_src.is_none() {
+                        let f = File::open(&side.stale).map_err(|e| io_err(&side.stale, e))?;
+                        stale_src = Some((BufReader::new(f), 0));
+                    }
+                    let (rdr, at) = stale_src.as_mut().expect("opened above");
+                    read_line_at(rdr, at, offset, &mut buf).map_err(|e| io_err(&side.stale, e))?;
+                    let r = rewrite(&buf, p, Some(None), &side.stale, offset)?;
+                    wr(&mut out, &r)?;
+                    report.copies += 1;
+                    report.rows += 1;
                     continue;
                 }
             },
@@ -497,41 +522,14 @@ pub fn compact(
             wr(&mut out, &buf)?;
         } else {
             in_place = false;
-            let mut r: Record =
-                serde_json::from_slice(buf.trim_ascii()).map_err(|err| Error::Input {
-                    path: output.to_path_buf(),
-                    message: format!("the record at byte {}: {err}", e.offset),
-                })?;
+            let from = copy.then(|| {
+                (e.flags & REFERENCED != 0 && e.first_row > 0).then_some(e.first_row as u64)
+            });
             if copy {
                 report.copies += 1;
-                let from_row = if e.flags & REFERENCED != 0 && e.first_row > 0 {
-                    e.first_row as u64
-                } else {
-                    r.row
-                };
-                r.copied_from = Some(CopiedFrom {
-                    row: from_row,
-                    id: r.id.clone(),
-                });
-                r.usage = None;
-                r.cost_usd = Some(0.0);
-                r.unconfirmed_usd = None;
-                r.attempts = 0;
-                r.latency_ms = 0;
             }
-            r.row = p.row;
-            if let Some(id) = p.id {
-                r.id = id;
-            }
-            if let Some(input) = p.input {
-                r.input = input;
-            }
-            if let Some(fp) = p.fingerprint {
-                r.fingerprint = Some(fp);
-            }
-            let mut s = serde_json::to_vec(&r).expect("a record serializes");
-            s.push(b'\n');
-            wr(&mut out, &s)?;
+            let r = rewrite(&buf, p, from, output, e.offset)?;
+            wr(&mut out, &r)?;
         }
         report.rows += 1;
     }
@@ -611,6 +609,46 @@ pub fn compact(
     std::fs::rename(&tmp, output).map_err(|e| io_err(output, e))?;
     report.rewritten = true;
     Ok(report)
+}
+
+/// The record `line` (at `offset` in `path`) rewritten for the row `p` names: its number, id,
+/// fields and fingerprint. `copy`: as a free copy of another row's answer, from the given row
+/// (`None`: the row the record itself names).
+fn rewrite(
+    line: &[u8],
+    p: Planned,
+    copy: Option<Option<u64>>,
+    path: &Path,
+    offset: u64,
+) -> Result<Vec<u8>, Error> {
+    let mut r: Record = serde_json::from_slice(line.trim_ascii()).map_err(|err| Error::Input {
+        path: path.to_path_buf(),
+        message: format!("the record at byte {offset}: {err}"),
+    })?;
+    if let Some(from_row) = copy {
+        r.copied_from = Some(CopiedFrom {
+            row: from_row.unwrap_or(r.row),
+            id: r.id.clone(),
+        });
+        r.usage = None;
+        r.cost_usd = Some(0.0);
+        r.unconfirmed_usd = None;
+        r.attempts = 0;
+        r.latency_ms = 0;
+    }
+    r.row = p.row;
+    if let Some(id) = p.id {
+        r.id = id;
+    }
+    if let Some(input) = p.input {
+        r.input = input;
+    }
+    if let Some(fp) = p.fingerprint {
+        r.fingerprint = Some(fp);
+    }
+    let mut s = serde_json::to_vec(&r).expect("a record serializes");
+    s.push(b'\n');
+    Ok(s)
 }
 
 fn read_line_at(

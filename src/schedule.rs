@@ -374,7 +374,7 @@ fn open_output(
             job.output.display()
         );
     }
-    let index = Index::load(&job.output, keying)?;
+    let index = Index::load(&job.output, keying)?.with_stale(&job.stale_path(), keying)?;
     if index.records > 0 {
         tracing::info!(
             "{}: {} earlier records found; resuming",
@@ -383,10 +383,8 @@ fn open_output(
         );
     }
     let carried = Carried::read(&job.spend_path())?;
-    let spent_before = index.spent_usd
-        + index.unconfirmed_usd
-        + ledger::stale_spend(&job.stale_path())?
-        + carried.unconfirmed_usd;
+    let spent_before =
+        index.spent_usd + index.unconfirmed_usd + index.stale_spent_usd() + carried.unconfirmed_usd;
     Ok(Opened {
         _lock: lock,
         index,

@@ -155,6 +155,41 @@ fn an_output_from_before_request_keys_is_resumed_without_paying_again() {
 }
 
 #[test]
+fn rows_deleted_then_put_back_are_not_paid_for_again() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let all = texts(20, "item");
+    f.write("data.csv", csv_of(&all));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap();
+    assert_eq!(f.run(&["run", "--quiet", job]).code, 0);
+    f.write("data.csv", csv_of(&all[..10]));
+    assert_eq!(f.run(&["run", "--quiet", job]).code, 0);
+    let spent = f.summary()["spent_usd"].as_f64().unwrap();
+    f.write("data.csv", csv_of(&all));
+    let r = f.run(&["run", "--quiet", job]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        s.stats().requests,
+        20,
+        "the restored rows are copied from the stale file"
+    );
+    let recs = f.records();
+    assert_eq!(
+        completions(&f),
+        all.iter().map(|t| format!("echo: {t}")).collect::<Vec<_>>()
+    );
+    for rec in &recs[10..] {
+        assert_eq!(rec["cost_usd"], 0.0);
+        assert!(rec["copied_from"]["row"].as_u64().is_some());
+    }
+    // The paid answers stay in the stale file and are counted once.
+    assert_eq!(read_jsonl(&f.path("out/result.stale.jsonl")).len(), 10);
+    let now = f.summary()["spent_usd"].as_f64().unwrap();
+    assert!((now - spent).abs() < 1e-12, "{now} vs {spent}");
+}
+
+#[test]
 fn an_edited_unused_column_updates_the_record_without_a_request() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
