@@ -491,6 +491,7 @@ fn a_second_sigterm_cancels_the_requests_in_flight_and_keeps_what_arrived() {
         "every record received before the cancel is written"
     );
     assert!(recs.iter().all(|r| r["status"] == "ok"));
+    assert_eq!(s.stats().ok, 6, "every answer the server gave is kept");
     // The cancelled requests may have been billed: counted at their worst case.
     assert!(f.summary()["unconfirmed_usd"].as_f64().unwrap() > 0.0);
 }
@@ -520,6 +521,7 @@ fn the_grace_period_ends_with_the_requests_in_flight_cancelled() {
     assert_eq!(r.code, 143, "{}", r.stderr);
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(f.records().len(), 1);
+    assert_eq!(s.stats().ok, 1, "every answer the server gave is kept");
 }
 
 #[test]
