@@ -28,6 +28,8 @@ pub struct RawJob {
     pub output: RawOutput,
     #[serde(default)]
     pub pricing: Option<Pricing>,
+    #[serde(default)]
+    pub batch: RawBatch,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +83,8 @@ pub struct RawModel {
     pub seed: Option<i64>,
     pub user: Option<String>,
     pub stream: Option<bool>,
+    /// OpenAI's processing tier: `flex` is slower and billed at batch prices.
+    pub service_tier: Option<ServiceTier>,
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -98,6 +102,7 @@ impl RawModel {
             seed: self.seed,
             user: self.user.clone(),
             stream: self.stream,
+            service_tier: self.service_tier,
             extra: self.extra.clone(),
         }
     }
@@ -117,7 +122,54 @@ pub struct RawRun {
     /// Seconds without one successful request, every attempt failing transiently, before
     /// the job stops as an outage (an unreachable endpoint stops it sooner).
     pub outage_s: Option<f64>,
+    /// `online` (default) or `batch` (the provider's Batch API).
+    pub mode: Option<Mode>,
 }
+
+/// How requests go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One request per row, paced to the quota, answered now.
+    #[default]
+    Online,
+    /// Files of requests submitted to the Batch API: half price, answered within 24 hours.
+    Batch,
+}
+
+/// `[model] service_tier`: sent as the request's `service_tier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    Auto,
+    Default,
+    Flex,
+    Priority,
+}
+
+/// `[batch]`: how requests are split into Batch API input files. The defaults are OpenAI's
+/// limits; other providers set their own.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    pub max_requests_per_file: Option<usize>,
+    pub max_bytes_per_file: Option<u64>,
+    /// Seconds between status checks while `run --wait` or `batch collect --wait` waits (the
+    /// first checks come sooner, backing off up to this).
+    pub poll_s: Option<f64>,
+}
+
+/// Validated `[batch]`.
+#[derive(Debug, Clone)]
+pub struct BatchLimits {
+    pub max_requests_per_file: usize,
+    pub max_bytes_per_file: u64,
+    pub poll: Duration,
+}
+
+/// OpenAI's Batch API limits per input file.
+pub const BATCH_MAX_REQUESTS: usize = 50_000;
+pub const BATCH_MAX_BYTES: u64 = 200_000_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +186,11 @@ pub struct Pricing {
     pub input: f64,
     pub cached_input: Option<f64>,
     pub output: f64,
+    /// Batch API and flex-tier rates; without them, batch and flex rows are priced at the
+    /// rates above (never lower than what is known).
+    pub batch_input: Option<f64>,
+    pub batch_cached_input: Option<f64>,
+    pub batch_output: Option<f64>,
 }
 
 /// Where a message's text comes from.
@@ -180,6 +237,8 @@ pub struct Job {
     /// Quote CSV cells that a spreadsheet would run as a formula (CSV injection).
     pub csv_escape_formulas: bool,
     pub pricing: Option<Pricing>,
+    pub mode: Mode,
+    pub batch: BatchLimits,
 }
 
 /// Command-line values that override the job file.
@@ -191,6 +250,7 @@ pub struct Overrides {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub max_cost_usd: Option<f64>,
+    pub mode: Option<Mode>,
 }
 
 impl Job {
@@ -406,7 +466,9 @@ impl Job {
         }
         let rpm = ov.rpm.or(run.rpm).filter(|&v| v > 0);
         let tpm = ov.tpm.or(run.tpm).filter(|&v| v > 0);
-        let timeout_s = run.timeout_s.unwrap_or(120.0);
+        // Flex requests queue for capacity: OpenAI's advice is a 15-minute timeout.
+        let flex = params.service_tier == Some(ServiceTier::Flex);
+        let timeout_s = run.timeout_s.unwrap_or(if flex { 900.0 } else { 120.0 });
         if !(timeout_s > 0.0 && timeout_s.is_finite()) {
             return Err(bad(
                 "run.timeout_s",
@@ -448,6 +510,31 @@ impl Job {
             .clone()
             .unwrap_or_else(|| resolve(&raw.output.path));
         let csv = raw.output.csv.as_deref().map(resolve);
+        let mode = ov.mode.or(run.mode).unwrap_or_default();
+        if mode == Mode::Batch && model.provider == ProviderKind::Local {
+            return Err(bad(
+                "run.mode",
+                "batch mode sends files to an HTTP provider's Batch API; the local model runs online".into(),
+            ));
+        }
+        let rb = raw.batch;
+        let batch = BatchLimits {
+            max_requests_per_file: rb.max_requests_per_file.unwrap_or(BATCH_MAX_REQUESTS),
+            max_bytes_per_file: rb.max_bytes_per_file.unwrap_or(BATCH_MAX_BYTES),
+            poll: seconds("batch.poll_s", rb.poll_s, 30.0)?,
+        };
+        if batch.max_requests_per_file == 0 {
+            return Err(bad(
+                "batch.max_requests_per_file",
+                "must be at least 1".into(),
+            ));
+        }
+        if batch.max_bytes_per_file < 1024 {
+            return Err(bad(
+                "batch.max_bytes_per_file",
+                "must be at least 1024".into(),
+            ));
+        }
         Ok(Job {
             file: path.to_path_buf(),
             input,
@@ -474,6 +561,8 @@ impl Job {
             csv,
             csv_escape_formulas: raw.output.csv_escape_formulas.unwrap_or(false),
             pricing: raw.pricing,
+            mode,
+            batch,
         })
     }
 
@@ -549,6 +638,7 @@ const RESERVED_EXTRA: &[(&str, &str)] = &[
         "promptmill keeps one choice per row; variants are not supported yet",
     ),
     ("temperature", "set by [model] temperature"),
+    ("service_tier", "set by [model] service_tier"),
     ("top_p", "set by [model] top_p"),
     ("max_tokens", "set by [model] max_tokens"),
     (

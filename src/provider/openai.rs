@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
+use super::endpoint::Endpoint;
 use super::{Completion, ErrorKind, Provider, ProviderError, RateLimits, Request, Usage};
 use crate::chat::Params;
 
@@ -77,36 +78,15 @@ pub fn request_body(
 
 impl OpenAi {
     pub fn new(
-        base_url: &str,
-        key: Option<ApiKey>,
+        endpoint: &Endpoint,
         timeout: Duration,
         concurrency: usize,
         stream: bool,
     ) -> Result<OpenAi, String> {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(k) = &key {
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", k.expose())).map_err(|_| {
-                "the API key contains characters not allowed in an HTTP header".to_string()
-            })?;
-            v.set_sensitive(true);
-            headers.insert(AUTHORIZATION, v);
-        }
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(30)))
-            .pool_max_idle_per_host(concurrency.max(1))
-            .tcp_nodelay(true)
-            .user_agent(concat!("promptmill/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        let url = format!("{base_url}/chat/completions");
-        let url = reqwest::Url::parse(&url).map_err(|e| format!("the base URL {url}: {e}"))?;
         Ok(OpenAi {
-            client,
-            url,
-            key,
+            client: endpoint.client(timeout, concurrency)?,
+            url: endpoint.chat_url()?,
+            key: endpoint.key().cloned(),
             stream,
         })
     }
