@@ -622,6 +622,16 @@ impl Job {
     pub fn plan_path(&self) -> PathBuf {
         sibling(&self.output, ".plan")
     }
+
+    /// The Batch API log: every step of every batch, recorded before and after it happens.
+    pub fn batches_path(&self) -> PathBuf {
+        sibling(&self.output, ".batches.jsonl")
+    }
+
+    /// Batch input files as uploaded, and results as downloaded.
+    pub fn batch_dir(&self) -> PathBuf {
+        sibling(&self.output, ".batches.d")
+    }
 }
 
 /// `extra` keys the job owns, each with where to set it instead.

@@ -136,34 +136,8 @@ impl OpenAi {
         Err(invalid("the stream ended before `data: [DONE]`"))
     }
 
-    fn scrub(&self, text: &str) -> String {
-        match &self.key {
-            Some(k) if !k.expose().is_empty() => text.replace(k.expose(), "[redacted]"),
-            _ => text.to_string(),
-        }
-    }
-
     fn transport_error(&self, e: reqwest::Error) -> ProviderError {
-        let kind = if e.is_timeout() {
-            ErrorKind::Timeout
-        } else {
-            ErrorKind::Connection
-        };
-        // A connect failure sent nothing; anything later may have reached the model.
-        let unreachable = e.is_connect();
-        // reqwest's Display stops at the top error; the cause says "connection reset" etc.
-        let e = e.without_url();
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        let mut err = ProviderError::new(kind, self.scrub(&msg));
-        err.unreachable = unreachable;
-        err.maybe_billed = !unreachable;
-        err
+        transport_error(self.key.as_ref(), e)
     }
 
     fn status_error(
@@ -173,43 +147,84 @@ impl OpenAi {
         retry_after: Option<Duration>,
         rate_limits: Option<RateLimits>,
     ) -> ProviderError {
-        let api: Option<ApiErrorBody> = serde_json::from_slice(body).ok();
-        let api = api.map(|b| b.error);
-        let code = api
-            .as_ref()
-            .and_then(|e| e.code.clone())
-            .unwrap_or_default();
-        let etype = api
-            .as_ref()
-            .and_then(|e| e.r#type.clone())
-            .unwrap_or_default();
-        let raw = match &api {
-            Some(e) => e.message.clone().unwrap_or_default(),
-            None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
-        };
-        let kind = match status {
-            429 if code == "insufficient_quota" || etype == "insufficient_quota" => {
-                ErrorKind::Quota
-            }
-            429 => ErrorKind::RateLimited,
-            401 | 403 => ErrorKind::Auth,
-            408 | 409 => ErrorKind::Server,
-            s if s >= 500 => ErrorKind::Server,
-            _ => ErrorKind::BadRequest,
-        };
-        let mut message = self.scrub(&raw);
-        if !code.is_empty() {
-            message = format!("{message} [{code}]");
-        }
-        ProviderError {
-            kind,
-            status: Some(status),
-            message,
-            retry_after,
-            rate_limits,
-            unreachable: false,
-            maybe_billed: false,
-        }
+        status_error(self.key.as_ref(), status, body, retry_after, rate_limits)
+    }
+}
+
+/// Any text a server sent back, with the key cut out if it was echoed.
+pub(crate) fn scrub(key: Option<&ApiKey>, text: &str) -> String {
+    match key {
+        Some(k) if !k.expose().is_empty() => text.replace(k.expose(), "[redacted]"),
+        _ => text.to_string(),
+    }
+}
+
+/// A failure below HTTP (connect, TLS, timeout, reset), classified.
+pub(crate) fn transport_error(key: Option<&ApiKey>, e: reqwest::Error) -> ProviderError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connection
+    };
+    // A connect failure sent nothing; anything later may have reached the model.
+    let unreachable = e.is_connect();
+    // reqwest's Display stops at the top error; the cause says "connection reset" etc.
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    let mut err = ProviderError::new(kind, scrub(key, &msg));
+    err.unreachable = unreachable;
+    err.maybe_billed = !unreachable;
+    err
+}
+
+/// A non-2xx answer, classified by the API's error table.
+pub(crate) fn status_error(
+    key: Option<&ApiKey>,
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    rate_limits: Option<RateLimits>,
+) -> ProviderError {
+    let api: Option<ApiErrorBody> = serde_json::from_slice(body).ok();
+    let api = api.map(|b| b.error);
+    let code = api
+        .as_ref()
+        .and_then(|e| e.code.clone())
+        .unwrap_or_default();
+    let etype = api
+        .as_ref()
+        .and_then(|e| e.r#type.clone())
+        .unwrap_or_default();
+    let raw = match &api {
+        Some(e) => e.message.clone().unwrap_or_default(),
+        None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+    };
+    let kind = match status {
+        429 if code == "insufficient_quota" || etype == "insufficient_quota" => ErrorKind::Quota,
+        429 => ErrorKind::RateLimited,
+        401 | 403 => ErrorKind::Auth,
+        408 | 409 => ErrorKind::Server,
+        s if s >= 500 => ErrorKind::Server,
+        _ => ErrorKind::BadRequest,
+    };
+    let mut message = scrub(key, &raw);
+    if !code.is_empty() {
+        message = format!("{message} [{code}]");
+    }
+    ProviderError {
+        kind,
+        status: Some(status),
+        message,
+        retry_after,
+        rate_limits,
+        unreachable: false,
+        maybe_billed: false,
     }
 }
 
