@@ -24,6 +24,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod app;
+pub mod batch;
 pub mod chat;
 pub mod cli;
 pub mod cost;

@@ -84,6 +84,8 @@ pub enum ErrorKind {
     Input,
     /// The local model failed on this row.
     Model,
+    /// A Batch API result line that came back as an error: final until `--retry-failed`.
+    BatchLine,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +99,10 @@ impl ErrorKind {
     /// The API's verdict on the request itself: sending it again gives the same answer, so a
     /// rerun leaves it unless `--retry-failed`. Every other recorded failure is transient.
     pub fn is_final_verdict(self) -> bool {
-        matches!(self, ErrorKind::BadRequest | ErrorKind::Model)
+        matches!(
+            self,
+            ErrorKind::BadRequest | ErrorKind::Model | ErrorKind::BatchLine
+        )
     }
 
     pub fn disposition(self) -> Disposition {
@@ -107,7 +112,9 @@ impl ErrorKind {
             | ErrorKind::Timeout
             | ErrorKind::Connection
             | ErrorKind::InvalidResponse => Disposition::Retry,
-            ErrorKind::BadRequest | ErrorKind::Input | ErrorKind::Model => Disposition::FailRow,
+            ErrorKind::BadRequest | ErrorKind::Input | ErrorKind::Model | ErrorKind::BatchLine => {
+                Disposition::FailRow
+            }
             ErrorKind::Auth | ErrorKind::Quota => Disposition::StopJob,
         }
     }
@@ -178,6 +185,12 @@ pub struct Backend {
 impl Backend {
     /// The price of a completion from `model` (as returned), falling back to the job's model.
     pub fn price_for(&self, returned: Option<&str>, job_model: &str) -> Option<Price> {
+        self.price_at(self.tier, returned, job_model)
+    }
+
+    /// The price at a given tier: results collected from the Batch API are billed at batch
+    /// rates, whatever mode the run that collects them is in.
+    pub fn price_at(&self, tier: Tier, returned: Option<&str>, job_model: &str) -> Option<Price> {
         if !self.provider.is_billed() {
             return Some(Price {
                 input: 0.0,
@@ -186,11 +199,11 @@ impl Backend {
             });
         }
         if let Some(p) = &self.pricing {
-            return Some(p.at(self.tier));
+            return Some(p.at(tier));
         }
         returned
-            .and_then(|m| crate::cost::lookup_tier(m, self.tier))
-            .or_else(|| crate::cost::lookup_tier(job_model, self.tier))
+            .and_then(|m| crate::cost::lookup_tier(m, tier))
+            .or_else(|| crate::cost::lookup_tier(job_model, tier))
     }
 }
 
