@@ -596,7 +596,10 @@ impl Pass {
                 at: now(),
             })?;
             let file_id = match client.upload(&p.path, &file).await {
-                Ok(id) => id,
+                Ok(id) => {
+                    state::failpoint("batch:upload-done");
+                    id
+                }
                 Err(e) => {
                     let part = self.log.part(&p.id).cloned().expect("just recorded");
                     self.abandon(&part, &e.to_string())?;
@@ -628,6 +631,7 @@ impl Pass {
             let client = self.client.as_ref().expect("a client in batch mode");
             match client.create(&file_id, &meta).await {
                 Ok(b) => {
+                    state::failpoint("batch:create-done");
                     self.log.record(Event::Created {
                         part: p.id.clone(),
                         batch_id: b.id.clone(),

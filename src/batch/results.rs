@@ -116,15 +116,26 @@ impl Results {
     /// Indexes one downloaded file of batch `batch_id`. Lines that are not ours are reported
     /// and skipped.
     pub fn add_file(&mut self, path: &Path, from: Answerer) -> Result<(), Error> {
-        let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
         let file = u16::try_from(self.files.len())
             .map_err(|_| Error::Other("more than 65535 batch result files at once".into()))?;
-        let mut offset = 0usize;
+        // Streamed: a results file of a million lines is hundreds of megabytes.
+        let mut reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            File::open(path).map_err(|e| io_err(path, e))?,
+        );
+        let mut line = Vec::with_capacity(4096);
+        let mut offset = 0u64;
         let mut n = 0u64;
-        for line in bytes.split_inclusive(|&b| b == b'\n') {
+        loop {
+            line.clear();
+            let k = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)
+                .map_err(|e| io_err(path, e))?;
+            if k == 0 {
+                break;
+            }
             n += 1;
             let start = offset;
-            offset += line.len();
+            offset += k as u64;
             let trimmed = line.trim_ascii_end();
             if trimmed.is_empty() {
                 continue;
@@ -142,7 +153,7 @@ impl Results {
             self.entries.push(Entry {
                 fp,
                 idh,
-                offset: start as u64,
+                offset: start,
                 len: trimmed.len() as u32,
                 file,
                 used: false,

@@ -93,7 +93,30 @@ pub enum Event {
     },
 }
 
+/// Kills the process at a named point when `PROMPTMILL_FAILPOINT` names it: how the tests
+/// kill a run between any two steps of a batch. Costs one environment lookup per step.
+pub fn failpoint(name: &str) {
+    if std::env::var("PROMPTMILL_FAILPOINT").is_ok_and(|v| v == name) {
+        eprintln!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
 impl Event {
+    fn name(&self) -> &'static str {
+        match self {
+            Event::Part { .. } => "batch:part",
+            Event::Uploading { .. } => "batch:uploading",
+            Event::Uploaded { .. } => "batch:uploaded",
+            Event::Creating { .. } => "batch:creating",
+            Event::Created { .. } => "batch:created",
+            Event::Abandoned { .. } => "batch:abandoned",
+            Event::CancelRequested { .. } => "batch:cancel_requested",
+            Event::Finished { .. } => "batch:finished",
+            Event::Collected { .. } => "batch:collected",
+        }
+    }
+
     fn part(&self) -> &str {
         match self {
             Event::Part { part, .. }
@@ -312,7 +335,9 @@ impl Log {
         f.write_all(&line)
             .and_then(|()| f.sync_data())
             .map_err(|e| io_err(path, e))?;
+        let name = ev.name();
         self.apply(ev);
+        failpoint(name);
         Ok(())
     }
 
