@@ -28,6 +28,7 @@ pub(crate) async fn route(
         (&Method::POST, "/v1/chat/completions" | "/chat/completions") => chat(&shared, req).await,
         (&Method::GET, "/v1/models" | "/models") => models(&shared),
         (&Method::GET, "/stats") => json_response(StatusCode::OK, &shared.stats().to_json()),
+        (_, p) if crate::batch::is_batch_path(p) => crate::batch::route(&shared, req).await,
         (m, p) => {
             let msg = format!("Invalid URL ({m} {p})");
             error_response(
@@ -42,7 +43,7 @@ pub(crate) async fn route(
     Ok(resp)
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Body::from(serde_json::to_vec(v).unwrap_or_default()));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -52,11 +53,16 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     r
 }
 
-fn error_body(message: &str, typ: &str, param: Option<&str>, code: Option<&str>) -> Value {
+pub(crate) fn error_body(
+    message: &str,
+    typ: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Value {
     json!({"error": {"message": message, "type": typ, "param": param, "code": code}})
 }
 
-fn error_response(
+pub(crate) fn error_response(
     status: StatusCode,
     message: &str,
     typ: &str,
@@ -95,7 +101,7 @@ fn mask_key(key: &str) -> String {
     format!("{head}{}{tail}", "*".repeat(chars.len() - 7))
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
         .to_str()
@@ -104,7 +110,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
+pub(crate) fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
     let msg = match bearer(headers) {
         Some(k) if !k.is_empty() => format!(
             "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
@@ -122,7 +128,7 @@ fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
 }
 
 /// The text of a message's content: a string, or the `text` parts of an array.
-fn content_text(content: Option<&Value>) -> Cow<'_, str> {
+pub(crate) fn content_text(content: Option<&Value>) -> Cow<'_, str> {
     match content {
         Some(Value::String(s)) => Cow::Borrowed(s),
         Some(Value::Array(parts)) => Cow::Owned(
@@ -713,7 +719,7 @@ fn stream_response(
 }
 
 /// The response for an injected fault; None for `reset` (the connection is gone).
-async fn fault_response(
+pub(crate) async fn fault_response(
     kind: &FaultKind,
     model: &str,
     headers: &HeaderMap,
