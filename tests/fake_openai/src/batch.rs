@@ -474,12 +474,14 @@ fn check_line(
     };
     match v.get("method").and_then(Value::as_str) {
         Some("POST") => {}
-        Some(m) => return Err((
-            "invalid_method",
-            format!(
+        Some(m) => {
+            return Err((
+                "invalid_method",
+                format!(
                 "The method '{m}' is not supported for batch requests. Only 'POST' is supported."
             ),
-        )),
+            ))
+        }
         None => return Err(missing("method")),
     }
     match v.get("url").and_then(Value::as_str) {
