@@ -292,6 +292,15 @@ impl FakeServer {
         self.shared.batch.lock().unwrap().executed()
     }
 
+    /// The `body` of each line in `batch_requests()`, same order: what a chat client would
+    /// have sent as `requests()`.
+    pub fn batch_bodies(&self) -> Vec<serde_json::Value> {
+        self.batch_requests()
+            .into_iter()
+            .map(|mut l| l["body"].take())
+            .collect()
+    }
+
     /// Move every batch that is not finished one step: `validating` → `in_progress` (or
     /// `failed`, with `errors`), `in_progress` → answer up to `Config::batch_lines_per_step`
     /// more lines, then `finalizing` once all are answered, `finalizing` → `completed`

@@ -327,6 +327,9 @@ async fn full_round_trip() {
     assert_eq!(executed.len(), 5);
     assert_eq!(by_custom_id(&executed).len(), 5);
     assert!(executed.iter().all(|l| input.contains(l)));
+    let bodies = server.batch_bodies();
+    assert_eq!(bodies.len(), 5);
+    assert!(bodies.iter().all(|b| input.iter().any(|l| &l["body"] == b)));
     let sj = s.to_json();
     assert_eq!(sj["files_uploaded"], 1);
     assert_eq!(sj["batches_created"], 1);
