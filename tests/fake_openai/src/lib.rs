@@ -2,8 +2,10 @@
 //!
 //! The server is served with hyper directly (one task per TCP connection) rather than
 //! `axum::serve`, so that the `FAULT:reset` marker can drop a connection without any
-//! HTTP response. Routing and responses live in `handler`.
+//! HTTP response. Routing and responses live in `handler`; OpenAI's Files and Batches
+//! endpoints, and the clock that moves batches, in `batch`.
 
+mod batch;
 mod fault;
 mod handler;
 mod limiter;
@@ -43,6 +45,16 @@ pub struct Config {
     /// Answer every request as if it carried `FAULT:nousage`: a server that never reports
     /// usage and ignores `stream_options`.
     pub omit_usage: bool,
+    /// Uploads (`POST /v1/files`) whose file is larger than this many bytes answer 400
+    /// (`code: "file_too_large"`); None = no limit but the server's 512 MiB body cap.
+    pub batch_max_file_bytes: Option<u64>,
+    /// Batches move one step each time they are retrieved (`GET /v1/batches/{id}`), so a
+    /// polling client sees them complete; otherwise they move only when the test says
+    /// (`FakeServer::advance_batches` and friends, or `POST /_fake/batches/advance`).
+    pub batch_auto_advance: bool,
+    /// Lines of an `in_progress` batch answered per step; None = all of them in one step.
+    /// `Some(0)` is taken as 1.
+    pub batch_lines_per_step: Option<usize>,
 }
 
 impl Default for Config {
@@ -57,14 +69,19 @@ impl Default for Config {
             fail_every: None,
             record_bodies: true,
             omit_usage: false,
+            batch_max_file_bytes: None,
+            batch_auto_advance: false,
+            batch_lines_per_step: None,
         }
     }
 }
 
-/// A snapshot of what the server has seen on `POST /v1/chat/completions`.
+/// A snapshot of what the server has seen on `POST /v1/chat/completions` and the batch
+/// endpoints. `requests`, `ok`, `rate_limited`, `faults`, `rejected` and `tokens_admitted`
+/// count chat requests only, never batch lines; the billed token sums count both.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Every chat request, whatever its outcome.
+    /// Every chat request, whatever its outcome (batch lines are not requests here).
     pub requests: u64,
     /// Normal 200 answers (including `usage=`, `slow=` and `nousage` markers).
     pub ok: u64,
@@ -83,11 +100,24 @@ pub struct Stats {
     /// that records every usage it gets can compare its sum with this.
     pub billed_prompt_tokens: u64,
     /// Completion tokens of the same answers as `billed_prompt_tokens`.
+    ///
+    /// Both sums also count every batch line answered 200 (when it is answered, so the lines
+    /// answered before a batch is cancelled or expires are in), with the usage its output
+    /// line reports (or would have, for `FAULT:nousage`).
     pub billed_completion_tokens: u64,
     /// Requests billed whose answer the client never got (`hang`: the client gave up
     /// waiting, the generation is charged anyway). Not in the two token sums above, which
     /// count only answers that were sent.
     pub billed_unanswered: u64,
+    /// Files accepted by `POST /v1/files` (not the output and error files batches write).
+    pub files_uploaded: u64,
+    /// Batches accepted by `POST /v1/batches`.
+    pub batches_created: u64,
+    /// Cancels accepted (`POST /v1/batches/{id}/cancel` that moved a batch to `cancelling`).
+    pub batches_cancelled: u64,
+    /// Batch lines answered 200, counted as they are answered: a batch that is later
+    /// cancelled or expires keeps the lines it answered billed.
+    pub batch_requests_billed: u64,
     pub first_request_at: Option<Instant>,
     pub last_request_at: Option<Instant>,
 }
@@ -114,6 +144,10 @@ impl Stats {
             "billed_prompt_tokens": self.billed_prompt_tokens,
             "billed_completion_tokens": self.billed_completion_tokens,
             "billed_unanswered": self.billed_unanswered,
+            "files_uploaded": self.files_uploaded,
+            "batches_created": self.batches_created,
+            "batches_cancelled": self.batches_cancelled,
+            "batch_requests_billed": self.batch_requests_billed,
             "elapsed_s": e.as_secs_f64(),
             "elapsed_ms": e.as_millis() as u64,
         })
@@ -133,6 +167,10 @@ pub(crate) struct Counters {
     pub billed_prompt_tokens: AtomicU64,
     pub billed_completion_tokens: AtomicU64,
     pub billed_unanswered: AtomicU64,
+    pub files_uploaded: AtomicU64,
+    pub batches_created: AtomicU64,
+    pub batches_cancelled: AtomicU64,
+    pub batch_requests_billed: AtomicU64,
     first: AtomicU64,
     last: AtomicU64,
 }
@@ -147,6 +185,8 @@ pub(crate) struct Shared {
     /// Marker hits per messages-hash, only touched for `FAULT:<kind>:<n>`.
     pub fault_hits: Mutex<HashMap<u64, u64>>,
     pub next_id: AtomicU64,
+    /// Files and batches. Locked for a whole step, so lines are answered under it.
+    pub batch: Mutex<batch::State>,
 }
 
 impl Shared {
@@ -174,6 +214,10 @@ impl Shared {
             billed_prompt_tokens: c.billed_prompt_tokens.load(Ordering::Relaxed),
             billed_completion_tokens: c.billed_completion_tokens.load(Ordering::Relaxed),
             billed_unanswered: c.billed_unanswered.load(Ordering::Relaxed),
+            files_uploaded: c.files_uploaded.load(Ordering::Relaxed),
+            batches_created: c.batches_created.load(Ordering::Relaxed),
+            batches_cancelled: c.batches_cancelled.load(Ordering::Relaxed),
+            batch_requests_billed: c.batch_requests_billed.load(Ordering::Relaxed),
             first_request_at: at(c.first.load(Ordering::Relaxed)),
             last_request_at: at(c.last.load(Ordering::Relaxed)),
         }
@@ -213,6 +257,7 @@ impl FakeServer {
             bodies: Mutex::new(Vec::new()),
             fault_hits: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            batch: Mutex::new(batch::State::default()),
         });
         let (tx, rx) = watch::channel(());
         tokio::spawn(accept_loop(listener, shared.clone(), rx));
@@ -236,6 +281,62 @@ impl FakeServer {
     /// `Config::record_bodies`). Bodies that are not JSON are stored as a JSON string.
     pub fn requests(&self) -> Vec<serde_json::Value> {
         self.shared.bodies.lock().unwrap().clone()
+    }
+
+    /// Every batch input line the server has executed (answered, whatever the status), as
+    /// the whole line `{"custom_id", "method", "url", "body"}`, in the order they were
+    /// answered (empty unless `Config::record_bodies`). Kept apart from `requests()`, which
+    /// holds chat requests only; lines a batch never reached (failed validation, cancelled,
+    /// expired) are not here.
+    pub fn batch_requests(&self) -> Vec<serde_json::Value> {
+        self.shared.batch.lock().unwrap().executed()
+    }
+
+    /// The `body` of each line in `batch_requests()`, same order: what a chat client would
+    /// have sent as `requests()`.
+    pub fn batch_bodies(&self) -> Vec<serde_json::Value> {
+        self.batch_requests()
+            .into_iter()
+            .map(|mut l| l["body"].take())
+            .collect()
+    }
+
+    /// Move every batch that is not finished one step: `validating` → `in_progress` (or
+    /// `failed`, with `errors`), `in_progress` → answer up to `Config::batch_lines_per_step`
+    /// more lines, then `finalizing` once all are answered, `finalizing` → `completed`
+    /// (output and error files written), `cancelling` → `cancelled` (files written with the
+    /// lines answered so far; the others get `batch_cancelled` error lines).
+    pub fn advance_batches(&self) {
+        self.shared.batch.lock().unwrap().advance_all(&self.shared);
+    }
+
+    /// Every `validating`, `in_progress` or `finalizing` batch becomes `expired` now: the
+    /// lines answered so far are in its output/error files, every other line is in the error
+    /// file with `"response": null` and error code `batch_expired`.
+    pub fn expire_batches(&self) {
+        self.shared.batch.lock().unwrap().expire_all(&self.shared);
+    }
+
+    /// `advance_batches` until every batch is finished (completed, failed, expired or
+    /// cancelled).
+    pub fn complete_batches(&self) {
+        self.shared.batch.lock().unwrap().complete_all(&self.shared);
+    }
+
+    /// Every batch object, as `GET /v1/batches/{id}` shows it, oldest first.
+    pub fn batches(&self) -> Vec<serde_json::Value> {
+        self.shared.batch.lock().unwrap().batches()
+    }
+
+    /// Every file object (uploads, then output and error files as batches write them, in
+    /// creation order; deleted files are gone), without content.
+    pub fn files(&self) -> Vec<serde_json::Value> {
+        self.shared.batch.lock().unwrap().files()
+    }
+
+    /// A file's bytes, as `GET /v1/files/{id}/content` serves them.
+    pub fn file_content(&self, id: &str) -> Option<Vec<u8>> {
+        self.shared.batch.lock().unwrap().file_content(id)
     }
 }
 
