@@ -576,6 +576,9 @@ pub async fn run(
         }
     }
     pass.discard();
+    if let Some(why) = pass.budget_stop.take() {
+        stopper.stop(Stop::Job(why));
+    }
     stats.batches_running = pass.running.0;
     let collected_all = complete && failed.is_none() && opts.limit.is_none();
 
@@ -979,13 +982,14 @@ fn add_to_batch(
             let committed = b.total() + b.batches;
             if committed + bound > cap {
                 drop(b);
-                shared.stop(Stop::Job(format!(
+                // Not a stop yet: the files written so far fit, and are submitted first.
+                pass.budget_stop = Some(format!(
                     "the budget is spent: ${committed:.6} of ${cap:.6} in this output and its \
                      batches at their worst case, and the next request could cost up to \
                      ${bound:.6}. Stopped adding rows at row {}; raise run.max_cost_usd (or \
                      --max-cost) and run again to go on",
                     p.row.number
-                )));
+                ));
                 return Err(());
             }
             b.batches += bound;

@@ -98,7 +98,10 @@ fn a_full_round_trip_submits_once_collects_every_row_at_the_batch_price() {
     let sum = f.summary();
     assert_eq!(sum["batch"]["requests_submitted"], 25);
     assert_eq!(sum["batch"]["batches_submitted"], 1);
-    assert_eq!(sum["rows_pending"], 0, "rows in a batch are not pending on a rerun");
+    assert_eq!(
+        sum["rows_pending"], 0,
+        "rows in a batch are not pending on a rerun"
+    );
     let batches = s.batches();
     assert_eq!(batches[0]["metadata"]["promptmill_job"], "job.toml");
     assert_eq!(batches[0]["completion_window"], "24h");
@@ -117,7 +120,10 @@ fn a_full_round_trip_submits_once_collects_every_row_at_the_batch_price() {
         assert_eq!(l["body"]["model"], "gpt-4o-mini");
         assert!(l["body"].get("stream").is_none());
     }
-    let ids: BTreeSet<&str> = lines.iter().map(|l| l["custom_id"].as_str().unwrap()).collect();
+    let ids: BTreeSet<&str> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), 25, "custom_ids are unique");
 
     // Still running: status shows it; a rerun submits nothing and reports it.
@@ -128,7 +134,11 @@ fn a_full_round_trip_submits_once_collects_every_row_at_the_batch_price() {
     assert!(st_out.stdout.contains("left"), "{}", st_out.stdout);
     let r = f.run(&["run", &job]);
     ok(&r);
-    assert_eq!(s.stats().batches_created, 1, "a rerun while in flight submits nothing");
+    assert_eq!(
+        s.stats().batches_created,
+        1,
+        "a rerun while in flight submits nothing"
+    );
     assert_eq!(f.summary()["batch"]["requests_in_flight"], 25);
 
     s.complete_batches();
@@ -159,7 +169,11 @@ fn a_full_round_trip_submits_once_collects_every_row_at_the_batch_price() {
     assert_eq!(s.stats().requests, 0);
     assert_eq!(f.records().len(), 25);
     let st_out = f.run(&["batch", "status", &job]);
-    assert!(st_out.stdout.contains("no batches in flight"), "{}", st_out.stdout);
+    assert!(
+        st_out.stdout.contains("no batches in flight"),
+        "{}",
+        st_out.stdout
+    );
 }
 
 /// Every step, and a kill right after it is on record: the next command picks up from the
@@ -182,7 +196,8 @@ fn a_kill_between_any_two_steps_loses_nothing_and_submits_nothing_twice() {
         let job = batch_job(&f, &s, &rows, "max_requests_per_file = 5", "");
         let kill_in_collect = step == "finished";
         if !kill_in_collect {
-            let r = f.cmd(&["run", &job])
+            let r = f
+                .cmd(&["run", &job])
                 .env("PROMPTMILL_FAILPOINT", format!("batch:{step}"))
                 .output()
                 .unwrap();
@@ -196,7 +211,8 @@ fn a_kill_between_any_two_steps_loses_nothing_and_submits_nothing_twice() {
         }
         s.complete_batches();
         if kill_in_collect {
-            let r = f.cmd(&["batch", "collect", &job])
+            let r = f
+                .cmd(&["batch", "collect", &job])
                 .env("PROMPTMILL_FAILPOINT", "batch:finished")
                 .output()
                 .unwrap();
@@ -208,8 +224,14 @@ fn a_kill_between_any_two_steps_loses_nothing_and_submits_nothing_twice() {
         s.complete_batches();
         ok(&f.run(&["batch", "collect", &job]));
         let st = s.stats();
-        assert_eq!(st.batches_created, 3, "{step}: 12 rows in files of 5, each once");
-        assert_eq!(st.batch_requests_billed, 12, "{step}: every row billed once");
+        assert_eq!(
+            st.batches_created, 3,
+            "{step}: 12 rows in files of 5, each once"
+        );
+        assert_eq!(
+            st.batch_requests_billed, 12,
+            "{step}: every row billed once"
+        );
         assert_eq!(ok_completions(&f), echo_all(&rows), "{step}");
         assert_eq!(f.records().len(), 12, "{step}");
         billed_equals_kept(&s, &f);
@@ -233,7 +255,10 @@ fn rows_are_split_within_the_configured_request_and_byte_limits() {
         .iter()
         .map(|b| {
             let id = b["input_file_id"].as_str().unwrap();
-            String::from_utf8(s.file_content(id).unwrap()).unwrap().lines().count()
+            String::from_utf8(s.file_content(id).unwrap())
+                .unwrap()
+                .lines()
+                .count()
         })
         .collect();
     let mut sorted = sizes.clone();
@@ -280,7 +305,11 @@ fn an_expired_batch_keeps_what_it_finished_and_a_rerun_submits_only_the_rest() {
     let r = f.run(&["batch", "collect", &job]);
     ok(&r);
     let done: Vec<Value> = f.records();
-    assert_eq!(done.len(), 4, "the finished results are kept: they are billed");
+    assert_eq!(
+        done.len(),
+        4,
+        "the finished results are kept: they are billed"
+    );
     assert_eq!(f.summary()["rows_pending"], 6);
 
     // A plain rerun submits the six that got no answer, and only them.
@@ -294,7 +323,10 @@ fn an_expired_batch_keeps_what_it_finished_and_a_rerun_submits_only_the_rest() {
     };
     let id = second["input_file_id"].as_str().unwrap();
     assert_eq!(
-        String::from_utf8(s.file_content(id).unwrap()).unwrap().lines().count(),
+        String::from_utf8(s.file_content(id).unwrap())
+            .unwrap()
+            .lines()
+            .count(),
         6
     );
     s.complete_batches();
@@ -400,9 +432,13 @@ fn a_batch_that_fails_validation_shows_the_apis_errors_with_line_numbers() {
     let bad: Vec<&Value> = recs.iter().filter(|r| r["status"] == "error").collect();
     assert_eq!(bad.len(), 1, "the line it names fails");
     assert_eq!(bad[0]["input"]["text"], "poison FAULT:batchinvalid");
-    assert_eq!(s.stats().batch_requests_billed, 0, "a failed batch bills nothing");
-    // The others are submitted again by a plain run.
-    ok(&f.run(&["run", &job]));
+    assert_eq!(
+        s.stats().batch_requests_billed,
+        0,
+        "a failed batch bills nothing"
+    );
+    // The others are submitted again by a plain run (exit 1: a failed row is in the output).
+    ok_or_1(&f.run(&["run", &job]));
     s.complete_batches();
     ok_or_1(&f.run(&["batch", "collect", &job]));
     assert_eq!(ok_completions(&f).len(), 4);

@@ -162,6 +162,8 @@ pub struct Pass {
     pub running: (u64, u64),
     /// Batches that ended failed, with the API's errors.
     pub failed_batches: Vec<String>,
+    /// Set when a row did not fit the budget: the run stops after submitting what did.
+    pub budget_stop: Option<String>,
 }
 
 impl Pass {
@@ -209,6 +211,7 @@ impl Pass {
             line: Vec::with_capacity(4096),
             running: (0, 0),
             failed_batches: Vec::new(),
+            budget_stop: None,
         };
         if has_open {
             pass.refresh().await?;
