@@ -959,6 +959,12 @@ fn job_stop_message(job: &Job, e: &ProviderError) -> String {
              Check your plan and billing details, then run again: finished rows are kept",
             job.base_url, e.message
         ),
+        ErrorKind::Endpoint => format!(
+            "{} answered {status} ({}): the URL is wrong for every request. Check [model] \
+             base_url, deployment and api_version (and the model name); no row was marked \
+             failed, so the run after the fix sends them all",
+            job.base_url, e.message
+        ),
         _ => format!(
             "{} refused the API key ({status}: {}). Check or regenerate the key in {} \
              (environment or .env) and that it may use model `{}`; finished rows are kept",

@@ -80,6 +80,10 @@ pub enum ErrorKind {
     Auth,
     /// 429 insufficient_quota: the job stops.
     Quota,
+    /// The URL itself is wrong for every row (Azure's 404 "Resource not found" for a missing
+    /// or unknown api-version, an unknown deployment, OpenAI's "Invalid URL"): the job stops,
+    /// rows stay pending for the run after the job file is fixed.
+    Endpoint,
     /// The row could not be rendered or read (template, input record).
     Input,
     /// The local model failed on this row.
@@ -108,7 +112,7 @@ impl ErrorKind {
             | ErrorKind::Connection
             | ErrorKind::InvalidResponse => Disposition::Retry,
             ErrorKind::BadRequest | ErrorKind::Input | ErrorKind::Model => Disposition::FailRow,
-            ErrorKind::Auth | ErrorKind::Quota => Disposition::StopJob,
+            ErrorKind::Auth | ErrorKind::Quota | ErrorKind::Endpoint => Disposition::StopJob,
         }
     }
 }
@@ -211,6 +215,7 @@ pub fn build(job: &Job, need_provider: bool) -> Result<Backend, Error> {
     let pricing = job.pricing;
     let tier = tier(job);
     match job.provider {
+        // Azure OpenAI too: `Endpoint` knows its URL layout and key header.
         ProviderKind::Openai => {
             let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
             let provider: Arc<dyn Provider> = if need_provider {
