@@ -58,6 +58,7 @@ async fn main() -> std::io::Result<()> {
         fail_every: a.fail_every,
         record_bodies: !a.no_record,
         omit_usage: a.omit_usage,
+        ..Config::default()
     };
     let server = FakeServer::start_on(config, SocketAddr::new(a.host, a.port)).await?;
     {
