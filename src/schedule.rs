@@ -231,7 +231,8 @@ struct Breaker {
 /// How often a row caught in a possible outage tries again.
 const OUTAGE_PROBE: Duration = Duration::from_secs(1);
 
-/// An unreachable endpoint (nothing listening, DNS, TLS) stops the job after this long at most.
+/// An unreachable endpoint (nothing listening, DNS, a TLS handshake that fails) stops the job
+/// after this long at most; an untrusted certificate stops it at once (`ErrorKind::Endpoint`).
 const UNREACHABLE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Breaker {
@@ -960,10 +961,12 @@ fn job_stop_message(job: &Job, e: &ProviderError) -> String {
             job.base_url, e.message
         ),
         ErrorKind::Endpoint => format!(
-            "{} answered {status} ({}): the URL is wrong for every request. Check [model] \
-             base_url, deployment and api_version (and the model name); no row was marked \
-             failed, so the run after the fix sends them all",
-            job.base_url, e.message
+            "{}{}: {}. No row was marked failed: the run after the fix sends them all",
+            job.base_url,
+            e.status
+                .map(|s| format!(" answered HTTP {s}"))
+                .unwrap_or_default(),
+            e.message
         ),
         _ => format!(
             "{} refused the API key ({status}: {}). Check or regenerate the key in {} \

@@ -80,9 +80,10 @@ pub enum ErrorKind {
     Auth,
     /// 429 insufficient_quota: the job stops.
     Quota,
-    /// The URL itself is wrong for every row (Azure's 404 "Resource not found" for a missing
-    /// or unknown api-version, an unknown deployment, OpenAI's "Invalid URL"): the job stops,
-    /// rows stay pending for the run after the job file is fixed.
+    /// The endpoint is wrong for every row, as the job file sets it up: a 404 for the URL
+    /// itself (Azure's "Resource not found" for a missing or unknown api-version, an unknown
+    /// deployment, OpenAI's "Invalid URL") or a server certificate that is not trusted. The job
+    /// stops; rows stay pending for the run after the fix.
     Endpoint,
     /// The row could not be rendered or read (template, input record).
     Input,

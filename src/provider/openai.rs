@@ -154,13 +154,17 @@ impl OpenAi {
         // reqwest's Display stops at the top error; the cause says "connection reset" etc.
         let e = e.without_url();
         let mut msg = super::endpoint::error_chain(&e);
-        if msg.contains("certificate") {
+        // rustls's verdict on the server's certificate: no retry changes it, so the job stops
+        // at once with the fix rather than after the outage window.
+        let untrusted = msg.contains("invalid peer certificate");
+        if untrusted {
             msg.push_str(
                 " (the server's certificate is not trusted: if it comes from a private or \
                  corporate CA, set [model] ca_file = \"ca.pem\" or add the CA to the system's \
                  store)",
             );
         }
+        let kind = if untrusted { ErrorKind::Endpoint } else { kind };
         let mut err = ProviderError::new(kind, self.scrub(&msg));
         err.unreachable = unreachable;
         err.maybe_billed = !unreachable;
@@ -204,6 +208,12 @@ impl OpenAi {
         let mut message = self.scrub(&raw);
         if !code.is_empty() {
             message = format!("{message} [{code}]");
+        }
+        if kind == ErrorKind::Endpoint {
+            message.push_str(
+                ": the URL is wrong for every request; check [model] base_url, deployment and \
+                 api_version (and the model name)",
+            );
         }
         ProviderError {
             kind,
