@@ -311,8 +311,13 @@ impl Shared {
     fn price(&self, returned: Option<&str>) -> Option<Price> {
         let p = self.backend.price_for(returned, &self.job.model);
         if p.is_none() && !self.unknown_price_warned.swap(true, Ordering::Relaxed) {
+            let tier = match self.backend.tier {
+                crate::cost::Tier::Standard => "",
+                crate::cost::Tier::Batch => " at Batch API rates",
+                crate::cost::Tier::Flex => " at the flex tier (which it may not offer)",
+            };
             tracing::warn!(
-                "no price known for model `{}`: cost is recorded as null; add a [pricing] table to the job to set one",
+                "no price known for model `{}`{tier}: cost is recorded as null; add a [pricing] table to the job to set one",
                 returned.unwrap_or(&self.job.model)
             );
         }

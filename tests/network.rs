@@ -33,6 +33,7 @@ fn cmd(f: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Command {
     for v in NETWORK_VARS {
         c.env_remove(v);
     }
+    c.env_remove("AZURE_OPENAI_ENDPOINT");
     c.env("AZURE_OPENAI_API_KEY", KEY);
     for (k, v) in env {
         c.env(k, v);
@@ -131,6 +132,32 @@ fn flex_rows_ask_for_flex_are_priced_at_flex_rates_and_ride_out_resource_unavail
     assert_eq!(sum["rate_limited"], 2, "{sum}");
     assert!(sum["stopped"].is_null(), "{sum}");
     assert!(!r.stderr.contains("quota"), "{}", r.stderr);
+}
+
+#[test]
+fn flex_on_a_model_without_flex_rates_is_unpriced_not_mispriced() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(2));
+    // gpt-4o-mini offers no flex tier: neither its online nor its batch price is right.
+    let job = f.job(
+        "data.csv",
+        "{{ text }}",
+        "service_tier = \"flex\"",
+        "",
+        &s.base_url(),
+    );
+    let r = run(&f, &["run", job.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for rec in f.records() {
+        assert_eq!(rec["status"], "ok");
+        assert!(rec["cost_usd"].is_null(), "{rec}");
+    }
+    assert!(
+        r.stderr.contains("`gpt-4o-mini` at the flex tier"),
+        "one warning names the model and the tier: {}",
+        r.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -248,6 +275,32 @@ fn an_azure_bearer_token_goes_in_authorization() {
         );
         assert_eq!(h.api_key, None);
     }
+}
+
+#[test]
+fn the_azure_endpoint_may_come_from_the_environment() {
+    let s = spawn_background(Config {
+        require_key: Some(KEY.into()),
+        azure_api_version: Some(API_VERSION.into()),
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(2));
+    let job = azure_job(&f, "-", &format!("api_version = \"{API_VERSION}\""));
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("base_url = \"-\"\n", "");
+    std::fs::write(&job, text).unwrap();
+    let job = job.to_str().unwrap();
+
+    let r = run(&f, &["validate", job], &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("AZURE_OPENAI_ENDPOINT"), "{}", r.stderr);
+
+    let root = s.root_url();
+    let r = run(&f, &["run", job], &[("AZURE_OPENAI_ENDPOINT", &root)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(s.azure_hits().len(), 2);
 }
 
 #[test]
