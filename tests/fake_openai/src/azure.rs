@@ -53,6 +53,32 @@ fn azure_error(status: StatusCode, code: &str, message: &str) -> Response<Body> 
     r
 }
 
+/// Azure's answer when the request's `api-version` is not the configured one (missing or
+/// unknown), for every route under `/openai/`: the batch routes call this too.
+pub(crate) fn api_version_error(shared: &Shared, query: Option<&str>) -> Option<Response<Body>> {
+    let want = shared.config.azure_api_version.as_ref()?;
+    (query_param(query, "api-version").as_ref() != Some(want))
+        .then(|| azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"))
+}
+
+/// Azure's 401 when `require_key` is set and the request carries it neither in `api-key` nor
+/// as a bearer token (Azure's Microsoft Entra ID auth); None when it may pass.
+pub(crate) fn key_error(shared: &Shared, headers: &header::HeaderMap) -> Option<Response<Body>> {
+    let key = shared.config.require_key.as_deref()?;
+    let get = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let api_key = get(header::HeaderName::from_static("api-key"));
+    let bearer = get(header::AUTHORIZATION).and_then(|a| a.strip_prefix("Bearer "));
+    (api_key != Some(key) && bearer != Some(key)).then(|| {
+        azure_error(
+            StatusCode::UNAUTHORIZED,
+            "401",
+            "Access denied due to invalid subscription key or wrong API endpoint. Make sure to \
+             provide a valid key for an active subscription and use a correct regional API \
+             endpoint for your resource.",
+        )
+    })
+}
+
 pub(crate) async fn chat(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
     let deployment = chat_deployment(req.uri().path())
         .unwrap_or_default()
@@ -71,28 +97,14 @@ pub(crate) async fn chat(shared: &Shared, mut req: Request<Incoming>) -> Respons
     };
     shared.azure_hits.lock().unwrap().push(hit.clone());
 
-    if let Some(want) = &shared.config.azure_api_version {
-        if hit.api_version.as_ref() != Some(want) {
-            // What Azure answers for a missing or unknown api-version.
-            return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found");
-        }
+    if let Some(r) = api_version_error(shared, req.uri().query()) {
+        return r;
+    }
+    if let Some(r) = key_error(shared, req.headers()) {
+        return r;
     }
     if let Some(key) = shared.config.require_key.as_deref() {
-        let bearer = hit
-            .authorization
-            .as_deref()
-            .and_then(|a| a.strip_prefix("Bearer "));
-        // A key in `api-key`, or a bearer token (Azure's Microsoft Entra ID auth).
-        if hit.api_key.as_deref() != Some(key) && bearer != Some(key) {
-            return azure_error(
-                StatusCode::UNAUTHORIZED,
-                "401",
-                "Access denied due to invalid subscription key or wrong API endpoint. Make sure \
-                 to provide a valid key for an active subscription and use a correct regional \
-                 API endpoint for your resource.",
-            );
-        }
-        // Checked here: the OpenAI handler behind takes it as a valid bearer key.
+        // Checked above: the OpenAI handler behind takes it as a valid bearer key.
         let v = HeaderValue::from_str(&format!("Bearer {key}")).expect("a header-safe key");
         req.headers_mut().insert(header::AUTHORIZATION, v);
     }
