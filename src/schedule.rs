@@ -241,7 +241,8 @@ struct Breaker {
 /// How often a row caught in a possible outage tries again.
 const OUTAGE_PROBE: Duration = Duration::from_secs(1);
 
-/// An unreachable endpoint (nothing listening, DNS, TLS) stops the job after this long at most.
+/// An unreachable endpoint (nothing listening, DNS, a TLS handshake that fails) stops the job
+/// after this long at most; an untrusted certificate stops it at once (`ErrorKind::Endpoint`).
 const UNREACHABLE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Breaker {
@@ -320,8 +321,13 @@ impl Shared {
     fn price(&self, returned: Option<&str>) -> Option<Price> {
         let p = self.backend.price_for(returned, &self.job.model);
         if p.is_none() && !self.unknown_price_warned.swap(true, Ordering::Relaxed) {
+            let tier = match self.backend.tier {
+                crate::cost::Tier::Standard => "",
+                crate::cost::Tier::Batch => " at Batch API rates",
+                crate::cost::Tier::Flex => " at the flex tier (which it may not offer)",
+            };
             tracing::warn!(
-                "no price known for model `{}`: cost is recorded as null; add a [pricing] table to the job to set one",
+                "no price known for model `{}`{tier}: cost is recorded as null; add a [pricing] table to the job to set one",
                 returned.unwrap_or(&self.job.model)
             );
         }
@@ -1268,6 +1274,14 @@ fn job_stop_message(job: &Job, e: &ProviderError) -> String {
             "{} refused the request for lack of quota ({status} insufficient_quota: {}). \
              Check your plan and billing details, then run again: finished rows are kept",
             job.base_url, e.message
+        ),
+        ErrorKind::Endpoint => format!(
+            "{}{}: {}. No row was marked failed: the run after the fix sends them all",
+            job.base_url,
+            e.status
+                .map(|s| format!(" answered HTTP {s}"))
+                .unwrap_or_default(),
+            e.message
         ),
         _ => format!(
             "{} refused the API key ({status}: {}). Check or regenerate the key in {} \

@@ -567,3 +567,68 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn azure_batches_go_to_the_resources_routes_with_the_deployment_as_each_lines_model() {
+    let s = spawn_background(Config {
+        require_key: Some(KEY.into()),
+        azure_api_version: Some("2024-10-21".into()),
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(4);
+    f.write("data.csv", csv_of(&rows));
+    let job = f.write(
+        "job.toml",
+        format!(
+            r#"
+[input]
+path = "data.csv"
+
+[[messages]]
+role = "user"
+content = "{{{{ text }}}}"
+
+[model]
+provider = "azure"
+base_url = "{}"
+deployment = "batch-deploy"
+name = "gpt-4o-mini"
+api_version = "2024-10-21"
+max_tokens = 20
+
+[run]
+mode = "batch"
+max_retries = 2
+timeout_s = 5
+
+[output]
+path = "out/result.jsonl"
+"#,
+            s.root_url()
+        ),
+    );
+    let job = job.to_str().unwrap();
+    let run = |args: &[&str]| {
+        ran(f
+            .cmd(args)
+            .env_remove("OPENAI_API_KEY")
+            .env("AZURE_OPENAI_API_KEY", KEY)
+            .output()
+            .unwrap())
+    };
+    ok(&run(&["run", job]));
+    let b = &s.batches()[0];
+    assert_eq!(b["endpoint"], "/chat/completions");
+    let content = s.file_content(b["input_file_id"].as_str().unwrap()).unwrap();
+    for l in String::from_utf8(content).unwrap().lines() {
+        let l: Value = serde_json::from_str(l).unwrap();
+        assert_eq!(l["url"], "/chat/completions");
+        assert_eq!(l["body"]["model"], "batch-deploy");
+    }
+    s.complete_batches();
+    ok(&run(&["batch", "collect", job]));
+    assert_eq!(ok_completions(&f), echo_all(&rows));
+    assert!(f.records().iter().all(|r| r["mode"] == "batch"));
+    billed_equals_kept(&s, &f);
+}

@@ -80,6 +80,11 @@ pub enum ErrorKind {
     Auth,
     /// 429 insufficient_quota: the job stops.
     Quota,
+    /// The endpoint is wrong for every row, as the job file sets it up: a 404 for the URL
+    /// itself (Azure's "Resource not found" for a missing or unknown api-version, an unknown
+    /// deployment, OpenAI's "Invalid URL") or a server certificate that is not trusted. The job
+    /// stops; rows stay pending for the run after the fix.
+    Endpoint,
     /// The row could not be rendered or read (template, input record).
     Input,
     /// The local model failed on this row.
@@ -115,7 +120,7 @@ impl ErrorKind {
             ErrorKind::BadRequest | ErrorKind::Input | ErrorKind::Model | ErrorKind::BatchLine => {
                 Disposition::FailRow
             }
-            ErrorKind::Auth | ErrorKind::Quota => Disposition::StopJob,
+            ErrorKind::Auth | ErrorKind::Quota | ErrorKind::Endpoint => Disposition::StopJob,
         }
     }
 }
@@ -224,6 +229,7 @@ pub fn build(job: &Job, need_provider: bool) -> Result<Backend, Error> {
     let pricing = job.pricing;
     let tier = tier(job);
     match job.provider {
+        // Azure OpenAI too: `Endpoint` knows its URL layout and key header.
         ProviderKind::Openai => {
             let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
             let provider: Arc<dyn Provider> = if need_provider {

@@ -170,13 +170,18 @@ pub(crate) fn transport_error(key: Option<&ApiKey>, e: reqwest::Error) -> Provid
     let unreachable = e.is_connect();
     // reqwest's Display stops at the top error; the cause says "connection reset" etc.
     let e = e.without_url();
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
+    let mut msg = super::endpoint::error_chain(&e);
+    // rustls's verdict on the server's certificate: no retry changes it, so the job stops
+    // at once with the fix rather than after the outage window.
+    let untrusted = msg.contains("invalid peer certificate");
+    if untrusted {
+        msg.push_str(
+            " (the server's certificate is not trusted: if it comes from a private or \
+             corporate CA, set [model] ca_file = \"ca.pem\" or add the CA to the system's \
+             store)",
+        );
     }
+    let kind = if untrusted { ErrorKind::Endpoint } else { kind };
     let mut err = ProviderError::new(kind, scrub(key, &msg));
     err.unreachable = unreachable;
     err.maybe_billed = !unreachable;
@@ -207,7 +212,10 @@ pub(crate) fn status_error(
     };
     let kind = match status {
         429 if code == "insufficient_quota" || etype == "insufficient_quota" => ErrorKind::Quota,
+        // Every other 429 is retried, flex processing's "resource unavailable" (code
+        // `resource_unavailable`: no capacity now, not billed) as much as a rate limit.
         429 => ErrorKind::RateLimited,
+        404 if is_wrong_url(&code, &raw, api.is_some()) => ErrorKind::Endpoint,
         401 | 403 => ErrorKind::Auth,
         408 | 409 => ErrorKind::Server,
         s if s >= 500 => ErrorKind::Server,
@@ -216,6 +224,12 @@ pub(crate) fn status_error(
     let mut message = scrub(key, &raw);
     if !code.is_empty() {
         message = format!("{message} [{code}]");
+    }
+    if kind == ErrorKind::Endpoint {
+        message.push_str(
+            ": the URL is wrong for every request; check [model] base_url, deployment and \
+             api_version (and the model name)",
+        );
     }
     ProviderError {
         kind,
@@ -226,6 +240,17 @@ pub(crate) fn status_error(
         unreachable: false,
         maybe_billed: false,
     }
+}
+
+/// A 404 that says the URL is wrong rather than the request: Azure's bare "Resource not
+/// found" (a missing or unknown api-version, a wrong path), its `DeploymentNotFound`, OpenAI's
+/// "Invalid URL", or a body that is not the API's JSON at all (a proxy's or web server's page).
+fn is_wrong_url(code: &str, message: &str, api_json: bool) -> bool {
+    !api_json
+        || code == "404"
+        || code == "DeploymentNotFound"
+        || message == "Resource not found"
+        || message.starts_with("Invalid URL (")
 }
 
 impl Provider for OpenAi {
@@ -516,6 +541,60 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::InvalidResponse);
         let e = parse_completion(br#"{"id": "x", "choices": ["#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidResponse);
+    }
+
+    fn provider() -> OpenAi {
+        OpenAi {
+            client: reqwest::Client::new(),
+            url: reqwest::Url::parse("http://127.0.0.1:1/v1/chat/completions").unwrap(),
+            key: Some(ApiKey::new("sk-secret-0123456789".into())),
+            stream: false,
+        }
+    }
+
+    #[test]
+    fn flex_resource_unavailable_is_retried_like_a_rate_limit_not_quota() {
+        let p = provider();
+        let e = p.status_error(
+            429,
+            br#"{"error":{"message":"Resource unavailable. Please try again later.","type":"resource_unavailable","param":null,"code":"resource_unavailable"}}"#,
+            None,
+            None,
+        );
+        assert_eq!(e.kind, ErrorKind::RateLimited);
+        assert!(
+            e.message.contains("[resource_unavailable]"),
+            "{}",
+            e.message
+        );
+        let q = p.status_error(
+            429,
+            br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+            None,
+            None,
+        );
+        assert_eq!(q.kind, ErrorKind::Quota);
+    }
+
+    #[test]
+    fn a_404_for_the_url_stops_the_job_and_one_for_the_model_fails_the_row() {
+        let p = provider();
+        for body in [
+            &br#"{"error":{"code":"404","message":"Resource not found"}}"#[..],
+            br#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
+            br#"{"error":{"message":"Invalid URL (POST /v1/chat/completion)","type":"invalid_request_error","param":null,"code":null}}"#,
+            b"<html>404 Not Found</html>",
+        ] {
+            let e = p.status_error(404, body, None, None);
+            assert_eq!(e.kind, ErrorKind::Endpoint, "{}", String::from_utf8_lossy(body));
+        }
+        let e = p.status_error(
+            404,
+            br#"{"error":{"message":"The model `x` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#,
+            None,
+            None,
+        );
+        assert_eq!(e.kind, ErrorKind::BadRequest);
     }
 
     #[test]

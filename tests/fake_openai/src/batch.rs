@@ -790,6 +790,12 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
     if let Some(r) = unauthorized(shared, req.headers()) {
         return r;
     }
+    // Azure's routes need the configured api-version, as its chat route does.
+    if azure {
+        if let Some(r) = crate::azure::api_version_error(shared, query) {
+            return r;
+        }
+    }
     let segs: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
     match (&method, segs.as_slice()) {
         (&Method::POST, ["files"]) => upload(shared, req).await,

@@ -26,6 +26,9 @@ pub(crate) async fn route(
 ) -> Result<Response<Body>, Infallible> {
     let resp = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/chat/completions" | "/chat/completions") => chat(&shared, req).await,
+        (&Method::POST, p) if crate::azure::chat_deployment(p).is_some() => {
+            crate::azure::chat(&shared, req).await
+        }
         (&Method::GET, "/v1/models" | "/models") => models(&shared),
         (&Method::GET, "/stats") => json_response(StatusCode::OK, &shared.stats().to_json()),
         (_, p) if crate::batch::is_batch_path(p) => crate::batch::route(&shared, req).await,
@@ -249,7 +252,7 @@ fn add_common_headers(
     }
 }
 
-async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let seq = shared.on_request();
     let req_id = format!("req_{seq:08}");
     let (parts, body) = req.into_parts();
@@ -321,7 +324,9 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             return r;
         }
     };
-    let model = plan.model;
+    // An Azure deployment answers with its own name as the model.
+    let deployment = parts.extensions.get::<crate::azure::Deployment>();
+    let model = deployment.map_or(plan.model, |d| d.0.as_str());
     let answer = match plan.outcome {
         Outcome::Fault(kind) => {
             counters.faults.fetch_add(1, Ordering::Relaxed);
@@ -756,6 +761,14 @@ pub(crate) async fn fault_response(
             set_retry_after(&mut r, Duration::from_millis(20));
             r
         }
+        // Flex processing out of capacity: retry later; not billed, not a quota.
+        FaultKind::FlexUnavailable => error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Resource unavailable. Please try again later. (flex processing has no capacity for this request now)",
+            "resource_unavailable",
+            None,
+            Some("resource_unavailable"),
+        ),
         FaultKind::Quota => error_response(
             StatusCode::TOO_MANY_REQUESTS,
             "You exceeded your current quota, please check your plan and billing details.",

@@ -5,10 +5,15 @@
 //! HTTP response. Routing and responses live in `handler`; OpenAI's Files and Batches
 //! endpoints, and the clock that moves batches, in `batch`.
 
+mod azure;
 mod batch;
 mod fault;
 mod handler;
 mod limiter;
+mod tls;
+
+pub use azure::AzureHit;
+pub use tls::Tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,6 +60,12 @@ pub struct Config {
     /// Lines of an `in_progress` batch answered per step; None = all of them in one step.
     /// `Some(0)` is taken as 1.
     pub batch_lines_per_step: Option<usize>,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    pub tls: Option<Tls>,
+    /// Azure OpenAI's routes (`/openai/deployments/{d}/chat/completions`) answer only requests
+    /// whose `api-version` query is this one (404 "Resource not found" otherwise, as Azure does
+    /// for a missing or unknown version). None: any version, or none, is taken.
+    pub azure_api_version: Option<String>,
 }
 
 impl Default for Config {
@@ -72,6 +83,8 @@ impl Default for Config {
             batch_max_file_bytes: None,
             batch_auto_advance: false,
             batch_lines_per_step: None,
+            tls: None,
+            azure_api_version: None,
         }
     }
 }
@@ -187,6 +200,8 @@ pub(crate) struct Shared {
     pub next_id: AtomicU64,
     /// Files and batches. Locked for a whole step, so lines are answered under it.
     pub batch: Mutex<batch::State>,
+    /// Every request on an Azure route: what its URL and auth headers were.
+    pub azure_hits: Mutex<Vec<AzureHit>>,
 }
 
 impl Shared {
@@ -247,6 +262,7 @@ impl FakeServer {
 
     /// Start on a given address (the binary uses this for `--port`).
     pub async fn start_on(config: Config, addr: SocketAddr) -> std::io::Result<FakeServer> {
+        let acceptor = config.tls.as_ref().map(Tls::acceptor).transpose()?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -258,9 +274,10 @@ impl FakeServer {
             fault_hits: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             batch: Mutex::new(batch::State::default()),
+            azure_hits: Mutex::new(Vec::new()),
         });
         let (tx, rx) = watch::channel(());
-        tokio::spawn(accept_loop(listener, shared.clone(), rx));
+        tokio::spawn(accept_loop(listener, shared.clone(), rx, acceptor));
         Ok(FakeServer {
             addr,
             shared,
@@ -268,9 +285,26 @@ impl FakeServer {
         })
     }
 
-    /// `http://127.0.0.1:PORT/v1`, ready to be used as an OpenAI base URL.
+    /// `http://127.0.0.1:PORT/v1` (`https://` with `Config::tls`), ready to be used as an
+    /// OpenAI base URL.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}/v1", self.root_url())
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` with `Config::tls`): where Azure OpenAI's resource
+    /// endpoint would be, the base of `/openai/deployments/...`.
+    pub fn root_url(&self) -> String {
+        let scheme = if self.shared.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Every request on an Azure route, in arrival order.
+    pub fn azure_hits(&self) -> Vec<AzureHit> {
+        self.shared.azure_hits.lock().unwrap().clone()
     }
 
     pub fn stats(&self) -> Stats {
@@ -383,7 +417,12 @@ pub fn spawn_background_on(config: Config, addr: SocketAddr) -> std::io::Result<
     })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let stream = tokio::select! {
             r = stop.changed() => match r {
@@ -401,23 +440,43 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let kill = ConnKill(Arc::new(Notify::new()));
-            let k = kill.clone();
-            let svc = service_fn(move |mut req| {
-                req.extensions_mut().insert(k.clone());
-                handler::route(shared.clone(), req)
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), svc);
-            // Leaving the select drops `conn` and with it the socket.
-            tokio::select! {
-                _ = conn => {}
-                _ = kill.0.notified() => {}
-                _ = async { while stop.changed().await.is_ok() {} } => {}
+        let stop = stop.clone();
+        match &tls {
+            None => {
+                tokio::spawn(serve(stream, shared, stop));
             }
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate ends here, as it should.
+                    if let Ok(s) = acceptor.accept(stream).await {
+                        serve(s, shared, stop).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One connection, plain or TLS: HTTP/1.1 until the client, a `reset` fault or the shutdown
+/// ends it.
+async fn serve<S>(stream: S, shared: Arc<Shared>, mut stop: watch::Receiver<()>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let kill = ConnKill(Arc::new(Notify::new()));
+    let k = kill.clone();
+    let svc = service_fn(move |mut req| {
+        req.extensions_mut().insert(k.clone());
+        handler::route(shared.clone(), req)
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), svc);
+    // Leaving the select drops `conn` and with it the socket.
+    tokio::select! {
+        _ = conn => {}
+        _ = kill.0.notified() => {}
+        _ = async { while stop.changed().await.is_ok() {} } => {}
     }
 }

@@ -72,6 +72,7 @@ async fn main() -> std::io::Result<()> {
         batch_max_file_bytes: a.batch_max_file_bytes,
         batch_auto_advance: a.batch_auto,
         batch_lines_per_step: a.batch_lines_per_step,
+        ..Config::default()
     };
     let server = FakeServer::start_on(config, SocketAddr::new(a.host, a.port)).await?;
     {
