@@ -620,7 +620,9 @@ path = "out/result.jsonl"
     ok(&run(&["run", job]));
     let b = &s.batches()[0];
     assert_eq!(b["endpoint"], "/chat/completions");
-    let content = s.file_content(b["input_file_id"].as_str().unwrap()).unwrap();
+    let content = s
+        .file_content(b["input_file_id"].as_str().unwrap())
+        .unwrap();
     for l in String::from_utf8(content).unwrap().lines() {
         let l: Value = serde_json::from_str(l).unwrap();
         assert_eq!(l["url"], "/chat/completions");

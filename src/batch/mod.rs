@@ -663,6 +663,13 @@ impl Pass {
         Ok(done)
     }
 
+    /// Frees the result index and the in-flight keys once every row is routed: compaction,
+    /// which comes next, needs the memory (40 bytes a result line).
+    pub fn release_index(&mut self) {
+        self.results = Results::default();
+        self.in_flight = Vec::new();
+    }
+
     /// Drops this run's files unsubmitted (a dry run, or a run that stopped before submitting).
     pub fn discard(&mut self) {
         for p in self.new_parts.drain(..) {
