@@ -532,6 +532,53 @@ class Bench:
             shutil.rmtree(out + ".batches.d", ignore_errors=True)
             clean_output(out)
 
+    def s9_merge(self):
+        a = self.a
+        shards, per = a.merge_shards, a.merge_rows
+        self.say(f"\n## 9. Merge: {shards} shard outputs of {per} rows each")
+        d = os.path.join(self.work, "merge")
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(d)
+        t0 = time.monotonic()
+        total = shards * per
+        stamp = {"job": "bench.toml", "model": MODEL, "params": "0" * 32, "messages": "1" * 32,
+                 "input_rows": total}
+        for k in range(1, shards + 1):
+            out = os.path.join(d, f"m.shard-{k}-of-{shards}.jsonl")
+            with open(out, "w") as f:
+                buf = []
+                # Rows dealt round-robin: every shard holds rows from all over the input.
+                for row in range(k, total + 1, shards):
+                    buf.append(
+                        '{"row":%d,"id":"%d","status":"ok","input":{"text":"row %d"},'
+                        '"completion":"echo: row %d","finish_reason":"stop","model":"%s",'
+                        '"usage":{"prompt_tokens":12,"completion_tokens":4,"total_tokens":16},'
+                        '"cost_usd":0.0000042,"attempts":1,"latency_ms":%d,'
+                        '"fingerprint":"%032x","error":null}\n'
+                        % (row, row, row, row, MODEL, 50 + row % 100, row))
+                    if len(buf) >= 10000:
+                        f.write("".join(buf))
+                        buf.clear()
+                f.write("".join(buf))
+            with open(out + ".job.json", "w") as f:
+                json.dump(dict(stamp, shard={"k": k, "n": shards}, rows=per), f)
+        self.say(f"  (outputs written in {time.monotonic() - t0:.1f}s)")
+        cmd = [self.pm, "--quiet", "merge", os.path.join(d, "m.shard-*.jsonl"),
+               "--csv", os.path.join(d, "m.csv")]
+        m = measure(cmd, self.work, self.env, self.log("merge"))
+        self.say(f"  $ {cmdline(cmd)}")
+        rows = 0
+        if os.path.exists(os.path.join(d, "m.jsonl")):
+            with open(os.path.join(d, "m.jsonl"), "rb") as f:
+                rows = sum(1 for _ in f)
+        self.say(f"  {rows} rows merged: {m.wall:.1f}s wall, CPU {m.cpu:.1f}s, peak RSS "
+                 f"{m.rss_mb:.1f} MB, exit {m.code}")
+        self.record(f"9 merge: {shards} shards x {per} rows (JSONL, CSV, summary)",
+                    f"{m.wall:.1f}s, peak RSS {m.rss_mb:.1f} MB", "seconds, flat memory",
+                    m.code == 0 and rows == total and m.rss_mb < 50)
+        if not a.keep_outputs:
+            shutil.rmtree(d, ignore_errors=True)
+
     # -- the table ------------------------------------------------------------------------
 
     def table(self):
@@ -565,7 +612,9 @@ def token_text(rng, i):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="scenarios to run (default: all)")
+    ap.add_argument("--merge-shards", type=int, default=10, help="scenario 9's shards")
+    ap.add_argument("--merge-rows", type=int, default=100_000, help="scenario 9's rows per shard")
     ap.add_argument("--batch-rows", type=int, default=1_000_000, help="scenario 8's rows")
     ap.add_argument("--overhead-rows", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3,
@@ -615,6 +664,8 @@ def main():
         b.s5_to_s7()
     if "8" in a.only:
         b.s8_batch()
+    if "9" in a.only:
+        b.s9_merge()
     took = time.monotonic() - t0
     table = b.table()
     cmd = cmdline(["python3", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])

@@ -13,6 +13,7 @@ use crate::provider::{self, is_loopback};
 use crate::render::Renderer;
 use crate::request::Builder;
 use crate::schedule::{self, Interrupt, RunOptions, Signals};
+use crate::shard::Shard;
 
 pub fn main(cli: Cli) -> i32 {
     ignore_file_size_signal();
@@ -69,12 +70,35 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
     let quiet = cli.quiet;
     let json_logs = cli.log_format == LogFormat::Json;
     match cli.command {
-        Command::Run(args) if args.dry_run => estimate(&args.job, &overrides(&args)),
+        Command::Run(args) if args.dry_run => estimate(&args.job, &overrides(&args)?),
         Command::Run(args) => run(args, quiet, json_logs),
-        Command::Estimate(args) => estimate(&args, &job_overrides(&args)),
+        Command::Estimate(args) => estimate(&args, &job_overrides(&args)?),
         Command::Render { job, row } => render(&job, row),
         Command::Validate { job, input } => validate(&job, input),
         Command::Batch { action } => batch(action, quiet, json_logs),
+        Command::Merge {
+            outputs,
+            output,
+            csv,
+        } => merge(&outputs, output, csv, quiet),
+        Command::Status {
+            targets,
+            input,
+            shard,
+            shards,
+        } => status(&targets, input, shard, shards),
+        Command::Export { job, out } => export(&job, &out),
+        Command::Import { job, results } => {
+            let opts = RunOptions {
+                limit: job.limit,
+                fresh: false,
+                retry_failed: false,
+                quiet,
+                collect_only: true,
+                import: Some(results),
+            };
+            passes(&job.job, &job_overrides(&job)?, opts, false, json_logs)
+        }
         Command::FetchModel => {
             let p = crate::models::fetch_default_model(quiet)?;
             println!("{}", p.display());
@@ -83,23 +107,37 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
     }
 }
 
-fn job_overrides(a: &JobArgs) -> Overrides {
-    Overrides {
+fn job_overrides(a: &JobArgs) -> Result<Overrides, Error> {
+    Ok(Overrides {
         input: a.input.clone(),
         output: a.output.clone(),
+        shard: shard_of(a.shard, a.shards)?,
         ..Default::default()
+    })
+}
+
+/// `--shard K/N`, or `--shards N` with K from `JOB_COMPLETION_INDEX`.
+fn shard_of(shard: Option<Shard>, shards: Option<u32>) -> Result<Option<Shard>, Error> {
+    match (shard, shards) {
+        (Some(s), Some(n)) if s.n != n => Err(Error::Other(format!(
+            "--shard {}/{} and --shards {n} disagree",
+            s.k, s.n
+        ))),
+        (Some(s), _) => Ok(Some(s)),
+        (None, Some(n)) => Shard::from_env(n).map(Some).map_err(Error::Other),
+        (None, None) => Ok(None),
     }
 }
 
-fn overrides(a: &RunArgs) -> Overrides {
-    Overrides {
+fn overrides(a: &RunArgs) -> Result<Overrides, Error> {
+    Ok(Overrides {
         concurrency: a.concurrency,
         rpm: a.rpm,
         tpm: a.tpm,
         max_cost_usd: a.max_cost,
         mode: a.mode,
-        ..job_overrides(&a.job)
-    }
+        ..job_overrides(&a.job)?
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
@@ -116,21 +154,28 @@ fn run(args: RunArgs, quiet: bool, json_logs: bool) -> Result<i32, Error> {
         retry_failed: args.retry_failed,
         quiet,
         collect_only: false,
+        import: None,
     };
-    passes(&args.job.job, &overrides(&args), opts, args.wait, json_logs)
+    passes(
+        &args.job.job,
+        &overrides(&args)?,
+        opts,
+        args.wait,
+        json_logs,
+    )
 }
 
 fn batch(action: BatchAction, quiet: bool, json_logs: bool) -> Result<i32, Error> {
     match action {
         BatchAction::Status(a) => {
-            let job = Job::load(&a.job, &job_overrides(&a))?;
+            let job = Job::load(&a.job, &job_overrides(&a)?)?;
             for line in runtime()?.block_on(crate::batch::status(&job))? {
                 println!("{line}");
             }
             Ok(EXIT_OK)
         }
         BatchAction::Cancel(a) => {
-            let job = Job::load(&a.job, &job_overrides(&a))?;
+            let job = Job::load(&a.job, &job_overrides(&a)?)?;
             for line in runtime()?.block_on(crate::batch::cancel(&job))? {
                 println!("{line}");
             }
@@ -147,8 +192,9 @@ fn batch(action: BatchAction, quiet: bool, json_logs: bool) -> Result<i32, Error
                 retry_failed: false,
                 quiet,
                 collect_only: true,
+                import: None,
             };
-            passes(&job.job, &job_overrides(&job), opts, wait, json_logs)
+            passes(&job.job, &job_overrides(&job)?, opts, wait, json_logs)
         }
     }
 }
@@ -180,6 +226,7 @@ fn passes(
         let quiet = opts.quiet;
         let pass_opts = RunOptions {
             fresh: std::mem::take(&mut opts.fresh),
+            import: opts.import.clone(),
             ..opts
         };
         let for_wait = Job::load(file, ov)?;
@@ -257,6 +304,103 @@ fn print_summary(
     eprintln!("summary: {}", summary_path.display());
 }
 
+fn merge(
+    outputs: &[String],
+    output: Option<std::path::PathBuf>,
+    csv: Option<std::path::PathBuf>,
+    quiet: bool,
+) -> Result<i32, Error> {
+    let inputs = crate::shard::expand(outputs)?;
+    let output = match output {
+        Some(o) => o,
+        None => inputs
+            .first()
+            .and_then(|p| crate::shard::unsharded(p))
+            .ok_or_else(|| {
+                Error::Other(
+                    "merge: name the merged output with -o (the inputs are not shard outputs)"
+                        .into(),
+                )
+            })?,
+    };
+    let m = crate::shard::merge(&inputs, &output, csv.as_deref())?;
+    if !quiet {
+        eprint!("{}", m.summary.table());
+    }
+    eprintln!(
+        "merged {} outputs: {} rows into {}{}",
+        inputs.len(),
+        m.rows,
+        output.display(),
+        if m.overlapping > 0 {
+            format!(
+                " ({} rows were in more than one shard: one record kept)",
+                m.overlapping
+            )
+        } else {
+            String::new()
+        }
+    );
+    if m.missing > 0 {
+        eprintln!(
+            "{} rows are in no shard's output (rows {}{}): run the shards again to finish them",
+            m.missing,
+            m.missing_first
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            if m.missing > m.missing_first.len() as u64 {
+                ", …"
+            } else {
+                ""
+            }
+        );
+        return Ok(crate::error::EXIT_ROWS_FAILED);
+    }
+    Ok(EXIT_OK)
+}
+
+fn status(
+    targets: &[String],
+    input: Option<std::path::PathBuf>,
+    shard: Option<Shard>,
+    shards: Option<u32>,
+) -> Result<i32, Error> {
+    let is_job = targets.len() == 1 && targets[0].ends_with(".toml");
+    let rows = if is_job {
+        let file = Path::new(&targets[0]);
+        let list: Vec<Option<Shard>> = match (shard, shards) {
+            (Some(s), _) => vec![Some(s)],
+            (None, Some(n)) => (1..=n).map(|k| Shard::new(k, n)).collect(),
+            (None, None) => vec![None],
+        };
+        let ov = Overrides {
+            input,
+            ..Default::default()
+        };
+        crate::shard::status_of_job(file, &ov, &list)?
+    } else {
+        crate::shard::status_of_outputs(&crate::shard::expand(targets)?)?
+    };
+    print!("{}", crate::shard::status_table(&rows));
+    Ok(EXIT_OK)
+}
+
+fn export(args: &JobArgs, out: &Path) -> Result<i32, Error> {
+    let job = Job::load(&args.job, &job_overrides(args)?)?;
+    let renderer = Renderer::new(&job)?;
+    let backend = provider::build(&job, false)?;
+    let n = crate::batch::export::export(&job, &renderer, &backend, args.limit, out)?;
+    eprintln!(
+        "{n} pending requests written to {} (OpenAI batch format: run them with any engine that \
+         reads it, then `promptmill import {} RESULTS.jsonl`)",
+        out.display(),
+        args.job.display()
+    );
+    Ok(EXIT_OK)
+}
+
 /// Ctrl-C and SIGTERM (systemd, docker stop, Kubernetes, `timeout`) stop the run the same
 /// way: no new requests, those in flight get `grace`, a second signal cancels them; every
 /// record received is written and the summary printed either way.
@@ -317,14 +461,23 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
             break;
         }
         rows += 1;
-        let Ok(row) = r else {
-            bad += 1;
-            continue;
+        let row = match r {
+            Ok(row) => row,
+            Err(e) => {
+                bad += u64::from(crate::shard::owns_unreadable(&job, e.number));
+                continue;
+            }
         };
-        let Ok(p) = builder.prepare(&job.input, &renderer, row) else {
-            bad += 1;
-            continue;
+        let p = match builder.prepare(&job.input, &renderer, row) {
+            Ok(p) => p,
+            Err((row, _)) => {
+                bad += u64::from(crate::shard::owns_unreadable(&job, row.number));
+                continue;
+            }
         };
+        if !crate::shard::owns(&job, &p) {
+            continue;
+        }
         let n = backend.counter.count_prompt(&p.request.messages);
         prompt += n;
         match planner.plan(&p)? {
@@ -418,7 +571,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
 }
 
 fn render(args: &JobArgs, row: u64) -> Result<i32, Error> {
-    let job = Job::load(&args.job, &job_overrides(args))?;
+    let job = Job::load(&args.job, &job_overrides(args)?)?;
     let renderer = Renderer::new(&job)?;
     let backend = provider::build(&job, false)?;
     let builder = Builder::new(&job, &backend.identity);

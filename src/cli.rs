@@ -53,6 +53,49 @@ pub enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// Join shard outputs into one, in input order, with one CSV and one summary.
+    Merge {
+        /// Shard outputs, or quoted glob patterns (`'out/x.shard-*.jsonl'`).
+        #[arg(required = true)]
+        outputs: Vec<String>,
+        /// Where to write (default: the outputs' name without `.shard-K-of-N`).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Also write the CSV here.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+    },
+    /// Rows done, failed and pending, and the spend, per shard and in total. Sends nothing.
+    Status {
+        /// A job file, or outputs (paths or quoted globs) to count.
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Read the input from this file instead of the job's.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Only shard K of N.
+        #[arg(long, value_name = "K/N", value_parser = crate::shard::Shard::parse)]
+        shard: Option<crate::shard::Shard>,
+        /// Every shard of a job split N ways.
+        #[arg(long, value_name = "N")]
+        shards: Option<u32>,
+    },
+    /// Write every pending row as an OpenAI batch-format request line, for another engine
+    /// (vLLM's run-batch, LiteLLM, a provider's batch console).
+    Export {
+        #[command(flatten)]
+        job: JobArgs,
+        /// The request file to write (`-` for stdout).
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+    },
+    /// Read a batch-format results file from any engine into the job's output.
+    Import {
+        #[command(flatten)]
+        job: JobArgs,
+        /// The results file (one `{"custom_id", "response", "error"}` line per request).
+        results: PathBuf,
+    },
     /// The Batch API: check on, collect, or cancel the job's batches.
     Batch {
         #[command(subcommand)]
@@ -91,6 +134,12 @@ pub struct JobArgs {
     /// Only the first N rows.
     #[arg(long)]
     pub limit: Option<u64>,
+    /// Only shard K of N (K from 1): its own output, CSV, summary and lock.
+    #[arg(long, value_name = "K/N", value_parser = crate::shard::Shard::parse)]
+    pub shard: Option<crate::shard::Shard>,
+    /// Split into N shards; this one is JOB_COMPLETION_INDEX + 1 (Kubernetes Indexed Jobs).
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Args)]

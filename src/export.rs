@@ -13,6 +13,7 @@ use crate::output::{Record, Status};
 use crate::provider::Usage;
 
 /// How the cells are written.
+#[derive(Debug, Clone, Default)]
 pub struct CsvOptions {
     /// Prefix text cells a spreadsheet would run as a formula with `'`: completions come from a
     /// model that the input data can steer (OWASP's CSV-injection advice).

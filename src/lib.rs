@@ -45,4 +45,5 @@ pub mod report;
 pub mod request;
 pub mod retry;
 pub mod schedule;
+pub mod shard;
 pub mod tokens;

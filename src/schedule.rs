@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Collect finished batches only: send nothing, submit nothing (`batch collect`).
     pub collect_only: bool,
+    /// A batch-format results file from another engine to read in (`import`); with
+    /// `collect_only`.
+    pub import: Option<std::path::PathBuf>,
 }
 
 /// Which signal interrupted the run.
@@ -457,7 +460,7 @@ pub async fn run(
     let mut rows = job.source().stream(job.concurrency * 2 + 16)?;
     let opened = open_output(&job, &opts, &backend, keying)?;
     let submits = job.mode == Mode::Batch && !opts.collect_only;
-    let mut pass = batch::Pass::open(&job, submits).await?;
+    let mut pass = batch::Pass::open(&job, submits, opts.import.as_deref()).await?;
     for f in &pass.failed_batches {
         tracing::error!("{f}");
     }
@@ -505,7 +508,7 @@ pub async fn run(
     });
 
     // Step 2: plan and dispatch.
-    let complete = dispatch(
+    let (complete, rows_read, rows_owned) = dispatch(
         &shared,
         &renderer,
         &builder,
@@ -589,6 +592,16 @@ pub async fn run(
     stats.batches_running = pass.running.0;
     let collected_all = complete && failed.is_none() && opts.limit.is_none();
 
+    // Which job wrote this output, for `merge` (and how many rows the whole input has).
+    let stamp = crate::shard::Stamp::of(
+        &job,
+        complete.then_some(rows_read),
+        complete.then_some(rows_owned),
+    );
+    if let Err(e) = stamp.write(&job.stamp_path()) {
+        tracing::warn!("cannot write {}: {e}", job.stamp_path().display());
+    }
+
     // Step 3: finish.
     let (summary, code) = finish(
         job, budget, &mut stats, stopper, signals, complete, spool, failed, unwritten, header,
@@ -605,7 +618,19 @@ async fn record_unmatched(
     pass: &batch::Pass,
     tx: &mpsc::Sender<Msg>,
 ) -> Result<(), Error> {
-    for u in pass.unmatched()? {
+    let unmatched = pass.unmatched()?;
+    if pass.importing {
+        if !unmatched.is_empty() {
+            tracing::warn!(
+                "{} result lines match no pending row of this job (already done, or a request \
+                 the job no longer makes: its custom_id names the row and request fingerprint); \
+                 they are not written",
+                unmatched.len()
+            );
+        }
+        return Ok(());
+    }
+    for u in unmatched {
         let record = batch_record(
             sh,
             u.row,
@@ -712,7 +737,7 @@ async fn dispatch(
     opts: &RunOptions,
     tx: &mpsc::Sender<Msg>,
     pass: &mut batch::Pass,
-) -> bool {
+) -> (bool, u64, u64) {
     let job = &shared.job;
     let stop = shared.stopper.signals.stop.clone();
     let max_output = job.params.max_output_tokens();
@@ -721,6 +746,7 @@ async fn dispatch(
     let mut seen = 0u64;
     let mut complete = false;
     let mut read_failed = false;
+    let mut owned = 0u64;
     let keying = keying(job);
     let mut send_online: Option<Prepared> = None;
 
@@ -747,6 +773,15 @@ async fn dispatch(
                 .prepare(&job.input, renderer, row)
                 .map_err(|(row, msg)| (row.number, row.id, row.fields, msg)),
         };
+        // Another shard's row: not this run's business at all.
+        let mine = match &prepared {
+            Ok(p) => crate::shard::owns(job, p),
+            Err((number, ..)) => crate::shard::owns_unreadable(job, *number),
+        };
+        if !mine {
+            continue;
+        }
+        owned += 1;
         let p = match prepared {
             Ok(p) => p,
             Err((number, id, input, message)) => {
@@ -961,7 +996,8 @@ async fn dispatch(
             }
         }
     }
-    complete && opts.limit.is_none_or(|l| seen < l)
+    let complete = complete && opts.limit.is_none_or(|l| seen < l);
+    (complete, seen, owned)
 }
 
 /// Puts a row into this run's batch files, within the budget at its worst case. `Err`: the

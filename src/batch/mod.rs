@@ -14,6 +14,7 @@
 //! submitted while an earlier batch holds it.
 
 pub mod client;
+pub mod export;
 pub mod results;
 pub mod state;
 
@@ -164,12 +165,16 @@ pub struct Pass {
     pub failed_batches: Vec<String>,
     /// Set when a row did not fit the budget: the run stops after submitting what did.
     pub budget_stop: Option<String>,
+    /// Reading another engine's results: lines that match no pending row are reported, not
+    /// recorded (nothing of this job paid for them).
+    pub importing: bool,
 }
 
 impl Pass {
     /// Reads the batch log and, when batches are open, asks the server how they are doing and
     /// downloads the results of those that ended. `need_client`: this run may submit.
-    pub async fn open(job: &Job, need_client: bool) -> Result<Pass, Error> {
+    /// `import`: a results file from another engine, read like a downloaded batch's.
+    pub async fn open(job: &Job, need_client: bool, import: Option<&Path>) -> Result<Pass, Error> {
         let log = Log::load(&job.batches_path())?;
         let dir = job.batch_dir();
         let has_open = log.open_parts().next().is_some();
@@ -212,12 +217,28 @@ impl Pass {
             running: (0, 0),
             failed_batches: Vec::new(),
             budget_stop: None,
+            importing: false,
         };
         pass.remove_strays();
         if has_open {
             pass.refresh().await?;
         }
         pass.index()?;
+        if let Some(file) = import {
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            pass.results.add_file(
+                file,
+                Answerer {
+                    batch_id: format!("import:{name}"),
+                    took_ms: 0,
+                },
+            )?;
+            pass.results.seal();
+            pass.importing = true;
+        }
         Ok(pass)
     }
 

@@ -275,6 +275,8 @@ pub struct Job {
     pub pricing: Option<Pricing>,
     pub mode: Mode,
     pub batch: BatchLimits,
+    /// This run's shard of the input, if the job is split (`--shard K/N`).
+    pub shard: Option<crate::shard::Shard>,
 }
 
 /// Command-line values that override the job file.
@@ -287,6 +289,7 @@ pub struct Overrides {
     pub tpm: Option<u64>,
     pub max_cost_usd: Option<f64>,
     pub mode: Option<Mode>,
+    pub shard: Option<crate::shard::Shard>,
 }
 
 impl Job {
@@ -646,6 +649,11 @@ impl Job {
             .clone()
             .unwrap_or_else(|| resolve(&raw.output.path));
         let csv = raw.output.csv.as_deref().map(resolve);
+        // A shard has outputs of its own (and so its own lock, summary and batches).
+        let (output, csv) = match ov.shard {
+            Some(sh) => (sh.path(&output), csv.map(|c| sh.path(&c))),
+            None => (output, csv),
+        };
         let mode = ov.mode.or(run.mode).unwrap_or_default();
         if mode == Mode::Batch && provider == ProviderKind::Local {
             return Err(bad(
@@ -703,6 +711,7 @@ impl Job {
             pricing: raw.pricing,
             mode,
             batch,
+            shard: ov.shard,
         })
     }
 
@@ -761,6 +770,11 @@ impl Job {
     /// The run's plan spool (temporary).
     pub fn plan_path(&self) -> PathBuf {
         sibling(&self.output, ".plan")
+    }
+
+    /// What job wrote this output: compared by `merge`.
+    pub fn stamp_path(&self) -> PathBuf {
+        sibling(&self.output, ".job.json")
     }
 
     /// The Batch API log: every step of every batch, recorded before and after it happens.

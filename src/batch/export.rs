@@ -1,0 +1,73 @@
+//! `export`: every pending row as an OpenAI batch-format request line, the same lines batch
+//! mode uploads, for engines that read that format (vLLM's `run-batch`, LiteLLM, a provider's
+//! batch console). `import` reads their results back (see `Pass::open`).
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::Error;
+use crate::job::Job;
+use crate::journal::io_err;
+use crate::ledger::Index;
+use crate::plan::{Decision, Planner};
+use crate::provider::Backend;
+use crate::render::Renderer;
+use crate::request::Builder;
+
+/// Writes the pending rows' request lines to `out` (`-`: stdout); returns how many.
+pub fn export(
+    job: &Job,
+    renderer: &Renderer,
+    backend: &Backend,
+    limit: Option<u64>,
+    out: &Path,
+) -> Result<u64, Error> {
+    let keying = crate::schedule::keying(job);
+    let index = Index::load(&job.output, keying)?.with_stale(&job.stale_path(), keying)?;
+    let mut planner = Planner::new(index, keying, false, None);
+    let builder = Builder::new(job, &backend.identity);
+    let stdout = out.as_os_str() == "-";
+    let tmp = crate::job::sibling(out, ".part");
+    let mut w: Box<dyn Write> = if stdout {
+        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+    } else {
+        let f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
+    };
+    let target: &Path = if stdout { Path::new("(stdout)") } else { &tmp };
+    let stream = job.params.stream.unwrap_or(false);
+    let mut line = Vec::with_capacity(4096);
+    let (mut read, mut written) = (0u64, 0u64);
+    for r in job.source().reader()? {
+        if limit.is_some_and(|l| read >= l) {
+            break;
+        }
+        read += 1;
+        // Unreadable rows have no request to export; `run` reports them.
+        let Ok(row) = r else { continue };
+        let Ok(p) = builder.prepare(&job.input, renderer, row) else {
+            continue;
+        };
+        if !crate::shard::owns(job, &p) || planner.plan(&p)? != Decision::Send {
+            continue;
+        }
+        super::write_line(
+            &mut line,
+            "/v1/chat/completions",
+            None,
+            p.row.number,
+            &p.fingerprint,
+            keying.id_hash(&p.row.id),
+            &p.request.body,
+            stream,
+        );
+        w.write_all(&line).map_err(|e| io_err(target, e))?;
+        written += 1;
+    }
+    w.flush().map_err(|e| io_err(target, e))?;
+    drop(w);
+    if !stdout {
+        std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))?;
+    }
+    Ok(written)
+}

@@ -1,0 +1,410 @@
+//! Shards, merge, status, and request files for other engines, through the real binary:
+//! every row in exactly one shard whatever the input's order; shards run side by side and
+//! merged equal one run; merge refuses other jobs' outputs and reports missing rows; export →
+//! another engine's batch run (the fake server's batch endpoint) → import completes the job.
+
+mod util;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+use util::*;
+
+fn csv_of(texts: &[String]) -> String {
+    let mut s = String::from("text\n");
+    for t in texts {
+        s.push_str(t);
+        s.push('\n');
+    }
+    s
+}
+
+fn texts(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("item {i}")).collect()
+}
+
+fn ok(r: &Ran) {
+    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+}
+
+/// The user texts of the request lines in an exported file.
+fn exported_texts(path: &std::path::Path) -> BTreeSet<String> {
+    read_jsonl(path)
+        .iter()
+        .map(|l| {
+            l["body"]["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|m| m["role"] == "user")
+                .unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn every_row_is_in_exactly_one_shard_whatever_the_inputs_order() {
+    let f = Fixture::new();
+    let rows = texts(60);
+    f.write("data.csv", csv_of(&rows));
+    let job = f.job("data.csv", "{{ text }}", "", "", "http://127.0.0.1:9/v1");
+    let job = job.to_str().unwrap();
+    let shards = |tag: &str| -> Vec<BTreeSet<String>> {
+        (1..=4)
+            .map(|k| {
+                let out = format!("{tag}-{k}.jsonl");
+                ok(&f.run(&["export", job, "--shard", &format!("{k}/4"), "-o", &out]));
+                exported_texts(&f.path(&out))
+            })
+            .collect()
+    };
+    let before = shards("a");
+    let union: BTreeSet<String> = before.iter().flatten().cloned().collect();
+    assert_eq!(
+        union,
+        rows.iter().cloned().collect(),
+        "the union is the input"
+    );
+    assert_eq!(
+        before.iter().map(BTreeSet::len).sum::<usize>(),
+        rows.len(),
+        "no row is in two shards"
+    );
+    assert!(before.iter().all(|s| !s.is_empty()), "{before:?}");
+    // Re-exported in another order: every shard gets the same rows.
+    let mut reversed = rows.clone();
+    reversed.reverse();
+    f.write("data.csv", csv_of(&reversed));
+    assert_eq!(shards("b"), before);
+
+    // With an id column, the id decides: the same ids land in the same shards even when
+    // their text changes.
+    let mut s = String::from("sku,text\n");
+    for (i, t) in rows.iter().enumerate() {
+        s.push_str(&format!("sku{i},{t}\n"));
+    }
+    f.write("ids.csv", &s);
+    let with_id = f.job("ids.csv", "{{ text }}", "", "", "http://127.0.0.1:9/v1");
+    let text = std::fs::read_to_string(&with_id)
+        .unwrap()
+        .replace("path = \"ids.csv\"", "path = \"ids.csv\"\nid = \"sku\"");
+    std::fs::write(&with_id, text).unwrap();
+    let owner = |csv: &str| -> BTreeMap<String, u32> {
+        f.write("ids.csv", csv);
+        let mut m = BTreeMap::new();
+        for k in 1..=3u32 {
+            let out = format!("ids-{k}.jsonl");
+            ok(&f.run(&[
+                "export",
+                with_id.to_str().unwrap(),
+                "--shard",
+                &format!("{k}/3"),
+                "-o",
+                &out,
+            ]));
+            for l in read_jsonl(&f.path(&out)) {
+                let id = l["custom_id"].as_str().unwrap().to_string();
+                // custom_id: r{row}-{fp}-{idh}; the id hash is the stable part here.
+                m.insert(id.rsplit('-').next().unwrap().to_string(), k);
+            }
+        }
+        m
+    };
+    let a = owner(&s);
+    let edited = s.replace("item", "changed item");
+    let b = owner(&edited);
+    assert_eq!(a.len(), 60);
+    assert_eq!(a, b, "an id keeps its shard when its row's text changes");
+}
+
+#[test]
+fn shards_run_side_by_side_then_merge_equals_one_run() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let rows = texts(90);
+    f.write("data.csv", csv_of(&rows));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap().to_string();
+
+    // Three shards at once on one machine: their own outputs and locks.
+    let children: Vec<_> = (1..=3)
+        .map(|k| {
+            f.cmd(&["run", "--quiet", &job, "--shard", &format!("{k}/3")])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        assert!(c.wait_with_output().unwrap().status.success());
+    }
+    assert_eq!(s.stats().requests, 90, "each row sent by exactly one shard");
+    for k in 1..=3 {
+        let out = f.path(&format!("out/result.shard-{k}-of-3.jsonl"));
+        assert!(out.exists());
+        assert!(f.path(&format!("out/result.shard-{k}-of-3.csv")).exists());
+        let sum: Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                f.path(&format!("out/result.shard-{k}-of-3.jsonl.summary.json")),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            sum["rows_ok"].as_u64().unwrap(),
+            read_jsonl(&out).len() as u64
+        );
+    }
+
+    let r = f.run(&[
+        "merge",
+        "out/result.shard-*.jsonl",
+        "--csv",
+        "out/result.csv",
+    ]);
+    ok(&r);
+    let merged = f.records();
+    assert_eq!(merged.len(), 90);
+
+    // One run of the whole job, elsewhere: the same rows, the same completions, same order.
+    let single = f.run(&["run", "--quiet", &job, "--output", "single/all.jsonl"]);
+    ok(&single);
+    let one = read_jsonl(&f.path("single/all.jsonl"));
+    let key = |r: &Value| {
+        (
+            r["row"].as_u64().unwrap(),
+            r["input"]["text"].as_str().unwrap().to_string(),
+            r["completion"].as_str().unwrap().to_string(),
+            r["fingerprint"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(
+        merged.iter().map(key).collect::<Vec<_>>(),
+        one.iter().map(key).collect::<Vec<_>>()
+    );
+    let csv = std::fs::read_to_string(f.path("out/result.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 91);
+    let sum = f.summary();
+    assert_eq!(sum["rows_ok"], 90);
+    assert!(
+        sum["latency_p50_ms"].is_u64(),
+        "percentiles from the records"
+    );
+    let cost: f64 = merged.iter().map(|r| r["cost_usd"].as_f64().unwrap()).sum();
+    assert!((sum["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12);
+}
+
+#[test]
+fn shards_from_job_completion_index_and_status_counts_each_shard() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let rows = texts(40);
+    f.write("data.csv", csv_of(&rows));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap().to_string();
+    // Kubernetes Indexed Job pods 0 and 2 of 3 ran; pod 1 did not.
+    for i in [0, 2] {
+        let r = ran(f
+            .cmd(&["run", "--quiet", &job, "--shards", "3"])
+            .env("JOB_COMPLETION_INDEX", i.to_string())
+            .output()
+            .unwrap());
+        ok(&r);
+    }
+    let r = f.run(&["run", "--quiet", &job, "--shards", "3"]);
+    assert_eq!(r.code, 2, "no index, no shard");
+    assert!(r.stderr.contains("JOB_COMPLETION_INDEX"), "{}", r.stderr);
+    let n1 = read_jsonl(&f.path("out/result.shard-1-of-3.jsonl")).len() as u64;
+    let n3 = read_jsonl(&f.path("out/result.shard-3-of-3.jsonl")).len() as u64;
+    assert!(!f.path("out/result.shard-2-of-3.jsonl").exists());
+    assert_eq!(s.stats().requests, n1 + n3);
+
+    let st = f.run(&["status", &job, "--shards", "3"]);
+    ok(&st);
+    let lines: Vec<Vec<String>> = st
+        .stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect();
+    let n2 = 40 - n1 - n3;
+    assert_eq!(lines[0][..3], [n1.to_string(), "0".into(), "0".into()]);
+    assert_eq!(lines[1][..3], ["0".to_string(), "0".into(), n2.to_string()]);
+    assert_eq!(lines[2][..3], [n3.to_string(), "0".into(), "0".into()]);
+    assert_eq!(
+        lines[3][..3],
+        [(n1 + n3).to_string(), "0".into(), n2.to_string()]
+    );
+    assert_eq!(s.stats().requests, n1 + n3, "status sends nothing");
+
+    // The outputs alone say the same, from what each shard recorded.
+    let st = f.run(&["status", "out/result.shard-*.jsonl"]);
+    ok(&st);
+    assert!(st.stdout.contains(&format!("{}", n1 + n3)), "{}", st.stdout);
+
+    // Merging what there is reports the rows no shard has.
+    let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("{n2} rows are in no shard")),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(f.records().len() as u64, n1 + n3);
+}
+
+#[test]
+fn merge_refuses_outputs_of_different_jobs_and_keeps_one_record_per_row() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(20)));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap().to_string();
+    ok(&f.run(&["run", "--quiet", &job, "--shard", "1/2"]));
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace("gpt-4o-mini", "gpt-4o")).unwrap();
+    ok(&f.run(&["run", "--quiet", &job, "--shard", "2/2"]));
+    let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("different jobs"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("gpt-4o-mini") && r.stderr.contains("gpt-4o"),
+        "{}",
+        r.stderr
+    );
+
+    // Another template: refused too.
+    std::fs::write(&job, text.replace("{{ text }}", "Say: {{ text }}")).unwrap();
+    ok(&f.run(&["run", "--quiet", &job, "--shard", "2/2", "--fresh"]));
+    let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("messages"), "{}", r.stderr);
+
+    // The same job twice over (a whole run and a shard of it): one record per row.
+    std::fs::write(&job, &text).unwrap();
+    ok(&f.run(&["run", "--quiet", &job, "--output", "whole/all.jsonl"]));
+    let r = f.run(&[
+        "merge",
+        "whole/all.jsonl",
+        "out/result.shard-1-of-2.jsonl",
+        "-o",
+        "merged/m.jsonl",
+    ]);
+    ok(&r);
+    assert!(r.stderr.contains("more than one shard"), "{}", r.stderr);
+    let m = read_jsonl(&f.path("merged/m.jsonl"));
+    assert_eq!(m.len(), 20);
+    let rows: BTreeSet<u64> = m.iter().map(|r| r["row"].as_u64().unwrap()).collect();
+    assert_eq!(rows.len(), 20);
+}
+
+/// Another engine's batch run: the request file uploaded to the fake server's Files and
+/// Batches endpoints over HTTP, run, and its output and error files joined into one results
+/// file, as `vllm run-batch` would write it.
+fn run_elsewhere(s: &FakeServer, requests: &std::path::Path) -> Vec<u8> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let body = std::fs::read(requests).unwrap();
+    let base = s.base_url();
+    let id = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let part = reqwest::multipart::Part::bytes(body).file_name("requests.jsonl");
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .part("file", part);
+        let f: Value = c
+            .post(format!("{base}/files"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let b: Value = c
+            .post(format!("{base}/batches"))
+            .json(&serde_json::json!({
+                "input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                "completion_window": "24h"
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        b["id"].as_str().unwrap().to_string()
+    });
+    s.complete_batches();
+    let b = s.batches().into_iter().find(|b| b["id"] == id).unwrap();
+    let mut out = Vec::new();
+    for k in ["output_file_id", "error_file_id"] {
+        if let Some(fid) = b[k].as_str() {
+            out.extend(s.file_content(fid).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn export_then_another_engines_results_then_import_completes_the_job() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let mut rows = texts(12);
+    rows[4] = "bad FAULT:400".into();
+    f.write("data.csv", csv_of(&rows));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap().to_string();
+    // Two rows done online first: export leaves them out.
+    ok(&f.run(&["run", "--quiet", &job, "--limit", "2"]));
+    ok(&f.run(&["export", &job, "-o", "requests.jsonl"]));
+    let lines = read_jsonl(&f.path("requests.jsonl"));
+    assert_eq!(lines.len(), 10);
+    for l in &lines {
+        assert_eq!(l["method"], "POST");
+        assert_eq!(l["url"], "/v1/chat/completions");
+    }
+    let results = run_elsewhere(&s, &f.path("requests.jsonl"));
+    // One line for a request this job does not make: reported, not written.
+    let mut results = results;
+    results.extend_from_slice(
+        br#"{"id":"x","custom_id":"r99-00000000000000000000000000000000","response":{"status_code":200,"body":{"choices":[{"message":{"content":"stray"},"finish_reason":"stop"}]}},"error":null}"#,
+    );
+    results.push(b'\n');
+    f.write("results.jsonl", &results);
+    let r = f.run(&["import", &job, "results.jsonl"]);
+    assert_eq!(r.code, 1, "one row failed\n{}", r.stderr);
+    assert!(
+        r.stderr.contains("1 result lines match no pending row"),
+        "{}",
+        r.stderr
+    );
+    let recs = f.records();
+    assert_eq!(recs.len(), 12);
+    let ok_rows: Vec<&Value> = recs.iter().filter(|r| r["status"] == "ok").collect();
+    assert_eq!(ok_rows.len(), 11);
+    for r in &ok_rows {
+        assert_eq!(
+            r["completion"],
+            format!("echo: {}", r["input"]["text"].as_str().unwrap())
+        );
+    }
+    assert!(recs.iter().all(|r| r["completion"] != "stray"));
+    assert_eq!(recs[4]["error"]["status"], 400);
+    assert!(
+        std::fs::read_to_string(f.path("out/result.csv"))
+            .unwrap()
+            .lines()
+            .count()
+            == 13
+    );
+    // Nothing is left to export, and a rerun sends nothing.
+    ok(&f.run(&["export", &job, "-o", "again.jsonl"]));
+    assert!(read_jsonl(&f.path("again.jsonl")).is_empty());
+    let before = s.stats().requests;
+    let r = f.run(&["run", "--quiet", &job]);
+    assert_eq!(r.code, 1);
+    assert_eq!(s.stats().requests, before);
+}
