@@ -861,6 +861,7 @@ async fn process(
                 error: None,
                 copied_from: None,
                 unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
+                finished_at: Some(crate::output::timestamp_now()),
                 extra: Map::new(),
             }
         }
@@ -946,6 +947,7 @@ fn error_record(
         error: Some(error),
         copied_from: None,
         unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
+        finished_at: Some(crate::output::timestamp_now()),
         extra: Map::new(),
     }
 }
