@@ -72,7 +72,10 @@ pub fn timestamp_now() -> String {
 
 /// Unix milliseconds → `2025-11-15T10:23:45.123Z`.
 pub fn format_timestamp(unix_ms: i64) -> String {
-    let (days, ms) = (unix_ms.div_euclid(86_400_000), unix_ms.rem_euclid(86_400_000));
+    let (days, ms) = (
+        unix_ms.div_euclid(86_400_000),
+        unix_ms.rem_euclid(86_400_000),
+    );
     let (y, m, d) = civil_from_days(days);
     let s = ms / 1000;
     format!(
@@ -179,8 +182,17 @@ mod tests {
         assert_eq!(parse_timestamp("2025-11-15T10:23:45Z"), Some(t));
         assert_eq!(parse_timestamp("2025-11-15T11:23:45+01:00"), Some(t));
         assert_eq!(parse_timestamp("2025-11-15T10:23:45.1Z"), Some(t + 100));
-        assert_eq!(parse_timestamp("2025-11-15T10:23:45.123456Z"), Some(t + 123));
-        for bad in ["", "yesterday", "2025-11-15", "2025-13-15T10:23:45Z", "2025-11-15T10:23:45"] {
+        assert_eq!(
+            parse_timestamp("2025-11-15T10:23:45.123456Z"),
+            Some(t + 123)
+        );
+        for bad in [
+            "",
+            "yesterday",
+            "2025-11-15",
+            "2025-13-15T10:23:45Z",
+            "2025-11-15T10:23:45",
+        ] {
             assert_eq!(parse_timestamp(bad), None, "{bad}");
         }
     }
