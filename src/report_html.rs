@@ -53,7 +53,13 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
     let spool_path = crate::job::sibling(target, ".rows.tmp");
     let tmp = crate::job::sibling(target, ".tmp");
     let result = (|| {
-        let spool = File::create(&spool_path).map_err(|e| io_err(&spool_path, e))?;
+        let spool = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&spool_path)
+            .map_err(|e| io_err(&spool_path, e))?;
         let mut table = Table::new(BufWriter::with_capacity(256 * 1024, spool), opts.rows);
         let mut tally = Tally::default();
         journal::for_each_line(output, |_, _, bytes| {
@@ -185,9 +191,21 @@ pub fn json_for_script(v: &Value) -> String {
 // ---------------------------------------------------------------------------------------------
 // The pass over the records
 
-/// Per-minute bins at most; past this the bins widen (2, 4, 8 … minutes), so a file whose
-/// times are spread over years still sums into bounded memory.
+/// Time bins at most: past this they widen along `BIN_WIDTHS`, so a file whose times are
+/// spread over years still sums into bounded memory.
 const MAX_TIME_BINS: usize = 20_000;
+
+/// Bin and chart-column widths, in ms. Each divides the next, so bins of one width fall
+/// whole into columns of any wider one; past the list, widths double.
+const BIN_WIDTHS: &[i64] = &[
+    1_000, 2_000, 10_000, 30_000, 60_000, 120_000, 600_000, 1_800_000, 3_600_000, 7_200_000,
+    21_600_000, 43_200_000, 86_400_000,
+];
+
+/// The width after `w`.
+fn wider(w: i64) -> i64 {
+    BIN_WIDTHS.iter().copied().find(|&x| x > w).unwrap_or(w * 2)
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct TimeBin {
@@ -255,7 +273,7 @@ impl Default for Tally {
             prompt_hist: hist(100_000_000),
             errors: BTreeMap::new(),
             bins: BTreeMap::new(),
-            bin_ms: 60_000,
+            bin_ms: BIN_WIDTHS[0],
             first_ms: None,
             last_ms: None,
             untimed: 0,
@@ -345,7 +363,7 @@ impl Tally {
     }
 
     fn widen_bins(&mut self) {
-        self.bin_ms *= 2;
+        self.bin_ms = wider(self.bin_ms);
         let w = self.bin_ms;
         let old = std::mem::take(&mut self.bins);
         for (k, v) in old {
@@ -845,7 +863,7 @@ impl Page<'_> {
                 &empty_svg("no times in this output"),
             );
         } else {
-            let w = cols_bin_minutes(&cols);
+            let w = cols_minutes(&cols);
             figure(
                 o,
                 "Cumulative cost",
@@ -856,12 +874,8 @@ impl Page<'_> {
                 o,
                 "Requests per minute",
                 &format!(
-                    "requests sent, a row's retries counted when it finished{}{untimed}",
-                    if w > 1.0 {
-                        format!("; averaged over {w:.0}-minute bins")
-                    } else {
-                        String::new()
-                    }
+                    "requests sent (a row's retries counted when it finished), one bar per {}{untimed}",
+                    gap_text((w * 60_000.0) as i64)
                 ),
                 &timeseries_svg(&cols, Series::RequestsPerMinute),
             );
@@ -994,6 +1008,18 @@ fn usd(v: f64) -> String {
     }
 }
 
+/// A cost on an axis: as few digits as the tick needs ("$0.0003", "$1.50", "$120").
+fn usd_tick(v: f64) -> String {
+    if v >= 100.0 {
+        format!("${v:.0}")
+    } else if v >= 1.0 {
+        format!("${v:.2}")
+    } else {
+        let s = format!("{v:.8}");
+        format!("${}", s.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
 fn duration(s: f64) -> String {
     if s < 60.0 {
         format!("{s:.2} s")
@@ -1023,9 +1049,13 @@ const TOP: f64 = 12.0;
 const BOTTOM: f64 = 36.0;
 
 fn svg_open(o: &mut String, label: &str) {
+    svg_open_high(o, label, H);
+}
+
+fn svg_open_high(o: &mut String, label: &str, h: f64) {
     let _ = write!(
         o,
-        "<svg viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{}\">",
+        "<svg viewBox=\"0 0 {W} {h}\" role=\"img\" aria-label=\"{}\">",
         escape(label)
     );
 }
@@ -1212,11 +1242,13 @@ fn hbars_svg(items: &[(String, u64)]) -> String {
         return empty_svg("no failed rows");
     }
     let shown = &items[..items.len().min(12)];
-    let row_h = ((H - TOP - 8.0) / shown.len() as f64).min(28.0);
+    let row_h = 26.0;
+    let more = items.len() > shown.len();
+    let h = TOP + row_h * shown.len() as f64 + if more { 24.0 } else { 4.0 };
     let max = shown.iter().map(|i| i.1).max().unwrap_or(1) as f64;
     let label_w = 200.0;
     let mut o = String::with_capacity(4096);
-    svg_open(&mut o, "failed rows by error kind");
+    svg_open_high(&mut o, "failed rows by error kind", h);
     for (i, (label, n)) in shown.iter().enumerate() {
         let y = TOP + i as f64 * row_h;
         let w = (W - label_w - 80.0) * *n as f64 / max;
@@ -1242,7 +1274,7 @@ fn hbars_svg(items: &[(String, u64)]) -> String {
         let _ = write!(
             o,
             "<text class=\"tick\" x=\"{label_w}\" y=\"{}\">and {} more kinds</text>",
-            H - 4.0,
+            h - 6.0,
             items.len() - shown.len()
         );
     }
@@ -1271,53 +1303,64 @@ enum Col {
 /// Idle stretches longer than this become a break.
 const GAP_MS: i64 = 10 * 60_000;
 
+/// The chart's columns: the bins summed into columns of one width from `BIN_WIDTHS` (about
+/// `CHART_POINTS` across the time anything happened), idle columns inside a run as zeros,
+/// idle stretches longer than `GAP_MS` as breaks.
 fn time_columns(t: &Tally) -> Vec<Col> {
-    let mut cols = Vec::new();
-    let w = t.bin_ms;
-    // Fill idle bins inside a run with zeros; cut at long gaps.
-    let mut segments: Vec<Vec<(i64, TimeBin)>> = Vec::new();
+    let gap = |w: i64| GAP_MS.max(w);
+    // The time anything happened: the bins' span without the long pauses.
+    let mut active = 0;
     let mut prev: Option<i64> = None;
-    for (&k, &b) in &t.bins {
-        match prev {
-            Some(p) if k - p > GAP_MS.max(w) => segments.push(vec![(k, b)]),
-            Some(p) => {
-                let seg = segments.last_mut().expect("a segment is open");
-                let mut z = p + w;
-                while z < k {
-                    seg.push((z, TimeBin::default()));
-                    z += w;
-                }
-                seg.push((k, b));
-            }
-            None => segments.push(vec![(k, b)]),
-        }
+    for &k in t.bins.keys() {
+        active += match prev {
+            Some(p) if k - p <= gap(t.bin_ms) => k - p,
+            _ => t.bin_ms,
+        };
         prev = Some(k);
     }
-    let total: usize = segments.iter().map(Vec::len).sum();
-    // Several bins to a column when there are more than the chart has room for.
-    let per = total.div_ceil(CHART_POINTS).max(1);
-    for (i, seg) in segments.iter().enumerate() {
-        if i > 0 {
-            let from = segments[i - 1].last().expect("segments are not empty").0 + w;
-            cols.push(Col::Break {
-                from_ms: from,
-                to_ms: seg[0].0,
-            });
+    let mut w = t.bin_ms;
+    while active / w > CHART_POINTS as i64 {
+        w = wider(w);
+    }
+    let mut sums: BTreeMap<i64, TimeBin> = BTreeMap::new();
+    for (&k, v) in &t.bins {
+        let c = sums.entry(k.div_euclid(w) * w).or_default();
+        c.requests += v.requests;
+        c.rows += v.rows;
+        c.cost += v.cost;
+    }
+    let data = |start_ms: i64, b: TimeBin| Col::Data {
+        start_ms,
+        minutes: w as f64 / 60_000.0,
+        requests: b.requests,
+        rows: b.rows,
+        cost: b.cost,
+    };
+    let mut cols = Vec::new();
+    let mut prev: Option<i64> = None;
+    for (&k, &b) in &sums {
+        if let Some(p) = prev {
+            if k - p > gap(w) {
+                cols.push(Col::Break {
+                    from_ms: p + w,
+                    to_ms: k,
+                });
+            } else {
+                let mut z = p + w;
+                while z < k {
+                    cols.push(data(z, TimeBin::default()));
+                    z += w;
+                }
+            }
         }
-        for chunk in seg.chunks(per) {
-            cols.push(Col::Data {
-                start_ms: chunk[0].0,
-                minutes: (chunk.len() as i64 * w) as f64 / 60_000.0,
-                requests: chunk.iter().map(|c| c.1.requests).sum(),
-                rows: chunk.iter().map(|c| c.1.rows).sum(),
-                cost: chunk.iter().map(|c| c.1.cost).sum(),
-            });
-        }
+        cols.push(data(k, b));
+        prev = Some(k);
     }
     cols
 }
 
-fn cols_bin_minutes(cols: &[Col]) -> f64 {
+/// The width of the columns, in minutes.
+fn cols_minutes(cols: &[Col]) -> f64 {
     cols.iter()
         .find_map(|c| match c {
             Col::Data { minutes, .. } => Some(*minutes),
@@ -1332,22 +1375,31 @@ enum Series {
     RequestsPerMinute,
 }
 
-fn hhmm(ms: i64) -> String {
-    format_timestamp(ms)[11..16].to_string()
+/// The time of day, to the second when the columns are shorter than a minute.
+fn clock(ms: i64, col_minutes: f64) -> String {
+    let t = format_timestamp(ms);
+    if col_minutes < 1.0 {
+        t[11..19].to_string()
+    } else {
+        t[11..16].to_string()
+    }
 }
 
 fn day(ms: i64) -> String {
     format_timestamp(ms)[..10].to_string()
 }
 
+/// A length of time, in its largest whole unit: "10 s", "2 min", "6 h", "3 d".
 fn gap_text(ms: i64) -> String {
-    let m = ms / 60_000;
-    if m >= 2 * 1440 {
-        format!("{} d", m / 1440)
-    } else if m >= 120 {
-        format!("{} h", m / 60)
+    let s = ms / 1000;
+    if s >= 2 * 86_400 || (s >= 86_400 && s % 86_400 == 0) {
+        format!("{} d", s / 86_400)
+    } else if s >= 2 * 3600 || (s >= 3600 && s % 3600 == 0) {
+        format!("{} h", s / 3600)
+    } else if s >= 120 || (s >= 60 && s % 60 == 0) {
+        format!("{} min", s / 60)
     } else {
-        format!("{m} min")
+        format!("{s} s")
     }
 }
 
@@ -1389,7 +1441,7 @@ fn timeseries_svg(cols: &[Col], series: Series) -> String {
         },
     );
     let fmt: &dyn Fn(f64) -> String = match series {
-        Series::CumulativeCost => &|v| if v == 0.0 { "$0".into() } else { usd(v) },
+        Series::CumulativeCost => &usd_tick,
         Series::RequestsPerMinute => &short,
     };
     let top = y_axis(&mut o, if max > 0.0 { max } else { 1.0 }, fmt);
@@ -1414,14 +1466,10 @@ fn timeseries_svg(cols: &[Col], series: Series) -> String {
                 vi += 1;
                 days.insert(day(*start_ms));
                 if i == 0 || matches!(cols[i - 1], Col::Break { .. }) {
-                    labels.push((x, hhmm(*start_ms)));
+                    labels.push((x, clock(*start_ms, *minutes)));
                 }
                 let end = start_ms + (minutes * 60_000.0) as i64;
-                let when = if *minutes > 1.0 {
-                    format!("{}–{}", hhmm(*start_ms), hhmm(end))
-                } else {
-                    hhmm(*start_ms)
-                };
+                let when = format!("{}–{}", clock(*start_ms, *minutes), clock(end, *minutes));
                 match series {
                     Series::RequestsPerMinute => {
                         let y = y_of(v);
@@ -1481,7 +1529,7 @@ fn timeseries_svg(cols: &[Col], series: Series) -> String {
     }) = cols.last()
     {
         let end = start_ms + (minutes * 60_000.0) as i64;
-        labels.push((W - RIGHT, hhmm(end)));
+        labels.push((W - RIGHT, clock(end, *minutes)));
     }
     // Labels closer than ~40 px to the one before are dropped.
     let mut last_x = f64::NEG_INFINITY;
@@ -1522,13 +1570,7 @@ fn cost_by_record_svg(points: &[(u64, f64)]) -> String {
     let max = points.iter().map(|p| p.1).fold(0.0, f64::max);
     let mut o = String::with_capacity(16 * 1024);
     svg_open(&mut o, "cumulative cost by record");
-    let top = y_axis(&mut o, if max > 0.0 { max } else { 1.0 }, &|v| {
-        if v == 0.0 {
-            "$0".into()
-        } else {
-            usd(v)
-        }
-    });
+    let top = y_axis(&mut o, if max > 0.0 { max } else { 1.0 }, &usd_tick);
     let plot_w = W - LEFT - RIGHT;
     let base = H - BOTTOM;
     let mut pts = format!("{LEFT:.1},{base:.1} ");
@@ -1593,14 +1635,14 @@ h2{font-size:15px;margin:0 0 8px}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:12px;margin:12px 0 20px}
 .card{background:var(--card);border-radius:8px;padding:12px 14px}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:3px 12px;margin:0}dt{color:var(--muted)}dd{margin:0;font-variant-numeric:tabular-nums}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:16px;margin-bottom:24px}
+.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:16px;margin-bottom:24px}
 figure{margin:0;background:var(--card);border-radius:8px;padding:10px 12px}
 figcaption{margin-bottom:6px}
 svg{width:100%;height:auto;display:block}
 svg .bar{fill:var(--bar)}svg .bar.tail{fill:var(--tail)}svg .bar.err{fill:var(--err)}
 svg .grid{stroke:var(--line);stroke-width:1}svg .gap{stroke:var(--muted);stroke-dasharray:3 3}
 svg .line{fill:none;stroke:var(--bar);stroke-width:2}svg .hit{fill:transparent}svg .hit:hover{fill:var(--line);opacity:.4}
-svg text{fill:var(--muted);font-size:11px}svg .empty{font-size:14px}
+svg text{fill:var(--muted);font-size:12px}svg .empty{font-size:14px}
 .controls{display:flex;gap:16px;align-items:center;flex-wrap:wrap;margin:8px 0}
 select,input{font:inherit;padding:3px 6px}
 table{border-collapse:collapse;width:100%}
@@ -1694,6 +1736,9 @@ mod tests {
         assert_eq!(usd(0.0), "$0");
         assert_eq!(usd(0.000116), "$0.000116");
         assert_eq!(usd(12.5), "$12.5000");
+        assert_eq!(usd_tick(0.0), "$0");
+        assert_eq!(usd_tick(0.0003), "$0.0003");
+        assert_eq!(usd_tick(2.5), "$2.50");
         assert_eq!(nice_step(7.0), 10.0);
         assert_eq!(nice_step(0.3), 0.5);
         assert_eq!(nice_step(150.0), 200.0);
@@ -1740,6 +1785,8 @@ mod tests {
     fn time_bins_fill_short_pauses_and_break_at_long_ones() {
         let mut t = Tally::default();
         let at = |min: i64| format_timestamp(1_763_200_000_000 / 60_000 * 60_000 + min * 60_000);
+        // Minute-wide bins, as a long run's would be.
+        t.bin_ms = 60_000;
         let lines: Vec<String> = [0, 0, 1, 4, 300, 301]
             .iter()
             .map(|&m| {
@@ -1780,7 +1827,7 @@ mod tests {
             t.add(&line(&l));
         }
         assert!(t.bins.len() <= MAX_TIME_BINS);
-        assert!(t.bin_ms > 60_000);
+        assert!(t.bin_ms > 60_000, "{}", t.bin_ms);
         assert_eq!(t.bins.values().map(|b| b.rows).sum::<u64>(), t.records);
         assert!(time_columns(&t).len() <= 2 * CHART_POINTS + 1);
     }
