@@ -79,7 +79,7 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             println!("{}", p.display());
             Ok(EXIT_OK)
         }
-        Command::Report { output, out, rows } => report(&output, out, rows),
+        Command::Report { output, out, rows } => report(&output, out, rows, quiet),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -93,14 +93,25 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
     }
 }
 
-fn report(output: &Path, out: Option<std::path::PathBuf>, rows: usize) -> Result<i32, Error> {
+/// `promptmill report`: the path on stdout, what went in on stderr.
+fn report(
+    output: &Path,
+    out: Option<std::path::PathBuf>,
+    rows: usize,
+    quiet: bool,
+) -> Result<i32, Error> {
     let target = out.unwrap_or_else(|| crate::job::report_path(output));
     let opts = crate::report_html::Options {
         rows,
         summary: None,
     };
     let w = crate::report_html::write(output, &target, &opts)?;
-    eprintln!("{} records, {} in the table", w.records, w.table_rows);
+    if !quiet {
+        eprintln!(
+            "{} records, {} of them in the table",
+            w.records, w.table_rows
+        );
+    }
     println!("{}", target.display());
     Ok(EXIT_OK)
 }

@@ -649,13 +649,22 @@ impl Page<'_> {
             (
                 "failed",
                 if t.failed > 0 {
-                    format!(
-                        "{} <small>({} transient, sent again by a plain rerun; {} unreadable input; {} API verdicts)</small>",
-                        group(t.failed),
-                        group(t.failed_transient),
-                        group(t.failed_input),
-                        group(t.failed - t.failed_transient - t.failed_input)
-                    )
+                    let parts: Vec<String> = [
+                        (
+                            t.failed_transient,
+                            "transient: a plain rerun sends them again",
+                        ),
+                        (
+                            t.failed - t.failed_transient - t.failed_input,
+                            "API verdicts",
+                        ),
+                        (t.failed_input, "unreadable input"),
+                    ]
+                    .iter()
+                    .filter(|(n, _)| *n > 0)
+                    .map(|(n, what)| format!("{} {what}", group(*n)))
+                    .collect();
+                    format!("{} <small>({})</small>", group(t.failed), parts.join("; "))
                 } else {
                     "0".into()
                 },
@@ -799,10 +808,7 @@ impl Page<'_> {
                                 .unwrap_or_else(|| "-".into()),
                         ),
                         ("retries", group(t.retries)),
-                        (
-                            "429s",
-                            "unknown <small>(counted in the summary only)</small>".into(),
-                        ),
+                        ("429s", "unknown <small>(not in records)</small>".into()),
                         ("why it stopped", "unknown".into()),
                     ],
                 );
@@ -1682,8 +1688,9 @@ const JS: &str = r##"
       r.hidden = !visible;
       if (visible) { n += 1; }
     });
-    shown.textContent = n + " of " + rows.length + " table rows shown" +
-      (data.table_rows < data.records ? " (" + data.records + " records in the output)" : "");
+    shown.textContent = n.toLocaleString("en") + " of " + rows.length.toLocaleString("en") +
+      " table rows shown" + (data.table_rows < data.records ?
+        " (" + data.records.toLocaleString("en") + " records in the output)" : "");
   }
   status.addEventListener("change", apply);
   query.addEventListener("input", apply);
