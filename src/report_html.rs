@@ -348,7 +348,7 @@ impl Tally {
             }
             None => self.untimed += 1,
         }
-        if self.records % self.cost_every == 0 {
+        if self.records.is_multiple_of(self.cost_every) {
             self.cost_by_record.push((self.records, self.cost));
             if self.cost_by_record.len() >= 2 * CHART_POINTS {
                 // Keep every other point: the series stays under a fixed size at any length.
@@ -622,9 +622,9 @@ impl Page<'_> {
         escape_into(&mut o, &name);
         o.push_str(" <small>promptmill report</small></h1><p class=\"meta\">");
         escape_into(&mut o, &self.output.display().to_string());
-        let _ = write!(
+        let _ = writeln!(
             o,
-            " · {} records · made {} UTC</p></header>\n",
+            " · {} records · made {} UTC</p></header>",
             group(t.records),
             &format_timestamp(now_ms())[..16].replace('T', " ")
         );
@@ -983,9 +983,9 @@ fn card(o: &mut String, title: &str, sub: &str, rows: &[(&str, String)]) {
 }
 
 fn figure(o: &mut String, title: &str, caption: &str, svg: &str) {
-    let _ = write!(
+    let _ = writeln!(
         o,
-        "<figure><figcaption><b>{title}</b> <small>{caption}</small></figcaption>{svg}</figure>\n"
+        "<figure><figcaption><b>{title}</b> <small>{caption}</small></figcaption>{svg}</figure>"
     );
 }
 
@@ -994,7 +994,7 @@ fn group(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
