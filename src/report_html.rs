@@ -43,8 +43,13 @@ pub struct Written {
 /// Writes the report of the output `output` to `target` (through a temporary file, renamed
 /// into place, so a reader never sees half a report).
 pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Error> {
-    if let Err(e) = std::fs::metadata(output) {
-        return Err(io_err(output, e));
+    let source = std::fs::canonicalize(output).map_err(|e| io_err(output, e))?;
+    // `-o` naming the output itself would replace paid-for records with HTML.
+    if std::fs::canonicalize(target).is_ok_and(|t| t == source) {
+        return Err(Error::Other(format!(
+            "{}: the report would overwrite the output itself; choose another file",
+            target.display()
+        )));
     }
     let summary = match &opts.summary {
         Some(s) => Some(s.clone()),

@@ -200,6 +200,18 @@ fn the_report_command_caps_the_table_and_keeps_every_failed_row() {
     assert!(html.contains("no summary file: from the records"));
     assert!(html.contains("8 rows that sent a request"));
 
+    // The report is never written over the output.
+    let before = std::fs::read(f.path("out/result.jsonl")).unwrap();
+    let r = f.run(&[
+        "report",
+        "out/result.jsonl",
+        "-o",
+        "out/../out/result.jsonl",
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("overwrite the output"), "{}", r.stderr);
+    assert_eq!(std::fs::read(f.path("out/result.jsonl")).unwrap(), before);
+
     // An output that is not there is an error, with its path.
     let r = f.run(&["report", "out/nothing.jsonl"]);
     assert_eq!(r.code, 2);
