@@ -89,8 +89,8 @@ def measure(cmd, cwd, env, log_path, timeout=None):
 
 
 class FakeServer:
-    def __init__(self, binary, latency_ms=0, rpm=None, tpm=None, window_s=10.0):
-        cmd = [binary, "--port", "0", "--latency-ms", str(latency_ms), "--no-record"]
+    def __init__(self, binary, latency_ms=0, rpm=None, tpm=None, window_s=10.0, extra=()):
+        cmd = [binary, "--port", "0", "--latency-ms", str(latency_ms), "--no-record", *extra]
         if rpm:
             cmd += ["--rpm", str(rpm)]
         if tpm:
@@ -108,6 +108,11 @@ class FakeServer:
     def stats(self):
         with urllib.request.urlopen(self.root + "/stats", timeout=10) as r:
             return json.load(r)
+
+    def admin(self, path):
+        req = urllib.request.Request(self.root + path, data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.read()
 
     def stop(self):
         """SIGTERM; returns the final stats and the server's own CPU seconds."""
@@ -483,6 +488,50 @@ class Bench:
                 if not a.keep_outputs:
                     clean_output(out_B)
 
+    def s8_batch(self):
+        a = self.a
+        rows = a.batch_rows
+        self.say(f"\n## 8. Batch API: {rows} rows prepared and submitted, then collected")
+        inp = os.path.join(self.work, f"scale_{rows}.csv")
+        write_csv(inp, rows, (lambda rng: (lambda i: f"row {i}: {prose(rng, 12)}"))(random.Random(5)))
+        with FakeServer(self.fake) as s:
+            self.say(f"  server: {cmdline(s.cmd)}")
+            job, out = write_job(self.work, f"batch_{rows}", inp, s.base_url,
+                                 "Summarise in five words: {{ text }}", 16, 64)
+            with open(job) as f:
+                text = f.read()
+            with open(job, "w") as f:
+                f.write(text.replace("[run]\n", "[run]\nmode = \"batch\"\n"))
+            shutil.rmtree(out + ".batches.d", ignore_errors=True)
+            clean_output(out)
+            m1 = self.pm_run(job, "batch_submit")
+            st = s.stats()
+            self.say(f"  submit: {m1.wall:.1f}s wall, CPU {m1.cpu:.1f}s, peak RSS {m1.rss_mb:.1f} MB; "
+                     f"server: {st.get('files_uploaded')} files, {st.get('batches_created')} batches")
+            t0 = time.monotonic()
+            for _ in range(4):  # validating → in_progress → finalizing → completed
+                s.admin("/_fake/batches/advance")
+            self.say(f"  (the fake server ran the batches in {time.monotonic() - t0:.1f}s)")
+            cmd = [self.pm, "--quiet", "batch", "collect", job]
+            m2 = measure(cmd, self.work, self.env, self.log("batch_collect"))
+            self.say(f"  $ {cmdline(cmd)}")
+            recs = 0
+            if os.path.exists(out):
+                with open(out, "rb") as f:
+                    recs = sum(1 for _ in f)
+            self.say(f"  collect: {m2.wall:.1f}s wall, CPU {m2.cpu:.1f}s, peak RSS {m2.rss_mb:.1f} MB; "
+                     f"{recs} records")
+        ok = m1.code == 0 and m2.code == 0 and recs == rows
+        self.record(f"8 batch: submit {rows} rows",
+                    f"{m1.wall:.1f}s, peak RSS {m1.rss_mb:.1f} MB", "< 60 s, < 100 MB",
+                    ok and m1.wall < 60 and m1.rss_mb < 100)
+        self.record(f"8 batch: collect {rows} results",
+                    f"{m2.wall:.1f}s, peak RSS {m2.rss_mb:.1f} MB", "< 60 s, < 100 MB",
+                    ok and m2.wall < 60 and m2.rss_mb < 100)
+        if not a.keep_outputs:
+            shutil.rmtree(out + ".batches.d", ignore_errors=True)
+            clean_output(out)
+
     # -- the table ------------------------------------------------------------------------
 
     def table(self):
@@ -516,7 +565,8 @@ def token_text(rng, i):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="1,2,3,4,5,6,7", help="scenarios to run (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8", help="scenarios to run (default: all)")
+    ap.add_argument("--batch-rows", type=int, default=1_000_000, help="scenario 8's rows")
     ap.add_argument("--overhead-rows", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3,
                     help="scenario 1: rounds of load generator + promptmill (medians reported)")
@@ -563,6 +613,8 @@ def main():
         b.s4_tokens()
     if a.only & {"5", "6", "7"}:
         b.s5_to_s7()
+    if "8" in a.only:
+        b.s8_batch()
     took = time.monotonic() - t0
     table = b.table()
     cmd = cmdline(["python3", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])

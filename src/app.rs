@@ -4,9 +4,9 @@
 use std::io::IsTerminal;
 use std::path::Path;
 
-use crate::cli::{Cli, Command, JobArgs, LogFormat, RunArgs};
+use crate::cli::{BatchAction, Cli, Command, JobArgs, LogFormat, RunArgs};
 use crate::error::{Error, EXIT_OK, EXIT_STOPPED};
-use crate::job::{Job, Overrides, ProviderKind, ASSUMED_MAX_OUTPUT};
+use crate::job::{Job, Mode, Overrides, ProviderKind, ASSUMED_MAX_OUTPUT};
 use crate::ledger::Index;
 use crate::plan::{Decision, Planner};
 use crate::provider::{self, is_loopback};
@@ -74,6 +74,7 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
         Command::Estimate(args) => estimate(&args, &job_overrides(&args)),
         Command::Render { job, row } => render(&job, row),
         Command::Validate { job, input } => validate(&job, input),
+        Command::Batch { action } => batch(action, quiet, json_logs),
         Command::FetchModel => {
             let p = crate::models::fetch_default_model(quiet)?;
             println!("{}", p.display());
@@ -158,6 +159,7 @@ fn overrides(a: &RunArgs) -> Overrides {
         rpm: a.rpm,
         tpm: a.tpm,
         max_cost_usd: a.max_cost,
+        mode: a.mode,
         ..job_overrides(&a.job)
     }
 }
@@ -170,53 +172,165 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 }
 
 fn run(args: RunArgs, quiet: bool, json_logs: bool) -> Result<i32, Error> {
-    let job = Job::load(&args.job.job, &overrides(&args))?;
-    let renderer = Renderer::new(&job)?;
-    let backend = provider::build(&job, true)?;
     let opts = RunOptions {
         limit: args.job.limit,
         fresh: args.fresh,
         retry_failed: args.retry_failed,
         quiet,
+        collect_only: false,
     };
-    let output = job.output.clone();
-    let csv = job.csv.clone();
-    let summary_path = job.summary_path();
-    let report = RunReport {
-        on: job.report,
-        output: job.output.clone(),
-        path: job.report_path(),
-        rows: job.report_rows,
-    };
-    let grace = job.shutdown_grace;
+    passes(&args.job.job, &overrides(&args), opts, args.wait, json_logs)
+}
+
+fn batch(action: BatchAction, quiet: bool, json_logs: bool) -> Result<i32, Error> {
+    match action {
+        BatchAction::Status(a) => {
+            let job = Job::load(&a.job, &job_overrides(&a))?;
+            for line in runtime()?.block_on(crate::batch::status(&job))? {
+                println!("{line}");
+            }
+            Ok(EXIT_OK)
+        }
+        BatchAction::Cancel(a) => {
+            let job = Job::load(&a.job, &job_overrides(&a))?;
+            for line in runtime()?.block_on(crate::batch::cancel(&job))? {
+                println!("{line}");
+            }
+            eprintln!(
+                "what the batches finished is kept: `promptmill batch collect {}` writes it",
+                a.job.display()
+            );
+            Ok(EXIT_OK)
+        }
+        BatchAction::Collect { job, wait } => {
+            let opts = RunOptions {
+                limit: job.limit,
+                fresh: false,
+                retry_failed: false,
+                quiet,
+                collect_only: true,
+            };
+            passes(&job.job, &job_overrides(&job), opts, wait, json_logs)
+        }
+    }
+}
+
+/// Runs the job once, or, with `wait`, again each time a batch it waits for ends, until no
+/// batch is running.
+fn passes(
+    file: &Path,
+    ov: &Overrides,
+    mut opts: RunOptions,
+    wait: bool,
+    json_logs: bool,
+) -> Result<i32, Error> {
     let rt = runtime()?;
-    let (summary, code) = rt.block_on(async move {
-        let signals = Signals::default();
-        listen_for_signals(&signals, grace)?;
-        schedule::run(job, opts, backend, renderer, signals).await
-    })?;
-    rt.shutdown_background();
-    let csv = csv.map(|c| c.display().to_string());
+    let signals = Signals::default();
+    let mut listening = false;
+    loop {
+        let job = Job::load(file, ov)?;
+        if !listening {
+            let (s, grace) = (signals.clone(), job.shutdown_grace);
+            rt.block_on(async move { listen_for_signals(&s, grace) })?;
+            listening = true;
+        }
+        let renderer = Renderer::new(&job)?;
+        let backend = provider::build(&job, true)?;
+        let output = job.output.clone();
+        let csv = job.csv.clone();
+        let summary_path = job.summary_path();
+        let report = RunReport {
+            on: job.report,
+            output: job.output.clone(),
+            path: job.report_path(),
+            rows: job.report_rows,
+        };
+        let quiet = opts.quiet;
+        let pass_opts = RunOptions {
+            fresh: std::mem::take(&mut opts.fresh),
+            ..opts
+        };
+        let for_wait = Job::load(file, ov)?;
+        let (summary, code) = rt.block_on(schedule::run(
+            job,
+            pass_opts,
+            backend,
+            renderer,
+            signals.clone(),
+        ))?;
+        print_summary(
+            &summary,
+            code,
+            quiet,
+            json_logs,
+            &output,
+            csv.as_deref(),
+            &summary_path,
+            &report,
+        );
+        let running = summary
+            .batch
+            .is_some_and(|b| b.batches_submitted + b.batches_running > 0);
+        let go_on = running && code < EXIT_STOPPED;
+        if !(go_on && wait) {
+            if go_on {
+                eprintln!(
+                    "batches are running: `promptmill batch status {f}` shows them, \
+                     `promptmill batch collect {f}` (or this command again) collects what has \
+                     ended; `--wait` waits for them",
+                    f = file.display()
+                );
+            }
+            rt.shutdown_background();
+            return Ok(code);
+        }
+        let ended = rt.block_on(crate::batch::wait_any(&for_wait, &signals, quiet))?;
+        if !ended {
+            rt.shutdown_background();
+            let i = signals
+                .interrupted()
+                .map_or(EXIT_STOPPED, |i| i.exit_code());
+            eprintln!(
+                "stopped waiting; the batches go on on the server: `promptmill batch collect {}` \
+                 collects them",
+                file.display()
+            );
+            return Ok(i);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_summary(
+    summary: &crate::report::Summary,
+    code: i32,
+    quiet: bool,
+    json_logs: bool,
+    output: &Path,
+    csv: Option<&Path>,
+    summary_path: &Path,
+    report: &RunReport,
+) {
     if json_logs {
         // Log collectors get the summary as one structured event, not a table.
-        let fields = serde_json::to_string(&summary).unwrap_or_default();
-        let report = run_report(&report, &summary).map(|p| p.display().to_string());
+        let fields = serde_json::to_string(summary).unwrap_or_default();
+        let csv = csv.map(|c| c.display().to_string());
+        let report = run_report(report, summary).map(|p| p.display().to_string());
         tracing::info!(summary = %fields, output = %output.display(), csv = ?csv, report = ?report, "run finished");
-        return Ok(code);
+        return;
     }
     if !quiet || code != EXIT_OK {
         eprint!("{}", summary.table());
     }
-    let report = run_report(&report, &summary);
+    let report = run_report(report, summary);
     eprintln!("output: {}", output.display());
     if let Some(c) = csv {
-        eprintln!("csv: {c}");
+        eprintln!("csv: {}", c.display());
     }
     eprintln!("summary: {}", summary_path.display());
     if let Some(r) = report {
         eprintln!("report: {}", r.display());
     }
-    Ok(code)
 }
 
 /// Ctrl-C and SIGTERM (systemd, docker stop, Kubernetes, `timeout`) stop the run the same
@@ -268,6 +382,12 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let max_out = job.params.max_output_tokens();
     let (mut rows, mut bad, mut done, mut copies, mut prompt, mut prompt_todo, mut to_send) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    // Batch mode: the files the run would write, split by the same rule.
+    let batched = job.mode == Mode::Batch;
+    let mut splitter = crate::batch::Splitter::new(job.batch.clone());
+    let mut too_big = 0u64;
+    let mut line = Vec::new();
+    let stream = job.params.stream.unwrap_or(false);
     for r in job.source().reader()? {
         if args.limit.is_some_and(|l| rows >= l) {
             break;
@@ -287,6 +407,25 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
             Decision::Send => {
                 to_send += 1;
                 prompt_todo += n;
+                if batched {
+                    let idh = keying.id_hash(&p.row.id);
+                    crate::batch::write_line(
+                        &mut line,
+                        "/v1/chat/completions",
+                        None,
+                        p.row.number,
+                        &p.fingerprint,
+                        idh,
+                        &p.request.body,
+                        stream,
+                    );
+                    let len = line.len() as u64;
+                    if splitter.check(len).is_err() {
+                        too_big += 1;
+                    } else {
+                        splitter.add(len);
+                    }
+                }
             }
             Decision::Copy => copies += 1,
             Decision::Done | Decision::DoneFailed | Decision::WriteError => done += 1,
@@ -306,7 +445,15 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let expected = price
         .map(|p| (prompt_todo as f64 * p.input + expected_out * to_send as f64 * p.output) / 1e6);
     println!("job               {}", job.file.display());
-    println!("model             {}", job.model);
+    println!(
+        "model             {}{}",
+        job.model,
+        if batched {
+            " (Batch API: batch prices)"
+        } else {
+            ""
+        }
+    );
     println!("rows              {rows} ({bad} unreadable or unrenderable)");
     println!("already done      {done}");
     println!("same request      {copies} (copied from another row, not sent)");
@@ -329,6 +476,20 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
         "expected cost     {} ({expected_out:.0} output tokens per row, {basis})",
         usd(expected)
     );
+    if batched {
+        println!(
+            "batch files       {} (at most {} requests and {} bytes each; one batch per file)",
+            splitter.files.len(),
+            job.batch.max_requests_per_file,
+            job.batch.max_bytes_per_file
+        );
+        for (i, (n, b)) in splitter.files.iter().enumerate() {
+            println!("  file {:<4}       {n} requests, {b} bytes", i + 1);
+        }
+        if too_big > 0 {
+            println!("too large         {too_big} requests are over the file size limit alone");
+        }
+    }
     Ok(EXIT_OK)
 }
 

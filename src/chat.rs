@@ -75,6 +75,8 @@ pub struct Params {
     /// `stream_options.include_usage`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_tier: Option<crate::job::ServiceTier>,
     /// Any other request field, passed through verbatim (flattened into the body by the
     /// HTTP provider, so it is not serialized here).
     #[serde(skip)]

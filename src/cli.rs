@@ -53,6 +53,11 @@ pub enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// The Batch API: check on, collect, or cancel the job's batches.
+    Batch {
+        #[command(subcommand)]
+        action: BatchAction,
+    },
     /// Download the default local model (Gemma 3 270M, Q4_K_M) into the cache, once.
     FetchModel,
     /// Make the HTML report of an output file (each run writes OUTPUT.report.html itself).
@@ -71,6 +76,22 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchAction {
+    /// Each batch: status, request counts, age, time left. Sends no requests.
+    Status(JobArgs),
+    /// Download finished batches' results into the output, CSV and summary. Submits nothing.
+    Collect {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Wait for every running batch to end, then collect it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel every running batch; what they finished is kept and collected later.
+    Cancel(JobArgs),
 }
 
 #[derive(Debug, Args)]
@@ -113,4 +134,10 @@ pub struct RunArgs {
     /// Estimate only: render and count, send nothing (same as `estimate`).
     #[arg(long)]
     pub dry_run: bool,
+    /// `online` (default) or `batch`: the provider's Batch API, at batch prices.
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::job::Mode>,
+    /// Batch mode: after submitting, wait for the batches and collect them.
+    #[arg(long)]
+    pub wait: bool,
 }

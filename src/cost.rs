@@ -2,42 +2,183 @@
 //! map to their family; the job's `[pricing]` overrides. Pure, so it is unit-tested.
 
 use crate::job::Pricing;
+
 use crate::provider::Usage;
 
 /// The date the built-in prices were copied from OpenAI's pricing page.
 pub const PRICES_AS_OF: &str = "2025-11-15";
 
-/// (family, input, cached input, output), USD per 1M tokens. `None` cached: no cache discount.
-const TABLE: &[(&str, f64, Option<f64>, f64)] = &[
-    ("gpt-3.5-turbo", 0.50, None, 1.50),
-    ("gpt-3.5-turbo-16k", 3.00, None, 4.00),
-    ("gpt-4", 30.00, None, 60.00),
-    ("gpt-4-32k", 60.00, None, 120.00),
-    ("gpt-4-turbo", 10.00, None, 30.00),
-    ("gpt-4o", 2.50, Some(1.25), 10.00),
+/// Rates in USD per 1M tokens: (family, online, batch, flex offered). `batch` is the Batch API
+/// price (half the online price for every model OpenAI offers in batch; `None` where it does
+/// not); the flex tier bills at the batch rates for the models that offer it.
+const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
+    (
+        "gpt-3.5-turbo",
+        r(0.50, None, 1.50),
+        Some(r(0.25, None, 0.75)),
+        false,
+    ),
+    ("gpt-3.5-turbo-16k", r(3.00, None, 4.00), None, false),
+    (
+        "gpt-4",
+        r(30.00, None, 60.00),
+        Some(r(15.0, None, 30.0)),
+        false,
+    ),
+    ("gpt-4-32k", r(60.00, None, 120.00), None, false),
+    (
+        "gpt-4-turbo",
+        r(10.00, None, 30.00),
+        Some(r(5.0, None, 15.0)),
+        false,
+    ),
+    (
+        "gpt-4o",
+        r(2.50, Some(1.25), 10.00),
+        Some(r(1.25, Some(0.625), 5.0)),
+        false,
+    ),
     // The first gpt-4o snapshot kept its launch price.
-    ("gpt-4o-2024-05-13", 5.00, None, 15.00),
-    ("chatgpt-4o-latest", 5.00, None, 15.00),
-    ("gpt-4o-mini", 0.15, Some(0.075), 0.60),
-    ("gpt-4.1", 2.00, Some(0.50), 8.00),
-    ("gpt-4.1-mini", 0.40, Some(0.10), 1.60),
-    ("gpt-4.1-nano", 0.10, Some(0.025), 0.40),
-    ("gpt-4.5-preview", 75.00, Some(37.50), 150.00),
-    ("o1", 15.00, Some(7.50), 60.00),
-    ("o1-mini", 1.10, Some(0.55), 4.40),
-    ("o1-pro", 150.00, None, 600.00),
-    ("o3", 2.00, Some(0.50), 8.00),
-    ("o3-mini", 1.10, Some(0.55), 4.40),
-    ("o3-pro", 20.00, None, 80.00),
-    ("o4-mini", 1.10, Some(0.275), 4.40),
-    ("gpt-5", 1.25, Some(0.125), 10.00),
-    ("gpt-5-mini", 0.25, Some(0.025), 2.00),
-    ("gpt-5-nano", 0.05, Some(0.005), 0.40),
-    ("gpt-5-chat-latest", 1.25, Some(0.125), 10.00),
-    ("gpt-5-pro", 15.00, None, 120.00),
-    ("gpt-5.1", 1.25, Some(0.125), 10.00),
-    ("gpt-5.1-chat-latest", 1.25, Some(0.125), 10.00),
+    (
+        "gpt-4o-2024-05-13",
+        r(5.00, None, 15.00),
+        Some(r(2.5, None, 7.5)),
+        false,
+    ),
+    ("chatgpt-4o-latest", r(5.00, None, 15.00), None, false),
+    (
+        "gpt-4o-mini",
+        r(0.15, Some(0.075), 0.60),
+        Some(r(0.075, Some(0.0375), 0.3)),
+        false,
+    ),
+    (
+        "gpt-4.1",
+        r(2.00, Some(0.50), 8.00),
+        Some(r(1.0, Some(0.25), 4.0)),
+        false,
+    ),
+    (
+        "gpt-4.1-mini",
+        r(0.40, Some(0.10), 1.60),
+        Some(r(0.2, Some(0.05), 0.8)),
+        false,
+    ),
+    (
+        "gpt-4.1-nano",
+        r(0.10, Some(0.025), 0.40),
+        Some(r(0.05, Some(0.0125), 0.2)),
+        false,
+    ),
+    (
+        "gpt-4.5-preview",
+        r(75.00, Some(37.50), 150.00),
+        Some(r(37.5, Some(18.75), 75.0)),
+        false,
+    ),
+    (
+        "o1",
+        r(15.00, Some(7.50), 60.00),
+        Some(r(7.5, Some(3.75), 30.0)),
+        false,
+    ),
+    (
+        "o1-mini",
+        r(1.10, Some(0.55), 4.40),
+        Some(r(0.55, Some(0.275), 2.2)),
+        false,
+    ),
+    (
+        "o1-pro",
+        r(150.00, None, 600.00),
+        Some(r(75.0, None, 300.0)),
+        false,
+    ),
+    (
+        "o3",
+        r(2.00, Some(0.50), 8.00),
+        Some(r(1.0, Some(0.25), 4.0)),
+        true,
+    ),
+    (
+        "o3-mini",
+        r(1.10, Some(0.55), 4.40),
+        Some(r(0.55, Some(0.275), 2.2)),
+        false,
+    ),
+    (
+        "o3-pro",
+        r(20.00, None, 80.00),
+        Some(r(10.0, None, 40.0)),
+        false,
+    ),
+    (
+        "o4-mini",
+        r(1.10, Some(0.275), 4.40),
+        Some(r(0.55, Some(0.1375), 2.2)),
+        true,
+    ),
+    (
+        "gpt-5",
+        r(1.25, Some(0.125), 10.00),
+        Some(r(0.625, Some(0.0625), 5.0)),
+        true,
+    ),
+    (
+        "gpt-5-mini",
+        r(0.25, Some(0.025), 2.00),
+        Some(r(0.125, Some(0.0125), 1.0)),
+        true,
+    ),
+    (
+        "gpt-5-nano",
+        r(0.05, Some(0.005), 0.40),
+        Some(r(0.025, Some(0.0025), 0.2)),
+        true,
+    ),
+    (
+        "gpt-5-chat-latest",
+        r(1.25, Some(0.125), 10.00),
+        None,
+        false,
+    ),
+    (
+        "gpt-5-pro",
+        r(15.00, None, 120.00),
+        Some(r(7.5, None, 60.0)),
+        false,
+    ),
+    (
+        "gpt-5.1",
+        r(1.25, Some(0.125), 10.00),
+        Some(r(0.625, Some(0.0625), 5.0)),
+        true,
+    ),
+    (
+        "gpt-5.1-chat-latest",
+        r(1.25, Some(0.125), 10.00),
+        None,
+        false,
+    ),
 ];
+
+/// (input, cached input, output); `None` cached: no cache discount.
+type Rates = (f64, Option<f64>, f64);
+
+const fn r(input: f64, cached: Option<f64>, output: f64) -> Rates {
+    (input, cached, output)
+}
+
+/// Which of a model's prices applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// Online requests at the standard tier.
+    Standard,
+    /// The Batch API.
+    Batch,
+    /// Online requests with `service_tier = "flex"`: batch rates, slower answers.
+    Flex,
+}
 
 /// Names that are not a family plus a date suffix.
 const ALIASES: &[(&str, &str)] = &[
@@ -53,16 +194,6 @@ pub struct Price {
     pub input: f64,
     pub cached_input: f64,
     pub output: f64,
-}
-
-impl From<Pricing> for Price {
-    fn from(p: Pricing) -> Price {
-        Price {
-            input: p.input,
-            cached_input: p.cached_input.unwrap_or(p.input),
-            output: p.output,
-        }
-    }
 }
 
 impl Price {
@@ -84,18 +215,28 @@ impl Price {
     }
 }
 
-/// The built-in price of a model, by exact name, alias, or family after its date suffix
+/// The built-in online price of a model, by exact name, alias, or family after its date suffix
 /// (`-2024-08-06` or `-0613`) is removed.
 pub fn lookup(model: &str) -> Option<Price> {
+    lookup_tier(model, Tier::Standard)
+}
+
+/// The built-in price of a model at a tier; `None` when the model is unknown or the tier is
+/// not offered for it.
+pub fn lookup_tier(model: &str, tier: Tier) -> Option<Price> {
     let find = |name: &str| {
-        TABLE
-            .iter()
-            .find(|(n, ..)| *n == name)
-            .map(|&(_, input, cached, output)| Price {
-                input,
-                cached_input: cached.unwrap_or(input),
-                output,
-            })
+        let &(_, online, batch, flex) = TABLE.iter().find(|(n, ..)| *n == name)?;
+        let (input, cached, output) = match tier {
+            Tier::Standard => online,
+            Tier::Batch => batch?,
+            Tier::Flex if flex => batch?,
+            Tier::Flex => return None,
+        };
+        Some(Price {
+            input,
+            cached_input: cached.unwrap_or(input),
+            output,
+        })
     };
     let model = model.trim().to_ascii_lowercase();
     let model = model.strip_prefix("openai/").unwrap_or(&model);
@@ -106,6 +247,32 @@ pub fn lookup(model: &str) -> Option<Price> {
         return find(to);
     }
     find(strip_date(model))
+}
+
+impl Pricing {
+    /// The job's own rates at a tier: batch and flex use the `batch_*` rates when given, else
+    /// the online ones (so a budget never counts on a discount it was not told of).
+    pub fn at(&self, tier: Tier) -> Price {
+        let online = Price {
+            input: self.input,
+            cached_input: self.cached_input.unwrap_or(self.input),
+            output: self.output,
+        };
+        match tier {
+            Tier::Standard => online,
+            Tier::Batch | Tier::Flex => {
+                let input = self.batch_input.unwrap_or(online.input);
+                Price {
+                    input,
+                    cached_input: self
+                        .batch_cached_input
+                        .or(self.batch_input.map(|_| input))
+                        .unwrap_or(online.cached_input),
+                    output: self.batch_output.unwrap_or(online.output),
+                }
+            }
+        }
+    }
 }
 
 fn strip_date(model: &str) -> &str {
@@ -182,13 +349,53 @@ mod tests {
     }
 
     #[test]
+    fn batch_rates_are_half_and_flex_only_where_offered() {
+        let b = lookup_tier("gpt-4o-mini-2024-07-18", Tier::Batch).unwrap();
+        assert_eq!((b.input, b.cached_input, b.output), (0.075, 0.0375, 0.30));
+        assert_eq!(lookup_tier("gpt-4o-mini", Tier::Flex), None);
+        let f = lookup_tier("gpt-5-mini", Tier::Flex).unwrap();
+        assert_eq!((f.input, f.cached_input, f.output), (0.125, 0.0125, 1.0));
+        assert_eq!(lookup_tier("chatgpt-4o-latest", Tier::Batch), None);
+        assert_eq!(
+            lookup_tier("o3", Tier::Flex),
+            lookup_tier("o3", Tier::Batch)
+        );
+        for (name, online, batch, _) in TABLE {
+            if let Some(b) = batch {
+                assert!((b.0 * 2.0 - online.0).abs() < 1e-9, "{name}");
+                assert!((b.2 * 2.0 - online.2).abs() < 1e-9, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn job_rates_without_batch_rates_are_the_online_ones() {
+        let mut p = Pricing {
+            input: 1.0,
+            cached_input: Some(0.5),
+            output: 2.0,
+            batch_input: None,
+            batch_cached_input: None,
+            batch_output: None,
+        };
+        assert_eq!(p.at(Tier::Batch), p.at(Tier::Standard));
+        p.batch_input = Some(0.4);
+        p.batch_output = Some(0.8);
+        let b = p.at(Tier::Flex);
+        assert_eq!((b.input, b.cached_input, b.output), (0.4, 0.4, 0.8));
+    }
+
+    #[test]
     fn override_without_cached_rate_uses_the_input_rate() {
-        let p: Price = Pricing {
+        let p = Pricing {
             input: 1.0,
             cached_input: None,
             output: 2.0,
+            batch_input: None,
+            batch_cached_input: None,
+            batch_output: None,
         }
-        .into();
+        .at(Tier::Standard);
         assert_eq!(p.cached_input, 1.0);
         assert!((p.bound(1_000_000, 500_000) - 2.0).abs() < 1e-12);
     }

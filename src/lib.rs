@@ -12,6 +12,7 @@
 //!   provider  openai (HTTP, plain or streamed) | local (llama.cpp, in process)
 //!   tokens    prompt tokens with the model's tiktoken encoding
 //!   cost      price table × usage
+//!   batch     or, in batch mode: rows → Batch API files → batches → results by custom_id
 //! journal   the JSONL output: appended per row, repaired, resumed, compacted into row order
 //! output    the record
 //! export    the CSV export: the JSONL output → one CSV line per record
@@ -25,6 +26,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod app;
+pub mod batch;
 pub mod chat;
 pub mod cli;
 pub mod cost;

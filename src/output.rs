@@ -52,6 +52,12 @@ pub struct Record {
     /// completion (a timeout after sending, a stream cut off, an unusable 200).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unconfirmed_usd: Option<f64>,
+    /// `batch` when the Batch API answered the row (online rows leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::job::Mode>,
+    /// The batch that answered the row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
     /// When the row finished (UTC, RFC 3339, milliseconds): what the report's charts over
     /// time are drawn from. Absent in records written before it was added.
     #[serde(default, skip_serializing_if = "Option::is_none")]

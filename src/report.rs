@@ -37,6 +37,14 @@ pub struct Stats {
     pub stale_moved: u64,
     /// Worst case of attempts that may have been billed for rows that ended pending.
     pub pending_unconfirmed_usd: f64,
+    /// Rows held by batches still running.
+    pub batch_in_flight: u64,
+    /// Rows put into batch files this run, and what was submitted of them.
+    pub batch_rows: u64,
+    pub batch_requests_submitted: u64,
+    pub batches_submitted: u64,
+    /// Batches still running on the server when this run began.
+    pub batches_running: u64,
     latency: Histogram<u64>,
     started: Instant,
 }
@@ -62,6 +70,11 @@ impl Default for Stats {
             pending: 0,
             stale_moved: 0,
             pending_unconfirmed_usd: 0.0,
+            batch_in_flight: 0,
+            batch_rows: 0,
+            batch_requests_submitted: 0,
+            batches_submitted: 0,
+            batches_running: 0,
             latency: Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
             started: Instant::now(),
         }
@@ -139,6 +152,14 @@ impl Stats {
             spent_usd: None,
             budget_usd: None,
             unconfirmed_usd: 0.0,
+            batch: (self.batch_rows + self.batch_in_flight + self.batches_running > 0).then_some(
+                BatchSummary {
+                    requests_submitted: self.batch_requests_submitted,
+                    batches_submitted: self.batches_submitted,
+                    requests_in_flight: self.batch_in_flight,
+                    batches_running: self.batches_running,
+                },
+            ),
             stopped,
         }
     }
@@ -207,8 +228,20 @@ pub struct Summary {
     /// at their worst case.
     #[serde(default)]
     pub unconfirmed_usd: f64,
+    /// Batch mode: what this run submitted and what is still running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchSummary>,
     /// Why the job stopped early, if it did.
     pub stopped: Option<String>,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, Clone, Copy, Default)]
+pub struct BatchSummary {
+    pub requests_submitted: u64,
+    pub batches_submitted: u64,
+    /// Rows held by batches that were running when this run began (not submitted again).
+    pub requests_in_flight: u64,
+    pub batches_running: u64,
 }
 
 impl Summary {
@@ -269,6 +302,26 @@ impl Summary {
                 "rows left the input",
                 format!("{} (records moved to the stale file)", self.rows_stale),
             ));
+        }
+        if let Some(b) = &self.batch {
+            if b.batches_submitted > 0 {
+                extra.push((
+                    "submitted",
+                    format!(
+                        "{} requests in {} batch(es)",
+                        b.requests_submitted, b.batches_submitted
+                    ),
+                ));
+            }
+            if b.requests_in_flight > 0 || b.batches_running > 0 {
+                extra.push((
+                    "in flight",
+                    format!(
+                        "{} requests in {} batch(es) still running",
+                        b.requests_in_flight, b.batches_running
+                    ),
+                ));
+            }
         }
         if self.estimated_usage_rows > 0 {
             extra.push((
@@ -439,6 +492,20 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// A spinner with a message on a terminal (none when quiet or not a terminal).
+pub fn spinner(quiet: bool) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    (!quiet && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_msg}")
+                .expect("valid template"),
+        );
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    })
 }
 
 /// What the progress line says besides the bar.

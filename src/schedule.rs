@@ -17,11 +17,12 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::cost::Price;
+use crate::batch;
+use crate::cost::{Price, Tier};
 use crate::error::{Error, EXIT_OK, EXIT_ROWS_FAILED, EXIT_STOPPED};
 use crate::export::CsvOptions;
 use crate::input::{InputFormat, RowResult};
-use crate::job::Job;
+use crate::job::{Job, Mode};
 use crate::journal::{self, Appender};
 use crate::ledger::{self, Carried, Index, Keying, Sidecars, Spool};
 use crate::output::{Record, RecordError, Status};
@@ -38,6 +39,8 @@ pub struct RunOptions {
     pub fresh: bool,
     pub retry_failed: bool,
     pub quiet: bool,
+    /// Collect finished batches only: send nothing, submit nothing (`batch collect`).
+    pub collect_only: bool,
 }
 
 /// Which signal interrupted the run.
@@ -164,6 +167,10 @@ enum Msg {
     Copied,
     /// A row that ended with no record after attempts the server may have billed.
     Unconfirmed(f64),
+    /// A row a batch still running holds.
+    InFlight,
+    /// A row put into a batch input file this run.
+    Batched,
 }
 
 /// Spend in USD: what the output recorded before this run, and this run's.
@@ -177,6 +184,9 @@ struct Budget {
     reserved: f64,
     /// How many reservations are held (float sums drift; a count does not).
     holders: usize,
+    /// Batches submitted and not yet collected, at their worst case: spend the budget must
+    /// leave room for.
+    batches: f64,
 }
 
 impl Budget {
@@ -231,7 +241,8 @@ struct Breaker {
 /// How often a row caught in a possible outage tries again.
 const OUTAGE_PROBE: Duration = Duration::from_secs(1);
 
-/// An unreachable endpoint (nothing listening, DNS, TLS) stops the job after this long at most.
+/// An unreachable endpoint (nothing listening, DNS, a TLS handshake that fails) stops the job
+/// after this long at most; an untrusted certificate stops it at once (`ErrorKind::Endpoint`).
 const UNREACHABLE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Breaker {
@@ -310,8 +321,13 @@ impl Shared {
     fn price(&self, returned: Option<&str>) -> Option<Price> {
         let p = self.backend.price_for(returned, &self.job.model);
         if p.is_none() && !self.unknown_price_warned.swap(true, Ordering::Relaxed) {
+            let tier = match self.backend.tier {
+                crate::cost::Tier::Standard => "",
+                crate::cost::Tier::Batch => " at Batch API rates",
+                crate::cost::Tier::Flex => " at the flex tier (which it may not offer)",
+            };
             tracing::warn!(
-                "no price known for model `{}`: cost is recorded as null; add a [pricing] table to the job to set one",
+                "no price known for model `{}`{tier}: cost is recorded as null; add a [pricing] table to the job to set one",
                 returned.unwrap_or(&self.job.model)
             );
         }
@@ -346,6 +362,27 @@ fn open_output(
         });
     }
     if opts.fresh {
+        // Batches still running hold rows that are paid for: starting over would lose them.
+        let log = batch::state::Log::load(&job.batches_path())?;
+        if log.open_parts().any(|p| p.pins_rows()) {
+            return Err(Error::Other(format!(
+                "--fresh: batches of this output are still open ({}); collect them \
+                 (`promptmill batch collect`) or cancel them (`promptmill batch cancel`) first",
+                job.batches_path().display()
+            )));
+        }
+        for p in [job.batches_path(), job.batch_dir()] {
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(journal::io_err(&p, e)),
+            }
+        }
         let prev = job.prev_path();
         for p in [job.output.clone(), job.stale_path()] {
             if ledger::move_appending(&p, &prev)? {
@@ -419,6 +456,11 @@ pub async fn run(
     };
     let mut rows = job.source().stream(job.concurrency * 2 + 16)?;
     let opened = open_output(&job, &opts, &backend, keying)?;
+    let submits = job.mode == Mode::Batch && !opts.collect_only;
+    let mut pass = batch::Pass::open(&job, submits).await?;
+    for f in &pass.failed_batches {
+        tracing::error!("{f}");
+    }
     let builder = Builder::new(&job, &backend.identity);
     let spool = Spool::create(&job.plan_path())?;
     let mut planner = Planner::new(opened.index, keying, opts.retry_failed, Some(spool));
@@ -450,6 +492,7 @@ pub async fn run(
         budget: Mutex::new(Budget {
             cap: job.max_cost_usd,
             before: opened.spent_before,
+            batches: pass.open_worst_usd(),
             ..Budget::default()
         }),
         released: tokio::sync::Notify::new(),
@@ -470,9 +513,17 @@ pub async fn run(
         &mut rows,
         &opts,
         &tx,
+        &mut pass,
     )
     .await;
     drop(rows); // the reader thread ends when its channel closes
+    if complete {
+        // Answers for rows that left the input: paid for, so recorded; compaction moves them
+        // to the stale file, where a row put back finds them.
+        if let Err(e) = record_unmatched(&shared, &pass, &tx).await {
+            shared.stop(Stop::Write(write_stop_message(&e)));
+        }
+    }
     let spool = planner.finish();
     drop(tx);
     // `dispatch` joined every row task, and with them every other reference.
@@ -509,10 +560,145 @@ pub async fn run(
         }
     };
 
+    // Batch mode: the files written while planning are uploaded and submitted now.
+    if !pass.failed_batches.is_empty() {
+        stopper.stop(Stop::Job(format!(
+            "{}. Rows on the lines it names have failed; its other rows are pending: fix the \
+             job and run again",
+            pass.failed_batches.join("; ")
+        )));
+    }
+    let stopped_before = stopper.why.lock().unwrap().is_some();
+    if submits && failed.is_none() && !stopped_before {
+        match pass.submit(&signals.stop).await {
+            Ok(s) => {
+                stats.batches_submitted = s.batches;
+                stats.batch_requests_submitted = s.requests;
+            }
+            Err(e) => stopper.stop(Stop::Job(format!(
+                "submitting to the Batch API failed: {e}. Rows not submitted stay pending; \
+                 run the same command again"
+            ))),
+        }
+    }
+    pass.discard();
+    if let Some(why) = pass.budget_stop.take() {
+        stopper.stop(Stop::Job(why));
+    }
+    stats.batches_running = pass.running.0;
+    let collected_all = complete && failed.is_none() && opts.limit.is_none();
+
     // Step 3: finish.
-    finish(
+    let (summary, code) = finish(
         job, budget, &mut stats, stopper, signals, complete, spool, failed, unwritten, header,
-    )
+    )?;
+    if collected_all {
+        pass.mark_collected()?;
+    }
+    Ok((summary, code))
+}
+
+/// Records the results no input row matched.
+async fn record_unmatched(
+    sh: &Arc<Shared>,
+    pass: &batch::Pass,
+    tx: &mpsc::Sender<Msg>,
+) -> Result<(), Error> {
+    for u in pass.unmatched()? {
+        let record = batch_record(
+            sh,
+            u.row,
+            u.row.to_string(),
+            Map::new(),
+            None,
+            &u.fp,
+            u.outcome,
+            u.from,
+        );
+        let _ = tx
+            .send(Msg::Finished {
+                record: Box::new(record),
+                retries: 0,
+                rate_limited: 0,
+                slot: None,
+            })
+            .await;
+    }
+    Ok(())
+}
+
+/// The record of a row the Batch API answered, priced at batch rates.
+#[allow(clippy::too_many_arguments)]
+fn batch_record(
+    sh: &Shared,
+    row: u64,
+    id: String,
+    input: Map<String, serde_json::Value>,
+    messages: Option<&[crate::chat::Message]>,
+    fp: &[u8; 16],
+    outcome: batch::results::Outcome,
+    from: batch::results::Answerer,
+) -> Record {
+    use batch::results::Outcome;
+    let fingerprint = Some(request::hex(fp));
+    let mut record = match outcome {
+        Outcome::Answered(c) => {
+            let usage = match (c.usage, messages) {
+                (Some(u), _) => u,
+                (None, Some(m)) => usage_of(sh, m, &c),
+                // A row that left the input: its prompt is not known any more.
+                (None, None) => Usage {
+                    completion_tokens: sh.backend.counter.count_text(&c.text),
+                    total_tokens: sh.backend.counter.count_text(&c.text),
+                    estimated: true,
+                    ..Usage::default()
+                },
+            };
+            let cost = sh
+                .backend
+                .price_at(Tier::Batch, c.model.as_deref(), &sh.job.model)
+                .map(|pr| pr.cost(&usage));
+            Record {
+                row,
+                id,
+                status: Status::Ok,
+                input,
+                completion: Some(c.text),
+                finish_reason: c.finish_reason,
+                model: c.model,
+                usage: Some(usage),
+                cost_usd: cost,
+                attempts: 1,
+                latency_ms: from.took_ms,
+                fingerprint,
+                error: None,
+                copied_from: None,
+                unconfirmed_usd: None,
+                mode: None,
+                batch_id: None,
+                finished_at: Some(crate::output::timestamp_now()),
+                extra: Map::new(),
+            }
+        }
+        Outcome::Failed { status, message } => error_record(
+            row,
+            id,
+            input,
+            fingerprint,
+            RecordError {
+                kind: batch::results::FAILED_KIND,
+                status,
+                message,
+            },
+            1,
+            from.took_ms,
+            0.0,
+        ),
+        Outcome::NotRun => unreachable!("a row never run has no record"),
+    };
+    record.mode = Some(Mode::Batch);
+    record.batch_id = Some(from.batch_id);
+    record
 }
 
 /// Plans each row and sends those that need it. Returns whether the whole input was read
@@ -525,6 +711,7 @@ async fn dispatch(
     rows: &mut mpsc::Receiver<RowResult>,
     opts: &RunOptions,
     tx: &mpsc::Sender<Msg>,
+    pass: &mut batch::Pass,
 ) -> bool {
     let job = &shared.job;
     let stop = shared.stopper.signals.stop.clone();
@@ -534,6 +721,8 @@ async fn dispatch(
     let mut seen = 0u64;
     let mut complete = false;
     let mut read_failed = false;
+    let keying = keying(job);
+    let mut send_online: Option<Prepared> = None;
 
     loop {
         if opts.limit.is_some_and(|l| seen >= l) {
@@ -603,12 +792,59 @@ async fn dispatch(
                 break;
             }
         };
-        let msg = match decision {
-            Decision::Done => Some(Msg::Skipped { ok: true }),
-            Decision::DoneFailed => Some(Msg::Skipped { ok: false }),
-            Decision::Copy => Some(Msg::Copied),
-            Decision::WriteError => unreachable!("only for unreadable rows"),
-            Decision::Send => None,
+        let idh = keying.id_hash(&p.row.id);
+        let routed = match decision {
+            Decision::Send => pass.route(&p.fingerprint, idh),
+            _ => pass.touch(&p.fingerprint, idh).map(|()| batch::Route::New),
+        };
+        let route = match routed {
+            Ok(r) => r,
+            Err(e) => {
+                shared.stop(Stop::Write(format!("cannot read the batch results: {e}")));
+                break;
+            }
+        };
+        let msg = match (decision, route) {
+            (Decision::Done, _) => Some(Msg::Skipped { ok: true }),
+            (Decision::DoneFailed, _) => Some(Msg::Skipped { ok: false }),
+            (Decision::Copy, _) => Some(Msg::Copied),
+            (Decision::WriteError, _) => unreachable!("only for unreadable rows"),
+            (Decision::Send, batch::Route::Result { outcome, from }) => {
+                let Prepared {
+                    row,
+                    fingerprint,
+                    request,
+                } = p;
+                let record = batch_record(
+                    shared,
+                    row.number,
+                    row.id,
+                    row.fields,
+                    Some(&request.messages),
+                    &fingerprint,
+                    outcome,
+                    from,
+                );
+                Some(Msg::Finished {
+                    record: Box::new(record),
+                    retries: 0,
+                    rate_limited: 0,
+                    slot: None,
+                })
+            }
+            (Decision::Send, batch::Route::InFlight) => Some(Msg::InFlight),
+            // Pending: `batch collect` sends nothing.
+            (Decision::Send, batch::Route::New) if opts.collect_only => None,
+            (Decision::Send, batch::Route::New) if job.mode == Mode::Batch => {
+                match add_to_batch(shared, pass, &p, idh) {
+                    Ok(m) => m,
+                    Err(()) => break,
+                }
+            }
+            (Decision::Send, batch::Route::New) => {
+                send_online = Some(p);
+                None
+            }
         };
         if let Some(m) = msg {
             if tx.send(m).await.is_err() {
@@ -616,6 +852,9 @@ async fn dispatch(
             }
             continue;
         }
+        let Some(p) = send_online.take() else {
+            continue;
+        };
         // Counting with tiktoken is the dearest step of a row and runs here, in the one
         // dispatcher: do it only when something uses the count, a tokens-per-minute limit (the
         // job's or one learned from headers) or a budget.
@@ -723,6 +962,80 @@ async fn dispatch(
         }
     }
     complete && opts.limit.is_none_or(|l| seen < l)
+}
+
+/// Puts a row into this run's batch files, within the budget at its worst case. `Err`: the
+/// job stopped (budget, or the file cannot be written).
+fn add_to_batch(
+    shared: &Arc<Shared>,
+    pass: &mut batch::Pass,
+    p: &Prepared,
+    idh: u64,
+) -> Result<Option<Msg>, ()> {
+    let job = &shared.job;
+    let max_output = job.params.max_output_tokens();
+    let bound = if job.max_cost_usd.is_some() {
+        let n = shared.backend.counter.count_prompt(&p.request.messages);
+        shared
+            .price(None)
+            .map(|pr| pr.bound(n, max_output.unwrap_or(0)))
+            .unwrap_or(0.0)
+    } else {
+        0.0
+    };
+    {
+        let mut b = shared.budget.lock().unwrap();
+        if let Some(cap) = b.cap {
+            let committed = b.total() + b.batches;
+            if committed + bound > cap {
+                drop(b);
+                // Not a stop yet: the files written so far fit, and are submitted first.
+                pass.budget_stop = Some(format!(
+                    "the budget is spent: ${committed:.6} of ${cap:.6} in this output and its \
+                     batches at their worst case, and the next request could cost up to \
+                     ${bound:.6}. Stopped adding rows at row {}; raise run.max_cost_usd (or \
+                     --max-cost) and run again to go on",
+                    p.row.number
+                ));
+                return Err(());
+            }
+            b.batches += bound;
+        }
+    }
+    let stream = job.params.stream.unwrap_or(false);
+    match pass.add(
+        p.row.number,
+        &p.fingerprint,
+        idh,
+        &p.request.body,
+        stream,
+        bound,
+    ) {
+        Ok(Ok(())) => Ok(Some(Msg::Batched)),
+        Ok(Err(too_big)) => Ok(Some(Msg::Finished {
+            record: Box::new(error_record(
+                p.row.number,
+                p.row.id.clone(),
+                p.row.fields.clone(),
+                Some(request::hex(&p.fingerprint)),
+                RecordError {
+                    kind: ErrorKind::BadRequest,
+                    status: None,
+                    message: too_big,
+                },
+                0,
+                0,
+                0.0,
+            )),
+            retries: 0,
+            rate_limited: 0,
+            slot: None,
+        })),
+        Err(e) => {
+            shared.stop(Stop::Write(write_stop_message(&e)));
+            Err(())
+        }
+    }
 }
 
 /// Sends one row with retries. `None`: the row stays pending (job stopped or interrupted).
@@ -861,6 +1174,8 @@ async fn process(
                 error: None,
                 copied_from: None,
                 unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
+                mode: None,
+                batch_id: None,
                 finished_at: Some(crate::output::timestamp_now()),
                 extra: Map::new(),
             }
@@ -947,6 +1262,8 @@ fn error_record(
         error: Some(error),
         copied_from: None,
         unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
+        mode: None,
+        batch_id: None,
         finished_at: Some(crate::output::timestamp_now()),
         extra: Map::new(),
     }
@@ -960,6 +1277,14 @@ fn job_stop_message(job: &Job, e: &ProviderError) -> String {
             "{} refused the request for lack of quota ({status} insufficient_quota: {}). \
              Check your plan and billing details, then run again: finished rows are kept",
             job.base_url, e.message
+        ),
+        ErrorKind::Endpoint => format!(
+            "{}{}: {}. No row was marked failed: the run after the fix sends them all",
+            job.base_url,
+            e.status
+                .map(|s| format!(" answered HTTP {s}"))
+                .unwrap_or_default(),
+            e.message
         ),
         _ => format!(
             "{} refused the API key ({status}: {}). Check or regenerate the key in {} \
@@ -1017,6 +1342,8 @@ async fn write_records(
                 Msg::Skipped { ok: false } => stats.skipped_failed += 1,
                 Msg::Copied => stats.copied += 1,
                 Msg::Unconfirmed(usd) => stats.pending_unconfirmed_usd += usd,
+                Msg::InFlight => stats.batch_in_flight += 1,
+                Msg::Batched => stats.batch_rows += 1,
             }
             next = rx.try_recv().ok();
         }
@@ -1066,7 +1393,10 @@ fn finish(
                     rejected: job.rejected_path(),
                 },
             )?;
-            stats.pending = c.pending;
+            // Rows a batch holds are not waiting on a rerun: the summary counts them apart.
+            stats.pending = c
+                .pending
+                .saturating_sub(stats.batch_requests_submitted + stats.batch_in_flight);
             stats.stale_moved = c.stale;
         }
     } else if unwritten > 0 {

@@ -41,6 +41,7 @@ fn every_job_in_the_repository_validates() {
             .arg(job)
             .current_dir(cwd.path())
             .env("OPENAI_API_KEY", KEY)
+            .env("AZURE_OPENAI_API_KEY", KEY)
             .env("PROMPTMILL_MODEL_DIR", models.path())
             .env_remove("OPENAI_BASE_URL")
             .env_remove("PROMPTMILL_LOG")

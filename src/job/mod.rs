@@ -31,6 +31,8 @@ pub struct RawJob {
     pub output: RawOutput,
     #[serde(default)]
     pub pricing: Option<Pricing>,
+    #[serde(default)]
+    pub batch: RawBatch,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,11 +60,32 @@ pub enum ProviderKind {
     Local,
 }
 
+/// `[model] provider` as written. Azure OpenAI is the OpenAI HTTP provider on Azure's URL
+/// layout, so a validated `Job` knows it as `ProviderKind::Openai` with a `deployment`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawProvider {
+    #[default]
+    Openai,
+    Azure,
+    Local,
+}
+
+/// How the key is sent: `Authorization: Bearer KEY` (OpenAI and most servers, and Azure with a
+/// Microsoft Entra ID token) or `api-key: KEY` (Azure OpenAI's keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Auth {
+    #[serde(rename = "bearer")]
+    Bearer,
+    #[serde(rename = "api-key")]
+    ApiKey,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     #[serde(default)]
-    pub provider: ProviderKind,
+    pub provider: RawProvider,
     pub name: Option<String>,
     /// The GGUF file for `provider = "local"`.
     pub path: Option<String>,
@@ -70,6 +93,14 @@ pub struct RawModel {
     pub context_tokens: Option<u32>,
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
+    /// Azure OpenAI: the deployment that answers (`provider = "azure"` only).
+    pub deployment: Option<String>,
+    /// Added as `?api-version=…` to every request URL (Azure OpenAI needs it).
+    pub api_version: Option<String>,
+    /// `bearer` (default) or `api-key` (default for `provider = "azure"`).
+    pub auth: Option<Auth>,
+    /// A PEM file of extra CA certificates to trust (a corporate or private CA).
+    pub ca_file: Option<String>,
     /// Present only to be refused with a clear message: keys never live in job files.
     pub api_key: Option<toml::Value>,
     // The request fields are listed here rather than flattened from `Params`, because serde
@@ -84,6 +115,8 @@ pub struct RawModel {
     pub seed: Option<i64>,
     pub user: Option<String>,
     pub stream: Option<bool>,
+    /// OpenAI's processing tier: `flex` is slower and billed at batch prices.
+    pub service_tier: Option<ServiceTier>,
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -101,6 +134,7 @@ impl RawModel {
             seed: self.seed,
             user: self.user.clone(),
             stream: self.stream,
+            service_tier: self.service_tier,
             extra: self.extra.clone(),
         }
     }
@@ -120,7 +154,54 @@ pub struct RawRun {
     /// Seconds without one successful request, every attempt failing transiently, before
     /// the job stops as an outage (an unreachable endpoint stops it sooner).
     pub outage_s: Option<f64>,
+    /// `online` (default) or `batch` (the provider's Batch API).
+    pub mode: Option<Mode>,
 }
+
+/// How requests go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One request per row, paced to the quota, answered now.
+    #[default]
+    Online,
+    /// Files of requests submitted to the Batch API: half price, answered within 24 hours.
+    Batch,
+}
+
+/// `[model] service_tier`: sent as the request's `service_tier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    Auto,
+    Default,
+    Flex,
+    Priority,
+}
+
+/// `[batch]`: how requests are split into Batch API input files. The defaults are OpenAI's
+/// limits; other providers set their own.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    pub max_requests_per_file: Option<usize>,
+    pub max_bytes_per_file: Option<u64>,
+    /// Seconds between status checks while `run --wait` or `batch collect --wait` waits (the
+    /// first checks come sooner, backing off up to this).
+    pub poll_s: Option<f64>,
+}
+
+/// Validated `[batch]`.
+#[derive(Debug, Clone)]
+pub struct BatchLimits {
+    pub max_requests_per_file: usize,
+    pub max_bytes_per_file: u64,
+    pub poll: Duration,
+}
+
+/// OpenAI's Batch API limits per input file.
+pub const BATCH_MAX_REQUESTS: usize = 50_000;
+pub const BATCH_MAX_BYTES: u64 = 200_000_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +222,11 @@ pub struct Pricing {
     pub input: f64,
     pub cached_input: Option<f64>,
     pub output: f64,
+    /// Batch API and flex-tier rates; without them, batch and flex rows are priced at the
+    /// rates above (never lower than what is known).
+    pub batch_input: Option<f64>,
+    pub batch_cached_input: Option<f64>,
+    pub batch_output: Option<f64>,
 }
 
 /// Where a message's text comes from.
@@ -173,6 +259,13 @@ pub struct Job {
     pub context_tokens: Option<u32>,
     pub base_url: String,
     pub api_key_env: String,
+    /// Azure OpenAI's deployment: `Some` means Azure's URL layout (`provider = "azure"`).
+    pub deployment: Option<String>,
+    /// The `api-version` query parameter every request carries.
+    pub api_version: Option<String>,
+    pub auth: Auth,
+    /// Extra CA certificates (PEM) to trust, checked to hold at least one certificate.
+    pub ca_file: Option<PathBuf>,
     pub params: Params,
     pub concurrency: usize,
     pub rpm: Option<u64>,
@@ -191,6 +284,8 @@ pub struct Job {
     /// The report table's first rows (every failed row is added).
     pub report_rows: usize,
     pub pricing: Option<Pricing>,
+    pub mode: Mode,
+    pub batch: BatchLimits,
 }
 
 /// Command-line values that override the job file.
@@ -202,6 +297,7 @@ pub struct Overrides {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub max_cost_usd: Option<f64>,
+    pub mode: Option<Mode>,
 }
 
 impl Job {
@@ -333,15 +429,58 @@ impl Job {
         }
 
         let model = raw.model;
+        let azure = model.provider == RawProvider::Azure;
+        let provider = match model.provider {
+            RawProvider::Openai | RawProvider::Azure => ProviderKind::Openai,
+            RawProvider::Local => ProviderKind::Local,
+        };
+        let deployment = match (&model.deployment, azure) {
+            (Some(d), true) => {
+                // Azure's rule for deployment names; anything else would not be one URL segment.
+                let ok = (2..=64).contains(&d.len())
+                    && d.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if !ok {
+                    return Err(bad(
+                        "model.deployment",
+                        format!("`{d}` is not a deployment name (2 to 64 letters, digits, `-`, `_` or `.`)"),
+                    ));
+                }
+                Some(d.clone())
+            }
+            (None, true) => return Err(bad(
+                "model.deployment",
+                "provider = \"azure\" needs the deployment's name, as the Azure portal shows it"
+                    .into(),
+            )),
+            (Some(_), false) => {
+                return Err(bad(
+                    "model.deployment",
+                    "a deployment is for provider = \"azure\"; for OpenAI-compatible servers the \
+                     model is `name`"
+                        .into(),
+                ))
+            }
+            (None, false) => None,
+        };
         let (model_name, model_path) = match model.provider {
-            ProviderKind::Openai => {
+            // Azure: the deployment decides the model; `name` tells promptmill which model
+            // that is, for its price and tokenizer.
+            RawProvider::Azure => (
+                model
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| deployment.clone().unwrap_or_default()),
+                None,
+            ),
+            RawProvider::Openai => {
                 let name = model
                     .name
                     .clone()
                     .ok_or_else(|| bad("model.name", "the model name is required".into()))?;
                 (name, None)
             }
-            ProviderKind::Local => {
+            RawProvider::Local => {
                 // No path: the default model, which `provider::build` finds in the cache.
                 let p = model
                     .path
@@ -356,15 +495,19 @@ impl Job {
                 (name, p)
             }
         };
-        let base_url = model
-            .base_url
-            .clone()
-            .or_else(|| {
-                std::env::var("OPENAI_BASE_URL")
-                    .ok()
-                    .filter(|s| !s.is_empty())
-            })
-            .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        let env = |var: &str| std::env::var(var).ok().filter(|s| !s.is_empty());
+        let base_url = match (&model.base_url, azure) {
+            (Some(u), _) => u.clone(),
+            (None, false) => env("OPENAI_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_string()),
+            (None, true) => env("AZURE_OPENAI_ENDPOINT").ok_or_else(|| {
+                bad(
+                    "model.base_url",
+                    "provider = \"azure\" needs the resource's endpoint, \
+                     https://NAME.openai.azure.com (or set AZURE_OPENAI_ENDPOINT)"
+                        .into(),
+                )
+            })?,
+        };
         let base_url = base_url.trim_end_matches('/').to_string();
         if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
             return Err(bad(
@@ -372,10 +515,63 @@ impl Job {
                 format!("`{base_url}` is not an http(s) URL"),
             ));
         }
-        let api_key_env = model
-            .api_key_env
-            .clone()
-            .unwrap_or_else(|| "OPENAI_API_KEY".into());
+        if azure && (base_url.contains("/deployments/") || base_url.ends_with("/openai")) {
+            return Err(bad(
+                "model.base_url",
+                format!(
+                    "`{base_url}`: for provider = \"azure\" give the resource's endpoint \
+                     (https://NAME.openai.azure.com); promptmill adds /openai/deployments/… \
+                     itself from `deployment`"
+                ),
+            ));
+        }
+        if base_url.contains('?') {
+            return Err(bad(
+                "model.base_url",
+                format!("`{base_url}` has a query; set `api_version` instead of writing ?api-version= in the URL"),
+            ));
+        }
+        let api_key_env = model.api_key_env.clone().unwrap_or_else(|| {
+            if azure {
+                "AZURE_OPENAI_API_KEY".into()
+            } else {
+                "OPENAI_API_KEY".into()
+            }
+        });
+        let api_version = match &model.api_version {
+            Some(v) => {
+                let ok = !v.is_empty()
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if !ok {
+                    return Err(bad(
+                        "model.api_version",
+                        format!("`{v}` is not an API version (like \"2024-10-21\")"),
+                    ));
+                }
+                Some(v.clone())
+            }
+            None if azure => {
+                return Err(bad(
+                    "model.api_version",
+                    "Azure OpenAI needs an api-version on every request, e.g. \
+                     api_version = \"2024-10-21\" (see Azure's API version lifecycle page)"
+                        .into(),
+                ))
+            }
+            None => None,
+        };
+        let auth = model
+            .auth
+            .unwrap_or(if azure { Auth::ApiKey } else { Auth::Bearer });
+        let ca_file = match &model.ca_file {
+            Some(f) => {
+                let p = expand_home(f).unwrap_or_else(|| resolve(f));
+                crate::provider::endpoint::read_ca_file(&p).map_err(|e| bad("model.ca_file", e))?;
+                Some(p)
+            }
+            None => None,
+        };
         let params = model.params();
         let p = &params;
         check_range(path, "model.temperature", p.temperature, 0.0, 2.0)?;
@@ -417,7 +613,9 @@ impl Job {
         }
         let rpm = ov.rpm.or(run.rpm).filter(|&v| v > 0);
         let tpm = ov.tpm.or(run.tpm).filter(|&v| v > 0);
-        let timeout_s = run.timeout_s.unwrap_or(120.0);
+        // Flex requests queue for capacity: OpenAI's advice is a 15-minute timeout.
+        let flex = params.service_tier == Some(ServiceTier::Flex);
+        let timeout_s = run.timeout_s.unwrap_or(if flex { 900.0 } else { 120.0 });
         if !(timeout_s > 0.0 && timeout_s.is_finite()) {
             return Err(bad(
                 "run.timeout_s",
@@ -459,6 +657,31 @@ impl Job {
             .clone()
             .unwrap_or_else(|| resolve(&raw.output.path));
         let csv = raw.output.csv.as_deref().map(resolve);
+        let mode = ov.mode.or(run.mode).unwrap_or_default();
+        if mode == Mode::Batch && provider == ProviderKind::Local {
+            return Err(bad(
+                "run.mode",
+                "batch mode sends files to an HTTP provider's Batch API; the local model runs online".into(),
+            ));
+        }
+        let rb = raw.batch;
+        let batch = BatchLimits {
+            max_requests_per_file: rb.max_requests_per_file.unwrap_or(BATCH_MAX_REQUESTS),
+            max_bytes_per_file: rb.max_bytes_per_file.unwrap_or(BATCH_MAX_BYTES),
+            poll: seconds("batch.poll_s", rb.poll_s, 30.0)?,
+        };
+        if batch.max_requests_per_file == 0 {
+            return Err(bad(
+                "batch.max_requests_per_file",
+                "must be at least 1".into(),
+            ));
+        }
+        if batch.max_bytes_per_file < 1024 {
+            return Err(bad(
+                "batch.max_bytes_per_file",
+                "must be at least 1024".into(),
+            ));
+        }
         Ok(Job {
             file: path.to_path_buf(),
             input,
@@ -466,12 +689,16 @@ impl Job {
             id_column: raw.input.id,
             messages,
             template_dirs,
-            provider: model.provider,
+            provider,
             model: model_name,
             model_path,
             context_tokens: model.context_tokens,
             base_url,
             api_key_env,
+            deployment,
+            api_version,
+            auth,
+            ca_file,
             params,
             concurrency,
             rpm,
@@ -487,6 +714,8 @@ impl Job {
             report: raw.output.report.unwrap_or(true),
             report_rows: raw.output.report_rows.unwrap_or(DEFAULT_REPORT_ROWS),
             pricing: raw.pricing,
+            mode,
+            batch,
         })
     }
 
@@ -541,6 +770,16 @@ impl Job {
     pub fn plan_path(&self) -> PathBuf {
         sibling(&self.output, ".plan")
     }
+
+    /// The Batch API log: every step of every batch, recorded before and after it happens.
+    pub fn batches_path(&self) -> PathBuf {
+        sibling(&self.output, ".batches.jsonl")
+    }
+
+    /// Batch input files as uploaded, and results as downloaded.
+    pub fn batch_dir(&self) -> PathBuf {
+        sibling(&self.output, ".batches.d")
+    }
 }
 
 /// `extra` keys the job owns, each with where to set it instead.
@@ -557,6 +796,7 @@ const RESERVED_EXTRA: &[(&str, &str)] = &[
         "promptmill keeps one choice per row; variants are not supported yet",
     ),
     ("temperature", "set by [model] temperature"),
+    ("service_tier", "set by [model] service_tier"),
     ("top_p", "set by [model] top_p"),
     ("max_tokens", "set by [model] max_tokens"),
     (
@@ -691,5 +931,118 @@ mod tests {
         assert_eq!(tidy(Path::new("./data.csv")), PathBuf::from("./data.csv"));
         assert_eq!(tidy(Path::new("../a/./b")), PathBuf::from("../a/b"));
         assert_eq!(tidy(Path::new("a/..")), PathBuf::from("."));
+    }
+
+    fn job(model: &str, run: &str) -> Result<Job, Error> {
+        let text = format!(
+            "[input]\npath = \"d.csv\"\n[[messages]]\nrole = \"user\"\ncontent = \"x\"\n\
+             [model]\n{model}\n[run]\n{run}\n[output]\npath = \"o.jsonl\"\n"
+        );
+        let raw: RawJob = toml::from_str(&text).unwrap();
+        Job::from_raw(Path::new("jobs/j.toml"), raw, &Overrides::default())
+    }
+
+    fn field_of(e: Error) -> String {
+        match e {
+            Error::Job { field, .. } => field,
+            e => panic!("not a job error: {e}"),
+        }
+    }
+
+    #[test]
+    fn flex_waits_fifteen_minutes_unless_the_job_says_otherwise() {
+        let flex = "name = \"gpt-5-mini\"\nservice_tier = \"flex\"";
+        let j = job(flex, "").unwrap();
+        assert_eq!(j.timeout, Duration::from_secs(900));
+        assert_eq!(j.params.service_tier, Some(ServiceTier::Flex));
+        assert_eq!(
+            job(flex, "timeout_s = 60").unwrap().timeout,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            job("name = \"gpt-5-mini\"", "").unwrap().timeout,
+            Duration::from_secs(120)
+        );
+    }
+
+    #[test]
+    fn azure_takes_the_resource_deployment_and_api_version() {
+        let j = job(
+            "provider = \"azure\"\nbase_url = \"https://res.openai.azure.com/\"\n\
+             deployment = \"mini-prod\"\napi_version = \"2024-10-21\"\nname = \"gpt-4o-mini\"",
+            "",
+        )
+        .unwrap();
+        assert_eq!(j.provider, ProviderKind::Openai);
+        assert_eq!(j.base_url, "https://res.openai.azure.com");
+        assert_eq!(j.deployment.as_deref(), Some("mini-prod"));
+        assert_eq!(j.api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(
+            j.auth,
+            Auth::ApiKey,
+            "Azure's keys go in the api-key header"
+        );
+        assert_eq!(j.api_key_env, "AZURE_OPENAI_API_KEY");
+        assert_eq!(j.model, "gpt-4o-mini");
+
+        // Without `name`, the deployment stands for the model.
+        let j = job(
+            "provider = \"azure\"\nbase_url = \"https://res.openai.azure.com\"\n\
+             deployment = \"gpt-4o-mini\"\napi_version = \"2024-10-21\"\nauth = \"bearer\"",
+            "",
+        )
+        .unwrap();
+        assert_eq!(j.model, "gpt-4o-mini");
+        assert_eq!(j.auth, Auth::Bearer, "an Entra ID token is a bearer token");
+
+        // OpenAI's default stays bearer.
+        assert_eq!(job("name = \"m\"", "").unwrap().auth, Auth::Bearer);
+    }
+
+    #[test]
+    fn azure_mistakes_name_the_field() {
+        let base = "provider = \"azure\"\nbase_url = \"https://res.openai.azure.com\"\n";
+        let cases = [
+            (
+                format!("{base}api_version = \"2024-10-21\""),
+                "model.deployment",
+            ),
+            (format!("{base}deployment = \"d1\""), "model.api_version"),
+            (
+                format!("{base}deployment = \"d1\"\napi_version = \"2024-10-21&x=1\""),
+                "model.api_version",
+            ),
+            (
+                format!("{base}deployment = \"a/b\"\napi_version = \"2024-10-21\""),
+                "model.deployment",
+            ),
+            (
+                "provider = \"azure\"\n\
+                 base_url = \"https://r.openai.azure.com/openai/deployments/d1/chat/completions\"\n\
+                 deployment = \"d1\"\napi_version = \"2024-10-21\""
+                    .to_string(),
+                "model.base_url",
+            ),
+            (
+                "name = \"m\"\ndeployment = \"d1\"".to_string(),
+                "model.deployment",
+            ),
+            (
+                "name = \"m\"\nbase_url = \"https://x/v1?api-version=1\"".to_string(),
+                "model.base_url",
+            ),
+            (
+                "name = \"m\"\nca_file = \"no-such-ca.pem\"".to_string(),
+                "model.ca_file",
+            ),
+        ];
+        for (model, field) in cases {
+            let e = job(&model, "").expect_err(&model);
+            assert_eq!(field_of(e), field, "{model}");
+        }
+        // A typo in `auth` is a TOML error, not a silent bearer.
+        let text = "[input]\npath = \"d.csv\"\n[[messages]]\nrole = \"user\"\ncontent = \"x\"\n\
+                    [model]\nname = \"m\"\nauth = \"apikey\"\n[output]\npath = \"o.jsonl\"\n";
+        assert!(toml::from_str::<RawJob>(text).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! One request → one completion or one classified failure. Providers: OpenAI-compatible HTTP
 //! (`openai`) and the embedded llama.cpp model (`local`, behind the `local` feature).
 
+pub mod endpoint;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod openai;
@@ -14,10 +15,11 @@ use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 pub use crate::chat::Message;
-use crate::cost::Price;
+use crate::cost::{Price, Tier};
 use crate::error::Error;
-use crate::job::{Job, ProviderKind};
-use openai::{ApiKey, OpenAi};
+use crate::job::{Job, Mode, Pricing, ProviderKind, ServiceTier};
+pub use endpoint::Endpoint;
+use openai::OpenAi;
 
 pub use crate::request::Request;
 
@@ -78,10 +80,17 @@ pub enum ErrorKind {
     Auth,
     /// 429 insufficient_quota: the job stops.
     Quota,
+    /// The endpoint is wrong for every row, as the job file sets it up: a 404 for the URL
+    /// itself (Azure's "Resource not found" for a missing or unknown api-version, an unknown
+    /// deployment, OpenAI's "Invalid URL") or a server certificate that is not trusted. The job
+    /// stops; rows stay pending for the run after the fix.
+    Endpoint,
     /// The row could not be rendered or read (template, input record).
     Input,
     /// The local model failed on this row.
     Model,
+    /// A Batch API result line that came back as an error: final until `--retry-failed`.
+    BatchLine,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +104,10 @@ impl ErrorKind {
     /// The API's verdict on the request itself: sending it again gives the same answer, so a
     /// rerun leaves it unless `--retry-failed`. Every other recorded failure is transient.
     pub fn is_final_verdict(self) -> bool {
-        matches!(self, ErrorKind::BadRequest | ErrorKind::Model)
+        matches!(
+            self,
+            ErrorKind::BadRequest | ErrorKind::Model | ErrorKind::BatchLine
+        )
     }
 
     pub fn disposition(self) -> Disposition {
@@ -105,8 +117,10 @@ impl ErrorKind {
             | ErrorKind::Timeout
             | ErrorKind::Connection
             | ErrorKind::InvalidResponse => Disposition::Retry,
-            ErrorKind::BadRequest | ErrorKind::Input | ErrorKind::Model => Disposition::FailRow,
-            ErrorKind::Auth | ErrorKind::Quota => Disposition::StopJob,
+            ErrorKind::BadRequest | ErrorKind::Input | ErrorKind::Model | ErrorKind::BatchLine => {
+                Disposition::FailRow
+            }
+            ErrorKind::Auth | ErrorKind::Quota | ErrorKind::Endpoint => Disposition::StopJob,
         }
     }
 }
@@ -166,7 +180,9 @@ pub struct Backend {
     pub provider: Arc<dyn Provider>,
     pub counter: Arc<dyn TokenCounter>,
     /// The job's `[pricing]`, or `None` to look the returned model up in the built-in table.
-    pub pricing: Option<Price>,
+    pub pricing: Option<Pricing>,
+    /// Which of the model's prices applies: batch mode and the flex tier bill batch rates.
+    pub tier: Tier,
     /// Who answers, as the fingerprint knows it (`request::provider_identity`).
     pub identity: String,
 }
@@ -174,6 +190,12 @@ pub struct Backend {
 impl Backend {
     /// The price of a completion from `model` (as returned), falling back to the job's model.
     pub fn price_for(&self, returned: Option<&str>, job_model: &str) -> Option<Price> {
+        self.price_at(self.tier, returned, job_model)
+    }
+
+    /// The price at a given tier: results collected from the Batch API are billed at batch
+    /// rates, whatever mode the run that collects them is in.
+    pub fn price_at(&self, tier: Tier, returned: Option<&str>, job_model: &str) -> Option<Price> {
         if !self.provider.is_billed() {
             return Some(Price {
                 input: 0.0,
@@ -181,9 +203,12 @@ impl Backend {
                 output: 0.0,
             });
         }
-        self.pricing
-            .or_else(|| returned.and_then(crate::cost::lookup))
-            .or_else(|| crate::cost::lookup(job_model))
+        if let Some(p) = &self.pricing {
+            return Some(p.at(tier));
+        }
+        returned
+            .and_then(|m| crate::cost::lookup_tier(m, tier))
+            .or_else(|| crate::cost::lookup_tier(job_model, tier))
     }
 }
 
@@ -201,30 +226,18 @@ pub fn local_model_path(job: &Job) -> Result<PathBuf, Error> {
 /// The provider for the job, and the tokenizer whose counts match it. Checks the key (HTTP)
 /// or loads the model (local) before anything is sent.
 pub fn build(job: &Job, need_provider: bool) -> Result<Backend, Error> {
-    let pricing = job.pricing.map(Price::from);
+    let pricing = job.pricing;
+    let tier = tier(job);
     match job.provider {
+        // Azure OpenAI too: `Endpoint` knows its URL layout and key header.
         ProviderKind::Openai => {
             let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
             let provider: Arc<dyn Provider> = if need_provider {
-                let key = std::env::var(&job.api_key_env)
-                    .ok()
-                    .filter(|k| !k.trim().is_empty());
-                // Local servers (llama.cpp, Ollama, vLLM on this machine) usually need no key.
-                if key.is_none() && !is_loopback(&job.base_url) {
-                    return Err(Error::MissingKey {
-                        var: job.api_key_env.clone(),
-                    });
-                }
+                let endpoint = Endpoint::from_job(job)?;
                 let stream = job.params.stream.unwrap_or(false);
                 Arc::new(
-                    OpenAi::new(
-                        &job.base_url,
-                        key.map(ApiKey::new),
-                        job.timeout,
-                        job.concurrency,
-                        stream,
-                    )
-                    .map_err(Error::Other)?,
+                    OpenAi::new(&endpoint, job.timeout, job.concurrency, stream)
+                        .map_err(Error::Other)?,
                 )
             } else {
                 Arc::new(NoProvider)
@@ -233,15 +246,16 @@ pub fn build(job: &Job, need_provider: bool) -> Result<Backend, Error> {
                 provider,
                 counter,
                 pricing,
+                tier,
                 identity: crate::request::provider_identity(job, None),
             })
         }
-        ProviderKind::Local => local_backend(job, pricing),
+        ProviderKind::Local => local_backend(job, pricing, tier),
     }
 }
 
 #[cfg(feature = "local")]
-fn local_backend(job: &Job, pricing: Option<Price>) -> Result<Backend, Error> {
+fn local_backend(job: &Job, pricing: Option<Pricing>, tier: Tier) -> Result<Backend, Error> {
     let path = local_model_path(job)?;
     let name = if job.model.is_empty() {
         path.file_stem()
@@ -264,12 +278,13 @@ fn local_backend(job: &Job, pricing: Option<Price>) -> Result<Backend, Error> {
         provider: model.clone(),
         counter: model,
         pricing,
+        tier,
         identity: crate::request::provider_identity(job, Some(&sha)),
     })
 }
 
 #[cfg(not(feature = "local"))]
-fn local_backend(job: &Job, _pricing: Option<Price>) -> Result<Backend, Error> {
+fn local_backend(job: &Job, _pricing: Option<Pricing>, _tier: Tier) -> Result<Backend, Error> {
     Err(Error::Job {
         path: job.file.clone(),
         field: "model.provider".into(),
@@ -277,6 +292,17 @@ fn local_backend(job: &Job, _pricing: Option<Price>) -> Result<Backend, Error> {
             "this promptmill was built without the `local` feature; rebuild with default features"
                 .into(),
     })
+}
+
+/// The price tier a job's rows are billed at.
+pub fn tier(job: &Job) -> Tier {
+    if job.mode == Mode::Batch {
+        Tier::Batch
+    } else if job.params.service_tier == Some(ServiceTier::Flex) {
+        Tier::Flex
+    } else {
+        Tier::Standard
+    }
 }
 
 /// Stands in for the provider where nothing is sent (estimate, render).

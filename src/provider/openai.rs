@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
+use super::endpoint::Endpoint;
 use super::{Completion, ErrorKind, Provider, ProviderError, RateLimits, Request, Usage};
 use crate::chat::Params;
 
@@ -77,36 +78,15 @@ pub fn request_body(
 
 impl OpenAi {
     pub fn new(
-        base_url: &str,
-        key: Option<ApiKey>,
+        endpoint: &Endpoint,
         timeout: Duration,
         concurrency: usize,
         stream: bool,
     ) -> Result<OpenAi, String> {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(k) = &key {
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", k.expose())).map_err(|_| {
-                "the API key contains characters not allowed in an HTTP header".to_string()
-            })?;
-            v.set_sensitive(true);
-            headers.insert(AUTHORIZATION, v);
-        }
-        let client = reqwest::Client::builder()
-            .default_headers(headers)
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(30)))
-            .pool_max_idle_per_host(concurrency.max(1))
-            .tcp_nodelay(true)
-            .user_agent(concat!("promptmill/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        let url = format!("{base_url}/chat/completions");
-        let url = reqwest::Url::parse(&url).map_err(|e| format!("the base URL {url}: {e}"))?;
         Ok(OpenAi {
-            client,
-            url,
-            key,
+            client: endpoint.client(timeout, concurrency)?,
+            url: endpoint.chat_url()?,
+            key: endpoint.key().cloned(),
             stream,
         })
     }
@@ -156,34 +136,8 @@ impl OpenAi {
         Err(invalid("the stream ended before `data: [DONE]`"))
     }
 
-    fn scrub(&self, text: &str) -> String {
-        match &self.key {
-            Some(k) if !k.expose().is_empty() => text.replace(k.expose(), "[redacted]"),
-            _ => text.to_string(),
-        }
-    }
-
     fn transport_error(&self, e: reqwest::Error) -> ProviderError {
-        let kind = if e.is_timeout() {
-            ErrorKind::Timeout
-        } else {
-            ErrorKind::Connection
-        };
-        // A connect failure sent nothing; anything later may have reached the model.
-        let unreachable = e.is_connect();
-        // reqwest's Display stops at the top error; the cause says "connection reset" etc.
-        let e = e.without_url();
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            src = s.source();
-        }
-        let mut err = ProviderError::new(kind, self.scrub(&msg));
-        err.unreachable = unreachable;
-        err.maybe_billed = !unreachable;
-        err
+        transport_error(self.key.as_ref(), e)
     }
 
     fn status_error(
@@ -193,44 +147,110 @@ impl OpenAi {
         retry_after: Option<Duration>,
         rate_limits: Option<RateLimits>,
     ) -> ProviderError {
-        let api: Option<ApiErrorBody> = serde_json::from_slice(body).ok();
-        let api = api.map(|b| b.error);
-        let code = api
-            .as_ref()
-            .and_then(|e| e.code.clone())
-            .unwrap_or_default();
-        let etype = api
-            .as_ref()
-            .and_then(|e| e.r#type.clone())
-            .unwrap_or_default();
-        let raw = match &api {
-            Some(e) => e.message.clone().unwrap_or_default(),
-            None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
-        };
-        let kind = match status {
-            429 if code == "insufficient_quota" || etype == "insufficient_quota" => {
-                ErrorKind::Quota
-            }
-            429 => ErrorKind::RateLimited,
-            401 | 403 => ErrorKind::Auth,
-            408 | 409 => ErrorKind::Server,
-            s if s >= 500 => ErrorKind::Server,
-            _ => ErrorKind::BadRequest,
-        };
-        let mut message = self.scrub(&raw);
-        if !code.is_empty() {
-            message = format!("{message} [{code}]");
-        }
-        ProviderError {
-            kind,
-            status: Some(status),
-            message,
-            retry_after,
-            rate_limits,
-            unreachable: false,
-            maybe_billed: false,
-        }
+        status_error(self.key.as_ref(), status, body, retry_after, rate_limits)
     }
+}
+
+/// Any text a server sent back, with the key cut out if it was echoed.
+pub(crate) fn scrub(key: Option<&ApiKey>, text: &str) -> String {
+    match key {
+        Some(k) if !k.expose().is_empty() => text.replace(k.expose(), "[redacted]"),
+        _ => text.to_string(),
+    }
+}
+
+/// A failure below HTTP (connect, TLS, timeout, reset), classified.
+pub(crate) fn transport_error(key: Option<&ApiKey>, e: reqwest::Error) -> ProviderError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Connection
+    };
+    // A connect failure sent nothing; anything later may have reached the model.
+    let unreachable = e.is_connect();
+    // reqwest's Display stops at the top error; the cause says "connection reset" etc.
+    let e = e.without_url();
+    let mut msg = super::endpoint::error_chain(&e);
+    // rustls's verdict on the server's certificate: no retry changes it, so the job stops
+    // at once with the fix rather than after the outage window.
+    let untrusted = msg.contains("invalid peer certificate");
+    if untrusted {
+        msg.push_str(
+            " (the server's certificate is not trusted: if it comes from a private or \
+             corporate CA, set [model] ca_file = \"ca.pem\" or add the CA to the system's \
+             store)",
+        );
+    }
+    let kind = if untrusted { ErrorKind::Endpoint } else { kind };
+    let mut err = ProviderError::new(kind, scrub(key, &msg));
+    err.unreachable = unreachable;
+    err.maybe_billed = !unreachable;
+    err
+}
+
+/// A non-2xx answer, classified by the API's error table.
+pub(crate) fn status_error(
+    key: Option<&ApiKey>,
+    status: u16,
+    body: &[u8],
+    retry_after: Option<Duration>,
+    rate_limits: Option<RateLimits>,
+) -> ProviderError {
+    let api: Option<ApiErrorBody> = serde_json::from_slice(body).ok();
+    let api = api.map(|b| b.error);
+    let code = api
+        .as_ref()
+        .and_then(|e| e.code.clone())
+        .unwrap_or_default();
+    let etype = api
+        .as_ref()
+        .and_then(|e| e.r#type.clone())
+        .unwrap_or_default();
+    let raw = match &api {
+        Some(e) => e.message.clone().unwrap_or_default(),
+        None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+    };
+    let kind = match status {
+        429 if code == "insufficient_quota" || etype == "insufficient_quota" => ErrorKind::Quota,
+        // Every other 429 is retried, flex processing's "resource unavailable" (code
+        // `resource_unavailable`: no capacity now, not billed) as much as a rate limit.
+        429 => ErrorKind::RateLimited,
+        404 if is_wrong_url(&code, &raw, api.is_some()) => ErrorKind::Endpoint,
+        401 | 403 => ErrorKind::Auth,
+        408 | 409 => ErrorKind::Server,
+        s if s >= 500 => ErrorKind::Server,
+        _ => ErrorKind::BadRequest,
+    };
+    let mut message = scrub(key, &raw);
+    if !code.is_empty() {
+        message = format!("{message} [{code}]");
+    }
+    if kind == ErrorKind::Endpoint {
+        message.push_str(
+            ": the URL is wrong for every request; check [model] base_url, deployment and \
+             api_version (and the model name)",
+        );
+    }
+    ProviderError {
+        kind,
+        status: Some(status),
+        message,
+        retry_after,
+        rate_limits,
+        unreachable: false,
+        maybe_billed: false,
+    }
+}
+
+/// A 404 that says the URL is wrong rather than the request: Azure's bare "Resource not
+/// found" (a missing or unknown api-version, a wrong path), its `DeploymentNotFound`, OpenAI's
+/// "Invalid URL", or a body that is not the API's JSON at all (a proxy's or web server's page).
+fn is_wrong_url(code: &str, message: &str, api_json: bool) -> bool {
+    !api_json
+        || code == "404"
+        || code == "DeploymentNotFound"
+        || message == "Resource not found"
+        || message.starts_with("Invalid URL (")
 }
 
 impl Provider for OpenAi {
@@ -521,6 +541,60 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::InvalidResponse);
         let e = parse_completion(br#"{"id": "x", "choices": ["#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidResponse);
+    }
+
+    fn provider() -> OpenAi {
+        OpenAi {
+            client: reqwest::Client::new(),
+            url: reqwest::Url::parse("http://127.0.0.1:1/v1/chat/completions").unwrap(),
+            key: Some(ApiKey::new("sk-secret-0123456789".into())),
+            stream: false,
+        }
+    }
+
+    #[test]
+    fn flex_resource_unavailable_is_retried_like_a_rate_limit_not_quota() {
+        let p = provider();
+        let e = p.status_error(
+            429,
+            br#"{"error":{"message":"Resource unavailable. Please try again later.","type":"resource_unavailable","param":null,"code":"resource_unavailable"}}"#,
+            None,
+            None,
+        );
+        assert_eq!(e.kind, ErrorKind::RateLimited);
+        assert!(
+            e.message.contains("[resource_unavailable]"),
+            "{}",
+            e.message
+        );
+        let q = p.status_error(
+            429,
+            br#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#,
+            None,
+            None,
+        );
+        assert_eq!(q.kind, ErrorKind::Quota);
+    }
+
+    #[test]
+    fn a_404_for_the_url_stops_the_job_and_one_for_the_model_fails_the_row() {
+        let p = provider();
+        for body in [
+            &br#"{"error":{"code":"404","message":"Resource not found"}}"#[..],
+            br#"{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}"#,
+            br#"{"error":{"message":"Invalid URL (POST /v1/chat/completion)","type":"invalid_request_error","param":null,"code":null}}"#,
+            b"<html>404 Not Found</html>",
+        ] {
+            let e = p.status_error(404, body, None, None);
+            assert_eq!(e.kind, ErrorKind::Endpoint, "{}", String::from_utf8_lossy(body));
+        }
+        let e = p.status_error(
+            404,
+            br#"{"error":{"message":"The model `x` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#,
+            None,
+            None,
+        );
+        assert_eq!(e.kind, ErrorKind::BadRequest);
     }
 
     #[test]

@@ -6,6 +6,9 @@ pub(crate) enum FaultKind {
     /// Plain HTTP error statuses: 400, 401, 403, 404, 422, 429, 500, 503.
     Status(u16),
     Quota,
+    /// `flex429`: flex processing's 429 "resource unavailable" (code `resource_unavailable`),
+    /// which is retried, unlike `quota`.
+    FlexUnavailable,
     Reset,
     Hang,
     BadJson,
@@ -59,6 +62,7 @@ fn parse_token(token: &str) -> Option<Marker> {
             FaultKind::Status(kind_s.parse().ok()?)
         }
         "quota" => FaultKind::Quota,
+        "flex429" => FaultKind::FlexUnavailable,
         "reset" => FaultKind::Reset,
         "hang" => FaultKind::Hang,
         "badjson" => FaultKind::BadJson,
@@ -103,6 +107,10 @@ mod tests {
         );
         assert_eq!(find_marker("FAULT:reset."), m(FaultKind::Reset, None));
         assert_eq!(find_marker("FAULT:quota:1"), m(FaultKind::Quota, Some(1)));
+        assert_eq!(
+            find_marker("FAULT:flex429:2."),
+            m(FaultKind::FlexUnavailable, Some(2))
+        );
         assert_eq!(
             find_marker("FAULT:usage=1000,200,400,50"),
             m(FaultKind::Usage(1000, 200, 400, 50), None)

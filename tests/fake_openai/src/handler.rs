@@ -26,8 +26,12 @@ pub(crate) async fn route(
 ) -> Result<Response<Body>, Infallible> {
     let resp = match (req.method(), req.uri().path()) {
         (&Method::POST, "/v1/chat/completions" | "/chat/completions") => chat(&shared, req).await,
+        (&Method::POST, p) if crate::azure::chat_deployment(p).is_some() => {
+            crate::azure::chat(&shared, req).await
+        }
         (&Method::GET, "/v1/models" | "/models") => models(&shared),
         (&Method::GET, "/stats") => json_response(StatusCode::OK, &shared.stats().to_json()),
+        (_, p) if crate::batch::is_batch_path(p) => crate::batch::route(&shared, req).await,
         (m, p) => {
             let msg = format!("Invalid URL ({m} {p})");
             error_response(
@@ -42,7 +46,7 @@ pub(crate) async fn route(
     Ok(resp)
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let mut r = Response::new(Body::from(serde_json::to_vec(v).unwrap_or_default()));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -52,11 +56,16 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     r
 }
 
-fn error_body(message: &str, typ: &str, param: Option<&str>, code: Option<&str>) -> Value {
+pub(crate) fn error_body(
+    message: &str,
+    typ: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Value {
     json!({"error": {"message": message, "type": typ, "param": param, "code": code}})
 }
 
-fn error_response(
+pub(crate) fn error_response(
     status: StatusCode,
     message: &str,
     typ: &str,
@@ -95,7 +104,7 @@ fn mask_key(key: &str) -> String {
     format!("{head}{}{tail}", "*".repeat(chars.len() - 7))
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
         .to_str()
@@ -104,7 +113,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
+pub(crate) fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
     let msg = match bearer(headers) {
         Some(k) if !k.is_empty() => format!(
             "Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.",
@@ -122,7 +131,7 @@ fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
 }
 
 /// The text of a message's content: a string, or the `text` parts of an array.
-fn content_text(content: Option<&Value>) -> Cow<'_, str> {
+pub(crate) fn content_text(content: Option<&Value>) -> Cow<'_, str> {
     match content {
         Some(Value::String(s)) => Cow::Borrowed(s),
         Some(Value::Array(parts)) => Cow::Owned(
@@ -243,7 +252,7 @@ fn add_common_headers(
     }
 }
 
-async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let seq = shared.on_request();
     let req_id = format!("req_{seq:08}");
     let (parts, body) = req.into_parts();
@@ -300,8 +309,8 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             return r;
         }
     };
-    let cr = match validate(&body) {
-        Ok(c) => c,
+    let plan = match plan(shared, &body, true) {
+        Ok(p) => p,
         Err((msg, param)) => {
             counters.rejected.fetch_add(1, Ordering::Relaxed);
             let mut r = error_response(
@@ -315,83 +324,31 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             return r;
         }
     };
-
-    // Prompt estimate and the marker, in one pass over the messages.
-    let mut prompt_tokens = 3u64;
-    let mut marker = None;
-    let mut last_user: Cow<'_, str> = Cow::Borrowed("");
-    for m in cr.messages {
-        let text = content_text(m.get("content"));
-        prompt_tokens += ceil4(text.chars().count()) + 3;
-        if marker.is_none() && text.contains("FAULT:") {
-            marker = find_marker(&text);
-        }
-        if m.get("role").and_then(Value::as_str) == Some("user") {
-            last_user = text;
-        }
-    }
-    let valid_seq = counters.valid.fetch_add(1, Ordering::Relaxed) + 1;
-
-    // Decide whether an injected fault applies to this request.
-    let mut fault = None;
-    if let Some(n) = shared.config.fail_every {
-        // checked_rem: None for n = 0 (disabled); avoids is_multiple_of (Rust 1.87+).
-        if valid_seq.checked_rem(n) == Some(0) {
-            fault = Some(FaultKind::Status(500));
-        }
-    }
-    let mut usage_override = None;
-    let mut extra_delay = 0;
-    let mut omit_usage = shared.config.omit_usage;
-    let mut cut = false;
-    if let (None, Some(mk)) = (&fault, marker) {
-        let applies = match mk.times {
-            None => true,
-            Some(n) => {
-                // Keyed by the exact messages, so retries of one row share a counter.
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                serde_json::to_string(cr.messages)
-                    .unwrap_or_default()
-                    .hash(&mut h);
-                let mut hits = shared.fault_hits.lock().unwrap();
-                let c = hits.entry(h.finish()).or_insert(0);
-                *c += 1;
-                *c <= n
+    // An Azure deployment answers with its own name as the model.
+    let deployment = parts.extensions.get::<crate::azure::Deployment>();
+    let model = deployment.map_or(plan.model, |d| d.0.as_str());
+    let answer = match plan.outcome {
+        Outcome::Fault(kind) => {
+            counters.faults.fetch_add(1, Ordering::Relaxed);
+            if kind == FaultKind::Hang {
+                // Counted now: the client gives up long before the hang ends, and a real API
+                // charges the generation all the same.
+                counters.billed_unanswered.fetch_add(1, Ordering::Relaxed);
             }
-        };
-        if applies {
-            match mk.kind {
-                FaultKind::Usage(p, c, cached, reasoning) => {
-                    usage_override = Some((p, c, cached, reasoning))
-                }
-                FaultKind::Slow(ms) => extra_delay = ms,
-                FaultKind::NoUsage => omit_usage = true,
-                FaultKind::Cut => cut = true,
-                k => fault = Some(k),
-            }
+            sleep_ms(shared.config.latency_ms).await;
+            let mut r = match fault_response(&kind, model, &parts.headers, kill.as_ref()).await {
+                Some(r) => r,
+                // Connection already dropped by the connection task; this is never sent.
+                None => return Response::new(Body::empty()),
+            };
+            add_common_headers(&mut r, shared, &req_id, None);
+            return r;
         }
-    }
-
-    let model = shared.config.model.as_deref().unwrap_or(cr.model);
-    if let Some(kind) = fault {
-        counters.faults.fetch_add(1, Ordering::Relaxed);
-        if kind == FaultKind::Hang {
-            // Counted now: the client gives up long before the hang ends, and a real API
-            // charges the generation all the same.
-            counters.billed_unanswered.fetch_add(1, Ordering::Relaxed);
-        }
-        sleep_ms(shared.config.latency_ms).await;
-        let mut r = match fault_response(&kind, model, &parts.headers, kill.as_ref()).await {
-            Some(r) => r,
-            // Connection already dropped by the connection task; this is never sent.
-            None => return Response::new(Body::empty()),
-        };
-        add_common_headers(&mut r, shared, &req_id, None);
-        return r;
-    }
+        Outcome::Answer(a) => a,
+    };
 
     // Admission on arrival, before the latency sleep, like a real API's counter.
-    let request_tokens = prompt_tokens + cr.max_tokens.unwrap_or(16);
+    let request_tokens = plan.request_tokens;
     let mut snapshot = None;
     if let Some(l) = shared.limiter.as_ref() {
         match l.check(request_tokens) {
@@ -430,75 +387,29 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         .tokens_admitted
         .fetch_add(request_tokens, Ordering::Relaxed);
 
-    sleep_ms(shared.config.latency_ms + extra_delay).await;
+    sleep_ms(shared.config.latency_ms + answer.extra_delay).await;
 
-    // The deterministic answer.
-    let mut text = String::with_capacity(6 + last_user.len());
-    text.push_str("echo: ");
-    text.push_str(&last_user);
-    let mut finish = "stop";
-    if let Some(mt) = cr.max_tokens {
-        let limit = (mt as usize).saturating_mul(4);
-        if let Some((idx, _)) = text.char_indices().nth(limit) {
-            text.truncate(idx);
-            finish = "length";
-        }
-    }
-    let (p, c, cached, reasoning) =
-        usage_override.unwrap_or((prompt_tokens, ceil4(text.chars().count()), 0, 0));
     // Billed whether or not the client will see the usage (nousage, cut).
-    counters
-        .billed_prompt_tokens
-        .fetch_add(p, Ordering::Relaxed);
-    counters
-        .billed_completion_tokens
-        .fetch_add(c, Ordering::Relaxed);
-    let usage = json!({
-        "prompt_tokens": p,
-        "completion_tokens": c,
-        "total_tokens": p + c,
-        "prompt_tokens_details": {"cached_tokens": cached},
-        "completion_tokens_details": {"reasoning_tokens": reasoning},
-    });
+    answer.bill(shared);
     let id = format!(
         "chatcmpl-{}",
         shared.next_id.fetch_add(1, Ordering::Relaxed)
     );
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let created = unix_now();
 
-    let mut r = if cr.stream {
+    let cut = answer.cut;
+    let mut r = if plan.stream {
         stream_response(
             &id,
             created,
             model,
-            &text,
-            finish,
-            (cr.include_usage && !omit_usage).then_some(usage),
+            &answer.text,
+            answer.finish,
+            (plan.include_usage && !answer.omit_usage).then(|| answer.usage_json()),
             cut,
         )
     } else {
-        let mut v = json!({
-                "id": id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": null},
-                    "logprobs": null,
-                    "finish_reason": finish,
-                }],
-                "usage": usage,
-                "system_fingerprint": "fp_fake",
-        });
-        if omit_usage {
-            if let Some(o) = v.as_object_mut() {
-                o.remove("usage");
-            }
-        }
+        let v = answer.completion(&id, created, model);
         if cut {
             cut_json_response(&v)
         } else {
@@ -512,6 +423,199 @@ async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
     add_common_headers(&mut r, shared, &req_id, snapshot.as_ref());
     r
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The deterministic part of a chat answer, decided from the request body alone: the one
+/// logic `POST /v1/chat/completions` and batch lines (`batch.rs`) share. Latency, rate
+/// limits and how the answer travels (stream, `cut`, `reset`, `hang`) are the caller's.
+pub(crate) struct Plan<'a> {
+    /// The model reported in the answer (`Config::model`, else the request's).
+    pub model: &'a str,
+    /// Prompt estimate plus `max_tokens` (or 16): what the rate limiter admits.
+    pub request_tokens: u64,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub outcome: Outcome,
+}
+
+pub(crate) enum Outcome {
+    /// An injected fault (a `FAULT:` marker or `fail_every`): no completion.
+    Fault(FaultKind),
+    /// A completion (possibly to be cut short or sent without usage).
+    Answer(Answer),
+}
+
+pub(crate) struct Answer {
+    pub text: String,
+    pub finish: &'static str,
+    /// prompt, completion, cached, reasoning tokens.
+    pub usage: (u64, u64, u64, u64),
+    /// `FAULT:nousage` or `Config::omit_usage`: the answer reports no usage.
+    pub omit_usage: bool,
+    /// `FAULT:cut`: the answer is to be cut short on the wire.
+    pub cut: bool,
+    /// `FAULT:slow=MS`.
+    pub extra_delay: u64,
+}
+
+impl Answer {
+    /// Add this answer's tokens to the billed sums.
+    pub fn bill(&self, shared: &Shared) {
+        let c = &shared.counters;
+        c.billed_prompt_tokens
+            .fetch_add(self.usage.0, Ordering::Relaxed);
+        c.billed_completion_tokens
+            .fetch_add(self.usage.1, Ordering::Relaxed);
+    }
+
+    pub fn usage_json(&self) -> Value {
+        let (p, c, cached, reasoning) = self.usage;
+        json!({
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
+        })
+    }
+
+    /// The non-streamed `chat.completion` object.
+    pub fn completion(&self, id: &str, created: u64, model: &str) -> Value {
+        let mut v = json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.text, "refusal": null},
+                    "logprobs": null,
+                    "finish_reason": self.finish,
+                }],
+                "usage": self.usage_json(),
+                "system_fingerprint": "fp_fake",
+        });
+        if self.omit_usage {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("usage");
+            }
+        }
+        v
+    }
+}
+
+/// Validate a chat body and decide its answer. `count_valid` makes the request count
+/// toward `Config::fail_every` (chat requests do, batch lines don't). `FAULT:<kind>:<n>`
+/// counters are shared by both, keyed by the exact messages.
+pub(crate) fn plan<'a>(
+    shared: &'a Shared,
+    body: &'a Value,
+    count_valid: bool,
+) -> Result<Plan<'a>, (String, &'static str)> {
+    let cr = validate(body)?;
+    let counters = &shared.counters;
+
+    // Prompt estimate and the marker, in one pass over the messages.
+    let mut prompt_tokens = 3u64;
+    let mut marker = None;
+    let mut last_user: Cow<'_, str> = Cow::Borrowed("");
+    for m in cr.messages {
+        let text = content_text(m.get("content"));
+        prompt_tokens += ceil4(text.chars().count()) + 3;
+        if marker.is_none() && text.contains("FAULT:") {
+            marker = find_marker(&text);
+        }
+        if m.get("role").and_then(Value::as_str) == Some("user") {
+            last_user = text;
+        }
+    }
+
+    // Decide whether an injected fault applies to this request.
+    let mut fault = None;
+    if count_valid {
+        let valid_seq = counters.valid.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(n) = shared.config.fail_every {
+            // checked_rem: None for n = 0 (disabled); avoids is_multiple_of (Rust 1.87+).
+            if valid_seq.checked_rem(n) == Some(0) {
+                fault = Some(FaultKind::Status(500));
+            }
+        }
+    }
+    let mut usage_override = None;
+    let mut extra_delay = 0;
+    let mut omit_usage = shared.config.omit_usage;
+    let mut cut = false;
+    if let (None, Some(mk)) = (&fault, marker) {
+        let applies = match mk.times {
+            None => true,
+            Some(n) => {
+                // Keyed by the exact messages, so retries of one row share a counter.
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                serde_json::to_string(cr.messages)
+                    .unwrap_or_default()
+                    .hash(&mut h);
+                let mut hits = shared.fault_hits.lock().unwrap();
+                let c = hits.entry(h.finish()).or_insert(0);
+                *c += 1;
+                *c <= n
+            }
+        };
+        if applies {
+            match mk.kind {
+                FaultKind::Usage(p, c, cached, reasoning) => {
+                    usage_override = Some((p, c, cached, reasoning))
+                }
+                FaultKind::Slow(ms) => extra_delay = ms,
+                FaultKind::NoUsage => omit_usage = true,
+                FaultKind::Cut => cut = true,
+                k => fault = Some(k),
+            }
+        }
+    }
+
+    let model = shared.config.model.as_deref().unwrap_or(cr.model);
+    let request_tokens = prompt_tokens + cr.max_tokens.unwrap_or(16);
+    let outcome = match fault {
+        Some(kind) => Outcome::Fault(kind),
+        None => {
+            // The deterministic answer.
+            let mut text = String::with_capacity(6 + last_user.len());
+            text.push_str("echo: ");
+            text.push_str(&last_user);
+            let mut finish = "stop";
+            if let Some(mt) = cr.max_tokens {
+                let limit = (mt as usize).saturating_mul(4);
+                if let Some((idx, _)) = text.char_indices().nth(limit) {
+                    text.truncate(idx);
+                    finish = "length";
+                }
+            }
+            let usage =
+                usage_override.unwrap_or((prompt_tokens, ceil4(text.chars().count()), 0, 0));
+            Outcome::Answer(Answer {
+                text,
+                finish,
+                usage,
+                omit_usage,
+                cut,
+                extra_delay,
+            })
+        }
+    };
+    Ok(Plan {
+        model,
+        request_tokens,
+        stream: cr.stream,
+        include_usage: cr.include_usage,
+        outcome,
+    })
 }
 
 async fn sleep_ms(ms: u64) {
@@ -620,7 +724,7 @@ fn stream_response(
 }
 
 /// The response for an injected fault; None for `reset` (the connection is gone).
-async fn fault_response(
+pub(crate) async fn fault_response(
     kind: &FaultKind,
     model: &str,
     headers: &HeaderMap,
@@ -657,6 +761,14 @@ async fn fault_response(
             set_retry_after(&mut r, Duration::from_millis(20));
             r
         }
+        // Flex processing out of capacity: retry later; not billed, not a quota.
+        FaultKind::FlexUnavailable => error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Resource unavailable. Please try again later. (flex processing has no capacity for this request now)",
+            "resource_unavailable",
+            None,
+            Some("resource_unavailable"),
+        ),
         FaultKind::Quota => error_response(
             StatusCode::TOO_MANY_REQUESTS,
             "You exceeded your current quota, please check your plan and billing details.",

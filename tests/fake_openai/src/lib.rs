@@ -2,11 +2,18 @@
 //!
 //! The server is served with hyper directly (one task per TCP connection) rather than
 //! `axum::serve`, so that the `FAULT:reset` marker can drop a connection without any
-//! HTTP response. Routing and responses live in `handler`.
+//! HTTP response. Routing and responses live in `handler`; OpenAI's Files and Batches
+//! endpoints, and the clock that moves batches, in `batch`.
 
+mod azure;
+mod batch;
 mod fault;
 mod handler;
 mod limiter;
+mod tls;
+
+pub use azure::AzureHit;
+pub use tls::Tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +50,22 @@ pub struct Config {
     /// Answer every request as if it carried `FAULT:nousage`: a server that never reports
     /// usage and ignores `stream_options`.
     pub omit_usage: bool,
+    /// Uploads (`POST /v1/files`) whose file is larger than this many bytes answer 400
+    /// (`code: "file_too_large"`); None = no limit but the server's 512 MiB body cap.
+    pub batch_max_file_bytes: Option<u64>,
+    /// Batches move one step each time they are retrieved (`GET /v1/batches/{id}`), so a
+    /// polling client sees them complete; otherwise they move only when the test says
+    /// (`FakeServer::advance_batches` and friends, or `POST /_fake/batches/advance`).
+    pub batch_auto_advance: bool,
+    /// Lines of an `in_progress` batch answered per step; None = all of them in one step.
+    /// `Some(0)` is taken as 1.
+    pub batch_lines_per_step: Option<usize>,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    pub tls: Option<Tls>,
+    /// Azure OpenAI's routes (`/openai/deployments/{d}/chat/completions`) answer only requests
+    /// whose `api-version` query is this one (404 "Resource not found" otherwise, as Azure does
+    /// for a missing or unknown version). None: any version, or none, is taken.
+    pub azure_api_version: Option<String>,
 }
 
 impl Default for Config {
@@ -57,14 +80,21 @@ impl Default for Config {
             fail_every: None,
             record_bodies: true,
             omit_usage: false,
+            batch_max_file_bytes: None,
+            batch_auto_advance: false,
+            batch_lines_per_step: None,
+            tls: None,
+            azure_api_version: None,
         }
     }
 }
 
-/// A snapshot of what the server has seen on `POST /v1/chat/completions`.
+/// A snapshot of what the server has seen on `POST /v1/chat/completions` and the batch
+/// endpoints. `requests`, `ok`, `rate_limited`, `faults`, `rejected` and `tokens_admitted`
+/// count chat requests only, never batch lines; the billed token sums count both.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Every chat request, whatever its outcome.
+    /// Every chat request, whatever its outcome (batch lines are not requests here).
     pub requests: u64,
     /// Normal 200 answers (including `usage=`, `slow=` and `nousage` markers).
     pub ok: u64,
@@ -83,11 +113,24 @@ pub struct Stats {
     /// that records every usage it gets can compare its sum with this.
     pub billed_prompt_tokens: u64,
     /// Completion tokens of the same answers as `billed_prompt_tokens`.
+    ///
+    /// Both sums also count every batch line answered 200 (when it is answered, so the lines
+    /// answered before a batch is cancelled or expires are in), with the usage its output
+    /// line reports (or would have, for `FAULT:nousage`).
     pub billed_completion_tokens: u64,
     /// Requests billed whose answer the client never got (`hang`: the client gave up
     /// waiting, the generation is charged anyway). Not in the two token sums above, which
     /// count only answers that were sent.
     pub billed_unanswered: u64,
+    /// Files accepted by `POST /v1/files` (not the output and error files batches write).
+    pub files_uploaded: u64,
+    /// Batches accepted by `POST /v1/batches`.
+    pub batches_created: u64,
+    /// Cancels accepted (`POST /v1/batches/{id}/cancel` that moved a batch to `cancelling`).
+    pub batches_cancelled: u64,
+    /// Batch lines answered 200, counted as they are answered: a batch that is later
+    /// cancelled or expires keeps the lines it answered billed.
+    pub batch_requests_billed: u64,
     pub first_request_at: Option<Instant>,
     pub last_request_at: Option<Instant>,
 }
@@ -114,6 +157,10 @@ impl Stats {
             "billed_prompt_tokens": self.billed_prompt_tokens,
             "billed_completion_tokens": self.billed_completion_tokens,
             "billed_unanswered": self.billed_unanswered,
+            "files_uploaded": self.files_uploaded,
+            "batches_created": self.batches_created,
+            "batches_cancelled": self.batches_cancelled,
+            "batch_requests_billed": self.batch_requests_billed,
             "elapsed_s": e.as_secs_f64(),
             "elapsed_ms": e.as_millis() as u64,
         })
@@ -133,6 +180,10 @@ pub(crate) struct Counters {
     pub billed_prompt_tokens: AtomicU64,
     pub billed_completion_tokens: AtomicU64,
     pub billed_unanswered: AtomicU64,
+    pub files_uploaded: AtomicU64,
+    pub batches_created: AtomicU64,
+    pub batches_cancelled: AtomicU64,
+    pub batch_requests_billed: AtomicU64,
     first: AtomicU64,
     last: AtomicU64,
 }
@@ -147,6 +198,10 @@ pub(crate) struct Shared {
     /// Marker hits per messages-hash, only touched for `FAULT:<kind>:<n>`.
     pub fault_hits: Mutex<HashMap<u64, u64>>,
     pub next_id: AtomicU64,
+    /// Files and batches. Locked for a whole step, so lines are answered under it.
+    pub batch: Mutex<batch::State>,
+    /// Every request on an Azure route: what its URL and auth headers were.
+    pub azure_hits: Mutex<Vec<AzureHit>>,
 }
 
 impl Shared {
@@ -174,6 +229,10 @@ impl Shared {
             billed_prompt_tokens: c.billed_prompt_tokens.load(Ordering::Relaxed),
             billed_completion_tokens: c.billed_completion_tokens.load(Ordering::Relaxed),
             billed_unanswered: c.billed_unanswered.load(Ordering::Relaxed),
+            files_uploaded: c.files_uploaded.load(Ordering::Relaxed),
+            batches_created: c.batches_created.load(Ordering::Relaxed),
+            batches_cancelled: c.batches_cancelled.load(Ordering::Relaxed),
+            batch_requests_billed: c.batch_requests_billed.load(Ordering::Relaxed),
             first_request_at: at(c.first.load(Ordering::Relaxed)),
             last_request_at: at(c.last.load(Ordering::Relaxed)),
         }
@@ -203,6 +262,7 @@ impl FakeServer {
 
     /// Start on a given address (the binary uses this for `--port`).
     pub async fn start_on(config: Config, addr: SocketAddr) -> std::io::Result<FakeServer> {
+        let acceptor = config.tls.as_ref().map(Tls::acceptor).transpose()?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -213,9 +273,11 @@ impl FakeServer {
             bodies: Mutex::new(Vec::new()),
             fault_hits: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            batch: Mutex::new(batch::State::default()),
+            azure_hits: Mutex::new(Vec::new()),
         });
         let (tx, rx) = watch::channel(());
-        tokio::spawn(accept_loop(listener, shared.clone(), rx));
+        tokio::spawn(accept_loop(listener, shared.clone(), rx, acceptor));
         Ok(FakeServer {
             addr,
             shared,
@@ -223,9 +285,26 @@ impl FakeServer {
         })
     }
 
-    /// `http://127.0.0.1:PORT/v1`, ready to be used as an OpenAI base URL.
+    /// `http://127.0.0.1:PORT/v1` (`https://` with `Config::tls`), ready to be used as an
+    /// OpenAI base URL.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}/v1", self.root_url())
+    }
+
+    /// `http://127.0.0.1:PORT` (`https://` with `Config::tls`): where Azure OpenAI's resource
+    /// endpoint would be, the base of `/openai/deployments/...`.
+    pub fn root_url(&self) -> String {
+        let scheme = if self.shared.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Every request on an Azure route, in arrival order.
+    pub fn azure_hits(&self) -> Vec<AzureHit> {
+        self.shared.azure_hits.lock().unwrap().clone()
     }
 
     pub fn stats(&self) -> Stats {
@@ -236,6 +315,62 @@ impl FakeServer {
     /// `Config::record_bodies`). Bodies that are not JSON are stored as a JSON string.
     pub fn requests(&self) -> Vec<serde_json::Value> {
         self.shared.bodies.lock().unwrap().clone()
+    }
+
+    /// Every batch input line the server has executed (answered, whatever the status), as
+    /// the whole line `{"custom_id", "method", "url", "body"}`, in the order they were
+    /// answered (empty unless `Config::record_bodies`). Kept apart from `requests()`, which
+    /// holds chat requests only; lines a batch never reached (failed validation, cancelled,
+    /// expired) are not here.
+    pub fn batch_requests(&self) -> Vec<serde_json::Value> {
+        self.shared.batch.lock().unwrap().executed()
+    }
+
+    /// The `body` of each line in `batch_requests()`, same order: what a chat client would
+    /// have sent as `requests()`.
+    pub fn batch_bodies(&self) -> Vec<serde_json::Value> {
+        self.batch_requests()
+            .into_iter()
+            .map(|mut l| l["body"].take())
+            .collect()
+    }
+
+    /// Move every batch that is not finished one step: `validating` → `in_progress` (or
+    /// `failed`, with `errors`), `in_progress` → answer up to `Config::batch_lines_per_step`
+    /// more lines, then `finalizing` once all are answered, `finalizing` → `completed`
+    /// (output and error files written), `cancelling` → `cancelled` (files written with the
+    /// lines answered so far; the others get `batch_cancelled` error lines).
+    pub fn advance_batches(&self) {
+        self.shared.batch.lock().unwrap().advance_all(&self.shared);
+    }
+
+    /// Every `validating`, `in_progress` or `finalizing` batch becomes `expired` now: the
+    /// lines answered so far are in its output/error files, every other line is in the error
+    /// file with `"response": null` and error code `batch_expired`.
+    pub fn expire_batches(&self) {
+        self.shared.batch.lock().unwrap().expire_all(&self.shared);
+    }
+
+    /// `advance_batches` until every batch is finished (completed, failed, expired or
+    /// cancelled).
+    pub fn complete_batches(&self) {
+        self.shared.batch.lock().unwrap().complete_all(&self.shared);
+    }
+
+    /// Every batch object, as `GET /v1/batches/{id}` shows it, oldest first.
+    pub fn batches(&self) -> Vec<serde_json::Value> {
+        self.shared.batch.lock().unwrap().batches()
+    }
+
+    /// Every file object (uploads, then output and error files as batches write them, in
+    /// creation order; deleted files are gone), without content.
+    pub fn files(&self) -> Vec<serde_json::Value> {
+        self.shared.batch.lock().unwrap().files()
+    }
+
+    /// A file's bytes, as `GET /v1/files/{id}/content` serves them.
+    pub fn file_content(&self, id: &str) -> Option<Vec<u8>> {
+        self.shared.batch.lock().unwrap().file_content(id)
     }
 }
 
@@ -282,7 +417,12 @@ pub fn spawn_background_on(config: Config, addr: SocketAddr) -> std::io::Result<
     })
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<()>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let stream = tokio::select! {
             r = stop.changed() => match r {
@@ -300,23 +440,43 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let kill = ConnKill(Arc::new(Notify::new()));
-            let k = kill.clone();
-            let svc = service_fn(move |mut req| {
-                req.extensions_mut().insert(k.clone());
-                handler::route(shared.clone(), req)
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), svc);
-            // Leaving the select drops `conn` and with it the socket.
-            tokio::select! {
-                _ = conn => {}
-                _ = kill.0.notified() => {}
-                _ = async { while stop.changed().await.is_ok() {} } => {}
+        let stop = stop.clone();
+        match &tls {
+            None => {
+                tokio::spawn(serve(stream, shared, stop));
             }
-        });
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that does not trust the certificate ends here, as it should.
+                    if let Ok(s) = acceptor.accept(stream).await {
+                        serve(s, shared, stop).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One connection, plain or TLS: HTTP/1.1 until the client, a `reset` fault or the shutdown
+/// ends it.
+async fn serve<S>(stream: S, shared: Arc<Shared>, mut stop: watch::Receiver<()>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let kill = ConnKill(Arc::new(Notify::new()));
+    let k = kill.clone();
+    let svc = service_fn(move |mut req| {
+        req.extensions_mut().insert(k.clone());
+        handler::route(shared.clone(), req)
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), svc);
+    // Leaving the select drops `conn` and with it the socket.
+    tokio::select! {
+        _ = conn => {}
+        _ = kill.0.notified() => {}
+        _ = async { while stop.changed().await.is_ok() {} } => {}
     }
 }

@@ -31,7 +31,7 @@ struct Args {
     /// Model name reported in answers (default: echo the request's model).
     #[arg(long)]
     model: Option<String>,
-    /// Require `Authorization: Bearer KEY`.
+    /// Require `Authorization: Bearer KEY` (the batch and file routes also take `api-key: KEY`).
     #[arg(long)]
     require_key: Option<String>,
     /// Answer 500 to every n-th request.
@@ -43,6 +43,17 @@ struct Args {
     /// Never report usage (as if every request carried `FAULT:nousage`).
     #[arg(long)]
     omit_usage: bool,
+    /// Batches move one step each time a client retrieves them (`GET /v1/batches/{id}`).
+    /// Without it they move only on `POST /_fake/batches/advance` (one step for every batch),
+    /// `/_fake/batches/complete` (until all are finished) or `/_fake/batches/expire`.
+    #[arg(long)]
+    batch_auto: bool,
+    /// Lines of an in-progress batch answered per step (default: all in one step).
+    #[arg(long, value_name = "N")]
+    batch_lines_per_step: Option<usize>,
+    /// Refuse uploaded files larger than this many bytes (400, code file_too_large).
+    #[arg(long, value_name = "BYTES")]
+    batch_max_file_bytes: Option<u64>,
 }
 
 #[tokio::main]
@@ -58,6 +69,10 @@ async fn main() -> std::io::Result<()> {
         fail_every: a.fail_every,
         record_bodies: !a.no_record,
         omit_usage: a.omit_usage,
+        batch_max_file_bytes: a.batch_max_file_bytes,
+        batch_auto_advance: a.batch_auto,
+        batch_lines_per_step: a.batch_lines_per_step,
+        ..Config::default()
     };
     let server = FakeServer::start_on(config, SocketAddr::new(a.host, a.port)).await?;
     {

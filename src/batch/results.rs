@@ -1,0 +1,336 @@
+//! Downloaded result files, indexed by row key: a line is found by its `custom_id`, whatever
+//! order the lines came back in, and read from disk only when its row is written. The index
+//! holds 40 bytes a line, never the completions.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::Error;
+use crate::journal::io_err;
+use crate::provider::openai::{parse_completion, status_error};
+use crate::provider::{Completion, ErrorKind};
+
+/// A result no row of the input matched.
+pub struct Unmatched {
+    pub row: u64,
+    pub fp: [u8; 16],
+    pub idh: u64,
+    pub outcome: Outcome,
+    pub from: Answerer,
+}
+
+/// What a result line says about its row.
+#[derive(Debug)]
+pub enum Outcome {
+    Answered(Completion),
+    /// The API's answer was an error: the row fails (a `--retry-failed` sends it again).
+    Failed {
+        status: Option<u16>,
+        message: String,
+    },
+    /// Never run (the batch expired or was cancelled first): the row is pending.
+    NotRun,
+}
+
+/// A row's key as a batch line's `custom_id` carries it: `r{row}-{fingerprint}[-{id hash}]`.
+pub fn custom_id(row: u64, fp: &[u8; 16], idh: u64) -> String {
+    let fp = crate::request::hex(fp);
+    if idh == 0 {
+        format!("r{row}-{fp}")
+    } else {
+        format!("r{row}-{fp}-{idh:016x}")
+    }
+}
+
+/// The row number and key in a `custom_id`, if it is one of ours.
+pub fn parse_custom_id(id: &str) -> Option<(u64, [u8; 16], u64)> {
+    let mut it = id.split('-');
+    let row = it.next()?.strip_prefix('r')?.parse().ok()?;
+    let fp = crate::request::fingerprint_bytes(it.next()?)?;
+    let idh = match it.next() {
+        Some(h) => u64::from_str_radix(h, 16).ok()?,
+        None => 0,
+    };
+    it.next().is_none().then_some((row, fp, idh))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    fp: [u8; 16],
+    idh: u64,
+    offset: u64,
+    len: u32,
+    file: u16,
+    /// Matched to a row of this run's input.
+    used: bool,
+}
+
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    custom_id: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    #[serde(borrow, default)]
+    response: Option<Response<'a>>,
+    #[serde(default)]
+    error: Option<LineError>,
+}
+
+#[derive(Deserialize)]
+struct Response<'a> {
+    status_code: u16,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct LineError {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The batch a result came from, and how long it took from submission to its end.
+#[derive(Debug, Clone, Default)]
+pub struct Answerer {
+    pub batch_id: String,
+    pub took_ms: u64,
+}
+
+/// Every downloaded line of the batches being collected.
+#[derive(Default)]
+pub struct Results {
+    files: Vec<(PathBuf, File, Answerer)>,
+    entries: Vec<Entry>,
+}
+
+impl Results {
+    /// Indexes one downloaded file of batch `batch_id`. Lines that are not ours are reported
+    /// and skipped.
+    pub fn add_file(&mut self, path: &Path, from: Answerer) -> Result<(), Error> {
+        let file = u16::try_from(self.files.len())
+            .map_err(|_| Error::Other("more than 65535 batch result files at once".into()))?;
+        // Streamed: a results file of a million lines is hundreds of megabytes.
+        let mut reader = std::io::BufReader::with_capacity(
+            1 << 20,
+            File::open(path).map_err(|e| io_err(path, e))?,
+        );
+        let mut line = Vec::with_capacity(4096);
+        let mut offset = 0u64;
+        let mut n = 0u64;
+        loop {
+            line.clear();
+            let k = std::io::BufRead::read_until(&mut reader, b'\n', &mut line)
+                .map_err(|e| io_err(path, e))?;
+            if k == 0 {
+                break;
+            }
+            n += 1;
+            let start = offset;
+            offset += k as u64;
+            let trimmed = line.trim_ascii_end();
+            if trimmed.is_empty() {
+                continue;
+            }
+            let key = serde_json::from_slice::<Head>(trimmed)
+                .ok()
+                .and_then(|h| parse_custom_id(h.custom_id));
+            let Some((_, fp, idh)) = key else {
+                tracing::warn!(
+                    "{}: line {n}: not a result line for one of this job's requests; skipped",
+                    path.display()
+                );
+                continue;
+            };
+            self.entries.push(Entry {
+                fp,
+                idh,
+                offset: start,
+                len: trimmed.len() as u32,
+                file,
+                used: false,
+            });
+        }
+        let f = File::open(path).map_err(|e| io_err(path, e))?;
+        self.files.push((path.to_path_buf(), f, from));
+        Ok(())
+    }
+
+    /// Sorts the index; call once, after the last `add_file`.
+    pub fn seal(&mut self) {
+        self.entries
+            .sort_unstable_by(|a, b| (a.fp, a.idh).cmp(&(b.fp, b.idh)));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn find(&self, fp: &[u8; 16], idh: u64) -> Option<usize> {
+        let i = self.entries.partition_point(|e| (e.fp, e.idh) < (*fp, idh));
+        (i < self.entries.len() && self.entries[i].fp == *fp && self.entries[i].idh == idh)
+            .then_some(i)
+    }
+
+    /// The result for a row, marking it matched. A row answered in two batches (an earlier
+    /// batch expired with the line already run) keeps its first answer.
+    pub fn take(&mut self, fp: &[u8; 16], idh: u64) -> Result<Option<(Outcome, Answerer)>, Error> {
+        let Some(first) = self.find(fp, idh) else {
+            return Ok(None);
+        };
+        let mut chosen = None;
+        let mut i = first;
+        while i < self.entries.len() && self.entries[i].fp == *fp && self.entries[i].idh == idh {
+            self.entries[i].used = true;
+            let outcome = self.read(i)?;
+            if chosen.is_none() && !matches!(outcome.0, Outcome::NotRun) {
+                chosen = Some(outcome);
+            }
+            i += 1;
+        }
+        Ok(chosen.or(Some((Outcome::NotRun, Answerer::default()))))
+    }
+
+    /// Lines no row of this run's input matched: answers for rows that left the input.
+    pub fn unmatched(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.entries.len()).filter(|&i| !self.entries[i].used)
+    }
+
+    /// Entry `i`'s row number, key, outcome and batch.
+    pub fn entry(&self, i: usize) -> Result<Unmatched, Error> {
+        let e = self.entries[i];
+        let buf = self.bytes(i)?;
+        let row = serde_json::from_slice::<Head>(&buf)
+            .ok()
+            .and_then(|h| parse_custom_id(h.custom_id))
+            .map_or(0, |k| k.0);
+        Ok(Unmatched {
+            row,
+            fp: e.fp,
+            idh: e.idh,
+            outcome: outcome(&buf),
+            from: self.files[e.file as usize].2.clone(),
+        })
+    }
+
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, Error> {
+        let e = self.entries[i];
+        let (path, f, _) = &self.files[e.file as usize];
+        let mut buf = vec![0u8; e.len as usize];
+        f.read_exact_at(&mut buf, e.offset)
+            .map_err(|err| io_err(path, err))?;
+        Ok(buf)
+    }
+
+    fn read(&self, i: usize) -> Result<(Outcome, Answerer), Error> {
+        let buf = self.bytes(i)?;
+        let from = self.files[self.entries[i].file as usize].2.clone();
+        Ok((outcome(&buf), from))
+    }
+}
+
+/// Reads one result line. A line whose `response.status_code` is not 2xx fails its row with
+/// the API's message, whether or not `error` is set.
+pub fn outcome(line: &[u8]) -> Outcome {
+    let parsed: Line = match serde_json::from_slice(line) {
+        Ok(l) => l,
+        Err(e) => {
+            return Outcome::Failed {
+                status: None,
+                message: format!("unreadable result line ({e})"),
+            }
+        }
+    };
+    match (parsed.response, parsed.error) {
+        (Some(r), _) if (200..300).contains(&r.status_code) => {
+            let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"null");
+            match parse_completion(body) {
+                Ok(c) => Outcome::Answered(c),
+                Err(e) => Outcome::Failed {
+                    status: Some(r.status_code),
+                    message: format!("the answer is not a chat completion: {}", e.message),
+                },
+            }
+        }
+        (Some(r), _) => {
+            let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"");
+            let e = status_error(None, r.status_code, body, None, None);
+            Outcome::Failed {
+                status: Some(r.status_code),
+                message: e.message,
+            }
+        }
+        (None, Some(e))
+            if matches!(e.code.as_deref(), Some("batch_expired" | "batch_cancelled")) =>
+        {
+            Outcome::NotRun
+        }
+        (None, Some(e)) => Outcome::Failed {
+            status: None,
+            message: format!(
+                "{}{}",
+                e.message.as_deref().unwrap_or("the request failed"),
+                e.code.map(|c| format!(" [{c}]")).unwrap_or_default()
+            ),
+        },
+        (None, None) => Outcome::Failed {
+            status: None,
+            message: "a result line with neither a response nor an error".into(),
+        },
+    }
+}
+
+/// The kind every failed batch line gets: final, so a plain rerun leaves it and
+/// `--retry-failed` sends it again.
+pub const FAILED_KIND: ErrorKind = ErrorKind::BatchLine;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_ids_round_trip() {
+        let fp = [7u8; 16];
+        assert_eq!(parse_custom_id(&custom_id(12, &fp, 0)), Some((12, fp, 0)));
+        assert_eq!(
+            parse_custom_id(&custom_id(3, &fp, 0xdead_beef_0000_0001)),
+            Some((3, fp, 0xdead_beef_0000_0001))
+        );
+        assert_eq!(parse_custom_id("request-1"), None);
+        assert_eq!(parse_custom_id("r1-zz"), None);
+    }
+
+    #[test]
+    fn a_non_2xx_line_fails_with_the_apis_message_even_when_error_is_null() {
+        let line = br#"{"id":"b1","custom_id":"r1-x","response":{"status_code":400,"request_id":"q","body":{"error":{"message":"bad max_tokens","type":"invalid_request_error","code":"invalid_value"}}},"error":null}"#;
+        match outcome(line) {
+            Outcome::Failed { status, message } => {
+                assert_eq!(status, Some(400));
+                assert!(message.contains("bad max_tokens"), "{message}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn expired_lines_are_not_run_and_answers_parse() {
+        let line = br#"{"custom_id":"r1-x","response":null,"error":{"code":"batch_expired","message":"expired"}}"#;
+        assert!(matches!(outcome(line), Outcome::NotRun));
+        let line = br#"{"custom_id":"r1-x","response":{"status_code":200,"body":{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}},"error":null}"#;
+        match outcome(line) {
+            Outcome::Answered(c) => {
+                assert_eq!(c.text, "hi");
+                assert_eq!(c.usage.unwrap().prompt_tokens, 3);
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+}
