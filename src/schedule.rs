@@ -524,6 +524,7 @@ pub async fn run(
             shared.stop(Stop::Write(write_stop_message(&e)));
         }
     }
+    pass.release_index();
     let spool = planner.finish();
     drop(tx);
     // `dispatch` joined every row task, and with them every other reference.

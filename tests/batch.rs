@@ -224,6 +224,19 @@ fn a_kill_between_any_two_steps_loses_nothing_and_submits_nothing_twice() {
         s.complete_batches();
         ok(&f.run(&["batch", "collect", &job]));
         let st = s.stats();
+        let strays = std::fs::read_dir(f.path("out/result.jsonl.batches.d"))
+            .unwrap()
+            .filter(|e| {
+                let n = e
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned();
+                n.starts_with('p') && n.ends_with(".jsonl")
+            })
+            .count();
+        assert_eq!(strays, 3, "{step}: only the submitted files are kept");
         assert_eq!(
             st.batches_created, 3,
             "{step}: 12 rows in files of 5, each once"
@@ -249,6 +262,22 @@ fn rows_are_split_within_the_configured_request_and_byte_limits() {
     assert!(dry.stdout.contains("batch files       4"), "{}", dry.stdout);
     assert!(dry.stdout.contains("batch prices"), "{}", dry.stdout);
     assert_eq!(s.stats().files_uploaded, 0, "a dry run uploads nothing");
+    // At batch prices: half the online bound for the same rows.
+    let bound = |out: &str| -> f64 {
+        let line = out.lines().find(|l| l.starts_with("cost bound")).unwrap();
+        line.split('$')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let online = f.run(&["run", "--dry-run", "--mode", "online", &job]);
+    let ratio = bound(&dry.stdout) / bound(&online.stdout);
+    // (printed to six decimals, so within rounding)
+    assert!((ratio - 0.5).abs() < 0.01, "{ratio}");
     ok(&f.run(&["run", &job]));
     let sizes: Vec<usize> = s
         .batches()
@@ -620,7 +649,9 @@ path = "out/result.jsonl"
     ok(&run(&["run", job]));
     let b = &s.batches()[0];
     assert_eq!(b["endpoint"], "/chat/completions");
-    let content = s.file_content(b["input_file_id"].as_str().unwrap()).unwrap();
+    let content = s
+        .file_content(b["input_file_id"].as_str().unwrap())
+        .unwrap();
     for l in String::from_utf8(content).unwrap().lines() {
         let l: Value = serde_json::from_str(l).unwrap();
         assert_eq!(l["url"], "/chat/completions");

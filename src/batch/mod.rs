@@ -213,11 +213,27 @@ impl Pass {
             failed_batches: Vec::new(),
             budget_stop: None,
         };
+        pass.remove_strays();
         if has_open {
             pass.refresh().await?;
         }
         pass.index()?;
         Ok(pass)
+    }
+
+    /// Input files a killed run wrote but never put on record: nothing refers to them (their
+    /// rows are planned again), so they only take space. The run holds the output's lock.
+    fn remove_strays(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with('p') && name.ends_with(".jsonl");
+            if ours && !self.log.parts.iter().any(|p| p.file == name) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     fn client(&self) -> &Client {
@@ -661,6 +677,13 @@ impl Pass {
             }
         }
         Ok(done)
+    }
+
+    /// Frees the result index and the in-flight keys once every row is routed: compaction,
+    /// which comes next, needs the memory (40 bytes a result line).
+    pub fn release_index(&mut self) {
+        self.results = Results::default();
+        self.in_flight = Vec::new();
     }
 
     /// Drops this run's files unsubmitted (a dry run, or a run that stopped before submitting).
