@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-scripts/prepare.sh
+scripts/prepare.sh --test
 cargo test --release --workspace

@@ -104,7 +104,69 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             println!("{}", p.display());
             Ok(EXIT_OK)
         }
+        Command::Report { output, out, rows } => report(&output, out, rows, quiet),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "promptmill",
+                &mut std::io::stdout(),
+            );
+            Ok(EXIT_OK)
+        }
     }
+}
+
+/// `promptmill report`: the path on stdout, what went in on stderr.
+fn report(
+    output: &Path,
+    out: Option<std::path::PathBuf>,
+    rows: usize,
+    quiet: bool,
+) -> Result<i32, Error> {
+    let target = out.unwrap_or_else(|| crate::job::report_path(output));
+    let opts = crate::report_html::Options {
+        rows,
+        summary: None,
+    };
+    let w = crate::report_html::write(output, &target, &opts)?;
+    if !quiet {
+        eprintln!(
+            "{} records, {} of them in the table",
+            w.records, w.table_rows
+        );
+    }
+    println!("{}", target.display());
+    Ok(EXIT_OK)
+}
+
+/// The run's HTML report. Failing to write it is a warning: the run's outcome and exit code
+/// stand whatever happens here.
+fn run_report(job: &RunReport, summary: &crate::report::Summary) -> Option<std::path::PathBuf> {
+    if !job.on {
+        return None;
+    }
+    let opts = crate::report_html::Options {
+        rows: job.rows,
+        summary: Some(summary.clone()),
+    };
+    match crate::report_html::write(&job.output, &job.path, &opts) {
+        Ok(_) => Some(job.path.clone()),
+        Err(e) => {
+            tracing::warn!("cannot write the report {}: {e}", job.path.display());
+            None
+        }
+    }
+}
+
+/// What `run` needs to know of the job to write its report once the job has been moved into
+/// the run.
+struct RunReport {
+    on: bool,
+    output: std::path::PathBuf,
+    path: std::path::PathBuf,
+    rows: usize,
 }
 
 fn job_overrides(a: &JobArgs) -> Result<Overrides, Error> {
@@ -223,6 +285,12 @@ fn passes(
         let output = job.output.clone();
         let csv = job.csv.clone();
         let summary_path = job.summary_path();
+        let report = RunReport {
+            on: job.report,
+            output: job.output.clone(),
+            path: job.report_path(),
+            rows: job.report_rows,
+        };
         let quiet = opts.quiet;
         let pass_opts = RunOptions {
             fresh: std::mem::take(&mut opts.fresh),
@@ -245,6 +313,7 @@ fn passes(
             &output,
             csv.as_deref(),
             &summary_path,
+            &report,
         );
         let running = summary
             .batch
@@ -278,6 +347,7 @@ fn passes(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn print_summary(
     summary: &crate::report::Summary,
     code: i32,
@@ -286,22 +356,28 @@ fn print_summary(
     output: &Path,
     csv: Option<&Path>,
     summary_path: &Path,
+    report: &RunReport,
 ) {
     if json_logs {
         // Log collectors get the summary as one structured event, not a table.
         let fields = serde_json::to_string(summary).unwrap_or_default();
         let csv = csv.map(|c| c.display().to_string());
-        tracing::info!(summary = %fields, output = %output.display(), csv = ?csv, "run finished");
+        let report = run_report(report, summary).map(|p| p.display().to_string());
+        tracing::info!(summary = %fields, output = %output.display(), csv = ?csv, report = ?report, "run finished");
         return;
     }
     if !quiet || code != EXIT_OK {
         eprint!("{}", summary.table());
     }
+    let report = run_report(report, summary);
     eprintln!("output: {}", output.display());
     if let Some(c) = csv {
         eprintln!("csv: {}", c.display());
     }
     eprintln!("summary: {}", summary_path.display());
+    if let Some(r) = report {
+        eprintln!("report: {}", r.display());
+    }
 }
 
 fn merge(

@@ -103,6 +103,22 @@ pub enum Command {
     },
     /// Download the default local model (Gemma 3 270M, Q4_K_M) into the cache, once.
     FetchModel,
+    /// Make the HTML report of an output file (each run writes OUTPUT.report.html itself).
+    Report {
+        /// The JSONL output.
+        output: PathBuf,
+        /// Write the report here instead of OUTPUT.report.html.
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The table's first N rows; every failed row is added to them.
+        #[arg(long, value_name = "N", default_value_t = crate::job::DEFAULT_REPORT_ROWS)]
+        rows: usize,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]

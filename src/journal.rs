@@ -38,17 +38,28 @@ pub struct Line<'a> {
     pub usage: Option<LineUsage>,
     #[serde(borrow, default)]
     pub input: Option<&'a RawValue>,
+    // For the report's charts: scalars, cheap to read on every line.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub latency_ms: Option<u64>,
+    #[serde(borrow, default)]
+    pub finished_at: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct LineError<'a> {
     pub kind: ErrorKind,
+    #[serde(default)]
+    pub status: Option<u16>,
     #[serde(borrow, default)]
     pub message: Cow<'a, str>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct LineUsage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
     #[serde(default)]
     pub completion_tokens: u64,
 }

@@ -17,6 +17,7 @@
 //! output    the record
 //! export    the CSV export: the JSONL output → one CSV line per record
 //! report    progress and the summary
+//! report_html  the HTML report: an output file → one self-contained page
 //! app       the commands, wired from the CLI
 //! ```
 
@@ -42,6 +43,7 @@ pub mod plan;
 pub mod provider;
 pub mod render;
 pub mod report;
+pub mod report_html;
 pub mod request;
 pub mod retry;
 pub mod schedule;

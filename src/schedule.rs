@@ -702,6 +702,7 @@ fn batch_record(
                 unconfirmed_usd: None,
                 mode: None,
                 batch_id: None,
+                finished_at: Some(crate::output::timestamp_now()),
                 extra: Map::new(),
             }
         }
@@ -1212,6 +1213,7 @@ async fn process(
                 unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
                 mode: None,
                 batch_id: None,
+                finished_at: Some(crate::output::timestamp_now()),
                 extra: Map::new(),
             }
         }
@@ -1299,6 +1301,7 @@ fn error_record(
         unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
         mode: None,
         batch_id: None,
+        finished_at: Some(crate::output::timestamp_now()),
         extra: Map::new(),
     }
 }

@@ -16,6 +16,9 @@ pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 /// bound; the worst case of an unconfirmed attempt). A budget requires a real cap.
 pub const ASSUMED_MAX_OUTPUT: u64 = 4096;
 
+/// The rows the HTML report's table holds by default, besides every failed row.
+pub const DEFAULT_REPORT_ROWS: usize = 1000;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawJob {
@@ -206,6 +209,10 @@ pub struct RawOutput {
     pub path: String,
     pub csv: Option<String>,
     pub csv_escape_formulas: Option<bool>,
+    /// Write `OUTPUT.report.html` after each run (default true).
+    pub report: Option<bool>,
+    /// Rows the report's table holds besides every failed row (default 1,000).
+    pub report_rows: Option<usize>,
 }
 
 /// USD per 1M tokens.
@@ -272,6 +279,10 @@ pub struct Job {
     pub csv: Option<PathBuf>,
     /// Quote CSV cells that a spreadsheet would run as a formula (CSV injection).
     pub csv_escape_formulas: bool,
+    /// Write the HTML report after each run.
+    pub report: bool,
+    /// The report table's first rows (every failed row is added).
+    pub report_rows: usize,
     pub pricing: Option<Pricing>,
     pub mode: Mode,
     pub batch: BatchLimits,
@@ -708,6 +719,8 @@ impl Job {
             output,
             csv,
             csv_escape_formulas: raw.output.csv_escape_formulas.unwrap_or(false),
+            report: raw.output.report.unwrap_or(true),
+            report_rows: raw.output.report_rows.unwrap_or(DEFAULT_REPORT_ROWS),
             pricing: raw.pricing,
             mode,
             batch,
@@ -733,18 +746,13 @@ impl Job {
         sibling(&self.output, ".lock")
     }
 
-    /// `out/x.jsonl` → `out/x.KIND.jsonl`: the output's companions that hold records.
+    /// `OUTPUT.report.html`, beside the JSONL output.
+    pub fn report_path(&self) -> PathBuf {
+        report_path(&self.output)
+    }
+
     fn companion(&self, kind: &str) -> PathBuf {
-        let name = self
-            .output
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let (stem, ext) = match name.rsplit_once('.') {
-            Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
-            _ => (name.clone(), String::new()),
-        };
-        self.output.with_file_name(format!("{stem}.{kind}{ext}"))
+        companion(&self.output, kind)
     }
 
     /// Records of rows that left the input: paid for, so never deleted.
@@ -815,6 +823,24 @@ const RESERVED_EXTRA: &[(&str, &str)] = &[
     ("seed", "set by [model] seed"),
     ("user", "set by [model] user"),
 ];
+
+/// `out/x.jsonl` → `out/x.KIND.jsonl`: the output's companions that hold records.
+pub fn companion(output: &Path, kind: &str) -> PathBuf {
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (stem, ext) = match name.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
+        _ => (name.clone(), String::new()),
+    };
+    output.with_file_name(format!("{stem}.{kind}{ext}"))
+}
+
+/// `out/x.jsonl` → `out/x.jsonl.report.html`, for a job's output or any output file.
+pub fn report_path(output: &Path) -> PathBuf {
+    sibling(output, ".report.html")
+}
 
 /// `out/x.jsonl` + `.lock` → `out/x.jsonl.lock`.
 pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
