@@ -669,6 +669,7 @@ fn batch_record(
     let fingerprint = Some(request::hex(fp));
     let mut record = match outcome {
         Outcome::Answered(c) => {
+            let c = *c;
             let usage = match (c.usage, messages) {
                 (Some(u), _) => u,
                 (None, Some(m)) => usage_of(sh, m, &c),
@@ -728,7 +729,9 @@ fn batch_record(
 }
 
 /// Plans each row and sends those that need it. Returns whether the whole input was read
-/// (so compaction may move the records of rows that left it to the stale file).
+/// (so compaction may move the records of rows that left it to the stale file), how many rows
+/// were read, and how many of them were this shard's.
+#[allow(clippy::too_many_arguments)]
 async fn dispatch(
     shared: &Arc<Shared>,
     renderer: &Renderer,

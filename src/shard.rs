@@ -228,6 +228,9 @@ fn is_output(p: &Path) -> bool {
         .any(|s| name.ends_with(s))
 }
 
+/// A shard's next line in the merge: (smallest row first, then the first-named shard), bytes.
+type Head = (std::cmp::Reverse<(u64, usize)>, Vec<u8>);
+
 /// What `merge` did.
 pub struct Merged {
     pub rows: u64,
@@ -300,7 +303,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Me
         readers.push((p.clone(), BufReader::with_capacity(256 * 1024, f), 0u64));
     }
     // (Reverse(row), shard index): the smallest row first, the first-named shard on ties.
-    let mut heap: BinaryHeap<(std::cmp::Reverse<(u64, usize)>, Vec<u8>)> = BinaryHeap::new();
+    let mut heap: BinaryHeap<Head> = BinaryHeap::new();
     let next = |i: usize,
                 readers: &mut Vec<(PathBuf, BufReader<std::fs::File>, u64)>|
      -> Result<Option<(u64, Vec<u8>)>, Error> {

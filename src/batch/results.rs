@@ -26,7 +26,7 @@ pub struct Unmatched {
 /// What a result line says about its row.
 #[derive(Debug)]
 pub enum Outcome {
-    Answered(Completion),
+    Answered(Box<Completion>),
     /// The API's answer was an error: the row fails (a `--retry-failed` sends it again).
     Failed {
         status: Option<u16>,
@@ -166,8 +166,7 @@ impl Results {
 
     /// Sorts the index; call once, after the last `add_file`.
     pub fn seal(&mut self) {
-        self.entries
-            .sort_unstable_by(|a, b| (a.fp, a.idh).cmp(&(b.fp, b.idh)));
+        self.entries.sort_unstable_by_key(|e| (e.fp, e.idh));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -253,7 +252,7 @@ pub fn outcome(line: &[u8]) -> Outcome {
         (Some(r), _) if (200..300).contains(&r.status_code) => {
             let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"null");
             match parse_completion(body) {
-                Ok(c) => Outcome::Answered(c),
+                Ok(c) => Outcome::Answered(Box::new(c)),
                 Err(e) => Outcome::Failed {
                     status: Some(r.status_code),
                     message: format!("the answer is not a chat completion: {}", e.message),
