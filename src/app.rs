@@ -523,6 +523,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let mut planner = Planner::new(index, keying, false, None);
     let builder = Builder::new(&job, &backend.identity);
     let price = backend.price_for(None, &job.model);
+    let schema_tokens = schedule::schema_tokens(&job, &*backend.counter);
     let max_out = job.params.max_output_tokens();
     let (mut rows, mut bad, mut done, mut copies, mut prompt, mut prompt_todo, mut to_send) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
@@ -554,7 +555,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
         if !crate::shard::owns(&job, &p) {
             continue;
         }
-        let n = backend.counter.count_prompt(&p.request.messages);
+        let n = backend.counter.count_prompt(&p.request.messages) + schema_tokens;
         prompt += n;
         match planner.plan(&p)? {
             Decision::Send => {
@@ -584,7 +585,8 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
             Decision::Done | Decision::DoneFailed | Decision::WriteError => done += 1,
         }
     }
-    let out_cap = max_out.unwrap_or(ASSUMED_MAX_OUTPUT);
+    // `n` choices per request are billed as n times the output.
+    let out_cap = max_out.unwrap_or(ASSUMED_MAX_OUTPUT) * job.params.choices();
     // Expected output: what earlier rows of this job really used, else half the cap.
     let (expected_out, basis) = match mean_completion {
         Some(m) => (m, "the mean of earlier rows of this output"),
@@ -612,6 +614,13 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     println!("same request      {copies} (copied from another row, not sent)");
     println!("rows to send      {to_send}");
     println!("prompt tokens     {prompt} (to send: {prompt_todo})");
+    if schema_tokens > 0 {
+        println!(
+            "  of which schema  {schema_tokens} per row (its JSON text, counted with the model's \
+             tokenizer: OpenAI bills the schema as prompt tokens but does not publish exactly \
+             how, so this is an estimate)"
+        );
+    }
     println!(
         "max output tokens {}{}",
         out_cap * to_send,

@@ -77,6 +77,12 @@ pub struct Params {
     pub stream: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_tier: Option<crate::job::ServiceTier>,
+    /// Choices per request (variants).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// `json_schema` (from `[output] schema`) or `json_object`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<serde_json::Value>,
     /// Any other request field, passed through verbatim (flattened into the body by the
     /// HTTP provider, so it is not serialized here).
     #[serde(skip)]
@@ -87,5 +93,10 @@ impl Params {
     /// The completion token cap the API applies, if the job sets one.
     pub fn max_output_tokens(&self) -> Option<u64> {
         self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// Choices each request asks for.
+    pub fn choices(&self) -> u64 {
+        u64::from(self.n.unwrap_or(1).max(1))
     }
 }

@@ -18,11 +18,13 @@ pub struct CsvOptions {
     /// Prefix text cells a spreadsheet would run as a formula with `'`: completions come from a
     /// model that the input data can steer (OWASP's CSV-injection advice).
     pub escape_formulas: bool,
+    /// The structured output's columns, in order (the schema's top-level properties); `None`:
+    /// the keys of the records' `data`, in first-seen order.
+    pub data_columns: Option<Vec<String>>,
 }
 
-/// The columns after the input's, in order.
-const OUTPUT_COLUMNS: [&str; 7] = [
-    "completion",
+/// The columns after the input's (and the data's), in order.
+const OUTPUT_COLUMNS: [&str; 6] = [
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
@@ -48,8 +50,22 @@ pub fn export_csv(
             &union[..]
         }
     };
+    let (data_union, variants) = shape_of(jsonl)?;
+    let data = opts.data_columns.clone().unwrap_or(data_union);
+    let mut names: Vec<&str> = Vec::new();
+    if variants {
+        names.push("variant");
+    }
+    names.push("completion");
+    names.extend(data.iter().map(String::as_str));
+    names.extend(OUTPUT_COLUMNS);
     let mut header = inputs.to_vec();
-    header.extend(output_columns(inputs));
+    header.extend(output_columns(inputs, &names));
+    let layout = Layout {
+        inputs,
+        data: &data,
+        variants,
+    };
     if let Some(dir) = csv_path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io {
             path: dir.to_path_buf(),
@@ -58,7 +74,7 @@ pub fn export_csv(
     }
     // Written beside and renamed over, so a failure never leaves half a CSV in place of a good one.
     let tmp = crate::job::sibling(csv_path, ".tmp");
-    match write_csv(jsonl, &tmp, csv_path, &header, inputs, opts) {
+    match write_csv(jsonl, &tmp, csv_path, &header, &layout, opts) {
         Ok(n) => {
             std::fs::rename(&tmp, csv_path).map_err(|e| Error::Io {
                 path: csv_path.to_path_buf(),
@@ -74,12 +90,20 @@ pub fn export_csv(
     }
 }
 
+/// Which columns a line has.
+struct Layout<'a> {
+    inputs: &'a [String],
+    data: &'a [String],
+    /// One line per variant, with a `variant` column.
+    variants: bool,
+}
+
 fn write_csv(
     jsonl: &Path,
     tmp: &Path,
     csv_path: &Path,
     header: &[String],
-    inputs: &[String],
+    layout: &Layout,
     opts: &CsvOptions,
 ) -> Result<u64, Error> {
     let io = |e: std::io::Error| Error::Io {
@@ -90,8 +114,18 @@ fn write_csv(
     w.write_record(header).map_err(|e| io(e.into()))?;
     let mut n = 0;
     for r in Records::open(jsonl)? {
-        w.write_record(cells(&r?, inputs, opts))
-            .map_err(|e| io(e.into()))?;
+        let r = r?;
+        match (&r.variants, layout.variants) {
+            (Some(vs), true) if !vs.is_empty() => {
+                for (i, v) in vs.iter().enumerate() {
+                    w.write_record(cells(&r, Some((i, v)), layout, opts))
+                        .map_err(|e| io(e.into()))?;
+                }
+            }
+            _ => w
+                .write_record(cells(&r, None, layout, opts))
+                .map_err(|e| io(e.into()))?,
+        }
         n += 1;
     }
     w.flush().map_err(io)?;
@@ -101,8 +135,16 @@ fn write_csv(
     Ok(n)
 }
 
-/// A record's CSV line: its input cells in `inputs` order, then the output columns.
-fn cells(r: &Record, inputs: &[String], opts: &CsvOptions) -> Vec<String> {
+/// A record's CSV line (or one variant's): its input cells in `inputs` order, then the output
+/// columns. Usage and cost are the request's: on the first variant's line only, so the
+/// column sums to what was paid.
+fn cells(
+    r: &Record,
+    variant: Option<(usize, &crate::output::Variant)>,
+    layout: &Layout,
+    opts: &CsvOptions,
+) -> Vec<String> {
+    let inputs = layout.inputs;
     let text = |s: String| {
         if opts.escape_formulas {
             escape_formula(s)
@@ -120,17 +162,38 @@ fn cells(r: &Record, inputs: &[String], opts: &CsvOptions) -> Vec<String> {
             })
         })
         .collect();
+    let first = variant.is_none_or(|(i, _)| i == 0);
     let tokens = |count: fn(&Usage) -> u64| {
         r.usage
             .as_ref()
+            .filter(|_| first)
             .map(|u| count(u).to_string())
             .unwrap_or_default()
     };
-    cells.push(text(r.completion.clone().unwrap_or_default()));
+    if layout.variants {
+        cells.push(variant.map_or_else(|| "1".into(), |(i, _)| (i + 1).to_string()));
+    }
+    let (completion, data) = match variant {
+        Some((_, v)) => (Some(v.completion.clone()), v.data.as_ref()),
+        None => (r.completion.clone(), r.data.as_ref()),
+    };
+    cells.push(text(completion.unwrap_or_default()));
+    for col in layout.data {
+        cells.push(text(match data.and_then(|d| d.get(col)) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(v) => v.to_string(),
+        }));
+    }
     cells.push(tokens(|u| u.prompt_tokens));
     cells.push(tokens(|u| u.completion_tokens));
     cells.push(tokens(|u| u.total_tokens));
-    cells.push(r.cost_usd.map(|c| format!("{c:.8}")).unwrap_or_default());
+    cells.push(
+        r.cost_usd
+            .filter(|_| first)
+            .map(|c| format!("{c:.8}"))
+            .unwrap_or_default(),
+    );
     cells.push(
         match r.status {
             Status::Ok => "ok",
@@ -159,10 +222,10 @@ fn escape_formula(s: String) -> String {
 
 /// The output columns' names; one that an input column already has becomes
 /// `promptmill_NAME` (then `_2`, `_3`…), so no header names two columns alike.
-fn output_columns(inputs: &[String]) -> Vec<String> {
+fn output_columns(inputs: &[String], names: &[&str]) -> Vec<String> {
     let mut taken: HashSet<String> = inputs.iter().cloned().collect();
-    let mut out = Vec::with_capacity(OUTPUT_COLUMNS.len());
-    for name in OUTPUT_COLUMNS {
+    let mut out = Vec::with_capacity(names.len());
+    for &name in names {
         let mut chosen = name.to_string();
         if taken.contains(&chosen) {
             let base = format!("promptmill_{name}");
@@ -181,6 +244,25 @@ fn output_columns(inputs: &[String]) -> Vec<String> {
         out.push(chosen);
     }
     out
+}
+
+/// The keys of the records' `data` in first-seen order, and whether any record has variants.
+fn shape_of(jsonl: &Path) -> Result<(Vec<String>, bool), Error> {
+    let mut seen = HashSet::new();
+    let mut columns = Vec::new();
+    let mut variants = false;
+    for r in Records::open(jsonl)? {
+        let r = r?;
+        variants |= r.variants.as_ref().is_some_and(|v| !v.is_empty());
+        if let Some(Value::Object(d)) = &r.data {
+            for key in d.keys() {
+                if seen.insert(key.clone()) {
+                    columns.push(key.clone());
+                }
+            }
+        }
+    }
+    Ok((columns, variants))
 }
 
 /// Every input key of every record, in first-seen order: one streaming pass, so a record
@@ -289,7 +371,7 @@ mod tests {
         let jsonl = dir.path().join("out.jsonl");
         std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
         let csv_path = dir.path().join("out.csv");
-        let n = export_csv(&jsonl, &csv_path, inputs, &CsvOptions { escape_formulas })?;
+        let n = export_csv(&jsonl, &csv_path, inputs, &CsvOptions { escape_formulas, data_columns: None })?;
         let mut rdr = csv::ReaderBuilder::new()
             .has_headers(false)
             .from_path(&csv_path)
@@ -457,6 +539,7 @@ mod tests {
         std::fs::write(&jsonl, ok(1, json!({"a": "1"}), "x") + "\nnot json\n").unwrap();
         let opts = CsvOptions {
             escape_formulas: false,
+            data_columns: None,
         };
         let header = strings(&["a"]);
         for inputs in [None, Some(&header[..])] {
@@ -476,6 +559,7 @@ mod tests {
         std::fs::create_dir(&csv_path).unwrap();
         let opts = CsvOptions {
             escape_formulas: false,
+            data_columns: None,
         };
         match export_csv(&jsonl, &csv_path, None, &opts) {
             Err(Error::Io { path, .. }) => assert_eq!(path, csv_path),

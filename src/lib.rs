@@ -47,5 +47,6 @@ pub mod report_html;
 pub mod request;
 pub mod retry;
 pub mod schedule;
+pub mod shape;
 pub mod shard;
 pub mod tokens;

@@ -26,6 +26,24 @@ pub struct CopiedFrom {
     pub id: String,
 }
 
+/// One choice of a row's completion.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Variant {
+    pub completion: String,
+    pub finish_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// A completion that was not kept.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InvalidAttempt {
+    /// 1 = the first request for the row.
+    pub attempt: u32,
+    pub variant: u32,
+    pub problems: Vec<String>,
+}
+
 /// One finished row. `row` comes first: a canonical line starts with it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
@@ -62,6 +80,19 @@ pub struct Record {
     /// time are drawn from. Absent in records written before it was added.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// The completion parsed as JSON, when the job asks for JSON (`[output] schema`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Every choice when the job asks for several (`[model] n`); `completion` is the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variants: Option<Vec<Variant>>,
+    /// Completions that broke the schema or a check and were asked for again: on which
+    /// attempt, which variant, and what was wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid_attempts: Option<Vec<InvalidAttempt>>,
+    /// Streamed: milliseconds to the first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<u64>,
     /// Fields another tool added to the line: kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,

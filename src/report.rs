@@ -46,6 +46,8 @@ pub struct Stats {
     /// Batches still running on the server when this run began.
     pub batches_running: u64,
     latency: Histogram<u64>,
+    /// Streamed rows' time to first token.
+    ttft: Histogram<u64>,
     started: Instant,
 }
 
@@ -76,6 +78,7 @@ impl Default for Stats {
             batches_submitted: 0,
             batches_running: 0,
             latency: Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
+            ttft: Histogram::new_with_bounds(1, 3_600_000, 2).expect("valid histogram bounds"),
             started: Instant::now(),
         }
     }
@@ -113,6 +116,9 @@ impl Stats {
         if r.fingerprint.is_some() {
             let _ = self.latency.record(r.latency_ms.max(1));
         }
+        if let Some(t) = r.ttft_ms {
+            let _ = self.ttft.record(t.max(1));
+        }
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -142,6 +148,8 @@ impl Stats {
             rows_per_s: if wall > 0.0 { done as f64 / wall } else { 0.0 },
             latency_p50_ms: has_latency.then(|| self.latency.value_at_quantile(0.5)),
             latency_p95_ms: has_latency.then(|| self.latency.value_at_quantile(0.95)),
+            ttft_p50_ms: (!self.ttft.is_empty()).then(|| self.ttft.value_at_quantile(0.5)),
+            ttft_p95_ms: (!self.ttft.is_empty()).then(|| self.ttft.value_at_quantile(0.95)),
             retries: self.retries,
             rate_limited: self.rate_limited,
             rows_copied: self.copied,
@@ -200,6 +208,11 @@ pub struct Summary {
     pub rows_per_s: f64,
     pub latency_p50_ms: Option<u64>,
     pub latency_p95_ms: Option<u64>,
+    /// Streamed rows: time to first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p50_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p95_ms: Option<u64>,
     pub retries: u64,
     pub rate_limited: u64,
     /// Rows not sent because another row made the same request; their records are copies.
@@ -359,6 +372,12 @@ impl Summary {
                     format!("{} / {}", self.cached_tokens, self.reasoning_tokens),
                 ),
             );
+        }
+        if self.ttft_p50_ms.is_some() {
+            rows.push((
+                "first token p50 / p95",
+                format!("{} / {}", ms(self.ttft_p50_ms), ms(self.ttft_p95_ms)),
+            ));
         }
         if let Some(s) = &self.stopped {
             rows.push(("stopped", s.clone()));

@@ -206,6 +206,21 @@ struct Reservation {
 }
 
 impl Reservation {
+    /// Reserves `more` for another attempt of the same row; `false` when the budget has no
+    /// room for it (nothing is reserved then).
+    fn grow(&mut self, more: f64) -> bool {
+        let mut b = self.sh.budget.lock().unwrap();
+        if let Some(cap) = b.cap {
+            if b.total() + b.batches + b.reserved + more > cap {
+                return false;
+            }
+        }
+        b.reserved += more;
+        drop(b);
+        self.bound += more;
+        true
+    }
+
     fn settle(mut self, spent: f64, unconfirmed: f64) {
         let mut b = self.sh.budget.lock().unwrap();
         b.reserved = (b.reserved - self.bound).max(0.0);
@@ -313,6 +328,10 @@ struct Shared {
     breaker: Mutex<Breaker>,
     unknown_price_warned: AtomicBool,
     no_usage_warned: AtomicBool,
+    /// The job's schema and checks, compiled; `None` when it has none.
+    shape: Option<crate::shape::Shape>,
+    /// The schema's tokens, billed with every prompt (see `schema_tokens`).
+    schema_tokens: u64,
     tx: mpsc::Sender<Msg>,
 }
 
@@ -432,6 +451,19 @@ fn open_output(
     })
 }
 
+/// The tokens a structured output's schema adds to every prompt, as nearly as is known: its
+/// JSON text counted with the model's tokenizer (OpenAI bills the schema as prompt tokens but
+/// does not publish how it is rendered). 0 without a schema.
+pub fn schema_tokens(job: &Job, counter: &dyn crate::provider::TokenCounter) -> u64 {
+    job.shape
+        .schema
+        .as_ref()
+        .map(|(name, v)| {
+            counter.count_text(name) + counter.count_text(&serde_json::to_string(v).unwrap_or_default())
+        })
+        .unwrap_or(0)
+}
+
 /// How the job's rows are keyed in the ledger.
 pub fn keying(job: &Job) -> Keying {
     Keying {
@@ -502,6 +534,8 @@ pub async fn run(
         breaker: Mutex::new(Breaker::default()),
         unknown_price_warned: AtomicBool::new(false),
         no_usage_warned: AtomicBool::new(false),
+        shape: crate::shape::Shape::of(&job)?,
+        schema_tokens: schema_tokens(&job, &*backend.counter),
         tx: tx.clone(),
         backend,
         job,
@@ -704,6 +738,10 @@ fn batch_record(
                 mode: None,
                 batch_id: None,
                 finished_at: Some(crate::output::timestamp_now()),
+                data: None,
+                variants: None,
+                invalid_attempts: None,
+                ttft_ms: None,
                 extra: Map::new(),
             }
         }
@@ -899,16 +937,18 @@ async fn dispatch(
         // job's or one learned from headers) or a budget.
         let counted = job.max_cost_usd.is_some() || shared.pacer.paces_tokens();
         let prompt_tokens = if counted {
-            shared.backend.counter.count_prompt(&p.request.messages)
+            shared.backend.counter.count_prompt(&p.request.messages) + shared.schema_tokens
         } else {
             0
         };
-        let pace_tokens = prompt_tokens + max_output.unwrap_or(0);
+        // `n` choices are billed (and paced) as n times the output.
+        let out_cap = max_output.unwrap_or(0) * job.params.choices();
+        let pace_tokens = prompt_tokens + out_cap;
         // The budget: the whole output's spend, plus every request in flight at its worst
         // case. `Job` refuses a budget without a completion cap, so the bound is a bound.
         let bound = shared
             .price(None)
-            .map(|pr| pr.bound(prompt_tokens, max_output.unwrap_or(0)))
+            .map(|pr| pr.bound(prompt_tokens, out_cap))
             .unwrap_or(0.0);
         // While requests in flight hold reservations, wait for them to settle before calling
         // the budget spent: a stop then means the output's spend is really at the cap, so the
@@ -918,7 +958,7 @@ async fn dispatch(
             {
                 let mut b = shared.budget.lock().unwrap();
                 match b.cap {
-                    Some(cap) if b.total() + b.reserved + bound > cap => {
+                    Some(cap) if b.total() + b.batches + b.reserved + bound > cap => {
                         if b.holders == 0 {
                             break Err((b.total(), cap));
                         }
@@ -1018,7 +1058,7 @@ fn add_to_batch(
         let n = shared.backend.counter.count_prompt(&p.request.messages);
         shared
             .price(None)
-            .map(|pr| pr.bound(n, max_output.unwrap_or(0)))
+            .map(|pr| pr.bound(n, max_output.unwrap_or(0) * job.params.choices()))
             .unwrap_or(0.0)
     } else {
         0.0
@@ -1078,115 +1118,326 @@ fn add_to_batch(
     }
 }
 
-/// Sends one row with retries. `None`: the row stays pending (job stopped or interrupted).
-async fn process(
+/// One request's attempts: retries, 429s, and what may have been billed without an answer.
+struct Sending {
+    retrier: crate::retry::Retrier,
+    attempts: u32,
+    rate_limited: u32,
+    unconfirmed: f64,
+    pace_tokens: u64,
+    prompt_tokens: Option<u64>,
+}
+
+/// Sends one request until it is answered or fails for good. `None`: the row stays pending
+/// (the job stopped, a signal, an outage).
+async fn send(
     sh: &Arc<Shared>,
-    p: Prepared,
-    reservation: Reservation,
-    mut pace_tokens: u64,
-    mut prompt_tokens: Option<u64>,
-) -> Option<Msg> {
-    let started = Instant::now();
+    row: u64,
+    request: &request::Request,
+    choices: u64,
+    started: Instant,
+    st: &mut Sending,
+) -> Option<Result<Completion, ProviderError>> {
     let signals = &sh.stopper.signals;
-    let mut retrier = sh.retry.start();
-    let mut attempts = 0u32;
-    let mut rate_limited = 0u32;
-    let mut unconfirmed = 0.0;
     // The worst case of one attempt that may have been billed without an answer.
     let worst = |prompt_tokens: &mut Option<u64>| -> f64 {
         let n = *prompt_tokens
-            .get_or_insert_with(|| sh.backend.counter.count_prompt(&p.request.messages));
+            .get_or_insert_with(|| sh.backend.counter.count_prompt(&request.messages));
         let out = sh
             .job
             .params
             .max_output_tokens()
             .unwrap_or(crate::job::ASSUMED_MAX_OUTPUT);
-        sh.price(None).map(|pr| pr.bound(n, out)).unwrap_or(0.0)
+        sh.price(None)
+            .map(|pr| pr.bound(n, out * choices))
+            .unwrap_or(0.0)
+    };
+    loop {
+        st.attempts += 1;
+        let result = tokio::select! {
+            biased;
+            _ = signals.abort.cancelled() => {
+                // Cancelled after it was sent: the server may bill it anyway.
+                st.unconfirmed += worst(&mut st.prompt_tokens);
+                return None;
+            }
+            r = sh.backend.provider.complete(request) => r,
+        };
+        let e = match result {
+            Ok(c) => {
+                sh.pacer.observe(c.rate_limits.as_ref());
+                sh.pacer.succeeded();
+                sh.breaker.lock().unwrap().success();
+                return Some(Ok(c));
+            }
+            Err(e) => e,
+        };
+        if e.maybe_billed {
+            st.unconfirmed += worst(&mut st.prompt_tokens);
+        }
+        if e.kind == ErrorKind::RateLimited {
+            st.rate_limited += 1;
+            sh.pacer.rate_limited(e.retry_after, e.rate_limits.as_ref());
+        } else {
+            sh.pacer.observe(e.rate_limits.as_ref());
+        }
+        if e.kind.disposition() == Disposition::StopJob {
+            sh.stop(Stop::Job(job_stop_message(&sh.job, &e)));
+            return None;
+        }
+        let tripped = sh.breaker.lock().unwrap().failure(&e, sh.job.outage);
+        if let Some(cause) = tripped {
+            sh.stop(Stop::Job(format!(
+                "{}: {cause}. Rows not done stay pending: run the same command again \
+                 once the endpoint is back",
+                sh.job.base_url
+            )));
+            return None;
+        }
+        match st.retrier.next_delay(&e) {
+            Some(delay) => {
+                tracing::debug!(row, attempt = st.attempts, "retrying in {delay:?}: {e}");
+                // A retry is a new request: after a stop, the row waits for the rerun.
+                tokio::select! {
+                    _ = signals.stop.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                if st.prompt_tokens.is_none() && sh.pacer.paces_tokens() {
+                    // A token limit was learned since this row was dispatched.
+                    let n = sh.backend.counter.count_prompt(&request.messages);
+                    st.pace_tokens += n;
+                    st.prompt_tokens = Some(n);
+                }
+                tokio::select! {
+                    _ = signals.stop.cancelled() => return None,
+                    _ = sh.pacer.acquire(st.pace_tokens) => {}
+                }
+            }
+            None if e.kind.disposition() == Disposition::Retry
+                && sh.breaker.lock().unwrap().nothing_succeeded_since(started) =>
+            {
+                // Every request has failed since this row began: an outage is not a verdict
+                // on the row. Keep trying until something succeeds (then the row fails as
+                // usual) or the breaker stops the job (the row stays pending).
+                tokio::select! {
+                    _ = signals.stop.cancelled() => return None,
+                    _ = tokio::time::sleep(OUTAGE_PROBE) => {}
+                }
+            }
+            None => return Some(Err(e)),
+        }
+    }
+}
+
+/// A row's completion once its shape is judged: its choices, what was kept of each, and what
+/// every attempt cost.
+struct Shaped {
+    choices: Vec<crate::provider::Choice>,
+    data: Vec<Option<serde_json::Value>>,
+    invalid: Vec<crate::output::InvalidAttempt>,
+    /// Still wrong after the last attempt: the row fails with this kind and message.
+    failure: Option<(ErrorKind, String)>,
+    usage: Usage,
+}
+
+fn add_usage(a: &mut Usage, b: &Usage) {
+    a.prompt_tokens += b.prompt_tokens;
+    a.completion_tokens += b.completion_tokens;
+    a.total_tokens += b.total_tokens;
+    a.cached_tokens = match (a.cached_tokens, b.cached_tokens) {
+        (None, None) => None,
+        (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
+    };
+    a.reasoning_tokens = match (a.reasoning_tokens, b.reasoning_tokens) {
+        (None, None) => None,
+        (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
+    };
+    a.estimated |= b.estimated;
+}
+
+/// Judges every choice against the job's shape and asks again for those that break it, up to
+/// `max_invalid` times, each time for only the failing choices (with `n` set to how many).
+/// Every attempt's tokens are counted; a regeneration that the budget has no room for is not
+/// sent. `None`: the row stays pending.
+#[allow(clippy::too_many_arguments)]
+async fn shape_up(
+    sh: &Arc<Shared>,
+    shape: &crate::shape::Shape,
+    p: &Prepared,
+    first: Completion,
+    reservation: &mut Reservation,
+    started: Instant,
+    st: &mut Sending,
+) -> Option<(Shaped, Completion)> {
+    use crate::shape::Verdict;
+    let mut usage = usage_of(sh, &p.request.messages, &first);
+    let mut choices = first.all_choices();
+    let mut data: Vec<Option<serde_json::Value>> = vec![None; choices.len()];
+    let mut invalid = Vec::new();
+    let mut refused: Option<String> = None;
+    let mut attempt = 1u32;
+    let mut last = first;
+    loop {
+        let mut failing = Vec::new();
+        for (i, c) in choices.iter().enumerate() {
+            if data[i].is_some() {
+                continue; // judged fine on an earlier attempt
+            }
+            match shape.judge(&c.text, c.refusal.as_deref(), &p.row.fields) {
+                Verdict::Ok(d) => data[i] = Some(d.unwrap_or(serde_json::Value::Null)),
+                Verdict::Refused(r) => refused = Some(r),
+                Verdict::Invalid(problems) => {
+                    invalid.push(crate::output::InvalidAttempt {
+                        attempt,
+                        variant: i as u32,
+                        problems,
+                    });
+                    failing.push(i);
+                }
+            }
+        }
+        let failure = if let Some(r) = &refused {
+            Some((ErrorKind::Refusal, format!("the model refused: {r}")))
+        } else if failing.is_empty() {
+            None
+        } else if attempt > shape.max_invalid {
+            let quoted: Vec<String> = invalid
+                .iter()
+                .filter(|a| a.attempt == attempt)
+                .map(|a| format!("variant {}: {}", a.variant + 1, a.problems.join("; ")))
+                .collect();
+            Some((
+                ErrorKind::InvalidOutput,
+                format!(
+                    "still wrong after {attempt} attempt(s) ([output] max_invalid = {}): {}",
+                    shape.max_invalid,
+                    quoted.join(" | ")
+                ),
+            ))
+        } else {
+            // Ask again, for the failing choices only, within the budget.
+            let k = failing.len() as u64;
+            let n = st
+                .prompt_tokens
+                .get_or_insert_with(|| sh.backend.counter.count_prompt(&p.request.messages));
+            let out = sh.job.params.max_output_tokens().unwrap_or(0);
+            let bound = sh.price(None).map(|pr| pr.bound(*n, out * k)).unwrap_or(0.0);
+            if !reservation.grow(bound) {
+                Some((
+                    ErrorKind::InvalidOutput,
+                    format!(
+                        "not asked again: the budget has no room for another attempt; {}",
+                        invalid
+                            .iter()
+                            .filter(|a| a.attempt == attempt)
+                            .map(|a| a.problems.join("; "))
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    ),
+                ))
+            } else {
+                attempt += 1;
+                let body = with_choices(&p.request.body, k, sh.job.params.n.is_some());
+                let again = request::Request {
+                    messages: p.request.messages.clone(),
+                    body,
+                };
+                let c = match send(sh, p.row.number, &again, k, started, st).await? {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The row's request failed outright this time: it fails as such.
+                        return Some((
+                            Shaped {
+                                choices,
+                                data,
+                                invalid,
+                                failure: Some((e.kind, e.message)),
+                                usage,
+                            },
+                            last,
+                        ));
+                    }
+                };
+                add_usage(&mut usage, &usage_of(sh, &again.messages, &c));
+                for (slot, new) in failing.iter().zip(c.all_choices()) {
+                    choices[*slot] = new;
+                }
+                last = c;
+                continue;
+            }
+        };
+        let data = data.into_iter().collect();
+        return Some((
+            Shaped {
+                choices,
+                data,
+                invalid,
+                failure,
+                usage,
+            },
+            last,
+        ));
+    }
+}
+
+/// The body asking for `k` choices: the row's own body when that is what it asked.
+fn with_choices(body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes {
+    if k == 1 && !had_n {
+        return body.clone();
+    }
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).expect("our own body parses");
+    if k == 1 {
+        v.remove("n");
+    } else {
+        v.insert("n".into(), k.into());
+    }
+    bytes::Bytes::from(serde_json::to_vec(&v).expect("serializes"))
+}
+
+/// Sends one row with retries, then (when the job has a shape) asks again for what breaks
+/// it. `None`: the row stays pending (job stopped or interrupted).
+async fn process(
+    sh: &Arc<Shared>,
+    p: Prepared,
+    mut reservation: Reservation,
+    pace_tokens: u64,
+    prompt_tokens: Option<u64>,
+) -> Option<Msg> {
+    let started = Instant::now();
+    let mut st = Sending {
+        retrier: sh.retry.start(),
+        attempts: 0,
+        rate_limited: 0,
+        unconfirmed: 0.0,
+        pace_tokens,
+        prompt_tokens,
     };
     let pending = |reservation: Reservation, unconfirmed: f64| {
         reservation.settle(0.0, unconfirmed);
         (unconfirmed > 0.0).then_some(Msg::Unconfirmed(unconfirmed))
     };
-    let outcome = loop {
-        attempts += 1;
-        let result = tokio::select! {
-            biased;
-            _ = signals.abort.cancelled() => {
-                // Cancelled after it was sent: the server may bill it anyway.
-                unconfirmed += worst(&mut prompt_tokens);
-                return pending(reservation, unconfirmed);
-            }
-            r = sh.backend.provider.complete(&p.request) => r,
-        };
-        match result {
-            Ok(c) => {
-                sh.pacer.observe(c.rate_limits.as_ref());
-                sh.pacer.succeeded();
-                sh.breaker.lock().unwrap().success();
-                break Ok(c);
-            }
-            Err(e) => {
-                if e.maybe_billed {
-                    unconfirmed += worst(&mut prompt_tokens);
-                }
-                if e.kind == ErrorKind::RateLimited {
-                    rate_limited += 1;
-                    sh.pacer.rate_limited(e.retry_after, e.rate_limits.as_ref());
-                } else {
-                    sh.pacer.observe(e.rate_limits.as_ref());
-                }
-                if e.kind.disposition() == Disposition::StopJob {
-                    sh.stop(Stop::Job(job_stop_message(&sh.job, &e)));
-                    return pending(reservation, unconfirmed);
-                }
-                let tripped = sh.breaker.lock().unwrap().failure(&e, sh.job.outage);
-                if let Some(cause) = tripped {
-                    sh.stop(Stop::Job(format!(
-                        "{}: {cause}. Rows not done stay pending: run the same command again \
-                         once the endpoint is back",
-                        sh.job.base_url
-                    )));
-                    return pending(reservation, unconfirmed);
-                }
-                match retrier.next_delay(&e) {
-                    Some(delay) => {
-                        tracing::debug!(
-                            row = p.row.number,
-                            attempt = attempts,
-                            "retrying in {delay:?}: {e}"
-                        );
-                        // A retry is a new request: after a stop, the row waits for the rerun.
-                        tokio::select! {
-                            _ = signals.stop.cancelled() => return pending(reservation, unconfirmed),
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                        if prompt_tokens.is_none() && sh.pacer.paces_tokens() {
-                            // A token limit was learned since this row was dispatched.
-                            let n = sh.backend.counter.count_prompt(&p.request.messages);
-                            pace_tokens += n;
-                            prompt_tokens = Some(n);
-                        }
-                        tokio::select! {
-                            _ = signals.stop.cancelled() => return pending(reservation, unconfirmed),
-                            _ = sh.pacer.acquire(pace_tokens) => {}
-                        }
-                    }
-                    None if e.kind.disposition() == Disposition::Retry
-                        && sh.breaker.lock().unwrap().nothing_succeeded_since(started) =>
-                    {
-                        // Every request has failed since this row began: an outage is not a
-                        // verdict on the row. Keep trying until something succeeds (then the row
-                        // fails as usual) or the breaker stops the job (the row stays pending).
-                        tokio::select! {
-                            _ = signals.stop.cancelled() => return pending(reservation, unconfirmed),
-                            _ = tokio::time::sleep(OUTAGE_PROBE) => {}
-                        }
-                    }
-                    None => break Err(e),
-                }
+    let choices = sh.job.params.choices();
+    let Some(outcome) = send(sh, p.row.number, &p.request, choices, started, &mut st).await
+    else {
+        return pending(reservation, st.unconfirmed);
+    };
+    let shaped = match (outcome, sh.shape.as_ref()) {
+        (Ok(c), Some(shape)) => {
+            match shape_up(sh, shape, &p, c, &mut reservation, started, &mut st).await {
+                Some((s, c)) => Ok((c, Some(s))),
+                None => return pending(reservation, st.unconfirmed),
             }
         }
+        (Ok(c), None) => Ok((c, None)),
+        (Err(e), _) => Err(e),
     };
+    let Sending {
+        attempts,
+        rate_limited,
+        unconfirmed,
+        ..
+    } = st;
     let latency_ms = started.elapsed().as_millis() as u64;
     let Prepared {
         row,
@@ -1194,18 +1445,21 @@ async fn process(
         request,
     } = p;
     let fingerprint = request::hex(&fingerprint);
-    let record = match outcome {
-        Ok(c) => {
-            let usage = usage_of(sh, &request.messages, &c);
+    let record = match shaped {
+        Ok((c, shaped)) => {
+            let usage = match &shaped {
+                Some(s) => s.usage,
+                None => usage_of(sh, &request.messages, &c),
+            };
             let cost = sh.price(c.model.as_deref()).map(|pr| pr.cost(&usage));
-            Record {
+            let mut record = Record {
                 row: row.number,
                 id: row.id,
                 status: Status::Ok,
                 input: row.fields,
-                completion: Some(c.text),
-                finish_reason: c.finish_reason,
-                model: c.model,
+                completion: Some(c.text.clone()),
+                finish_reason: c.finish_reason.clone(),
+                model: c.model.clone(),
                 usage: Some(usage),
                 cost_usd: cost,
                 attempts,
@@ -1217,8 +1471,51 @@ async fn process(
                 mode: None,
                 batch_id: None,
                 finished_at: Some(crate::output::timestamp_now()),
+                data: None,
+                variants: None,
+                invalid_attempts: None,
+                ttft_ms: c.ttft_ms,
                 extra: Map::new(),
+            };
+            let (choices, data) = match shaped {
+                Some(s) => {
+                    record.invalid_attempts = (!s.invalid.is_empty()).then_some(s.invalid);
+                    if let Some((kind, message)) = s.failure {
+                        tracing::warn!("row {}: {message}", record.row);
+                        record.status = Status::Error;
+                        record.error = Some(RecordError {
+                            kind,
+                            status: None,
+                            message,
+                        });
+                    }
+                    (s.choices, s.data)
+                }
+                None => {
+                    let ch = c.all_choices();
+                    let n = ch.len();
+                    (ch, vec![None; n])
+                }
+            };
+            if let Some(first) = choices.first() {
+                record.completion = Some(first.text.clone());
+                record.finish_reason = first.finish_reason.clone();
             }
+            record.data = data.first().cloned().flatten();
+            if sh.job.params.choices() > 1 || choices.len() > 1 {
+                record.variants = Some(
+                    choices
+                        .into_iter()
+                        .zip(data)
+                        .map(|(c, d)| crate::output::Variant {
+                            completion: c.text,
+                            finish_reason: c.finish_reason,
+                            data: d,
+                        })
+                        .collect(),
+                );
+            }
+            record
         }
         Err(e) => {
             tracing::warn!(
@@ -1305,6 +1602,10 @@ fn error_record(
         mode: None,
         batch_id: None,
         finished_at: Some(crate::output::timestamp_now()),
+        data: None,
+        variants: None,
+        invalid_attempts: None,
+        ttft_ms: None,
         extra: Map::new(),
     }
 }
@@ -1451,6 +1752,12 @@ fn finish(
         if let Some(csv) = &job.csv {
             let opts = CsvOptions {
                 escape_formulas: job.csv_escape_formulas,
+                // The schema's top-level properties, in its order.
+                data_columns: job.shape.schema.as_ref().and_then(|(_, v)| {
+                    v.get("properties")
+                        .and_then(serde_json::Value::as_object)
+                        .map(|p| p.keys().cloned().collect())
+                }),
             };
             crate::export::export_csv(&job.output, csv, header.as_deref(), &opts)?;
         }

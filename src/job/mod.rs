@@ -117,6 +117,8 @@ pub struct RawModel {
     pub stream: Option<bool>,
     /// OpenAI's processing tier: `flex` is slower and billed at batch prices.
     pub service_tier: Option<ServiceTier>,
+    /// Choices per row (variants); default 1.
+    pub n: Option<u32>,
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
@@ -135,6 +137,8 @@ impl RawModel {
             user: self.user.clone(),
             stream: self.stream,
             service_tier: self.service_tier,
+            n: self.n,
+            response_format: None,
             extra: self.extra.clone(),
         }
     }
@@ -213,6 +217,54 @@ pub struct RawOutput {
     pub report: Option<bool>,
     /// Rows the report's table holds besides every failed row (default 1,000).
     pub report_rows: Option<usize>,
+    /// A JSON Schema the completion must follow: a file (relative to the job file) or an
+    /// inline table. Sent as `response_format` json_schema (strict).
+    pub schema: Option<toml::Value>,
+    /// The schema's name in the request (default: the file's stem, or `output`).
+    pub schema_name: Option<String>,
+    /// `json_object`: ask for JSON without a schema.
+    pub response_format: Option<String>,
+    /// Times a completion that breaks the schema or a check is asked for again (default 2).
+    pub max_invalid: Option<u32>,
+    pub checks: Option<RawChecks>,
+}
+
+/// `[output.checks]`: what a plain-text completion must satisfy.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChecks {
+    pub max_chars: Option<usize>,
+    pub min_chars: Option<usize>,
+    pub max_words: Option<usize>,
+    pub must_match: Option<String>,
+    pub must_not_match: Option<String>,
+    /// Each a Tera template over the row (`"{{ name }}"`) or a literal.
+    #[serde(default)]
+    pub must_contain: Vec<String>,
+}
+
+/// Validated `[output]` shape: the schema, the checks, and how often to ask again.
+#[derive(Debug, Clone, Default)]
+pub struct OutputShape {
+    /// (name, schema) when the job has one.
+    pub schema: Option<(String, serde_json::Value)>,
+    /// JSON without a schema (`response_format = "json_object"`).
+    pub json_object: bool,
+    pub checks: RawChecks,
+    pub max_invalid: u32,
+}
+
+impl OutputShape {
+    pub fn is_empty(&self) -> bool {
+        self.schema.is_none()
+            && !self.json_object
+            && self.checks.max_chars.is_none()
+            && self.checks.min_chars.is_none()
+            && self.checks.max_words.is_none()
+            && self.checks.must_match.is_none()
+            && self.checks.must_not_match.is_none()
+            && self.checks.must_contain.is_empty()
+    }
 }
 
 /// USD per 1M tokens.
@@ -288,6 +340,8 @@ pub struct Job {
     pub batch: BatchLimits,
     /// This run's shard of the input, if the job is split (`--shard K/N`).
     pub shard: Option<crate::shard::Shard>,
+    /// What a completion must look like: schema, checks, and how often to ask again.
+    pub shape: OutputShape,
 }
 
 /// Command-line values that override the job file.
@@ -575,7 +629,21 @@ impl Job {
             }
             None => None,
         };
-        let params = model.params();
+        let mut params = model.params();
+        let shape = output_shape(path, &dir, &raw.output)?;
+        params.response_format = match &shape.schema {
+            Some((name, schema)) => Some(serde_json::json!({
+                "type": "json_schema",
+                "json_schema": {"name": name, "strict": true, "schema": schema},
+            })),
+            None if shape.json_object => Some(serde_json::json!({"type": "json_object"})),
+            None => None,
+        };
+        if let Some(n) = params.n {
+            if !(1..=128).contains(&n) {
+                return Err(bad("model.n", "must be between 1 and 128".into()));
+            }
+        }
         let p = &params;
         check_range(path, "model.temperature", p.temperature, 0.0, 2.0)?;
         check_range(path, "model.top_p", p.top_p, 0.0, 1.0)?;
@@ -725,6 +793,7 @@ impl Job {
             mode,
             batch,
             shard: ov.shard,
+            shape,
         })
     }
 
@@ -796,6 +865,110 @@ impl Job {
     }
 }
 
+/// `[output]`'s schema, response format and checks, read and checked.
+fn output_shape(path: &Path, dir: &Path, out: &RawOutput) -> Result<OutputShape, Error> {
+    let bad = |field: &str, msg: String| Error::Job {
+        path: path.to_path_buf(),
+        field: field.to_string(),
+        message: msg,
+    };
+    let schema = match &out.schema {
+        None => None,
+        Some(toml::Value::String(file)) => {
+            let f = dir.join(file);
+            let text = std::fs::read(&f).map_err(|e| {
+                bad("output.schema", format!("cannot read {}: {e}", f.display()))
+            })?;
+            let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
+                bad("output.schema", format!("{}: not JSON: {e}", f.display()))
+            })?;
+            let name = f
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "output".into());
+            Some((name, v))
+        }
+        Some(t @ toml::Value::Table(_)) => Some((
+            "output".to_string(),
+            serde_json::to_value(t).map_err(|e| bad("output.schema", e.to_string()))?,
+        )),
+        Some(_) => {
+            return Err(bad(
+                "output.schema",
+                "a schema file's path, or an [output.schema] table".into(),
+            ))
+        }
+    };
+    let schema = match schema {
+        Some((name, v)) => {
+            if let Err(e) = jsonschema::validator_for(&v) {
+                return Err(bad("output.schema", format!("not a valid JSON Schema: {e}")));
+            }
+            if v.get("type").and_then(|t| t.as_str()) != Some("object") {
+                return Err(bad(
+                    "output.schema",
+                    "the API takes an object at the top (\"type\": \"object\")".into(),
+                ));
+            }
+            let name = out.schema_name.clone().unwrap_or(name);
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return Err(bad(
+                    "output.schema_name",
+                    format!("`{name}`: 1 to 64 letters, digits, `_` or `-`"),
+                ));
+            }
+            Some((name, v))
+        }
+        None => None,
+    };
+    let json_object = match out.response_format.as_deref() {
+        None | Some("text") => false,
+        Some("json_object") => true,
+        Some("json_schema") if schema.is_some() => false,
+        Some(other) => {
+            return Err(bad(
+                "output.response_format",
+                format!(
+                    "`{other}`: \"json_object\", or give a schema ([output] schema) for json_schema"
+                ),
+            ))
+        }
+    };
+    let checks = out.checks.clone().unwrap_or_default();
+    for (field, re) in [
+        ("output.checks.must_match", &checks.must_match),
+        ("output.checks.must_not_match", &checks.must_not_match),
+    ] {
+        if let Some(re) = re {
+            regex::Regex::new(re).map_err(|e| bad(field, e.to_string()))?;
+        }
+    }
+    for (i, t) in checks.must_contain.iter().enumerate() {
+        let mut tera = tera::Tera::default();
+        tera.add_raw_template("c", t)
+            .map_err(|e| bad(&format!("output.checks.must_contain[{i}]"), e.to_string()))?;
+    }
+    if let (Some(lo), Some(hi)) = (checks.min_chars, checks.max_chars) {
+        if lo > hi {
+            return Err(bad(
+                "output.checks.min_chars",
+                format!("{lo} is more than max_chars {hi}"),
+            ));
+        }
+    }
+    Ok(OutputShape {
+        schema,
+        json_object,
+        checks,
+        max_invalid: out.max_invalid.unwrap_or(2),
+    })
+}
+
 /// `extra` keys the job owns, each with where to set it instead.
 const RESERVED_EXTRA: &[(&str, &str)] = &[
     ("model", "set by [model] name"),
@@ -805,9 +978,10 @@ const RESERVED_EXTRA: &[(&str, &str)] = &[
         "stream_options",
         "set by promptmill when [model] stream = true",
     ),
+    ("n", "set by [model] n"),
     (
-        "n",
-        "promptmill keeps one choice per row; variants are not supported yet",
+        "response_format",
+        "set by [output] schema or [output] response_format",
     ),
     ("temperature", "set by [model] temperature"),
     ("service_tier", "set by [model] service_tier"),

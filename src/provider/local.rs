@@ -666,6 +666,7 @@ impl<'m> Engine<'m> {
                 estimated: false,
             }),
             rate_limits: None,
+            ..Completion::default()
         };
         let _ = seq.reply.send(Ok(completion));
     }

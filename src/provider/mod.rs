@@ -51,15 +51,46 @@ pub struct RateLimits {
     pub reset_tokens: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Completion {
+    /// The first choice's text (a refusal's text when it refused).
     pub text: String,
     pub finish_reason: Option<String>,
+    /// Every choice when the request asked for several (`n`), the first included; empty when
+    /// there is only `text`.
+    pub choices: Vec<Choice>,
+    /// The first choice's refusal (`message.refusal`), if the model refused.
+    pub refusal: Option<String>,
+    /// Streamed: milliseconds from sending the request to the first token.
+    pub ttft_ms: Option<u64>,
     /// The model name as the provider returned it (a dated snapshot, often).
     pub model: Option<String>,
     /// `None` when the server sent no usage (the scheduler then counts with the tokenizer).
     pub usage: Option<Usage>,
     pub rate_limits: Option<RateLimits>,
+}
+
+/// One choice of a completion.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Choice {
+    pub text: String,
+    pub finish_reason: Option<String>,
+    pub refusal: Option<String>,
+}
+
+impl Completion {
+    /// Every choice, the first one included.
+    pub fn all_choices(&self) -> Vec<Choice> {
+        if self.choices.is_empty() {
+            vec![Choice {
+                text: self.text.clone(),
+                finish_reason: self.finish_reason.clone(),
+                refusal: self.refusal.clone(),
+            }]
+        } else {
+            self.choices.clone()
+        }
+    }
 }
 
 /// How a failure is handled: this is the one place the classes are decided.
@@ -91,6 +122,10 @@ pub enum ErrorKind {
     Model,
     /// A Batch API result line that came back as an error: final until `--retry-failed`.
     BatchLine,
+    /// The completion broke the job's schema or checks on every attempt (`max_invalid`).
+    InvalidOutput,
+    /// The model refused (`message.refusal`).
+    Refusal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +141,11 @@ impl ErrorKind {
     pub fn is_final_verdict(self) -> bool {
         matches!(
             self,
-            ErrorKind::BadRequest | ErrorKind::Model | ErrorKind::BatchLine
+            ErrorKind::BadRequest
+                | ErrorKind::Model
+                | ErrorKind::BatchLine
+                | ErrorKind::InvalidOutput
+                | ErrorKind::Refusal
         )
     }
 
@@ -117,9 +156,12 @@ impl ErrorKind {
             | ErrorKind::Timeout
             | ErrorKind::Connection
             | ErrorKind::InvalidResponse => Disposition::Retry,
-            ErrorKind::BadRequest | ErrorKind::Input | ErrorKind::Model | ErrorKind::BatchLine => {
-                Disposition::FailRow
-            }
+            ErrorKind::BadRequest
+            | ErrorKind::Input
+            | ErrorKind::Model
+            | ErrorKind::BatchLine
+            | ErrorKind::InvalidOutput
+            | ErrorKind::Refusal => Disposition::FailRow,
             ErrorKind::Auth | ErrorKind::Quota | ErrorKind::Endpoint => Disposition::StopJob,
         }
     }

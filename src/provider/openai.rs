@@ -92,6 +92,7 @@ impl OpenAi {
     }
 
     async fn attempt(&self, req: &Request) -> Result<Completion, ProviderError> {
+        let sent = std::time::Instant::now();
         let resp = self
             .client
             .post(self.url.clone())
@@ -107,7 +108,7 @@ impl OpenAi {
             return Err(self.status_error(status.as_u16(), &body, retry_after, rate_limits));
         }
         let mut c = if self.stream {
-            self.read_stream(resp).await?
+            self.read_stream(resp, sent).await?
         } else {
             let body = resp.bytes().await.map_err(|e| self.transport_error(e))?;
             parse_completion(&body)?
@@ -116,7 +117,11 @@ impl OpenAi {
         Ok(c)
     }
 
-    async fn read_stream(&self, resp: reqwest::Response) -> Result<Completion, ProviderError> {
+    async fn read_stream(
+        &self,
+        resp: reqwest::Response,
+        sent: std::time::Instant,
+    ) -> Result<Completion, ProviderError> {
         let mut acc = StreamAcc::default();
         let mut pending: Vec<u8> = Vec::new();
         let mut body = resp.bytes_stream();
@@ -126,12 +131,12 @@ impl OpenAi {
             while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=pos).collect();
                 if acc.line(&line)? {
-                    return acc.finish();
+                    return acc.finish(sent);
                 }
             }
         }
         if !pending.is_empty() && acc.line(&pending)? {
-            return acc.finish();
+            return acc.finish(sent);
         }
         Err(invalid("the stream ended before `data: [DONE]`"))
     }
@@ -340,31 +345,54 @@ fn invalid(msg: impl Into<String>) -> ProviderError {
 pub(crate) fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError> {
     let r: ChatResponse = serde_json::from_slice(body)
         .map_err(|e| invalid(format!("the response is not a chat completion: {e}")))?;
-    let choice = r
-        .choices
-        .into_iter()
-        .next()
-        .ok_or_else(|| invalid("the response has no choices"))?;
-    let msg = choice
-        .message
-        .ok_or_else(|| invalid("the response's choice has no message"))?;
-    Ok(Completion {
-        text: msg.content.or(msg.refusal).unwrap_or_default(),
-        finish_reason: choice.finish_reason,
-        model: r.model,
-        usage: r.usage.map(Usage::from),
-        rate_limits: None,
-    })
+    if r.choices.is_empty() {
+        return Err(invalid("the response has no choices"));
+    }
+    let mut choices = Vec::with_capacity(r.choices.len());
+    for (i, choice) in r.choices.into_iter().enumerate() {
+        let msg = choice
+            .message
+            .ok_or_else(|| invalid(format!("the response's choice {i} has no message")))?;
+        choices.push(super::Choice {
+            text: msg.content.or_else(|| msg.refusal.clone()).unwrap_or_default(),
+            finish_reason: choice.finish_reason,
+            refusal: msg.refusal,
+        });
+    }
+    Ok(completion_of(choices, r.model, r.usage.map(Usage::from)))
 }
 
-/// Assembles a streamed completion from its server-sent events.
+/// The completion of its choices: the first one's text in front, all of them when there are
+/// several.
+fn completion_of(
+    mut choices: Vec<super::Choice>,
+    model: Option<String>,
+    usage: Option<Usage>,
+) -> Completion {
+    let first = choices.first().cloned().unwrap_or_default();
+    if choices.len() == 1 {
+        choices.clear();
+    }
+    Completion {
+        text: first.text,
+        finish_reason: first.finish_reason,
+        refusal: first.refusal,
+        choices,
+        model,
+        usage,
+        ..Completion::default()
+    }
+}
+
+/// Assembles a streamed completion from its server-sent events, each choice by its index.
 #[derive(Default)]
 struct StreamAcc {
-    text: String,
-    finish_reason: Option<String>,
+    choices: Vec<super::Choice>,
     model: Option<String>,
     usage: Option<Usage>,
     saw_choice: bool,
+    /// When the first token (or refusal) arrived.
+    first_token: Option<std::time::Instant>,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +405,8 @@ struct Chunk {
 
 #[derive(Deserialize)]
 struct ChunkChoice {
+    #[serde(default)]
+    index: usize,
     delta: Option<Delta>,
     finish_reason: Option<String>,
 }
@@ -384,6 +414,7 @@ struct ChunkChoice {
 #[derive(Deserialize)]
 struct Delta {
     content: Option<String>,
+    refusal: Option<String>,
 }
 
 impl StreamAcc {
@@ -406,11 +437,28 @@ impl StreamAcc {
         }
         for ch in c.choices {
             self.saw_choice = true;
-            if let Some(t) = ch.delta.and_then(|d| d.content) {
-                self.text.push_str(&t);
+            // The API numbers choices from 0; an index far past `n` is not a real choice.
+            if ch.index > 1024 {
+                return Err(invalid(format!("a stream chunk for choice {}", ch.index)));
+            }
+            if self.choices.len() <= ch.index {
+                self.choices.resize_with(ch.index + 1, Default::default);
+            }
+            let acc = &mut self.choices[ch.index];
+            if let Some(d) = ch.delta {
+                let got = d.content.is_some() || d.refusal.is_some();
+                if let Some(t) = d.content {
+                    acc.text.push_str(&t);
+                }
+                if let Some(r) = d.refusal {
+                    acc.refusal.get_or_insert_with(String::new).push_str(&r);
+                }
+                if got && self.first_token.is_none() {
+                    self.first_token = Some(std::time::Instant::now());
+                }
             }
             if ch.finish_reason.is_some() {
-                self.finish_reason = ch.finish_reason;
+                acc.finish_reason = ch.finish_reason;
             }
         }
         if let Some(u) = c.usage {
@@ -419,17 +467,23 @@ impl StreamAcc {
         Ok(false)
     }
 
-    fn finish(self) -> Result<Completion, ProviderError> {
+    fn finish(self, sent: std::time::Instant) -> Result<Completion, ProviderError> {
         if !self.saw_choice {
             return Err(invalid("the stream carried no choices"));
         }
-        Ok(Completion {
-            text: self.text,
-            finish_reason: self.finish_reason,
-            model: self.model,
-            usage: self.usage,
-            rate_limits: None,
-        })
+        let mut choices = self.choices;
+        for c in &mut choices {
+            if c.text.is_empty() {
+                if let Some(r) = &c.refusal {
+                    c.text = r.clone();
+                }
+            }
+        }
+        let mut c = completion_of(choices, self.model, self.usage);
+        c.ttft_ms = self
+            .first_token
+            .map(|t| t.saturating_duration_since(sent).as_millis() as u64);
+        Ok(c)
     }
 }
 
