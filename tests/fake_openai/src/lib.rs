@@ -10,6 +10,7 @@ mod batch;
 mod fault;
 mod handler;
 mod limiter;
+mod shape;
 mod tls;
 
 pub use azure::AzureHit;
