@@ -1,5 +1,13 @@
 //! The `FAULT:<kind>[:<n>]` marker grammar found in message text, and the answer-shaping
 //! markers `FAULT:<shape>[@<choice>][:<n>]` (`badjsonout`, `schemabreak`, `refusal`, `long`).
+//!
+//! Markers are read from the text parts of every message. Of the `FAULT:<kind>` markers only
+//! the first recognised one counts; every shape marker counts, so several can shape one
+//! answer (a refusal wins over the others on its choice; `schemabreak` then `badjsonout`).
+//! `@<choice>` (0-based) limits a shape marker to that choice, else it shapes all of them.
+//! `:<n>` limits a marker to the first n requests with identical messages: a `<kind>` marker
+//! counts every request that reaches it, a shape marker only requests that are answered
+//! (not those a fault answered instead), and each shape marker has its own counter.
 
 /// What a marker asks the server to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,15 +103,17 @@ fn parse_token(token: &str) -> Option<Marker> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum ShapeKind {
     /// `badjsonout`: a JSON answer (json_object / json_schema) loses its last character (the
-    /// closing `}` of an object), so it no longer parses.
+    /// closing `}` of an object), so it no longer parses. No effect on plain text.
     BadJsonOut,
     /// `schemabreak`: a json_schema answer that parses but breaks the schema (first required
     /// property removed, else first property of a wrong type); a json_object answer becomes a
-    /// JSON array.
+    /// JSON array. No effect on plain text.
     SchemaBreak,
-    /// `refusal`: `message.content` null and `message.refusal` set.
+    /// `refusal`: `message.content` null and `message.refusal` set, finish_reason `stop`, in
+    /// any format.
     Refusal,
-    /// `long`: a plain-text answer repeated until it is at least 500 characters.
+    /// `long`: a plain-text answer repeated (joined by a space) until it is at least 500
+    /// characters. No effect on JSON answers.
     Long,
 }
 

@@ -15,8 +15,10 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 
 use crate::fault::{find_marker, find_shapes, FaultKind, ShapeKind, ShapeMarker};
-use crate::shape::{break_schema, cut_chars, read_content, read_format, Content, Format, Gen, REFUSAL};
 use crate::limiter::{fmt_duration, Decision, LimitKind, Snapshot};
+use crate::shape::{
+    break_schema, cut_chars, read_content, read_format, Content, Format, Gen, REFUSAL,
+};
 use crate::{ConnKill, Shared};
 
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -582,7 +584,9 @@ fn messages_hash(messages: &[Value], salt: Option<&str>) -> u64 {
     if let Some(s) = salt {
         s.hash(&mut h);
     }
-    serde_json::to_string(messages).unwrap_or_default().hash(&mut h);
+    serde_json::to_string(messages)
+        .unwrap_or_default()
+        .hash(&mut h);
     h.finish()
 }
 
@@ -712,12 +716,7 @@ pub(crate) fn plan<'a>(
 }
 
 /// Choice `i` of the deterministic answer; `has` says which shape markers apply to it.
-fn make_choice(
-    cr: &ChatReq<'_>,
-    user: &str,
-    i: usize,
-    has: impl Fn(ShapeKind) -> bool,
-) -> Choice {
+fn make_choice(cr: &ChatReq<'_>, user: &str, i: usize, has: impl Fn(ShapeKind) -> bool) -> Choice {
     if has(ShapeKind::Refusal) {
         return Choice {
             content: None,

@@ -102,7 +102,11 @@ fn invalid_type(what: &str, expected: &str, got: &Value) -> String {
 
 /// Read a message's content (already known to be a string, an array or null), checking each
 /// part's shape as OpenAI does. `i` is the message's index, for the error messages.
-pub(crate) fn read_content(i: usize, role: &str, content: Option<&Value>) -> Result<Content, String> {
+pub(crate) fn read_content(
+    i: usize,
+    role: &str,
+    content: Option<&Value>,
+) -> Result<Content, String> {
     let parts = match content {
         Some(Value::String(s)) => {
             return Ok(Content {
@@ -147,9 +151,7 @@ pub(crate) fn read_content(i: usize, role: &str, content: Option<&Value>) -> Res
                     Some(v) => {
                         return Err(invalid_type(&format!("{at}.image_url"), "an object", v))
                     }
-                    None => {
-                        return Err(format!("Missing required parameter: '{at}.image_url'."))
-                    }
+                    None => return Err(format!("Missing required parameter: '{at}.image_url'.")),
                 };
                 let url = match img.get("url") {
                     Some(Value::String(u)) => u,
@@ -157,9 +159,7 @@ pub(crate) fn read_content(i: usize, role: &str, content: Option<&Value>) -> Res
                         return Err(invalid_type(&format!("{at}.image_url.url"), "a string", v))
                     }
                     None => {
-                        return Err(format!(
-                            "Missing required parameter: '{at}.image_url.url'."
-                        ))
+                        return Err(format!("Missing required parameter: '{at}.image_url.url'."))
                     }
                 };
                 check_image_url(&format!("{at}.image_url.url"), url)?;
@@ -367,9 +367,11 @@ impl<'a> Gen<'a> {
     fn pick(&self, s: &'a Value, depth: usize) -> &'a Value {
         let mut s = self.resolve(s);
         for _ in 0..16 {
-            let alts = ["anyOf", "oneOf", "allOf"]
-                .iter()
-                .find_map(|k| s.get(*k).and_then(Value::as_array).filter(|a| !a.is_empty()));
+            let alts = ["anyOf", "oneOf", "allOf"].iter().find_map(|k| {
+                s.get(*k)
+                    .and_then(Value::as_array)
+                    .filter(|a| !a.is_empty())
+            });
             let Some(alts) = alts else { return s };
             let alt = if depth >= MAX_DEPTH {
                 alts.iter()
@@ -389,7 +391,11 @@ impl<'a> Gen<'a> {
         if let Some(c) = s.get("const") {
             return c.clone();
         }
-        if let Some(first) = s.get("enum").and_then(Value::as_array).and_then(|e| e.first()) {
+        if let Some(first) = s
+            .get("enum")
+            .and_then(Value::as_array)
+            .and_then(|e| e.first())
+        {
             return first.clone();
         }
         match schema_type(s) {
@@ -541,10 +547,11 @@ fn number(s: &Value) -> f64 {
 pub(crate) fn break_schema(g: &Gen<'_>, root: &Value, doc: &mut Value) {
     let s = g.pick(root, 0);
     if let Value::Object(m) = doc {
-        let first_required = s
-            .get("required")
-            .and_then(Value::as_array)
-            .and_then(|r| r.iter().filter_map(Value::as_str).find(|k| m.contains_key(*k)));
+        let first_required = s.get("required").and_then(Value::as_array).and_then(|r| {
+            r.iter()
+                .filter_map(Value::as_str)
+                .find(|k| m.contains_key(*k))
+        });
         if let Some(k) = first_required {
             let k = k.to_string();
             m.shift_remove(&k);
@@ -649,7 +656,10 @@ mod tests {
         assert_eq!(v["tone"], "warm");
         assert_eq!(v["tags"], json!(["tags: echo: hi", "tags: echo: hi"]));
         assert_eq!(v["addr"], json!({"city": "city: echo: hi"}));
-        assert_eq!(v["maybe"], format!("maybe: echo: hi{}", ".".repeat(40 - 15)));
+        assert_eq!(
+            v["maybe"],
+            format!("maybe: echo: hi{}", ".".repeat(40 - 15))
+        );
         assert_eq!(v["opt"], 0);
         assert_eq!(v["when"], "2024-01-01");
         // Choice 2 keeps the suffix inside maxLength.
@@ -728,24 +738,29 @@ mod tests {
         let bad = |parts: Value, role: &str| read_content(3, role, Some(&parts)).err().unwrap();
         assert!(bad(json!(["x"]), "user").contains("'messages[3].content[0]'"));
         assert!(bad(json!([{"text": "x"}]), "user").contains("'messages[3].content[0].type'"));
-        assert!(bad(json!([{"type": "text", "text": "a"}, {"type": "text"}]), "user")
-            .contains("'messages[3].content[1].text'"));
+        assert!(bad(
+            json!([{"type": "text", "text": "a"}, {"type": "text"}]),
+            "user"
+        )
+        .contains("'messages[3].content[1].text'"));
         assert!(bad(json!([{"type": "image_url"}]), "user").contains("content[0].image_url'"));
         assert!(bad(json!([{"type": "image_url", "image_url": {}}]), "user")
             .contains("content[0].image_url.url'"));
-        assert!(
-            bad(json!([{"type": "image_url", "image_url": {"url": "a.png"}}]), "user")
-                .contains("'data:' prefix")
-        );
+        assert!(bad(
+            json!([{"type": "image_url", "image_url": {"url": "a.png"}}]),
+            "user"
+        )
+        .contains("'data:' prefix"));
         assert!(bad(
             json!([{"type": "image_url", "image_url": {"url": "https://x", "detail": "mid"}}]),
             "user"
         )
         .contains("Invalid value: 'mid'"));
-        assert!(
-            bad(json!([{"type": "image_url", "image_url": {"url": "https://x"}}]), "system")
-                .contains("role 'system'")
-        );
+        assert!(bad(
+            json!([{"type": "image_url", "image_url": {"url": "https://x"}}]),
+            "system"
+        )
+        .contains("role 'system'"));
         assert!(bad(json!([{"type": "audio"}]), "user").contains("Invalid value: 'audio'"));
     }
 }
