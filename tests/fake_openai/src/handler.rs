@@ -14,8 +14,11 @@ use futures::StreamExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
-use crate::fault::{find_marker, FaultKind};
+use crate::fault::{find_marker, find_shapes, FaultKind, ShapeKind, ShapeMarker};
 use crate::limiter::{fmt_duration, Decision, LimitKind, Snapshot};
+use crate::shape::{
+    break_schema, cut_chars, read_content, read_format, Content, Format, Gen, REFUSAL,
+};
 use crate::{ConnKill, Shared};
 
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -130,7 +133,8 @@ pub(crate) fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
     )
 }
 
-/// The text of a message's content: a string, or the `text` parts of an array.
+/// The text of a message's content: a string, or the `text` parts of an array joined with
+/// a space.
 pub(crate) fn content_text(content: Option<&Value>) -> Cow<'_, str> {
     match content {
         Some(Value::String(s)) => Cow::Borrowed(s),
@@ -138,7 +142,8 @@ pub(crate) fn content_text(content: Option<&Value>) -> Cow<'_, str> {
             parts
                 .iter()
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect(),
+                .collect::<Vec<_>>()
+                .join(" "),
         ),
         _ => Cow::Borrowed(""),
     }
@@ -152,9 +157,14 @@ fn ceil4(n: usize) -> u64 {
 struct ChatReq<'a> {
     model: &'a str,
     messages: &'a [Value],
+    /// Each message's content, read and checked (same order as `messages`).
+    contents: Vec<Content>,
     max_tokens: Option<u64>,
     stream: bool,
     include_usage: bool,
+    /// `n`: how many choices (1..=128).
+    n: usize,
+    format: Format<'a>,
 }
 
 fn validate(body: &Value) -> Result<ChatReq<'_>, (String, &'static str)> {
@@ -175,6 +185,7 @@ fn validate(body: &Value) -> Result<ChatReq<'_>, (String, &'static str)> {
         Some(_) => return Err(("'messages' must be an array.".into(), "messages")),
         None => return Err(("Missing required parameter: 'messages'.".into(), "messages")),
     };
+    let mut contents = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str);
         let Some(role) = role else {
@@ -209,7 +220,39 @@ fn validate(body: &Value) -> Result<ChatReq<'_>, (String, &'static str)> {
                 ));
             }
         }
+        contents.push(read_content(i, role, m.get("content")).map_err(|e| (e, "messages"))?);
     }
+    let n = match obj.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(Value::Number(x)) => match (x.as_i64(), x.is_f64()) {
+            (Some(v), false) if (1..=128).contains(&v) => v as usize,
+            (Some(v), false) if v < 1 => {
+                return Err((
+                    format!("Invalid 'n': integer below minimum value. Expected a value >= 1, but got {v} instead."),
+                    "n",
+                ))
+            }
+            (_, false) => {
+                return Err((
+                    format!("Invalid 'n': integer above maximum value. Expected a value <= 128, but got {x} instead."),
+                    "n",
+                ))
+            }
+            (_, true) => {
+                return Err((
+                    "Invalid type for 'n': expected an integer, but got a decimal instead.".into(),
+                    "n",
+                ))
+            }
+        },
+        Some(_) => {
+            return Err((
+                "Invalid type for 'n': expected an integer.".into(),
+                "n",
+            ))
+        }
+    };
+    let format = read_format(obj.get("response_format"))?;
     let max_tokens = obj
         .get("max_completion_tokens")
         .and_then(Value::as_u64)
@@ -223,9 +266,12 @@ fn validate(body: &Value) -> Result<ChatReq<'_>, (String, &'static str)> {
     Ok(ChatReq {
         model,
         messages,
+        contents,
         max_tokens,
         stream,
         include_usage,
+        n,
+        format,
     })
 }
 
@@ -403,8 +449,7 @@ pub(crate) async fn chat(shared: &Shared, req: Request<Incoming>) -> Response<Bo
             &id,
             created,
             model,
-            &answer.text,
-            answer.finish,
+            &answer.choices,
             (plan.include_usage && !answer.omit_usage).then(|| answer.usage_json()),
             cut,
         )
@@ -453,8 +498,8 @@ pub(crate) enum Outcome {
 }
 
 pub(crate) struct Answer {
-    pub text: String,
-    pub finish: &'static str,
+    /// One per requested choice (`n`), in index order.
+    pub choices: Vec<Choice>,
     /// prompt, completion, cached, reasoning tokens.
     pub usage: (u64, u64, u64, u64),
     /// `FAULT:nousage` or `Config::omit_usage`: the answer reports no usage.
@@ -463,6 +508,20 @@ pub(crate) struct Answer {
     pub cut: bool,
     /// `FAULT:slow=MS`.
     pub extra_delay: u64,
+}
+
+/// One choice of an answer: either content or (for `FAULT:refusal`) a refusal.
+pub(crate) struct Choice {
+    pub content: Option<String>,
+    pub refusal: Option<&'static str>,
+    pub finish: &'static str,
+}
+
+impl Choice {
+    /// What the choice says, content or refusal.
+    fn said(&self) -> &str {
+        self.content.as_deref().or(self.refusal).unwrap_or("")
+    }
 }
 
 impl Answer {
@@ -488,17 +547,25 @@ impl Answer {
 
     /// The non-streamed `chat.completion` object.
     pub fn completion(&self, id: &str, created: u64, model: &str) -> Value {
+        let choices: Vec<Value> = self
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.content, "refusal": c.refusal},
+                    "logprobs": null,
+                    "finish_reason": c.finish,
+                })
+            })
+            .collect();
         let mut v = json!({
                 "id": id,
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": self.text, "refusal": null},
-                    "logprobs": null,
-                    "finish_reason": self.finish,
-                }],
+                "choices": choices,
                 "usage": self.usage_json(),
                 "system_fingerprint": "fp_fake",
         });
@@ -508,6 +575,31 @@ impl Answer {
             }
         }
         v
+    }
+}
+
+/// A hash of the exact messages, keying `FAULT:<kind>:<n>` counters.
+fn messages_hash(messages: &[Value], salt: Option<&str>) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Some(s) = salt {
+        s.hash(&mut h);
+    }
+    serde_json::to_string(messages)
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
+}
+
+/// Whether a marker with `times` (`:n`) applies to this request; counts the request.
+fn marker_applies(shared: &Shared, key: u64, times: Option<u64>) -> bool {
+    match times {
+        None => true,
+        Some(n) => {
+            let mut hits = shared.fault_hits.lock().unwrap();
+            let c = hits.entry(key).or_insert(0);
+            *c += 1;
+            *c <= n
+        }
     }
 }
 
@@ -522,20 +614,26 @@ pub(crate) fn plan<'a>(
     let cr = validate(body)?;
     let counters = &shared.counters;
 
-    // Prompt estimate and the marker, in one pass over the messages.
+    // Prompt estimate and the markers, in one pass over the messages. Images add a flat
+    // figure each (see `shape::IMAGE_TOKENS_*`); their URLs are not counted as text.
     let mut prompt_tokens = 3u64;
     let mut marker = None;
-    let mut last_user: Cow<'_, str> = Cow::Borrowed("");
-    for m in cr.messages {
-        let text = content_text(m.get("content"));
-        prompt_tokens += ceil4(text.chars().count()) + 3;
-        if marker.is_none() && text.contains("FAULT:") {
-            marker = find_marker(&text);
+    let mut shapes: Vec<ShapeMarker> = Vec::new();
+    let mut last_user: Option<&Content> = None;
+    for (m, content) in cr.messages.iter().zip(&cr.contents) {
+        let text = &content.text;
+        prompt_tokens += ceil4(text.chars().count()) + 3 + content.image_tokens();
+        if text.contains("FAULT:") {
+            if marker.is_none() {
+                marker = find_marker(text);
+            }
+            find_shapes(text, &mut shapes);
         }
         if m.get("role").and_then(Value::as_str) == Some("user") {
-            last_user = text;
+            last_user = Some(content);
         }
     }
+    let last_user = last_user.map(Content::echo).unwrap_or_default();
 
     // Decide whether an injected fault applies to this request.
     let mut fault = None;
@@ -553,20 +651,9 @@ pub(crate) fn plan<'a>(
     let mut omit_usage = shared.config.omit_usage;
     let mut cut = false;
     if let (None, Some(mk)) = (&fault, marker) {
-        let applies = match mk.times {
-            None => true,
-            Some(n) => {
-                // Keyed by the exact messages, so retries of one row share a counter.
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                serde_json::to_string(cr.messages)
-                    .unwrap_or_default()
-                    .hash(&mut h);
-                let mut hits = shared.fault_hits.lock().unwrap();
-                let c = hits.entry(h.finish()).or_insert(0);
-                *c += 1;
-                *c <= n
-            }
-        };
+        // Keyed by the exact messages, so retries of one row share a counter.
+        let applies = mk.times.is_none()
+            || marker_applies(shared, messages_hash(cr.messages, None), mk.times);
         if applies {
             match mk.kind {
                 FaultKind::Usage(p, c, cached, reasoning) => {
@@ -581,27 +668,37 @@ pub(crate) fn plan<'a>(
     }
 
     let model = shared.config.model.as_deref().unwrap_or(cr.model);
-    let request_tokens = prompt_tokens + cr.max_tokens.unwrap_or(16);
+    // Like OpenAI's limiter, n choices reserve n × max_tokens.
+    let request_tokens = prompt_tokens + cr.max_tokens.unwrap_or(16) * cr.n as u64;
     let outcome = match fault {
         Some(kind) => Outcome::Fault(kind),
         None => {
-            // The deterministic answer.
-            let mut text = String::with_capacity(6 + last_user.len());
-            text.push_str("echo: ");
-            text.push_str(&last_user);
-            let mut finish = "stop";
-            if let Some(mt) = cr.max_tokens {
-                let limit = (mt as usize).saturating_mul(4);
-                if let Some((idx, _)) = text.char_indices().nth(limit) {
-                    text.truncate(idx);
-                    finish = "length";
+            // Shape markers are counted only on requests that get an answer, each marker
+            // with its own counter (so `FAULT:500:1 FAULT:refusal:1` refuses the retry).
+            let mut active: Vec<(ShapeKind, Option<u32>)> = Vec::new();
+            for s in &shapes {
+                let key = messages_hash(cr.messages, Some(&s.token));
+                if marker_applies(shared, key, s.times) {
+                    active.push((s.kind, s.choice));
                 }
             }
-            let usage =
-                usage_override.unwrap_or((prompt_tokens, ceil4(text.chars().count()), 0, 0));
+            let choices: Vec<Choice> = (0..cr.n)
+                .map(|i| {
+                    let has = |k: ShapeKind| {
+                        active
+                            .iter()
+                            .any(|&(ak, c)| ak == k && c.is_none_or(|c| c as usize == i))
+                    };
+                    make_choice(&cr, &last_user, i, has)
+                })
+                .collect();
+            let completion_tokens = choices
+                .iter()
+                .map(|c| ceil4(c.said().chars().count()))
+                .sum();
+            let usage = usage_override.unwrap_or((prompt_tokens, completion_tokens, 0, 0));
             Outcome::Answer(Answer {
-                text,
-                finish,
+                choices,
                 usage,
                 omit_usage,
                 cut,
@@ -616,6 +713,79 @@ pub(crate) fn plan<'a>(
         include_usage: cr.include_usage,
         outcome,
     })
+}
+
+/// Choice `i` of the deterministic answer; `has` says which shape markers apply to it.
+fn make_choice(cr: &ChatReq<'_>, user: &str, i: usize, has: impl Fn(ShapeKind) -> bool) -> Choice {
+    if has(ShapeKind::Refusal) {
+        return Choice {
+            content: None,
+            refusal: Some(REFUSAL),
+            finish: "stop",
+        };
+    }
+    let suffix = if i == 0 {
+        String::new()
+    } else {
+        format!(" #{}", i + 1)
+    };
+    let mut text = match cr.format {
+        Format::Text => {
+            let mut t = String::with_capacity(6 + user.len() + suffix.len());
+            t.push_str("echo: ");
+            t.push_str(user);
+            t.push_str(&suffix);
+            if has(ShapeKind::Long) {
+                let unit = t.clone();
+                while t.chars().count() < 500 {
+                    t.push(' ');
+                    t.push_str(&unit);
+                }
+            }
+            t
+        }
+        Format::JsonObject => {
+            let doc = json!({"text": format!("echo: {user}{suffix}")});
+            let doc = if has(ShapeKind::SchemaBreak) {
+                // Valid JSON, but not the object json_object promises.
+                Value::Array(vec![doc["text"].clone()])
+            } else {
+                doc
+            };
+            json_text(&doc, has(ShapeKind::BadJsonOut))
+        }
+        Format::JsonSchema { name, schema } => {
+            let g = Gen::new(schema, user, i);
+            let mut doc = g.value(schema, name, 0);
+            if has(ShapeKind::SchemaBreak) {
+                break_schema(&g, schema, &mut doc);
+            }
+            json_text(&doc, has(ShapeKind::BadJsonOut))
+        }
+    };
+    let mut finish = "stop";
+    if let Some(mt) = cr.max_tokens {
+        let limit = (mt as usize).saturating_mul(4);
+        let keep = cut_chars(&text, limit).len();
+        if keep < text.len() {
+            text.truncate(keep);
+            finish = "length";
+        }
+    }
+    Choice {
+        content: Some(text),
+        refusal: None,
+        finish,
+    }
+}
+
+/// Compact JSON text; `bad` drops its last character (an object's closing `}`).
+fn json_text(doc: &Value, bad: bool) -> String {
+    let mut s = serde_json::to_string(doc).unwrap_or_default();
+    if bad {
+        s.pop();
+    }
+    s
 }
 
 async fn sleep_ms(ms: u64) {
@@ -653,47 +823,80 @@ fn cut_json_response(v: &Value) -> Response<Body> {
 /// SSE answer: a role chunk, content pieces of 4 chars (the last with finish_reason), an
 /// optional usage chunk, then `[DONE]`. Each event is its own body frame.
 ///
-/// `cut` stops after the first half of the content pieces: no finish_reason, no usage, no
+/// With n > 1 choices the chunks carry each choice's `index` and are interleaved: the role
+/// chunks of choices 0..n, then each choice's first piece in index order, then each one's
+/// second piece, and so on; a choice whose pieces run out has ended with its own
+/// finish_reason. The usage chunk (`choices: []`) comes after all of them. A refusal
+/// streams as `delta.refusal` pieces.
+///
+/// `cut` stops after the first half of each choice's pieces: no finish_reason, no usage, no
 /// `[DONE]`. The body ends cleanly and `Connection: close` ends the connection, so the client
 /// sees a well-formed HTTP answer whose stream simply stops, as when a proxy drops it.
 fn stream_response(
     id: &str,
     created: u64,
     model: &str,
-    text: &str,
-    finish: &str,
+    choices: &[Choice],
     usage: Option<Value>,
     cut: bool,
 ) -> Response<Body> {
     let with_usage = usage.is_some();
-    let chunk = |delta: Value, finish: Option<&str>| {
+    let chunk = |index: usize, delta: Value, finish: Option<&str>| {
         let mut v = json!({
             "id": id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}],
         });
         if with_usage {
             v["usage"] = Value::Null;
         }
         Bytes::from(format!("data: {v}\n\n"))
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
-    let chars: Vec<char> = text.chars().collect();
-    let pieces: Vec<String> = chars.chunks(4).map(|c| c.iter().collect()).collect();
+    let mut events = Vec::new();
+    // (delta key, pieces) per choice.
+    let mut split = Vec::with_capacity(choices.len());
+    for (i, c) in choices.iter().enumerate() {
+        let (key, role) = match c.refusal {
+            Some(_) => (
+                "refusal",
+                json!({"role": "assistant", "content": null, "refusal": ""}),
+            ),
+            None => ("content", json!({"role": "assistant", "content": ""})),
+        };
+        events.push(chunk(i, role, None));
+        let chars: Vec<char> = c.said().chars().collect();
+        let pieces: Vec<String> = chars.chunks(4).map(|c| c.iter().collect()).collect();
+        split.push((key, pieces));
+    }
+    let rounds = split.iter().map(|(_, p)| p.len()).max().unwrap_or(0);
     if cut {
-        for p in &pieces[..pieces.len().div_ceil(2)] {
-            events.push(chunk(json!({"content": p}), None));
+        for r in 0..rounds {
+            for (i, (key, pieces)) in split.iter().enumerate() {
+                if r < pieces.len().div_ceil(2) {
+                    events.push(chunk(i, json!({ *key: pieces[r] }), None));
+                }
+            }
         }
     } else {
-        if pieces.is_empty() {
-            events.push(chunk(json!({}), Some(finish)));
+        for (i, (_, pieces)) in split.iter().enumerate() {
+            if pieces.is_empty() {
+                events.push(chunk(i, json!({}), Some(choices[i].finish)));
+            }
         }
-        for (i, p) in pieces.iter().enumerate() {
-            let last = i + 1 == pieces.len();
-            events.push(chunk(json!({"content": p}), last.then_some(finish)));
+        for r in 0..rounds {
+            for (i, (key, pieces)) in split.iter().enumerate() {
+                if let Some(p) = pieces.get(r) {
+                    let last = r + 1 == pieces.len();
+                    events.push(chunk(
+                        i,
+                        json!({ *key: p }),
+                        last.then_some(choices[i].finish),
+                    ));
+                }
+            }
         }
         if let Some(u) = usage {
             let v = json!({

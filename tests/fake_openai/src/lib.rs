@@ -3,13 +3,15 @@
 //! The server is served with hyper directly (one task per TCP connection) rather than
 //! `axum::serve`, so that the `FAULT:reset` marker can drop a connection without any
 //! HTTP response. Routing and responses live in `handler`; OpenAI's Files and Batches
-//! endpoints, and the clock that moves batches, in `batch`.
+//! endpoints, and the clock that moves batches, in `batch`; content parts (images),
+//! `response_format` and the JSON generated from a schema in `shape`.
 
 mod azure;
 mod batch;
 mod fault;
 mod handler;
 mod limiter;
+mod shape;
 mod tls;
 
 pub use azure::AzureHit;
@@ -96,12 +98,13 @@ impl Default for Config {
 pub struct Stats {
     /// Every chat request, whatever its outcome (batch lines are not requests here).
     pub requests: u64,
-    /// Normal 200 answers (including `usage=`, `slow=` and `nousage` markers).
+    /// Normal 200 answers (including `usage=`, `slow=` and `nousage` markers, and the
+    /// answer-shaping `badjsonout`, `schemabreak`, `refusal` and `long`).
     pub ok: u64,
     /// 429s from the rpm/tpm limiter (not `FAULT:429`).
     pub rate_limited: u64,
-    /// Injected faults (every marker kind except `usage=`/`slow=`/`nousage`, plus
-    /// `fail_every`).
+    /// Injected faults (every marker kind except `usage=`/`slow=`/`nousage` and the
+    /// answer-shaping ones, plus `fail_every`).
     pub faults: u64,
     /// 400/401 from request validation or `require_key` (not from markers).
     pub rejected: u64,
@@ -112,7 +115,8 @@ pub struct Stats {
     /// number is the one the answer's usage reports (or would have reported), so a client
     /// that records every usage it gets can compare its sum with this.
     pub billed_prompt_tokens: u64,
-    /// Completion tokens of the same answers as `billed_prompt_tokens`.
+    /// Completion tokens of the same answers as `billed_prompt_tokens`, summed over all of an
+    /// answer's choices (`n`), as its usage reports them.
     ///
     /// Both sums also count every batch line answered 200 (when it is answered, so the lines
     /// answered before a batch is cancelled or expires are in), with the usage its output
