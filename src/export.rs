@@ -371,7 +371,15 @@ mod tests {
         let jsonl = dir.path().join("out.jsonl");
         std::fs::write(&jsonl, lines.join("\n") + "\n").unwrap();
         let csv_path = dir.path().join("out.csv");
-        let n = export_csv(&jsonl, &csv_path, inputs, &CsvOptions { escape_formulas, data_columns: None })?;
+        let n = export_csv(
+            &jsonl,
+            &csv_path,
+            inputs,
+            &CsvOptions {
+                escape_formulas,
+                data_columns: None,
+            },
+        )?;
         let mut rdr = csv::ReaderBuilder::new()
             .has_headers(false)
             .from_path(&csv_path)

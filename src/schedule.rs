@@ -459,7 +459,8 @@ pub fn schema_tokens(job: &Job, counter: &dyn crate::provider::TokenCounter) -> 
         .schema
         .as_ref()
         .map(|(name, v)| {
-            counter.count_text(name) + counter.count_text(&serde_json::to_string(v).unwrap_or_default())
+            counter.count_text(name)
+                + counter.count_text(&serde_json::to_string(v).unwrap_or_default())
         })
         .unwrap_or(0)
 }
@@ -1321,7 +1322,10 @@ async fn shape_up(
                 .prompt_tokens
                 .get_or_insert_with(|| sh.backend.counter.count_prompt(&p.request.messages));
             let out = sh.job.params.max_output_tokens().unwrap_or(0);
-            let bound = sh.price(None).map(|pr| pr.bound(*n, out * k)).unwrap_or(0.0);
+            let bound = sh
+                .price(None)
+                .map(|pr| pr.bound(*n, out * k))
+                .unwrap_or(0.0);
             if !reservation.grow(bound) {
                 Some((
                     ErrorKind::InvalidOutput,
@@ -1418,8 +1422,7 @@ async fn process(
         (unconfirmed > 0.0).then_some(Msg::Unconfirmed(unconfirmed))
     };
     let choices = sh.job.params.choices();
-    let Some(outcome) = send(sh, p.row.number, &p.request, choices, started, &mut st).await
-    else {
+    let Some(outcome) = send(sh, p.row.number, &p.request, choices, started, &mut st).await else {
         return pending(reservation, st.unconfirmed);
     };
     let shaped = match (outcome, sh.shape.as_ref()) {

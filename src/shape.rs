@@ -63,9 +63,8 @@ impl Shape {
             let mut t = tera::Tera::default();
             t.autoescape_on(vec![]);
             for (i, src) in c.must_contain.iter().enumerate() {
-                t.add_raw_template(&i.to_string(), src).map_err(|e| {
-                    bad(&format!("output.checks.must_contain[{i}]"), e.to_string())
-                })?;
+                t.add_raw_template(&i.to_string(), src)
+                    .map_err(|e| bad(&format!("output.checks.must_contain[{i}]"), e.to_string()))?;
             }
             Some((t, c.must_contain.len()))
         };
@@ -97,10 +96,7 @@ impl Shape {
                         for e in val.iter_errors(&v).take(5) {
                             let at = e.instance_path().to_string();
                             let at = if at.is_empty() { "/".to_string() } else { at };
-                            problems.push(format!(
-                                "{at}: {e} (schema rule {})",
-                                e.schema_path()
-                            ));
+                            problems.push(format!("{at}: {e} (schema rule {})", e.schema_path()));
                         }
                     }
                     data = Some(v);
@@ -215,7 +211,13 @@ mod tests {
             panic!()
         };
         let all = p.join("; ");
-        for want in ["max_chars", "max_words", "must_match", "must_not_match", "must_contain"] {
+        for want in [
+            "max_chars",
+            "max_words",
+            "must_match",
+            "must_not_match",
+            "must_contain",
+        ] {
             assert!(all.contains(want), "{want}: {all}");
         }
     }

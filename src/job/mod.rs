@@ -876,12 +876,10 @@ fn output_shape(path: &Path, dir: &Path, out: &RawOutput) -> Result<OutputShape,
         None => None,
         Some(toml::Value::String(file)) => {
             let f = dir.join(file);
-            let text = std::fs::read(&f).map_err(|e| {
-                bad("output.schema", format!("cannot read {}: {e}", f.display()))
-            })?;
-            let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
-                bad("output.schema", format!("{}: not JSON: {e}", f.display()))
-            })?;
+            let text = std::fs::read(&f)
+                .map_err(|e| bad("output.schema", format!("cannot read {}: {e}", f.display())))?;
+            let v: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| bad("output.schema", format!("{}: not JSON: {e}", f.display())))?;
             let name = f
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -902,7 +900,10 @@ fn output_shape(path: &Path, dir: &Path, out: &RawOutput) -> Result<OutputShape,
     let schema = match schema {
         Some((name, v)) => {
             if let Err(e) = jsonschema::validator_for(&v) {
-                return Err(bad("output.schema", format!("not a valid JSON Schema: {e}")));
+                return Err(bad(
+                    "output.schema",
+                    format!("not a valid JSON Schema: {e}"),
+                ));
             }
             if v.get("type").and_then(|t| t.as_str()) != Some("object") {
                 return Err(bad(

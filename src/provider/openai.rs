@@ -354,7 +354,10 @@ pub(crate) fn parse_completion(body: &[u8]) -> Result<Completion, ProviderError>
             .message
             .ok_or_else(|| invalid(format!("the response's choice {i} has no message")))?;
         choices.push(super::Choice {
-            text: msg.content.or_else(|| msg.refusal.clone()).unwrap_or_default(),
+            text: msg
+                .content
+                .or_else(|| msg.refusal.clone())
+                .unwrap_or_default(),
             finish_reason: choice.finish_reason,
             refusal: msg.refusal,
         });

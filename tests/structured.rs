@@ -1,0 +1,356 @@
+//! Content in the shape people need, through the real binary against the fake server: a
+//! schema sent as response_format and every completion validated, what breaks it asked for
+//! again (and paid for), checks on plain text, refusals, variants, and time to first token.
+//! Every test counts what the server billed against what the output kept.
+
+mod util;
+
+use serde_json::Value;
+use util::*;
+
+fn ok(r: &Ran) {
+    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+}
+
+const SCHEMA: &str = r#"{
+  "type": "object",
+  "properties": {
+    "headline": {"type": "string", "maxLength": 30},
+    "description": {"type": "string", "maxLength": 90},
+    "tags": {"type": "array", "items": {"type": "string"}}
+  },
+  "required": ["headline", "description", "tags"],
+  "additionalProperties": false
+}"#;
+
+/// A job over `texts` (a `name` column) with `output` appended to its [output] table.
+fn job(f: &Fixture, s: &FakeServer, texts: &[&str], model: &str, output: &str) -> String {
+    let mut csv = String::from("name\n");
+    for t in texts {
+        csv.push_str(t);
+        csv.push('\n');
+    }
+    f.write("data.csv", csv);
+    f.write("schemas/ad.json", SCHEMA);
+    let j = f.job("data.csv", "Ad for {{ name }}", model, "", &s.base_url());
+    // Room for a whole JSON document: at 20 tokens the answer is cut off mid-string.
+    let text = std::fs::read_to_string(&j)
+        .unwrap()
+        .replace("max_tokens = 20", "max_tokens = 200");
+    std::fs::write(&j, format!("{text}{output}\n")).unwrap();
+    j.to_str().unwrap().to_string()
+}
+
+fn billed_equals_kept(s: &FakeServer, f: &Fixture) {
+    let st = s.stats();
+    let (p, c) = f.records().iter().fold((0, 0), |(p, c), r| {
+        (
+            p + r["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            c + r["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+        )
+    });
+    assert_eq!(
+        (st.billed_prompt_tokens, st.billed_completion_tokens),
+        (p, c),
+        "billed vs kept"
+    );
+}
+
+#[test]
+fn a_schema_goes_out_as_json_schema_and_its_fields_become_columns() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["Acme boots", "Zed hats"],
+        "",
+        "schema = \"schemas/ad.json\"",
+    );
+    ok(&f.run(&["run", "--quiet", &j]));
+    let body = &s.requests()[0];
+    assert_eq!(body["response_format"]["type"], "json_schema");
+    assert_eq!(body["response_format"]["json_schema"]["name"], "ad");
+    assert_eq!(body["response_format"]["json_schema"]["strict"], true);
+    assert_eq!(
+        body["response_format"]["json_schema"]["schema"]["properties"]["headline"]["maxLength"],
+        30
+    );
+    let recs = f.records();
+    assert_eq!(recs.len(), 2);
+    let d = &recs[0]["data"];
+    assert!(d["headline"].as_str().unwrap().len() <= 30);
+    assert!(d["tags"].is_array());
+    assert!(recs[0].get("invalid_attempts").is_none());
+    // One column per top-level property, in the schema's order; nested values as JSON text.
+    let mut rdr = csv::Reader::from_path(f.path("out/result.csv")).unwrap();
+    let header: Vec<String> = rdr.headers().unwrap().iter().map(String::from).collect();
+    let at = |n: &str| header.iter().position(|h| h == n).unwrap();
+    assert!(at("completion") < at("headline"));
+    assert!(at("headline") < at("description") && at("description") < at("tags"));
+    let row: Vec<String> = rdr
+        .records()
+        .next()
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(row[at("headline")], d["headline"].as_str().unwrap());
+    let tags: Value = serde_json::from_str(&row[at("tags")]).unwrap();
+    assert_eq!(tags, d["tags"]);
+    // The dry run counts the schema's tokens into every prompt, and says it is an estimate.
+    let dry = f.run(&["estimate", &j]);
+    ok(&dry);
+    assert!(dry.stdout.contains("of which schema"), "{}", dry.stdout);
+}
+
+#[test]
+fn broken_json_is_asked_again_and_every_attempt_is_paid_and_recorded() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["Acme FAULT:badjsonout:1", "Zed FAULT:schemabreak:1", "fine"],
+        "",
+        "schema = \"schemas/ad.json\"",
+    );
+    ok(&f.run(&["run", "--quiet", &j]));
+    assert_eq!(s.stats().requests, 5, "two rows asked twice, one once");
+    let recs = f.records();
+    for r in &recs[..2] {
+        assert_eq!(r["status"], "ok");
+        let inv = r["invalid_attempts"].as_array().unwrap();
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv[0]["attempt"], 1);
+        assert!(r["data"]["headline"].is_string());
+    }
+    let p0 = recs[0]["invalid_attempts"][0]["problems"][0]
+        .as_str()
+        .unwrap();
+    assert!(p0.contains("not valid JSON"), "{p0}");
+    let p1 = recs[1]["invalid_attempts"][0]["problems"][0]
+        .as_str()
+        .unwrap();
+    assert!(p1.contains("required"), "{p1}");
+    billed_equals_kept(&s, &f);
+    // Cost covers both attempts: it is the usage's price.
+    let u = &recs[0]["usage"];
+    let want = (u["prompt_tokens"].as_f64().unwrap() * 0.15
+        + u["completion_tokens"].as_f64().unwrap() * 0.60)
+        / 1e6;
+    assert!((recs[0]["cost_usd"].as_f64().unwrap() - want).abs() < 1e-12);
+}
+
+#[test]
+fn a_completion_wrong_every_time_fails_as_invalid_output_quoting_path_and_rule() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["always FAULT:schemabreak"],
+        "",
+        "schema = \"schemas/ad.json\"\nmax_invalid = 2",
+    );
+    let r = f.run(&["run", "--quiet", &j]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(
+        s.stats().requests,
+        3,
+        "the first request and max_invalid more"
+    );
+    let rec = &f.records()[0];
+    assert_eq!(rec["status"], "error");
+    assert_eq!(rec["error"]["kind"], "invalid_output");
+    let msg = rec["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("required"), "{msg}");
+    assert_eq!(rec["invalid_attempts"].as_array().unwrap().len(), 3);
+    billed_equals_kept(&s, &f);
+    // A verdict: a plain rerun leaves it, --retry-failed asks again.
+    let _ = f.run(&["run", "--quiet", &j]);
+    assert_eq!(s.stats().requests, 3);
+}
+
+#[test]
+fn a_refusal_is_its_own_kind_and_is_not_asked_again() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["no FAULT:refusal"],
+        "",
+        "schema = \"schemas/ad.json\"",
+    );
+    let r = f.run(&["run", "--quiet", &j]);
+    assert_eq!(r.code, 1);
+    assert_eq!(s.stats().requests, 1);
+    let rec = &f.records()[0];
+    assert_eq!(rec["error"]["kind"], "refusal");
+    assert!(rec["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("can't help"));
+    billed_equals_kept(&s, &f);
+}
+
+#[test]
+fn checks_on_plain_text_regenerate_and_say_which_failed_on_which_attempt() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    // Google Ads: a 30-character headline that names the product.
+    let j = job(
+        &f,
+        &s,
+        &["Acme FAULT:long:1", "Zed"],
+        "",
+        "[output.checks]\nmax_chars = 60\nmust_contain = [\"{{ name }}\"]\nmust_not_match = \"(?i)free\"",
+    );
+    ok(&f.run(&["run", "--quiet", &j]));
+    let recs = f.records();
+    let inv = recs[0]["invalid_attempts"].as_array().unwrap();
+    assert_eq!(inv[0]["attempt"], 1);
+    assert!(inv[0]["problems"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("max_chars"));
+    assert!(recs[0]["completion"].as_str().unwrap().chars().count() <= 60);
+    assert!(recs[1].get("invalid_attempts").is_none());
+    assert_eq!(s.stats().requests, 3);
+    billed_equals_kept(&s, &f);
+
+    // A literal the model never writes: fails after max_invalid, naming the check.
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["Acme"],
+        "",
+        "max_invalid = 1\n[output.checks]\nmust_contain = [\"ACME™\"]",
+    );
+    let r = f.run(&["run", "--quiet", &j]);
+    assert_eq!(r.code, 1);
+    let rec = &f.records()[0];
+    assert_eq!(rec["error"]["kind"], "invalid_output");
+    assert!(rec["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("must_contain"));
+    assert_eq!(s.stats().requests, 2);
+}
+
+#[test]
+fn variants_are_kept_and_only_failing_ones_are_asked_again() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["Acme FAULT:schemabreak@1:1", "Zed"],
+        "n = 3",
+        "schema = \"schemas/ad.json\"",
+    );
+    // The dry run's cost bound counts n times max_tokens: 2 rows × 3 × 200.
+    let dry = f.run(&["estimate", &j]);
+    assert!(
+        dry.stdout.contains("max output tokens 1200"),
+        "{}",
+        dry.stdout
+    );
+    ok(&f.run(&["run", "--quiet", &j]));
+    let bodies = s.requests();
+    assert_eq!(bodies.len(), 3);
+    let ns: Vec<Value> = bodies.iter().map(|b| b["n"].clone()).collect();
+    assert!(
+        ns.contains(&Value::Null),
+        "the regeneration asks for one: {ns:?}"
+    );
+    assert_eq!(ns.iter().filter(|n| **n == 3).count(), 2);
+    let recs = f.records();
+    for r in &recs {
+        let v = r["variants"].as_array().unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(r["completion"], v[0]["completion"]);
+        assert!(v.iter().all(|x| x["data"]["headline"].is_string()));
+    }
+    assert_eq!(recs[0]["invalid_attempts"][0]["variant"], 1);
+    billed_equals_kept(&s, &f);
+    // The CSV: one line per variant, with a variant column; cost on the first line only.
+    let mut rdr = csv::Reader::from_path(f.path("out/result.csv")).unwrap();
+    let header: Vec<String> = rdr.headers().unwrap().iter().map(String::from).collect();
+    let vcol = header.iter().position(|h| h == "variant").unwrap();
+    let ccol = header.iter().position(|h| h == "cost_usd").unwrap();
+    let lines: Vec<Vec<String>> = rdr
+        .records()
+        .map(|r| r.unwrap().iter().map(String::from).collect())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(
+        lines.iter().map(|l| l[vcol].clone()).collect::<Vec<_>>(),
+        ["1", "2", "3", "1", "2", "3"]
+    );
+    assert!(!lines[0][ccol].is_empty() && lines[1][ccol].is_empty());
+}
+
+#[test]
+fn json_object_and_streamed_variants_with_time_to_first_token() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["Acme", "Zed"],
+        "stream = true\nn = 2",
+        "response_format = \"json_object\"",
+    );
+    ok(&f.run(&["run", "--quiet", &j]));
+    assert_eq!(s.requests()[0]["response_format"]["type"], "json_object");
+    for r in f.records() {
+        assert!(r["data"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("echo: Ad for"));
+        assert_eq!(r["variants"].as_array().unwrap().len(), 2);
+        assert_ne!(
+            r["variants"][0]["completion"],
+            r["variants"][1]["completion"]
+        );
+        assert!(r["ttft_ms"].is_u64(), "{r}");
+    }
+    let sum = f.summary();
+    assert!(sum["ttft_p50_ms"].is_u64(), "{sum}");
+    assert!(sum["ttft_p95_ms"].is_u64());
+    billed_equals_kept(&s, &f);
+}
+
+#[test]
+fn a_bad_schema_or_check_is_a_job_error_naming_the_field() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(&f, &s, &["x"], "", "schema = \"schemas/missing.json\"");
+    let r = f.run(&["validate", &j]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("output.schema") && r.stderr.contains("missing.json"),
+        "{}",
+        r.stderr
+    );
+    let j = job(
+        &f,
+        &s,
+        &["x"],
+        "",
+        "[output.checks]\nmust_match = \"(unclosed\"",
+    );
+    let r = f.run(&["validate", &j]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("output.checks.must_match"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(s.stats().requests, 0);
+}
