@@ -144,6 +144,7 @@ impl Stamp {
             messages.update(format!("{:?}\0{:?}\0", m.role, m.name));
             match &m.source {
                 MessageSource::Inline(c) => messages.update(c.as_bytes()),
+                MessageSource::Field(f) => messages.update(format!("from:{f}").as_bytes()),
                 MessageSource::Template(name) => {
                     let text = job
                         .template_dirs
