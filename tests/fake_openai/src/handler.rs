@@ -130,7 +130,8 @@ pub(crate) fn invalid_key_response(headers: &HeaderMap) -> Response<Body> {
     )
 }
 
-/// The text of a message's content: a string, or the `text` parts of an array.
+/// The text of a message's content: a string, or the `text` parts of an array joined by a
+/// space (image parts are not text).
 pub(crate) fn content_text(content: Option<&Value>) -> Cow<'_, str> {
     match content {
         Some(Value::String(s)) => Cow::Borrowed(s),
@@ -138,7 +139,8 @@ pub(crate) fn content_text(content: Option<&Value>) -> Cow<'_, str> {
             parts
                 .iter()
                 .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect(),
+                .collect::<Vec<_>>()
+                .join(" "),
         ),
         _ => Cow::Borrowed(""),
     }
