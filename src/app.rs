@@ -656,7 +656,8 @@ fn print_content(content: &crate::chat::Content) {
             Part::ImageUrl { image_url: i } => {
                 let url = match i.url.split_once(";base64,") {
                     Some((head, data)) if head.starts_with("data:") => {
-                        format!("{head} ({} bytes)", data.len() / 4 * 3)
+                        let pad = data.bytes().rev().take_while(|&b| b == b'=').count();
+                        format!("{head} ({} bytes)", data.len() / 4 * 3 - pad)
                     }
                     _ => i.url.clone(),
                 };

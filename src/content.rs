@@ -50,7 +50,7 @@ pub fn conversation(field: &str, value: Option<&Value>) -> Result<Vec<Message>, 
     items
         .iter()
         .enumerate()
-        .map(|(i, v)| message(v).map_err(|e| format!("field `{field}`, message {i}: {e}")))
+        .map(|(i, v)| message(v).map_err(|e| format!("field `{field}`, message [{i}]: {e}")))
         .collect()
 }
 
@@ -90,7 +90,7 @@ fn message(v: &Value) -> Result<Message, String> {
             parts
                 .iter()
                 .enumerate()
-                .map(|(j, p)| part(p).map_err(|e| format!("content part {j}: {e}")))
+                .map(|(j, p)| part(p).map_err(|e| format!("content part [{j}]: {e}")))
                 .collect::<Result<_, _>>()?,
         ),
         None | Some(Value::Null) => return Err("has no `content`".into()),
@@ -345,9 +345,9 @@ pub(crate) mod tests {
             ("empty", "holds no messages"),
             (
                 "role",
-                "field `role`, message 1: role `tool` is not system, user or assistant",
+                "field `role`, message [1]: role `tool` is not system, user or assistant",
             ),
-            ("nocontent", "message 0: has no `content`"),
+            ("nocontent", "message [0]: has no `content`"),
             ("extra", "has `tool_calls`"),
             ("img", "images go in user messages"),
             ("http", "does not fetch http://"),

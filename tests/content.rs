@@ -145,9 +145,9 @@ fn bad_conversation_arrays_are_row_errors_naming_field_and_row() {
         (3, "is an object, not an array of messages"),
         (
             4,
-            "message 0: role `robot` is not system, user or assistant",
+            "message [0]: role `robot` is not system, user or assistant",
         ),
-        (5, "message 0: has no `content`"),
+        (5, "message [0]: has no `content`"),
         (6, "field `chat` is missing from the row"),
     ];
     for (row, want) in wants {
