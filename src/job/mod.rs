@@ -459,12 +459,7 @@ impl Job {
                 }
             };
             if let Some(name) = &m.name {
-                let ok = !name.is_empty()
-                    && name.len() <= 64
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-                if !ok {
+                if !crate::content::is_name(name) {
                     return Err(bad(
                         &format!("{field}.name"),
                         "a message name is 1 to 64 letters, digits, `_` or `-`".into(),
@@ -1021,6 +1016,64 @@ mod tests {
         match e {
             Error::Job { field, .. } => field,
             e => panic!("not a job error: {e}"),
+        }
+    }
+
+    fn with_messages(messages: &str, model: &str) -> Result<Job, Error> {
+        let text = format!(
+            "[input]\npath = \"d.csv\"\n{messages}\n[model]\n{model}\n[output]\npath = \"o.jsonl\"\n"
+        );
+        let raw: RawJob = toml::from_str(&text).unwrap();
+        Job::from_raw(Path::new("jobs/j.toml"), raw, &Overrides::default())
+    }
+
+    #[test]
+    fn from_and_images_are_checked_where_the_job_loads() {
+        let ok = with_messages(
+            "[[messages]]\nfrom = \"chat\"\n[[messages]]\nrole = \"user\"\n\
+             images = [\"{{ p }}\"]\nimage_detail = \"low\"",
+            "name = \"m\"",
+        )
+        .unwrap();
+        assert!(matches!(&ok.messages[0].source, MessageSource::Field(f) if f == "chat"));
+        assert_eq!(ok.messages[1].images, ["{{ p }}"]);
+        assert_eq!(ok.messages[1].image_detail, Some(Detail::Low));
+        let cases = [
+            ("from = \"chat\"\nrole = \"user\"", "m", "messages[0].role"),
+            (
+                "from = \"chat\"\nimages = [\"x\"]",
+                "m",
+                "messages[0].images",
+            ),
+            ("from = \"\"", "m", "messages[0].from"),
+            ("content = \"x\"", "m", "messages[0].role"),
+            ("role = \"user\"", "m", "messages[0]"),
+            (
+                "role = \"system\"\nimages = [\"x\"]",
+                "m",
+                "messages[0].images",
+            ),
+            (
+                "role = \"user\"\ncontent = \"x\"\nimage_detail = \"low\"",
+                "m",
+                "messages[0].image_detail",
+            ),
+        ];
+        for (m, name, field) in cases {
+            let e = with_messages(&format!("[[messages]]\n{m}"), &format!("name = \"{name}\""))
+                .expect_err(m);
+            assert_eq!(field_of(e), field, "{m}");
+        }
+        let local = with_messages(
+            "[[messages]]\nrole = \"user\"\nimages = [\"x.png\"]",
+            "provider = \"local\"\npath = \"m.gguf\"",
+        );
+        match local {
+            Err(Error::Job { field, message, .. }) => {
+                assert_eq!(field, "messages[0].images");
+                assert_eq!(message, TEXT_ONLY_MODEL);
+            }
+            other => panic!("{other:?}"),
         }
     }
 
