@@ -39,7 +39,7 @@ async fn main() {
             messages: vec![Message {
                 role: Role::User,
                 name: None,
-                content: p.to_string(),
+                content: p.to_string().into(),
             }],
             body: Default::default(),
         })

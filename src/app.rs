@@ -512,6 +512,14 @@ fn ignore_file_size_signal() {
     }
 }
 
+/// The dry run's images: how many, their prompt tokens, how many of those were assumed.
+#[derive(Default)]
+struct ImageStats {
+    count: u64,
+    tokens: u64,
+    assumed: u64,
+}
+
 fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let job = Job::load(&args.job, ov)?;
     let renderer = Renderer::new(&job)?;
@@ -531,6 +539,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let batched = job.mode == Mode::Batch;
     let mut splitter = crate::batch::Splitter::new(job.batch.clone());
     let mut too_big = 0u64;
+    let mut images = ImageStats::default();
     let mut line = Vec::new();
     let stream = job.params.stream.unwrap_or(false);
     for r in job.source().reader()? {
@@ -557,6 +566,12 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
         }
         let n = backend.counter.count_prompt(&p.request.messages) + schema_tokens;
         prompt += n;
+        for img in p.request.messages.iter().flat_map(|m| m.content.images()) {
+            let t = crate::tokens::image_tokens(&job.model, img);
+            images.count += 1;
+            images.tokens += t.tokens;
+            images.assumed += u64::from(t.assumed);
+        }
         match planner.plan(&p)? {
             Decision::Send => {
                 to_send += 1;
@@ -619,6 +634,23 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
             "  of which schema  {schema_tokens} per row (its JSON text, counted with the model's \
              tokenizer: OpenAI bills the schema as prompt tokens but does not publish exactly \
              how, so this is an estimate)"
+        );
+    }
+    if images.count > 0 {
+        println!(
+            "images            {} ({} prompt tokens of the above, by OpenAI's tile rule{})",
+            images.count,
+            images.tokens,
+            if images.assumed > 0 {
+                format!(
+                    "; {} https URLs not fetched, assumed {}×{} at high detail",
+                    images.assumed,
+                    crate::tokens::ASSUMED_IMAGE_SIZE.0,
+                    crate::tokens::ASSUMED_IMAGE_SIZE.1
+                )
+            } else {
+                String::new()
+            }
         );
     }
     println!(
@@ -684,7 +716,7 @@ fn render(args: &JobArgs, row: u64) -> Result<i32, Error> {
                 Some(n) => println!("--- {} ({n})", m.role.as_str()),
                 None => println!("--- {}", m.role.as_str()),
             }
-            println!("{}", m.content);
+            print_content(&m.content);
         }
         println!("--- fingerprint {}", crate::request::hex(&p.fingerprint));
         return Ok(EXIT_OK);
@@ -693,6 +725,36 @@ fn render(args: &JobArgs, row: u64) -> Result<i32, Error> {
         path: job.input.clone(),
         message: format!("there is no row {row}"),
     })
+}
+
+/// A message's content as `render` shows it: the text, then one line per image (a data URL
+/// by its type and size, not its base64).
+fn print_content(content: &crate::chat::Content) {
+    use crate::chat::{Content, Part};
+    let parts = match content {
+        Content::Text(t) => return println!("{t}"),
+        Content::Parts(p) => p,
+    };
+    for p in parts {
+        match p {
+            Part::Text { text } => println!("{text}"),
+            Part::ImageUrl { image_url: i } => {
+                let url = match i.url.split_once(";base64,") {
+                    Some((head, data)) if head.starts_with("data:") => {
+                        let pad = data.bytes().rev().take_while(|&b| b == b'=').count();
+                        format!("{head} ({} bytes)", data.len() / 4 * 3 - pad)
+                    }
+                    _ => i.url.clone(),
+                };
+                let size = i.size.map(|(w, h)| format!(" {w}×{h}")).unwrap_or_default();
+                let detail = i
+                    .detail
+                    .map(|d| format!(" detail={}", d.as_str()))
+                    .unwrap_or_default();
+                println!("[image: {url}{size}{detail}]");
+            }
+        }
+    }
 }
 
 /// Lists every problem, each with its location, rather than stopping at the first.
@@ -725,6 +787,16 @@ fn validate(path: &Path, input: Option<std::path::PathBuf>) -> Result<i32, Error
             if !cols.contains(&var) {
                 problems.push(format!(
                     "template {template}: variable `{var}` is not a column of {} (columns: {})",
+                    crate::input::describe(&job.input),
+                    cols.join(", ")
+                ));
+            }
+        }
+        for (field, message) in r.from_fields() {
+            if !cols.contains(&field) {
+                problems.push(format!(
+                    "{}: `{message}`: `{field}` is not a column of {} (columns: {})",
+                    path.display(),
                     crate::input::describe(&job.input),
                     cols.join(", ")
                 ));

@@ -10,7 +10,109 @@ pub struct Message {
     pub role: Role,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub content: String,
+    pub content: Content,
+}
+
+/// A message's content: plain text, or parts (text and images) in OpenAI's shape.
+///
+/// `Text` serializes as a bare JSON string, exactly as every message was sent before parts
+/// existed: the body and fingerprint of a text-only job never change, so its outputs resume
+/// without paying again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// One part of a message's content: `{"type":"text","text":…}` or
+/// `{"type":"image_url","image_url":{"url":…,"detail":…}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Part {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageUrl {
+    /// An https URL, or a `data:<mime>;base64,…` URL holding the file.
+    pub url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Detail>,
+    /// Width and height in pixels, when known without a download (a file read at render
+    /// time): the dry run's image tokens. Not part of the request, nor of its fingerprint.
+    #[serde(skip)]
+    pub size: Option<(u32, u32)>,
+}
+
+/// How closely the model looks at an image; what it costs depends on it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Detail {
+    Low,
+    High,
+    Auto,
+}
+
+impl Detail {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detail::Low => "low",
+            Detail::High => "high",
+            Detail::Auto => "auto",
+        }
+    }
+}
+
+impl Content {
+    /// The text the content holds: its text parts, joined by a blank line.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        match self {
+            Content::Text(t) => std::borrow::Cow::Borrowed(t),
+            Content::Parts(parts) => {
+                let texts: Vec<&str> = parts
+                    .iter()
+                    .filter_map(|p| match p {
+                        Part::Text { text } => Some(text.as_str()),
+                        Part::ImageUrl { .. } => None,
+                    })
+                    .collect();
+                match texts.as_slice() {
+                    [one] => std::borrow::Cow::Borrowed(one),
+                    _ => std::borrow::Cow::Owned(texts.join("\n\n")),
+                }
+            }
+        }
+    }
+
+    /// The images, in order.
+    pub fn images(&self) -> impl Iterator<Item = &ImageUrl> {
+        let parts: &[Part] = match self {
+            Content::Text(_) => &[],
+            Content::Parts(p) => p,
+        };
+        parts.iter().filter_map(|p| match p {
+            Part::ImageUrl { image_url } => Some(image_url),
+            Part::Text { .. } => None,
+        })
+    }
+
+    pub fn has_images(&self) -> bool {
+        self.images().next().is_some()
+    }
+}
+
+impl From<String> for Content {
+    fn from(s: String) -> Content {
+        Content::Text(s)
+    }
+}
+
+impl From<&str> for Content {
+    fn from(s: &str) -> Content {
+        Content::Text(s.to_string())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

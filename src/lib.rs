@@ -6,6 +6,7 @@
 //! job       jobs/NAME.toml → validated Job (paths, params, limits; keys refused)
 //! input     CSV | JSONL, streamed on a thread → Row { number, id, fields } or RowError
 //! render    Tera, loaded once → the row's chat messages
+//!   content   a row field's own messages array (`from`), image files and URLs → parts
 //! schedule  fingerprint → skip if done (journal) → budget → concurrency → pace → provider
 //!   pace      RPM/TPM spacing, learned from x-ratelimit-* headers, slowed by 429s
 //!   retry     which failures retry, and when (backoff with jitter, retry-after)
@@ -29,6 +30,7 @@ pub mod app;
 pub mod batch;
 pub mod chat;
 pub mod cli;
+pub mod content;
 pub mod cost;
 pub mod error;
 pub mod export;

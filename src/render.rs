@@ -1,6 +1,8 @@
 //! Tera templates, loaded once per run: a row's fields → the job's chat messages.
 //! Templates see only the row; `get_env` is replaced so no environment value (the API key
 //! included) can reach a prompt, and only files under the template folders are loaded.
+//! What is not template text (a row's own messages array, image files and URLs) is read by
+//! `content`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use serde_json::{Map, Value};
 use tera::ast::{Expr, ExprVal, FunctionCall, LogicExpr, LogicOperator, MacroDefinition, Node};
 use tera::{Context, Tera};
 
-use crate::chat::Message;
+use crate::chat::{Content, Message, Part};
 use crate::error::Error;
 use crate::job::{Job, MessageSource, MessageSpec};
 
@@ -18,8 +20,24 @@ const EXTENSIONS: &[&str] = &["tera", "j2", "jinja", "txt", "md", "html", "promp
 
 pub struct Renderer {
     tera: Tera,
-    /// Per message: its role, name and the Tera template name that renders its content.
-    messages: Vec<(MessageSpec, String)>,
+    /// The job's `[[messages]]`, in order.
+    messages: Vec<Compiled>,
+    /// Where relative image paths start: the input file's folder.
+    image_dir: PathBuf,
+}
+
+/// One `[[messages]]` entry, ready to render.
+enum Compiled {
+    Templated {
+        /// Its role, name and image detail.
+        spec: MessageSpec,
+        /// The Tera template that renders its text.
+        template: String,
+        /// The Tera templates that render its images' URLs or paths, in order.
+        images: Vec<String>,
+    },
+    /// `from = "FIELD"`: the messages the row's field holds.
+    Field { field: String, index: usize },
 }
 
 impl Renderer {
@@ -40,7 +58,14 @@ impl Renderer {
             .map_err(|e| template_error("templates", e))?;
         let mut messages = Vec::with_capacity(job.messages.len());
         for (i, spec) in job.messages.iter().enumerate() {
-            let name = match &spec.source {
+            let template = match &spec.source {
+                MessageSource::Field(field) => {
+                    messages.push(Compiled::Field {
+                        field: field.clone(),
+                        index: i,
+                    });
+                    continue;
+                }
                 MessageSource::Template(t) => {
                     if !tera.get_template_names().any(|n| n == t) {
                         let folders: Vec<String> = job
@@ -70,9 +95,29 @@ impl Renderer {
                     name
                 }
             };
-            messages.push((spec.clone(), name));
+            let mut images = Vec::with_capacity(spec.images.len());
+            for (j, src) in spec.images.iter().enumerate() {
+                let name = format!("{}#messages[{i}].images[{j}]", job.file.display());
+                tera.add_raw_template(&name, src)
+                    .map_err(|e| template_error(&name, e))?;
+                images.push(name);
+            }
+            messages.push(Compiled::Templated {
+                spec: spec.clone(),
+                template,
+                images,
+            });
         }
-        Ok(Renderer { tera, messages })
+        // stdin's rows name files from the working folder.
+        let image_dir = match job.input.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Ok(Renderer {
+            tera,
+            messages,
+            image_dir,
+        })
     }
 
     /// Renders one row's messages. The error names the message and the missing field.
@@ -80,11 +125,45 @@ impl Renderer {
         let ctx = Context::from_value(Value::Object(fields.clone()))
             .map_err(|e| format!("cannot use the row as template context: {e}"))?;
         let mut out = Vec::with_capacity(self.messages.len());
-        for (spec, name) in &self.messages {
-            let content = self
+        for m in &self.messages {
+            let (spec, template, images) = match m {
+                Compiled::Templated {
+                    spec,
+                    template,
+                    images,
+                } => (spec, template, images),
+                Compiled::Field { field, index } => {
+                    let msgs = crate::content::conversation(field, fields.get(field))
+                        .map_err(|e| format!("messages[{index}].from: {e}"))?;
+                    out.extend(msgs);
+                    continue;
+                }
+            };
+            let text = self
                 .tera
-                .render(name, &ctx)
-                .map_err(|e| render_error(name, &e))?;
+                .render(template, &ctx)
+                .map_err(|e| render_error(template, &e))?;
+            // Text alone stays a plain string: the request is byte for byte what it was
+            // before messages could hold images.
+            let content = if images.is_empty() {
+                Content::Text(text)
+            } else {
+                let mut parts = Vec::with_capacity(images.len() + 1);
+                if !text.is_empty() {
+                    parts.push(Part::Text { text });
+                }
+                for name in images {
+                    let src = self
+                        .tera
+                        .render(name, &ctx)
+                        .map_err(|e| render_error(name, &e))?;
+                    let image_url =
+                        crate::content::image(src.trim(), &self.image_dir, spec.image_detail)
+                            .map_err(|e| format!("template {name}: {e}"))?;
+                    parts.push(Part::ImageUrl { image_url });
+                }
+                Content::Parts(parts)
+            };
             out.push(Message {
                 role: spec.role,
                 name: spec.name.clone(),
@@ -94,6 +173,19 @@ impl Renderer {
         Ok(out)
     }
 
+    /// Every row field a `from` message reads, each with the message that reads it.
+    pub fn from_fields(&self) -> Vec<(String, String)> {
+        self.messages
+            .iter()
+            .filter_map(|m| match m {
+                Compiled::Field { field, index } => {
+                    Some((field.clone(), format!("messages[{index}].from")))
+                }
+                Compiled::Templated { .. } => None,
+            })
+            .collect()
+    }
+
     /// Every top-level variable the job's messages need from the row (through includes,
     /// macros and parents too), each with the template that reads it. A variable read only
     /// where it may be missing (behind `default(...)`, `x is defined`, a truthy `{% if x %}`)
@@ -101,8 +193,15 @@ impl Renderer {
     pub fn variables(&self) -> Vec<(String, String)> {
         let mut out = BTreeSet::new();
         let mut visited = BTreeSet::new();
-        for (_, name) in &self.messages {
-            self.template_vars(name, &mut visited, &mut out);
+        for m in &self.messages {
+            if let Compiled::Templated {
+                template, images, ..
+            } = m
+            {
+                for name in std::iter::once(template).chain(images) {
+                    self.template_vars(name, &mut visited, &mut out);
+                }
+            }
         }
         out.into_iter().collect()
     }
@@ -434,10 +533,17 @@ mod tests {
             role: Role::User,
             name: None,
             source: MessageSource::Inline(src.into()),
+            images: Vec::new(),
+            image_detail: None,
         };
         Renderer {
             tera,
-            messages: vec![(spec, "t".into())],
+            messages: vec![Compiled::Templated {
+                spec,
+                template: "t".into(),
+                images: Vec::new(),
+            }],
+            image_dir: PathBuf::from("."),
         }
     }
 

@@ -144,6 +144,7 @@ impl Stamp {
             messages.update(format!("{:?}\0{:?}\0", m.role, m.name));
             match &m.source {
                 MessageSource::Inline(c) => messages.update(c.as_bytes()),
+                MessageSource::Field(f) => messages.update(format!("from:{f}").as_bytes()),
                 MessageSource::Template(name) => {
                     let text = job
                         .template_dirs
@@ -152,6 +153,10 @@ impl Stamp {
                         .unwrap_or_else(|| name.as_bytes().to_vec());
                     messages.update(&text);
                 }
+            }
+            // Images only when a message has some: stamps of text-only jobs stay as they were.
+            if !m.images.is_empty() {
+                messages.update(format!("images:{:?}:{:?}", m.images, m.image_detail));
             }
             messages.update(b"\0");
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{Params, Role, Stop};
+use crate::chat::{Detail, Params, Role, Stop};
 use crate::error::Error;
 pub use crate::input::InputFormat;
 
@@ -46,10 +46,16 @@ pub struct RawInput {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawMessage {
-    pub role: Role,
+    /// Required, except with `from` (the data gives each message's role).
+    pub role: Option<Role>,
     pub name: Option<String>,
     pub template: Option<String>,
     pub content: Option<String>,
+    /// A row field holding a whole messages array, inserted at this point.
+    pub from: Option<String>,
+    /// Inline Tera templates, each rendering to an https URL or an image file's path.
+    pub images: Option<Vec<String>>,
+    pub image_detail: Option<Detail>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -287,13 +293,20 @@ pub enum MessageSource {
     /// A template file's name as registered in Tera (its path under a template folder).
     Template(String),
     Inline(String),
+    /// Not one message but every message of the array this row field holds (`from`).
+    Field(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct MessageSpec {
+    /// The templated message's role; a `Field` source's messages carry their own (this is
+    /// then `User` and unused).
     pub role: Role,
     pub name: Option<String>,
     pub source: MessageSource,
+    /// Inline Tera templates of the message's images (https URLs or file paths).
+    pub images: Vec<String>,
+    pub image_detail: Option<Detail>,
 }
 
 /// A validated job: every path resolved, every default applied.
@@ -424,6 +437,62 @@ impl Job {
         let mut messages = Vec::with_capacity(raw.messages.len());
         for (i, m) in raw.messages.into_iter().enumerate() {
             let field = format!("messages[{i}]");
+            if let Some(from) = m.from {
+                let also = [
+                    ("role", m.role.is_some()),
+                    ("name", m.name.is_some()),
+                    ("template", m.template.is_some()),
+                    ("content", m.content.is_some()),
+                    ("images", m.images.is_some()),
+                    ("image_detail", m.image_detail.is_some()),
+                ];
+                if let Some((key, _)) = also.iter().find(|(_, set)| *set) {
+                    return Err(bad(
+                        &format!("{field}.{key}"),
+                        "a `from` message inserts the row's messages as they are: it takes no \
+                         role, name, template, content or images"
+                            .into(),
+                    ));
+                }
+                if from.is_empty() {
+                    return Err(bad(
+                        &format!("{field}.from"),
+                        "names the row field that holds the messages".into(),
+                    ));
+                }
+                messages.push(MessageSpec {
+                    role: Role::User,
+                    name: None,
+                    source: MessageSource::Field(from),
+                    images: Vec::new(),
+                    image_detail: None,
+                });
+                continue;
+            }
+            let Some(role) = m.role else {
+                return Err(bad(
+                    &format!("{field}.role"),
+                    "needs a `role` (system, developer, user, assistant), or `from` to insert \
+                     a row field's messages"
+                        .into(),
+                ));
+            };
+            let images = m.images.unwrap_or_default();
+            if !images.is_empty() && role != Role::User {
+                return Err(bad(
+                    &format!("{field}.images"),
+                    format!(
+                        "images go in user messages; the API takes none in a {} message",
+                        role.as_str()
+                    ),
+                ));
+            }
+            if m.image_detail.is_some() && images.is_empty() {
+                return Err(bad(
+                    &format!("{field}.image_detail"),
+                    "sets how images are looked at, and the message has no `images`".into(),
+                ));
+            }
             let source = match (m.template, m.content) {
                 (Some(t), None) => {
                     let tp = Path::new(&t);
@@ -448,15 +517,14 @@ impl Job {
                         "give either `template` or `content`, not both".into(),
                     ))
                 }
-                (None, None) => return Err(bad(&field, "needs `template` or `content`".into())),
+                // An image needs no words beside it.
+                (None, None) if !images.is_empty() => MessageSource::Inline(String::new()),
+                (None, None) => {
+                    return Err(bad(&field, "needs `template`, `content` or `from`".into()))
+                }
             };
             if let Some(name) = &m.name {
-                let ok = !name.is_empty()
-                    && name.len() <= 64
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-                if !ok {
+                if !crate::content::is_name(name) {
                     return Err(bad(
                         &format!("{field}.name"),
                         "a message name is 1 to 64 letters, digits, `_` or `-`".into(),
@@ -464,9 +532,11 @@ impl Job {
                 }
             }
             messages.push(MessageSpec {
-                role: m.role,
+                role,
                 name: m.name,
                 source,
+                images,
+                image_detail: m.image_detail,
             });
         }
 
@@ -733,6 +803,14 @@ impl Job {
             Some(sh) => (sh.path(&output), csv.map(|c| sh.path(&c))),
             None => (output, csv),
         };
+        if provider == ProviderKind::Local {
+            if let Some(i) = messages.iter().position(|m| !m.images.is_empty()) {
+                return Err(bad(
+                    &format!("messages[{i}].images"),
+                    TEXT_ONLY_MODEL.into(),
+                ));
+            }
+        }
         let mode = ov.mode.or(run.mode).unwrap_or_default();
         if mode == Mode::Batch && provider == ProviderKind::Local {
             return Err(bad(
@@ -969,6 +1047,9 @@ fn output_shape(path: &Path, dir: &Path, out: &RawOutput) -> Result<OutputShape,
         max_invalid: out.max_invalid.unwrap_or(2),
     })
 }
+/// Why a job or row with images cannot run on the embedded model.
+pub const TEXT_ONLY_MODEL: &str =
+    "the local model reads text only; images need an HTTP provider with a vision model";
 
 /// `extra` keys the job owns, each with where to set it instead.
 const RESERVED_EXTRA: &[(&str, &str)] = &[
@@ -1135,6 +1216,64 @@ mod tests {
         match e {
             Error::Job { field, .. } => field,
             e => panic!("not a job error: {e}"),
+        }
+    }
+
+    fn with_messages(messages: &str, model: &str) -> Result<Job, Error> {
+        let text = format!(
+            "[input]\npath = \"d.csv\"\n{messages}\n[model]\n{model}\n[output]\npath = \"o.jsonl\"\n"
+        );
+        let raw: RawJob = toml::from_str(&text).unwrap();
+        Job::from_raw(Path::new("jobs/j.toml"), raw, &Overrides::default())
+    }
+
+    #[test]
+    fn from_and_images_are_checked_where_the_job_loads() {
+        let ok = with_messages(
+            "[[messages]]\nfrom = \"chat\"\n[[messages]]\nrole = \"user\"\n\
+             images = [\"{{ p }}\"]\nimage_detail = \"low\"",
+            "name = \"m\"",
+        )
+        .unwrap();
+        assert!(matches!(&ok.messages[0].source, MessageSource::Field(f) if f == "chat"));
+        assert_eq!(ok.messages[1].images, ["{{ p }}"]);
+        assert_eq!(ok.messages[1].image_detail, Some(Detail::Low));
+        let cases = [
+            ("from = \"chat\"\nrole = \"user\"", "m", "messages[0].role"),
+            (
+                "from = \"chat\"\nimages = [\"x\"]",
+                "m",
+                "messages[0].images",
+            ),
+            ("from = \"\"", "m", "messages[0].from"),
+            ("content = \"x\"", "m", "messages[0].role"),
+            ("role = \"user\"", "m", "messages[0]"),
+            (
+                "role = \"system\"\nimages = [\"x\"]",
+                "m",
+                "messages[0].images",
+            ),
+            (
+                "role = \"user\"\ncontent = \"x\"\nimage_detail = \"low\"",
+                "m",
+                "messages[0].image_detail",
+            ),
+        ];
+        for (m, name, field) in cases {
+            let e = with_messages(&format!("[[messages]]\n{m}"), &format!("name = \"{name}\""))
+                .expect_err(m);
+            assert_eq!(field_of(e), field, "{m}");
+        }
+        let local = with_messages(
+            "[[messages]]\nrole = \"user\"\nimages = [\"x.png\"]",
+            "provider = \"local\"\npath = \"m.gguf\"",
+        );
+        match local {
+            Err(Error::Job { field, message, .. }) => {
+                assert_eq!(field, "messages[0].images");
+                assert_eq!(message, TEXT_ONLY_MODEL);
+            }
+            other => panic!("{other:?}"),
         }
     }
 

@@ -268,7 +268,7 @@ impl LocalModel {
         };
         let msgs: Vec<(String, String)> = messages
             .iter()
-            .map(|m| (chat_role(m.role).to_string(), m.content.clone()))
+            .map(|m| (chat_role(m.role).to_string(), m.content.text().into_owned()))
             .collect();
         if let Some(p) = apply(&msgs) {
             return p;
@@ -343,7 +343,7 @@ fn plain_prompt(messages: &[Message]) -> String {
     for m in messages {
         s.push_str(chat_role(m.role));
         s.push_str(": ");
-        s.push_str(&m.content);
+        s.push_str(&m.content.text());
         s.push('\n');
     }
     s.push_str("assistant:");
@@ -369,6 +369,14 @@ impl Provider for LocalModel {
         req: &'a Request,
     ) -> BoxFuture<'a, Result<Completion, ProviderError>> {
         Box::pin(async move {
+            // `images` in the job file are refused when it loads; these came in a row's own
+            // messages (`from`), so only this row fails.
+            if req.messages.iter().any(|m| m.content.has_images()) {
+                return Err(ProviderError::new(
+                    ErrorKind::Model,
+                    crate::job::TEXT_ONLY_MODEL,
+                ));
+            }
             let prompt = self.tokenize_prompt(&req.messages);
             // At least one completion token must fit after the prompt.
             if prompt.len() as u64 >= u64::from(self.seq_context) {
