@@ -2,6 +2,7 @@
 //! (`openai`) and the embedded llama.cpp model (`local`, behind the `local` feature).
 
 pub mod endpoint;
+pub mod grammar;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod openai;
