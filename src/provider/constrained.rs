@@ -21,7 +21,7 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
-use super::{Choice, Completion, ErrorKind, ProviderError, Usage};
+use super::{Choice, Completion, ErrorKind, ProviderError};
 
 /// The likeliest tokens a pick the grammar refused is made again from.
 const TOP_K: usize = 1024;
@@ -196,7 +196,7 @@ pub(super) async fn gather(
         });
     }
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
-    first.usage = Some(Usage { ..usage });
+    first.usage = Some(usage);
     first.choices = all;
     Ok(first)
 }
@@ -204,6 +204,7 @@ pub(super) async fn gather(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::Usage;
     use serde_json::json;
 
     #[test]
@@ -427,6 +428,17 @@ mod tests {
         ] {
             assert!(!admits(&gbnf, bad), "admitted: {bad}");
         }
+        // llama.cpp reads a repetition bound past 2,000 as none: the converter's cap keeps
+        // the longest bound it writes one llama.cpp enforces.
+        let max = super::super::grammar::MAX_REPEAT;
+        let long = super::super::grammar::from_schema(&json!({
+            "type": "object", "properties": {"s": {"type": "string", "maxLength": max}},
+            "required": ["s"]
+        }))
+        .unwrap();
+        let doc = |n: u64| format!(r#"{{"s": "{}"}}"#, "ab".repeat(n as usize / 2));
+        assert!(admits(&long, &doc(max)));
+        assert!(!admits(&long, &doc(max + 2)));
         let any = super::super::grammar::json_object();
         assert!(admits(&any, r#"{"a": [1, 2.5e3, {"b": null}], "c": "d"}"#));
         assert!(admits(&any, "{}"));

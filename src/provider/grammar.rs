@@ -29,9 +29,10 @@ use std::fmt::Write as _;
 
 use serde_json::{Map, Value};
 
-/// Longest `maxLength` / `maxItems` written into the grammar: llama.cpp expands `x{0,n}` into
-/// n nested rules, which past this costs more to match than it is worth.
-pub const MAX_REPEAT: u64 = 4096;
+/// Longest `minLength` / `maxLength` / `minItems` / `maxItems` written into the grammar:
+/// llama.cpp's `MAX_REPETITION_THRESHOLD`. Its parser refuses a larger minimum and, worse,
+/// reads a larger maximum as no maximum at all, so a bigger bound is refused here instead.
+pub const MAX_REPEAT: u64 = 2000;
 /// Digits of an unbounded number's integer and fraction parts.
 const MAX_DIGITS: u32 = 16;
 
