@@ -230,6 +230,7 @@ impl<'a> Converter<'a> {
                     self.generic("string"),
                     self.generic("value"),
                 );
+                // Making `value` (first use) made this rule too: it refers back to it.
                 if let Some(n) = self.generic.get("object") {
                     return n.clone();
                 }
@@ -238,6 +239,7 @@ impl<'a> Converter<'a> {
             }
             "array" => {
                 let (ws, v) = (self.generic("ws"), self.generic("value"));
+                // Making `value` (first use) made this rule too: it refers back to it.
                 if let Some(n) = self.generic.get("array") {
                     return n.clone();
                 }
