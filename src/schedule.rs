@@ -517,6 +517,7 @@ pub async fn run(
             Some(&job.input),
             u64::from(job.input_format == InputFormat::Csv),
             opts.limit,
+            job.shard.map_or(1, |s| s.n),
         ),
         billed,
         stopper.clone(),
