@@ -34,6 +34,21 @@ use crate::report::{Progress, Stats, Summary};
 use crate::request::{self, Builder, Prepared};
 use crate::retry::RetryPolicy;
 
+impl RunOptions {
+    /// A run that only collects (`batch collect`, or `import` with another engine's results):
+    /// it sends nothing and submits nothing.
+    pub fn collect(limit: Option<u64>, quiet: bool, import: Option<std::path::PathBuf>) -> Self {
+        RunOptions {
+            limit,
+            fresh: false,
+            retry_failed: false,
+            quiet,
+            collect_only: true,
+            import,
+        }
+    }
+}
+
 pub struct RunOptions {
     pub limit: Option<u64>,
     pub fresh: bool,
@@ -771,20 +786,7 @@ fn batch_record(
                 }
                 None => vec![None; choices.len()],
             };
-            record.data = data.first().cloned().flatten();
-            if several {
-                record.variants = Some(
-                    choices
-                        .into_iter()
-                        .zip(data)
-                        .map(|(c, d)| crate::output::Variant {
-                            completion: c.text,
-                            finish_reason: c.finish_reason,
-                            data: d,
-                        })
-                        .collect(),
-                );
-            }
+            set_choices(&mut record, choices, data, several);
             record
         }
         Outcome::Failed { status, message } => error_record(
@@ -1428,6 +1430,29 @@ async fn shape_up(
     }
 }
 
+/// The record's `data` (the first choice's) and, when the job asks for several, `variants`.
+fn set_choices(
+    record: &mut Record,
+    choices: Vec<crate::provider::Choice>,
+    data: Vec<Option<serde_json::Value>>,
+    several: bool,
+) {
+    record.data = data.first().cloned().flatten();
+    if several {
+        record.variants = Some(
+            choices
+                .into_iter()
+                .zip(data)
+                .map(|(c, d)| crate::output::Variant {
+                    completion: c.text,
+                    finish_reason: c.finish_reason,
+                    data: d,
+                })
+                .collect(),
+        );
+    }
+}
+
 /// Judges every choice once, with no asking again: each choice's data, what broke, and the
 /// row's failure if any choice did.
 type Judged = (
@@ -1591,20 +1616,8 @@ async fn process(
                 record.completion = Some(first.text.clone());
                 record.finish_reason = first.finish_reason.clone();
             }
-            record.data = data.first().cloned().flatten();
-            if sh.job.params.choices() > 1 || choices.len() > 1 {
-                record.variants = Some(
-                    choices
-                        .into_iter()
-                        .zip(data)
-                        .map(|(c, d)| crate::output::Variant {
-                            completion: c.text,
-                            finish_reason: c.finish_reason,
-                            data: d,
-                        })
-                        .collect(),
-                );
-            }
+            let several = sh.job.params.choices() > 1 || choices.len() > 1;
+            set_choices(&mut record, choices, data, several);
             record
         }
         Err(e) => {

@@ -11,15 +11,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use util::*;
 
-fn csv_of(texts: &[String]) -> String {
-    let mut s = String::from("text\n");
-    for t in texts {
-        s.push_str(t);
-        s.push('\n');
-    }
-    s
-}
-
 fn texts(n: usize, prefix: &str) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix} {i}")).collect()
 }

@@ -8,10 +8,6 @@ mod util;
 use serde_json::Value;
 use util::*;
 
-fn ok(r: &Ran) {
-    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
-}
-
 const SCHEMA: &str = r#"{
   "type": "object",
   "properties": {
