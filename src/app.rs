@@ -74,8 +74,12 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
         Command::Estimate(args) => estimate(&args, &job_overrides(&args)),
         Command::Render { job, row } => render(&job, row),
         Command::Validate { job, input } => validate(&job, input),
-        Command::FetchModel => {
-            let p = crate::models::fetch_default_model(quiet)?;
+        Command::FetchModel { list: true, .. } => {
+            print!("{}", crate::models::list_models());
+            Ok(EXIT_OK)
+        }
+        Command::FetchModel { name, .. } => {
+            let p = crate::models::fetch_model(name.as_deref(), quiet)?;
             println!("{}", p.display());
             Ok(EXIT_OK)
         }

@@ -53,8 +53,14 @@ pub enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
-    /// Download the default local model (Gemma 3 270M, Q4_K_M) into the cache, once.
-    FetchModel,
+    /// Download a local model into the cache, once (default: SmolLM2-135M-Instruct).
+    FetchModel {
+        /// The model to fetch (see --list); default: the default model.
+        name: Option<String>,
+        /// List the models that can be fetched: sizes, licences, the default, what is cached.
+        #[arg(long, conflicts_with = "name")]
+        list: bool,
+    },
 }
 
 #[derive(Debug, Args)]

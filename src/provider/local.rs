@@ -718,7 +718,7 @@ mod tests {
     }
 
     fn load(p: &Params, parallel: usize) -> Arc<LocalModel> {
-        LocalModel::load(&model_path(), "gemma-3-270m", p, parallel, None).expect("model loads")
+        LocalModel::load(&model_path(), "smollm2", p, parallel, None).expect("model loads")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -745,7 +745,7 @@ mod tests {
         } else {
             assert_eq!(c.finish_reason.as_deref(), Some("stop"));
         }
-        assert_eq!(c.model.as_deref(), Some("gemma-3-270m"));
+        assert_eq!(c.model.as_deref(), Some("smollm2"));
         assert!(!model.is_billed());
     }
 
