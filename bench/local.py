@@ -206,12 +206,16 @@ def side_by_side(a, exe, server_exe, work):
             http = write_job(work, f"{name}_server",
                              f'name = "{name}"\nbase_url = "http://127.0.0.1:{server.port}/v1"',
                              a.prompts, a.tokens, a.concurrency)
-        best = {"engine": None, "server": None}
+        best = {"engine": None, "server": None, "before": None}
+        sides = [("engine", exe, local)]
+        if a.before:
+            sides.append(("before", a.before, local))
+        if http:
+            sides.append(("server", exe, http))
         try:
             for _ in range(a.repeat):
-                sides = [("engine", local)] + ([("server", http)] if http else [])
-                for side, job in sides:
-                    tps, s, texts = run_job(exe, job)
+                for side, binary, job in sides:
+                    tps, s, texts = run_job(binary, job)
                     print(f"  {side}: {s['completion_tokens']} tokens in {s['wall_time_s']:.2f} s "
                           f"= {tps:.1f} tokens/s", flush=True)
                     if best[side] is None or tps > best[side][0]:
@@ -219,18 +223,20 @@ def side_by_side(a, exe, server_exe, work):
         finally:
             if server:
                 server.stop()
-        eng, srv = best["engine"], best["server"]
+        eng, srv, before = best["engine"], best["server"], best["before"]
         if srv:
             same = sum(x == y for x, y in zip(eng[2], srv[2]))
-            print(f"  identical completions: {same} of {len(eng[2])}")
-        table.append((name, eng, srv))
-    print(f"\n| model | embedded engine tokens/s | llama-server tokens/s | engine / server |\n"
-          f"| --- | --- | --- | --- |")
-    for name, eng, srv in table:
-        if srv:
-            print(f"| {name} | {eng[0]:.1f} | {srv[0]:.1f} | {eng[0] / srv[0]:.0%} |")
-        else:
-            print(f"| {name} | {eng[0]:.1f} | (not built) | |")
+            print(f"  identical completions, engine and server: {same} of {len(eng[2])}")
+        table.append((name, eng, srv, before))
+    head = "| model |" + (" engine before tokens/s |" if a.before else "")
+    print(f"\n{head} embedded engine tokens/s | llama-server tokens/s | engine / server |\n"
+          f"|{' --- |' * (5 if a.before else 4)}")
+    for name, eng, srv, before in table:
+        cells = [name] + ([f"{before[0]:.1f} ({before[0] / srv[0]:.0%})" if srv else
+                           f"{before[0]:.1f}"] if before else [])
+        cells += [f"{eng[0]:.1f}", f"{srv[0]:.1f}" if srv else "(not built)",
+                  f"{eng[0] / srv[0]:.0%}" if srv else ""]
+        print("| " + " | ".join(cells) + " |")
     return table
 
 
@@ -290,6 +296,8 @@ def main():
     ap.add_argument("--rows", type=int, default=24, help="rows of the --jobs table's jobs")
     ap.add_argument("--job-concurrency", default="1,4,8")
     ap.add_argument("--exe", default=None, help="promptmill binary (default: the release build)")
+    ap.add_argument("--before", default=None,
+                    help="another promptmill binary, measured in the same rounds (before/after)")
     a = ap.parse_args()
     if a.build_server:
         sys.exit(0 if build_server(a.server_dir) else 1)
