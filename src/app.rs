@@ -92,8 +92,12 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             let opts = RunOptions::collect(job.limit, quiet, Some(results));
             passes(&job.job, &job_overrides(&job)?, opts, false, json_logs)
         }
-        Command::FetchModel => {
-            let p = crate::models::fetch_default_model(quiet)?;
+        Command::FetchModel { list: true, .. } => {
+            print!("{}", crate::models::list_models());
+            Ok(EXIT_OK)
+        }
+        Command::FetchModel { name, .. } => {
+            let p = crate::models::fetch_model(name.as_deref(), quiet)?;
             println!("{}", p.display());
             Ok(EXIT_OK)
         }
