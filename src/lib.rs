@@ -10,7 +10,8 @@
 //! schedule  fingerprint → skip if done (journal) → budget → concurrency → pace → provider
 //!   pace      RPM/TPM spacing, learned from x-ratelimit-* headers, slowed by 429s
 //!   retry     which failures retry, and when (backoff with jitter, retry-after)
-//!   provider  openai (HTTP, plain or streamed) | local (llama.cpp, in process)
+//!   provider  openai (HTTP, plain or streamed) | local (llama.cpp, in process; a schema
+//!             becomes a grammar the model writes within)
 //!   tokens    prompt tokens with the model's tiktoken encoding
 //!   cost      price table × usage
 //!   batch     or, in batch mode: rows → Batch API files → batches → results by custom_id

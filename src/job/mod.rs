@@ -810,6 +810,19 @@ impl Job {
                     TEXT_ONLY_MODEL.into(),
                 ));
             }
+            // The embedded model is held to the schema by a grammar: a schema it cannot
+            // express is refused here, not left unenforced.
+            if let Some(rf) = &params.response_format {
+                crate::provider::grammar::for_response_format(rf).map_err(|e| {
+                    bad(
+                        "output.schema",
+                        format!(
+                            "{e} (the local model is held to the schema by a grammar; change \
+                             the schema, or use an HTTP provider)"
+                        ),
+                    )
+                })?;
+            }
         }
         let mode = ov.mode.or(run.mode).unwrap_or_default();
         if mode == Mode::Batch && provider == ProviderKind::Local {
@@ -1275,6 +1288,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_schema_the_local_grammar_cannot_hold_is_refused_where_the_job_loads() {
+        let load = |provider: &str, property: &str| {
+            let text = format!(
+                "[input]\npath = \"d.csv\"\n[[messages]]\nrole = \"user\"\ncontent = \"x\"\n\
+                 [model]\n{provider}\n[output]\npath = \"o.jsonl\"\n[output.schema]\n\
+                 type = \"object\"\nrequired = [\"code\"]\n\
+                 [output.schema.properties.code]\ntype = \"string\"\n{property}\n"
+            );
+            let raw: RawJob = toml::from_str(&text).unwrap();
+            Job::from_raw(Path::new("jobs/j.toml"), raw, &Overrides::default())
+        };
+        let local = "provider = \"local\"\npath = \"m.gguf\"";
+        assert!(load(local, "maxLength = 8").is_ok());
+        match load(local, "pattern = \"^[A-Z]+$\"") {
+            Err(Error::Job { field, message, .. }) => {
+                assert_eq!(field, "output.schema");
+                assert!(message.contains("/properties/code"), "{message}");
+                assert!(message.contains("`pattern`"), "{message}");
+                assert!(message.contains("HTTP provider"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // An HTTP provider takes it: the API enforces patterns itself.
+        assert!(load("name = \"m\"", "pattern = \"^[A-Z]+$\"").is_ok());
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   end-of-generation token (as llama.cpp's server does).
 //! - finish_reason: "stop" for end-of-generation or a stop string (text cut before it),
 //!   "length" for the token cap or the end of the sequence's context.
+//! - `n` choices: one sequence each (the slots are concurrency × n), seeds seed + i; the
+//!   prompt is counted once in usage. A `response_format` holds every row to a grammar made
+//!   from the schema. Both are in `constrained.rs`.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -30,6 +33,7 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
+use super::constrained::{self, Draws, RowSampler};
 use super::{
     Completion, ErrorKind, Message, Provider, ProviderError, Request, TokenCounter, Usage,
 };
@@ -47,7 +51,7 @@ const BATCH_TOKENS: u32 = 512;
 pub const MAX_SLOTS: usize = 64;
 
 /// llama.cpp may be initialised once per process; every model shares this backend.
-fn backend() -> Result<&'static LlamaBackend, String> {
+pub(super) fn backend() -> Result<&'static LlamaBackend, String> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
@@ -71,6 +75,8 @@ struct Sampling {
     seed: Option<u32>,
     max_tokens: u64,
     stop: Vec<String>,
+    /// GBNF from the job's `response_format` (see `grammar.rs`): every row is held to it.
+    grammar: Option<String>,
 }
 
 impl Sampling {
@@ -91,17 +97,23 @@ impl Sampling {
                 .into_iter()
                 .filter(|s| !s.is_empty())
                 .collect(),
+            grammar: None,
         }
     }
 
     /// Greedy with nothing that needs the row's history: the token is the logits' argmax,
-    /// taken straight from the logits (see [`argmax`]).
+    /// taken straight from the logits (see [`argmax`]). Never with a grammar: its sampler
+    /// must see (and accept) every token.
     fn is_plain_greedy(&self) -> bool {
-        self.temperature <= 0.0 && self.presence_penalty == 0.0 && self.frequency_penalty == 0.0
+        self.temperature <= 0.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.grammar.is_none()
     }
 
-    /// One sampler chain per row, so each row's random state is its own.
-    fn sampler(&self, n_vocab: i32) -> LlamaSampler {
+    /// One sampler chain per row, so each row's random state is its own; `draw` steps the
+    /// seed (see `constrained.rs`).
+    fn sampler(&self, n_vocab: i32, draw: u32) -> LlamaSampler {
         let mut chain = Vec::new();
         if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
             let last_n = i32::try_from(self.max_tokens).unwrap_or(i32::MAX);
@@ -120,15 +132,29 @@ impl Sampling {
                 chain.push(LlamaSampler::top_p(self.top_p, 1));
             }
             chain.push(LlamaSampler::temp(self.temperature));
-            chain.push(LlamaSampler::dist(self.seed.unwrap_or(u32::MAX)));
+            chain.push(LlamaSampler::dist(constrained::seed_for(self.seed, draw)));
         }
         LlamaSampler::chain_simple(chain)
+    }
+
+    /// The chain and, when the job asks for JSON, its grammar.
+    fn row_sampler(&self, model: &LlamaModel, draw: u32) -> Result<RowSampler, String> {
+        let grammar = match &self.grammar {
+            Some(g) => Some(constrained::grammar_sampler(model, g)?),
+            None => None,
+        };
+        Ok(RowSampler::new(
+            self.sampler(model.n_vocab(), draw),
+            grammar,
+        ))
     }
 }
 
 /// A row handed to the engine thread.
 struct Job {
     prompt: Vec<LlamaToken>,
+    /// Which draw of this prompt the choice is: steps the seed.
+    draw: u32,
     reply: oneshot::Sender<Result<Completion, ProviderError>>,
 }
 
@@ -144,6 +170,8 @@ pub struct LocalModel {
     /// `None` once dropping, which ends the engine thread.
     jobs: Mutex<Option<Sender<Job>>>,
     engine: Mutex<Option<JoinHandle<()>>>,
+    /// Choices drawn per prompt, so a re-asked prompt gets fresh seeds.
+    draws: Draws,
 }
 
 impl std::fmt::Debug for LocalModel {
@@ -180,7 +208,10 @@ impl LocalModel {
 
         // Rows beyond the slots wait in the engine's queue; more slots than this only costs
         // KV memory (llama.cpp allows 256 sequences; 2 cores gain nothing past a few).
-        let parallel = parallel.clamp(1, MAX_SLOTS);
+        // Each of a row's `n` choices is a sequence of its own.
+        let choices = usize::try_from(params.choices()).unwrap_or(usize::MAX);
+        let parallel = parallel.saturating_mul(choices).clamp(1, MAX_SLOTS);
+        let grammar = job_grammar(&model, params).map_err(model_err)?;
         let per_seq = context_tokens
             .unwrap_or(DEFAULT_CONTEXT_TOKENS)
             .clamp(64, model.n_ctx_train().max(64));
@@ -203,7 +234,8 @@ impl LocalModel {
         let (jobs_tx, jobs_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<u32, String>>();
         let engine_model = Arc::clone(&model);
-        let engine_sampling = Sampling::from_params(params);
+        let mut engine_sampling = Sampling::from_params(params);
+        engine_sampling.grammar = grammar;
         let engine_name = model_name.to_string();
         let engine = std::thread::Builder::new()
             .name("promptmill-llama".into())
@@ -251,6 +283,7 @@ impl LocalModel {
             parallel,
             jobs: Mutex::new(Some(jobs_tx)),
             engine: Mutex::new(Some(engine)),
+            draws: Draws::default(),
         }))
     }
 
@@ -299,6 +332,20 @@ impl LocalModel {
         }
         tokens
     }
+}
+
+/// The GBNF for the job's `response_format`, checked by llama.cpp once here rather than on
+/// every row.
+fn job_grammar(model: &LlamaModel, params: &Params) -> Result<Option<String>, String> {
+    let Some(rf) = &params.response_format else {
+        return Ok(None);
+    };
+    let gbnf = super::grammar::for_response_format(rf)
+        .map_err(|e| format!("the output schema cannot be a grammar: {e}"))?;
+    if let Some(g) = &gbnf {
+        constrained::grammar_sampler(model, g)?;
+    }
+    Ok(gbnf)
 }
 
 impl Drop for LocalModel {
@@ -395,19 +442,30 @@ impl Provider for LocalModel {
                     ),
                 ));
             }
-            let (reply, rx) = oneshot::channel();
+            // One sequence per choice, each with its own draw of the seed.
+            let n = constrained::choices_asked(&req.body);
+            let first = self.draws.take(&prompt, n);
+            let mut replies = Vec::with_capacity(n as usize);
             let sent = match self.jobs.lock() {
-                Ok(guard) => guard
-                    .as_ref()
-                    .is_some_and(|tx| tx.send(Job { prompt, reply }).is_ok()),
+                Ok(guard) => (0..n).all(|i| {
+                    let (reply, rx) = oneshot::channel();
+                    replies.push(rx);
+                    let job = Job {
+                        prompt: prompt.clone(),
+                        draw: first.wrapping_add(i),
+                        reply,
+                    };
+                    guard.as_ref().is_some_and(|tx| tx.send(job).is_ok())
+                }),
                 Err(_) => false,
             };
-            let stopped =
-                || ProviderError::new(ErrorKind::Model, "the local model engine has stopped");
             if !sent {
-                return Err(stopped());
+                return Err(ProviderError::new(
+                    ErrorKind::Model,
+                    "the local model engine has stopped",
+                ));
             }
-            rx.await.unwrap_or_else(|_| Err(stopped()))
+            constrained::gather(replies).await
         })
     }
 
@@ -441,7 +499,7 @@ struct Seq {
     pending: Option<LlamaToken>,
     /// Index in the current batch whose logits this sequence samples from.
     logits_at: Option<i32>,
-    sampler: LlamaSampler,
+    sampler: RowSampler,
     generated: u64,
     bytes: Vec<u8>,
     text: String,
@@ -514,6 +572,13 @@ impl<'m> Engine<'m> {
                 if job.reply.is_closed() {
                     continue;
                 }
+                let sampler = match self.sampling.row_sampler(self.model, job.draw) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = job.reply.send(Err(ProviderError::new(ErrorKind::Model, e)));
+                        continue;
+                    }
+                };
                 let slot = self
                     .free_slots
                     .pop()
@@ -525,7 +590,7 @@ impl<'m> Engine<'m> {
                     n_past: 0,
                     pending: None,
                     logits_at: None,
-                    sampler: self.sampling.sampler(self.model.n_vocab()),
+                    sampler,
                     generated: 0,
                     bytes: Vec::new(),
                     text: String::new(),
@@ -789,10 +854,11 @@ mod tests {
             (0.0, "Name three colours."),
             (0.8, "Tell me a fact about the sea."),
         ] {
-            let model = load(&params(Some(temperature), 8), 1);
+            // Two loads, as two runs: within one, a prompt asked again draws a fresh seed.
             let req = request(vec![user(prompt)]);
-            let a = model.complete(&req).await.unwrap();
-            let b = model.complete(&req).await.unwrap();
+            let p = params(Some(temperature), 8);
+            let a = load(&p, 1).complete(&req).await.unwrap();
+            let b = load(&p, 1).complete(&req).await.unwrap();
             assert_eq!(a.text, b.text, "temperature {temperature}");
         }
     }

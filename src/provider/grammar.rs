@@ -1,0 +1,1184 @@
+//! JSON Schema → GBNF (llama.cpp's grammar format), so the embedded model can only write JSON
+//! that has the job's shape. Pure Rust, no llama.cpp: the job checks its schema with it when it
+//! loads, and the local provider hands the grammar to llama.cpp's grammar sampler.
+//!
+//! What the grammar enforces, for the subset of JSON Schema it understands:
+//! - `type` (one or a list), `enum`, `const`, `anyOf` / `oneOf` (as alternatives: oneOf's "only
+//!   one" is left to the validator), `allOf` with one member, `$ref` to `#…` (recursion too);
+//! - objects: `properties` in schema order, the `required` ones always there, the others
+//!   optional; no other key is written (`additionalProperties` is honoured by writing none), an
+//!   object without `properties` is a map whose values follow `additionalProperties`;
+//! - arrays: `items`, `minItems`, `maxItems`;
+//! - strings: `minLength`, `maxLength` (up to [`MAX_REPEAT`]), `format` date, time, date-time,
+//!   uuid;
+//! - integers: `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (exact digit
+//!   ranges); numbers: `minimum = 0`;
+//! - annotations (`title`, `description`, `default`, `examples`, …) are ignored.
+//!
+//! Anything else (`pattern`, `uniqueItems`, `multipleOf`, `not`, `if`, `patternProperties`,
+//! `minProperties`, a bound on a number other than `minimum = 0`, …) is an error naming the
+//! keyword and where it is: the grammar would let the model break it, and a schema the
+//! grammar cannot hold is refused rather than silently unenforced.
+//!
+//! Whitespace between tokens is limited to one space, or one newline and up to 20 spaces or
+//! tabs (as llama.cpp's own converter), so a model cannot spend its tokens on blank lines;
+//! number literals have at most 16 digits before and after the point for the same reason.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
+
+/// Longest `maxLength` / `maxItems` written into the grammar: llama.cpp expands `x{0,n}` into
+/// n nested rules, which past this costs more to match than it is worth.
+pub const MAX_REPEAT: u64 = 4096;
+/// Digits of an unbounded number's integer and fraction parts.
+const MAX_DIGITS: u32 = 16;
+
+/// A schema the grammar cannot hold, and where in it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", if path.is_empty() { String::new() } else { format!("at `{path}`: ") })]
+pub struct GrammarError {
+    /// JSON Pointer into the schema ("" for the root).
+    pub path: String,
+    pub message: String,
+}
+
+/// The grammar for a request's `response_format`: `None` for plain text.
+pub fn for_response_format(rf: &Value) -> Result<Option<String>, GrammarError> {
+    let err = |m: &str| GrammarError {
+        path: String::new(),
+        message: m.to_string(),
+    };
+    match rf.get("type").and_then(Value::as_str) {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(json_object())),
+        Some("json_schema") => {
+            let schema = rf
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .ok_or_else(|| err("response_format json_schema without a schema"))?;
+            from_schema(schema).map(Some)
+        }
+        Some(other) => Err(err(&format!("unknown response_format type `{other}`"))),
+    }
+}
+
+/// Any JSON object (`response_format = "json_object"`).
+pub fn json_object() -> String {
+    let mut c = Converter::new(&Value::Null);
+    let root = c.generic("object");
+    c.finish(&root)
+}
+
+/// The grammar for one JSON Schema: its `root` rule writes exactly one value.
+pub fn from_schema(schema: &Value) -> Result<String, GrammarError> {
+    let mut c = Converter::new(schema);
+    let root = c.visit(schema, "", "doc")?;
+    Ok(c.finish(&root))
+}
+
+/// Keywords that change nothing the grammar must write.
+const ANNOTATIONS: &[&str] = &[
+    "$schema",
+    "$id",
+    "$anchor",
+    "$comment",
+    "$defs",
+    "definitions",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "contentMediaType",
+];
+
+/// Keywords some branch of [`Converter::visit`] reads; any other is refused.
+const HANDLED: &[&str] = &[
+    "type",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "properties",
+    "required",
+    "additionalProperties",
+    "unevaluatedProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "minLength",
+    "maxLength",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+];
+
+const TYPES: &[&str] = &[
+    "object", "array", "string", "integer", "number", "boolean", "null",
+];
+
+struct Converter<'a> {
+    root: &'a Value,
+    /// (name, body) in the order they were made, `root` written first by `finish`.
+    rules: Vec<(String, String)>,
+    /// Body → name, so equal rules are written once.
+    by_body: HashMap<String, String>,
+    names: HashSet<String>,
+    /// `$ref` target → its rule's name (reserved before the target is visited: recursion).
+    refs: HashMap<String, String>,
+    /// Generic rules (`ws`, `char`, any value, …) → their names.
+    generic: HashMap<&'static str, String>,
+}
+
+fn fail<T>(path: &str, message: impl Into<String>) -> Result<T, GrammarError> {
+    Err(GrammarError {
+        path: path.to_string(),
+        message: message.into(),
+    })
+}
+
+impl<'a> Converter<'a> {
+    fn new(root: &'a Value) -> Self {
+        let mut names = HashSet::new();
+        names.insert("root".to_string());
+        Converter {
+            root,
+            rules: Vec::new(),
+            by_body: HashMap::new(),
+            names,
+            refs: HashMap::new(),
+            generic: HashMap::new(),
+        }
+    }
+
+    fn finish(self, root: &str) -> String {
+        let mut out = format!("root ::= {root}\n");
+        for (name, body) in &self.rules {
+            let _ = writeln!(out, "{name} ::= {body}");
+        }
+        out
+    }
+
+    /// A fresh rule name from a hint (GBNF names are letters, digits and `-`).
+    fn fresh_name(&mut self, hint: &str) -> String {
+        let mut base: String = hint
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        base = base.trim_matches('-').to_string();
+        if base.is_empty() {
+            base = "r".into();
+        }
+        base.truncate(48);
+        let mut name = base.clone();
+        let mut i = 1;
+        while self.names.contains(&name) {
+            i += 1;
+            name = format!("{base}-{i}");
+        }
+        self.names.insert(name.clone());
+        name
+    }
+
+    /// A rule with this body (one already made when the body is the same); its name.
+    fn rule(&mut self, hint: &str, body: String) -> String {
+        if let Some(name) = self.by_body.get(&body) {
+            return name.clone();
+        }
+        let name = self.fresh_name(hint);
+        self.by_body.insert(body.clone(), name.clone());
+        self.rules.push((name.clone(), body));
+        name
+    }
+
+    /// The shared rules: whitespace, string characters, and any JSON value.
+    fn generic(&mut self, what: &'static str) -> String {
+        if let Some(n) = self.generic.get(what) {
+            return n.clone();
+        }
+        let body = match what {
+            "ws" => r#"| " " | "\n" [ \t]{0,20}"#.to_string(),
+            "char" => r#"[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})"#.into(),
+            "string" => {
+                let ch = self.generic("char");
+                format!(r#""\"" {ch}* "\"""#)
+            }
+            "number" => number_body(true),
+            "boolean" => r#""true" | "false""#.into(),
+            "null" => r#""null""#.into(),
+            "value" => {
+                // Named before its body exists: object and array refer back to it.
+                let name = self.fresh_name("value");
+                self.generic.insert("value", name.clone());
+                let parts = ["object", "array", "string", "number", "boolean", "null"]
+                    .map(|k| self.generic(k));
+                self.rules.push((name.clone(), parts.join(" | ")));
+                return name;
+            }
+            "object" => {
+                let (ws, s, v) = (
+                    self.generic("ws"),
+                    self.generic("string"),
+                    self.generic("value"),
+                );
+                if let Some(n) = self.generic.get("object") {
+                    return n.clone();
+                }
+                let kv = format!(r#"{s} {ws} ":" {ws} {v} {ws}"#);
+                format!(r#""{{" {ws} ({kv} ("," {ws} {kv})*)? "}}""#)
+            }
+            "array" => {
+                let (ws, v) = (self.generic("ws"), self.generic("value"));
+                if let Some(n) = self.generic.get("array") {
+                    return n.clone();
+                }
+                format!(r#""[" {ws} ({v} {ws} ("," {ws} {v} {ws})*)? "]""#)
+            }
+            _ => unreachable!("no generic rule {what}"),
+        };
+        let hint = match what {
+            "object" | "array" | "string" | "number" | "boolean" | "null" => {
+                format!("json-{what}")
+            }
+            w => w.to_string(),
+        };
+        let name = self.fresh_name(&hint);
+        self.rules.push((name.clone(), body));
+        self.generic.insert(what, name.clone());
+        name
+    }
+
+    /// The grammar expression for `schema` (at `path`), a rule name when it is not trivial.
+    fn visit(&mut self, schema: &Value, path: &str, hint: &str) -> Result<String, GrammarError> {
+        let obj = match schema {
+            Value::Bool(true) => return Ok(self.generic("value")),
+            Value::Bool(false) => return fail(path, "the schema `false` admits no value"),
+            Value::Object(o) => o,
+            _ => return fail(path, "a schema must be an object or a boolean"),
+        };
+        for key in obj.keys() {
+            if !HANDLED.contains(&key.as_str()) && !ANNOTATIONS.contains(&key.as_str()) {
+                return fail(path, format!("`{key}` cannot be enforced by a grammar"));
+            }
+        }
+        let structural: Vec<&str> = obj
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !ANNOTATIONS.contains(k))
+            .collect();
+        let alone = |kw: &str| -> Result<(), GrammarError> {
+            match structural.iter().find(|k| **k != kw) {
+                Some(other) => fail(
+                    path,
+                    format!(
+                        "`{kw}` beside `{other}` is not supported; move `{other}` into the \
+                         `{kw}` alternatives"
+                    ),
+                ),
+                None => Ok(()),
+            }
+        };
+
+        if let Some(r) = obj.get("$ref") {
+            alone("$ref")?;
+            return self.reference(r, path);
+        }
+        if let Some(c) = obj.get("const") {
+            alone("const")?;
+            return Ok(literal(&c.to_string()));
+        }
+        if let Some(e) = obj.get("enum") {
+            // `type` beside `enum` only narrows what the values already are.
+            if let Some(other) = structural.iter().find(|k| !matches!(**k, "enum" | "type")) {
+                return fail(path, format!("`{other}` beside `enum` is not supported"));
+            }
+            let Some(values) = e.as_array().filter(|v| !v.is_empty()) else {
+                return fail(&format!("{path}/enum"), "`enum` must be a non-empty array");
+            };
+            let alts: Vec<String> = values.iter().map(|v| literal(&v.to_string())).collect();
+            return Ok(self.rule(hint, alts.join(" | ")));
+        }
+        for kw in ["anyOf", "oneOf", "allOf"] {
+            let Some(list) = obj.get(kw) else { continue };
+            alone(kw)?;
+            let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
+                return fail(
+                    &format!("{path}/{kw}"),
+                    format!("`{kw}` must be a non-empty array"),
+                );
+            };
+            if kw == "allOf" {
+                if list.len() > 1 {
+                    return fail(
+                        &format!("{path}/allOf"),
+                        "`allOf` with more than one schema cannot be enforced by the local \
+                         model's grammar; merge them into one",
+                    );
+                }
+                return self.visit(&list[0], &format!("{path}/allOf/0"), hint);
+            }
+            let mut alts = Vec::new();
+            for (i, s) in list.iter().enumerate() {
+                alts.push(self.visit(s, &format!("{path}/{kw}/{i}"), &format!("{hint}-{i}"))?);
+            }
+            return Ok(self.rule(hint, alts.join(" | ")));
+        }
+
+        let types: Vec<&str> = match obj.get("type") {
+            None => {
+                if let Some(k) = structural.first() {
+                    return fail(
+                        path,
+                        format!("`{k}` without a `type`: the grammar needs the type"),
+                    );
+                }
+                return Ok(self.generic("value"));
+            }
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            Some(_) => return fail(&format!("{path}/type"), "`type` must be a string or a list"),
+        };
+        if types.is_empty() {
+            return fail(&format!("{path}/type"), "`type` lists no type");
+        }
+        let mut alts = Vec::new();
+        for t in &types {
+            let alt = match *t {
+                "object" => self.object(obj, path, hint)?,
+                "array" => self.array(obj, path, hint)?,
+                "string" => self.string(obj, path, hint)?,
+                "integer" => self.integer(obj, path, hint)?,
+                "number" => self.number(obj, path)?,
+                "boolean" => self.generic("boolean"),
+                "null" => self.generic("null"),
+                other => {
+                    return fail(
+                        &format!("{path}/type"),
+                        format!("unknown type `{other}` (one of {})", TYPES.join(", ")),
+                    )
+                }
+            };
+            alts.push(alt);
+        }
+        if alts.len() == 1 {
+            Ok(alts.pop().expect("one"))
+        } else {
+            Ok(self.rule(hint, alts.join(" | ")))
+        }
+    }
+
+    /// `$ref`: a JSON Pointer into this schema (`#`, `#/$defs/x`, …); its rule is named before
+    /// the target is visited, so a recursive schema refers to itself.
+    fn reference(&mut self, r: &Value, path: &str) -> Result<String, GrammarError> {
+        let at = format!("{path}/$ref");
+        let Some(r) = r.as_str() else {
+            return fail(&at, "`$ref` must be a string");
+        };
+        if let Some(name) = self.refs.get(r) {
+            return Ok(name.clone());
+        }
+        let Some(pointer) = r.strip_prefix('#') else {
+            return fail(
+                &at,
+                format!("`{r}`: only references inside the schema (`#/…`) are supported"),
+            );
+        };
+        let target = if pointer.is_empty() {
+            Some(self.root)
+        } else {
+            let decoded = percent_decode(pointer);
+            self.root.pointer(&decoded)
+        };
+        let Some(target) = target else {
+            return fail(&at, format!("`{r}` points at nothing in the schema"));
+        };
+        let hint = r.rsplit('/').next().unwrap_or("ref").to_string();
+        let name = self.fresh_name(if hint.is_empty() || hint == "#" {
+            "root-ref"
+        } else {
+            &hint
+        });
+        self.refs.insert(r.to_string(), name.clone());
+        let expr = self.visit(target, pointer, &format!("{hint}-body"))?;
+        self.rules.push((name.clone(), expr));
+        Ok(name)
+    }
+
+    fn object(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        hint: &str,
+    ) -> Result<String, GrammarError> {
+        let ws = self.generic("ws");
+        let empty = Map::new();
+        let props = match obj.get("properties") {
+            None => &empty,
+            Some(Value::Object(p)) => p,
+            Some(_) => {
+                return fail(
+                    &format!("{path}/properties"),
+                    "`properties` must be an object",
+                )
+            }
+        };
+        let required: Vec<&str> = match obj.get("required") {
+            None => Vec::new(),
+            Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
+            Some(_) => return fail(&format!("{path}/required"), "`required` must be a list"),
+        };
+        for r in &required {
+            if !props.contains_key(*r) {
+                return fail(
+                    &format!("{path}/required"),
+                    format!("`{r}` is required but not in `properties`: the grammar would not know its type"),
+                );
+            }
+        }
+        if let Some(u) = obj.get("unevaluatedProperties") {
+            if !matches!(u, Value::Bool(_)) {
+                return fail(
+                    &format!("{path}/unevaluatedProperties"),
+                    "only `true` or `false` is supported",
+                );
+            }
+        }
+        if props.is_empty() {
+            // A map: string keys, values as `additionalProperties` says.
+            let value = match obj.get("additionalProperties") {
+                Some(Value::Bool(false)) => {
+                    return Ok(self.rule(hint, format!(r#""{{" {ws} "}}""#)))
+                }
+                None | Some(Value::Bool(true)) => self.generic("value"),
+                Some(s) => self.visit(
+                    s,
+                    &format!("{path}/additionalProperties"),
+                    &format!("{hint}-value"),
+                )?,
+            };
+            let key = self.generic("string");
+            let kv = format!(r#"{key} {ws} ":" {ws} {value} {ws}"#);
+            return Ok(self.rule(hint, format!(r#""{{" {ws} ({kv} ("," {ws} {kv})*)? "}}""#)));
+        }
+        // Each property "key": value, then whitespace; in schema order.
+        let mut kvs = Vec::new();
+        let keys: Vec<&String> = props.keys().collect();
+        for (key, sub) in props {
+            let sub_path = format!("{path}/properties/{}", escape_pointer(key));
+            let value = self.visit(sub, &sub_path, &format!("{hint}-{key}"))?;
+            let kv = format!(
+                r#"{} {ws} ":" {ws} {value} {ws}"#,
+                literal(&Value::String(key.clone()).to_string())
+            );
+            let kv = self.rule(&format!("{hint}-{key}-kv"), kv);
+            kvs.push((kv, required.contains(&key.as_str())));
+        }
+        // tail[j]: what may follow once property j is written: the later properties, each
+        // behind a comma ("" when there are none).
+        let n = kvs.len();
+        let mut tail: Vec<String> = vec![String::new(); n];
+        for j in (0..n.saturating_sub(1)).rev() {
+            let (kv, req) = &kvs[j + 1];
+            let item = if *req {
+                format!(r#""," {ws} {kv}"#)
+            } else {
+                format!(r#"("," {ws} {kv})?"#)
+            };
+            tail[j] = if tail[j + 1].is_empty() {
+                item
+            } else {
+                let body = format!("{item} {}", tail[j + 1]);
+                self.rule(&format!("{hint}-after-{}", keys[j]), body)
+            };
+        }
+        // The first property written is some j before which every property is optional.
+        let mut firsts = Vec::new();
+        let mut all_optional = true;
+        for (j, (kv, req)) in kvs.iter().enumerate() {
+            let tail = &tail[j];
+            firsts.push(if tail.is_empty() {
+                kv.clone()
+            } else {
+                format!("{kv} {tail}")
+            });
+            if *req {
+                all_optional = false;
+                break;
+            }
+        }
+        let members = if firsts.len() == 1 {
+            firsts.pop().expect("one")
+        } else {
+            format!("({})", firsts.join(" | "))
+        };
+        let opt = if all_optional { "?" } else { "" };
+        let members = if opt.is_empty() {
+            members
+        } else if members.starts_with('(') {
+            format!("{members}?")
+        } else {
+            format!("({members})?")
+        };
+        Ok(self.rule(hint, format!(r#""{{" {ws} {members} "}}""#)))
+    }
+
+    fn array(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        hint: &str,
+    ) -> Result<String, GrammarError> {
+        let ws = self.generic("ws");
+        let item = match obj.get("items") {
+            None | Some(Value::Bool(true)) => self.generic("value"),
+            Some(s) => self.visit(s, &format!("{path}/items"), &format!("{hint}-item"))?,
+        };
+        let min = count(obj, "minItems", path)?.unwrap_or(0);
+        let max = count(obj, "maxItems", path)?;
+        if let Some(max) = max {
+            if max < min {
+                return fail(path, format!("maxItems {max} is less than minItems {min}"));
+            }
+        }
+        let body = match max {
+            Some(0) => format!(r#""[" {ws} "]""#),
+            _ => {
+                let more = format!(r#"("," {ws} {item} {ws})"#);
+                let reps = repeat(min.saturating_sub(1), max.map(|m| m - 1), path, "maxItems")?;
+                let inner = format!("{item} {ws} {more}{reps}");
+                if min == 0 {
+                    format!(r#""[" {ws} ({inner})? "]""#)
+                } else {
+                    format!(r#""[" {ws} {inner} "]""#)
+                }
+            }
+        };
+        Ok(self.rule(hint, body))
+    }
+
+    fn string(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        hint: &str,
+    ) -> Result<String, GrammarError> {
+        let min = count(obj, "minLength", path)?;
+        let max = count(obj, "maxLength", path)?;
+        if let Some(f) = obj.get("format") {
+            let f = f.as_str().unwrap_or_default();
+            if min.is_some() || max.is_some() {
+                return fail(
+                    path,
+                    "`format` with minLength or maxLength is not supported",
+                );
+            }
+            let body = match f {
+                "date" => format!(r#""\"" {DATE} "\"""#),
+                "time" => format!(r#""\"" {TIME} "\"""#),
+                "date-time" => format!(r#""\"" {DATE} "T" {TIME} "\"""#),
+                "uuid" => r#""\"" [0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{12} "\"""#.to_string(),
+                other => {
+                    return fail(
+                        &format!("{path}/format"),
+                        format!(
+                            "format `{other}` cannot be enforced by a grammar (date, time, \
+                             date-time and uuid can)"
+                        ),
+                    )
+                }
+            };
+            return Ok(self.rule(&format!("{hint}-{f}"), body));
+        }
+        if min.is_none() && max.is_none() {
+            return Ok(self.generic("string"));
+        }
+        let lo = min.unwrap_or(0);
+        if let Some(hi) = max {
+            if hi < lo {
+                return fail(path, format!("maxLength {hi} is less than minLength {lo}"));
+            }
+        }
+        let ch = self.generic("char");
+        let reps = repeat(lo, max, path, "maxLength")?;
+        Ok(self.rule(hint, format!(r#""\"" {ch}{reps} "\"""#)))
+    }
+
+    fn integer(
+        &mut self,
+        obj: &Map<String, Value>,
+        path: &str,
+        hint: &str,
+    ) -> Result<String, GrammarError> {
+        let bound = |k: &str| -> Result<Option<f64>, GrammarError> {
+            match obj.get(k) {
+                None => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| GrammarError {
+                    path: format!("{path}/{k}"),
+                    message: format!("`{k}` must be a number"),
+                }),
+            }
+        };
+        let to_int = |v: f64| -> i64 { v.clamp(i64::MIN as f64, i64::MAX as f64) as i64 };
+        let mut lo: Option<i64> = bound("minimum")?.map(|v| to_int(v.ceil()));
+        if let Some(x) = bound("exclusiveMinimum")? {
+            let x = to_int(x.floor()).saturating_add(1);
+            lo = Some(lo.map_or(x, |l| l.max(x)));
+        }
+        let mut hi: Option<i64> = bound("maximum")?.map(|v| to_int(v.floor()));
+        if let Some(x) = bound("exclusiveMaximum")? {
+            let x = to_int(x.ceil()).saturating_sub(1);
+            hi = Some(hi.map_or(x, |h| h.min(x)));
+        }
+        if lo.is_none() && hi.is_none() {
+            let body = format!(r#""-"? ("0" | [1-9] [0-9]{{0,{}}})"#, MAX_DIGITS - 1);
+            return Ok(self.rule("integer", body));
+        }
+        if let (Some(l), Some(h)) = (lo, hi) {
+            if l > h {
+                return fail(path, format!("no integer lies between {l} and {h}"));
+            }
+        }
+        Ok(self.rule(hint, int_range(lo, hi)))
+    }
+
+    fn number(&mut self, obj: &Map<String, Value>, path: &str) -> Result<String, GrammarError> {
+        for k in ["maximum", "exclusiveMinimum", "exclusiveMaximum"] {
+            if obj.contains_key(k) {
+                return fail(
+                    &format!("{path}/{k}"),
+                    format!(
+                        "`{k}` on a number cannot be enforced by a grammar (on an integer \
+                         it can)"
+                    ),
+                );
+            }
+        }
+        match obj.get("minimum").map(|m| m.as_f64()) {
+            None => Ok(self.generic("number")),
+            Some(Some(m)) if m == 0.0 => Ok(self.rule("number-nonneg", number_body(false))),
+            Some(_) => fail(
+                &format!("{path}/minimum"),
+                "on a number, only `minimum = 0` can be enforced by a grammar (on an \
+                 integer any bound can)",
+            ),
+        }
+    }
+}
+
+const DATE: &str =
+    r#"[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [1-2] [0-9] | "3" [0-1])"#;
+const TIME: &str = r#"([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,6})? ("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])"#;
+
+fn number_body(signed: bool) -> String {
+    format!(
+        r#"{}("0" | [1-9] [0-9]{{0,{d}}}) ("." [0-9]{{1,{f}}})? ([eE] [-+]? [0-9]{{1,3}})?"#,
+        if signed { r#""-"? "# } else { "" },
+        d = MAX_DIGITS - 1,
+        f = MAX_DIGITS
+    )
+}
+
+/// A non-negative count keyword (`minLength`, `maxItems`, …).
+fn count(obj: &Map<String, Value>, key: &str, path: &str) -> Result<Option<u64>, GrammarError> {
+    match obj.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| *f >= 0.0 && f.fract() == 0.0)
+                    .map(|f| f as u64)
+            })
+            .map(Some)
+            .ok_or_else(|| GrammarError {
+                path: format!("{path}/{key}"),
+                message: format!("`{key}` must be a non-negative integer"),
+            }),
+    }
+}
+
+/// `{lo,hi}` in GBNF (`*`, `+` where they say it).
+fn repeat(lo: u64, hi: Option<u64>, path: &str, key: &str) -> Result<String, GrammarError> {
+    if lo > MAX_REPEAT || hi.is_some_and(|h| h > MAX_REPEAT) {
+        return fail(
+            &format!("{path}/{key}"),
+            format!("more than {MAX_REPEAT} is too many for a grammar; use a smaller bound"),
+        );
+    }
+    Ok(match (lo, hi) {
+        (0, None) => "*".into(),
+        (1, None) => "+".into(),
+        (l, None) => format!("{{{l},}}"),
+        (l, Some(h)) if l == h => format!("{{{l}}}"),
+        (l, Some(h)) => format!("{{{l},{h}}}"),
+    })
+}
+
+/// A GBNF string literal for `s`.
+fn literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\x{:02X}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `~` and `/` in a key, for a JSON Pointer.
+fn escape_pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// `%XX` escapes in a `$ref` fragment.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The integers in `[lo, hi]` (a side `None` = unbounded, then at most [`MAX_DIGITS`] digits),
+/// written without leading zeros or `-0`.
+fn int_range(lo: Option<i64>, hi: Option<i64>) -> String {
+    let mut alts = Vec::new();
+    // Negative part: -|v| for v in [lo, min(hi, -1)].
+    let neg_hi = hi.map_or(-1, |h| h.min(-1));
+    if lo.is_none_or(|l| l <= neg_hi) {
+        let abs_lo = neg_hi.unsigned_abs();
+        let abs_hi = lo.map(i64::unsigned_abs);
+        alts.push(format!(r#""-" {}"#, group(&uint_range(abs_lo, abs_hi))));
+    }
+    // Non-negative part: [max(lo, 0), hi].
+    if hi.is_none_or(|h| h >= 0) {
+        let l = lo.map_or(0, |l| l.max(0)) as u64;
+        alts.push(uint_range(l, hi.map(|h| h as u64)));
+    }
+    alts.join(" | ")
+}
+
+fn group(s: &str) -> String {
+    if s.contains(" | ") {
+        format!("({s})")
+    } else {
+        s.to_string()
+    }
+}
+
+fn digits(n: u64) -> u32 {
+    n.checked_ilog10().unwrap_or(0) + 1
+}
+
+/// The non-negative integers in `[lo, hi]`, as GBNF alternatives.
+fn uint_range(lo: u64, hi: Option<u64>) -> String {
+    let lo_len = digits(lo);
+    let hi_len = hi.map_or(MAX_DIGITS.max(lo_len), digits);
+    let mut alts = Vec::new();
+    for len in lo_len..=hi_len {
+        let floor = if len == 1 { 0 } else { 10u64.pow(len - 1) };
+        let ceil = 10u64.checked_pow(len).map_or(u64::MAX, |p| p - 1);
+        let a = lo.max(floor);
+        let b = hi.map_or(ceil, |h| h.min(ceil));
+        if a > b {
+            continue;
+        }
+        if hi.is_none() && len > lo_len {
+            // Every longer length is whole: one alternative for all of them.
+            alts.push(format!("[1-9] [0-9]{{{},{}}}", len - 1, hi_len - 1));
+            break;
+        }
+        alts.push(same_len(&a.to_string(), &b.to_string()));
+    }
+    alts.join(" | ")
+}
+
+/// Numbers of one length between `x` and `y` (digit strings, `x <= y`).
+fn same_len(x: &str, y: &str) -> String {
+    debug_assert_eq!(x.len(), y.len());
+    if x.is_empty() {
+        return String::new();
+    }
+    if x == y {
+        return literal(x);
+    }
+    let (x0, xs) = (x.as_bytes()[0], &x[1..]);
+    let (y0, ys) = (y.as_bytes()[0], &y[1..]);
+    let n = xs.len();
+    let any = |n: usize| -> String {
+        match n {
+            0 => String::new(),
+            1 => " [0-9]".into(),
+            n => format!(" [0-9]{{{n}}}"),
+        }
+    };
+    let class = |a: u8, b: u8| -> String {
+        if a == b {
+            format!("\"{}\"", a as char)
+        } else {
+            format!("[{}-{}]", a as char, b as char)
+        }
+    };
+    if x0 == y0 {
+        return format!("\"{}\" {}", x0 as char, group(&same_len(xs, ys)));
+    }
+    let zeros = "0".repeat(n);
+    let nines = "9".repeat(n);
+    if xs == zeros && ys == nines {
+        return format!("{}{}", class(x0, y0), any(n));
+    }
+    let mut alts = Vec::new();
+    let (mut from, mut to) = (x0, y0);
+    if xs != zeros {
+        alts.push(format!(
+            "\"{}\" {}",
+            x0 as char,
+            group(&same_len(xs, &nines))
+        ));
+        from += 1;
+    }
+    if ys != nines {
+        to -= 1;
+    }
+    if from <= to {
+        alts.push(format!("{}{}", class(from, to), any(n)));
+    }
+    if ys != nines {
+        alts.push(format!(
+            "\"{}\" {}",
+            y0 as char,
+            group(&same_len(&zeros, ys))
+        ));
+    }
+    alts.join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(schema: Value) -> GrammarError {
+        from_schema(&schema).expect_err("refused")
+    }
+
+    #[test]
+    fn an_object_writes_its_properties_in_order_with_the_required_ones() {
+        let g = from_schema(&json!({
+            "type": "object",
+            "properties": {
+                "headline": {"type": "string", "maxLength": 30},
+                "price": {"type": "number"},
+                "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}
+            },
+            "required": ["headline", "price", "tags"],
+            "additionalProperties": false
+        }))
+        .unwrap();
+        let root = g.lines().next().unwrap();
+        assert_eq!(root, "root ::= doc");
+        assert!(
+            g.contains(r#"doc-headline ::= "\"" char{0,30} "\"""#),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"doc-headline-kv ::= "\"headline\"" ws ":" ws doc-headline ws"#),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"doc ::= "{" ws doc-headline-kv doc-after-headline "}""#),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"doc-after-headline ::= "," ws doc-price-kv "," ws doc-tags-kv"#),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"doc-tags ::= "[" ws (json-string ws ("," ws json-string ws){0,2})? "]""#),
+            "{g}"
+        );
+    }
+
+    #[test]
+    fn optional_properties_may_be_left_out_with_their_commas() {
+        let g = from_schema(&json!({
+            "type": "object",
+            "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"type": "boolean"}},
+            "required": ["b"]
+        }))
+        .unwrap();
+        // a is optional and first; b is required: the object opens with a, or with b.
+        assert!(
+            g.contains(r#""{" ws (doc-a-kv doc-after-a | doc-b-kv ("," ws doc-c-kv)?) "}""#),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"doc-after-a ::= "," ws doc-b-kv ("," ws doc-c-kv)?"#),
+            "{g}"
+        );
+        let none = from_schema(&json!({
+            "type": "object", "properties": {"a": {"type": "boolean"}}
+        }))
+        .unwrap();
+        assert!(none.contains(r#""{" ws (doc-a-kv)? "}""#), "{none}");
+    }
+
+    #[test]
+    fn enums_consts_unions_and_nullable_types() {
+        let g = from_schema(&json!({
+            "type": "object",
+            "properties": {
+                "tone": {"enum": ["calm", "loud \"x\"", 3, null]},
+                "k": {"const": {"a": [1]}},
+                "v": {"anyOf": [{"type": "string", "maxLength": 2}, {"type": "integer"}]},
+                "n": {"type": ["string", "null"]}
+            },
+            "required": ["tone", "k", "v", "n"]
+        }))
+        .unwrap();
+        assert!(
+            g.contains(r#"doc-tone ::= "\"calm\"" | "\"loud \\\"x\\\"\"" | "3" | "null""#),
+            "{g}"
+        );
+        assert!(
+            g.contains(r#"doc-k-kv ::= "\"k\"" ws ":" ws "{\"a\":[1]}" ws"#),
+            "{g}"
+        );
+        assert!(g.contains("doc-v ::= doc-v-0 | integer"), "{g}");
+        assert!(g.contains("doc-n ::= json-string | json-null"), "{g}");
+    }
+
+    #[test]
+    fn references_and_recursion() {
+        let g = from_schema(&json!({
+            "type": "object",
+            "$defs": {"node": {"type": "object", "properties": {
+                "name": {"type": "string", "maxLength": 8},
+                "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}
+            }, "required": ["name", "children"]}},
+            "properties": {"tree": {"$ref": "#/$defs/node"}},
+            "required": ["tree"]
+        }))
+        .unwrap();
+        assert!(
+            g.contains(r#"doc-tree-kv ::= "\"tree\"" ws ":" ws node ws"#),
+            "{g}"
+        );
+        assert!(g.contains("node ::= node-body"), "{g}");
+        assert!(
+            g.contains(r#"node-body-children ::= "[" ws (node ws"#),
+            "{g}"
+        );
+        assert_eq!(
+            err(json!({"type": "object", "properties": {"x": {"$ref": "#/$defs/nope"}}})).path,
+            "/properties/x/$ref"
+        );
+        assert!(err(json!({"$ref": "other.json#/x"}))
+            .message
+            .contains("inside the schema"));
+    }
+
+    #[test]
+    fn what_the_grammar_cannot_hold_is_refused_with_its_place() {
+        for (schema, path, word) in [
+            (
+                json!({"type": "object", "properties": {"s": {"type": "string", "pattern": "^a"}}}),
+                "/properties/s",
+                "`pattern`",
+            ),
+            (
+                json!({"type": "object", "properties": {"t": {"type": "array", "uniqueItems": true}}}),
+                "/properties/t",
+                "`uniqueItems`",
+            ),
+            (
+                json!({"type": "object", "patternProperties": {"x": {}}}),
+                "",
+                "`patternProperties`",
+            ),
+            (
+                json!({"type": "object", "properties": {"p": {"type": "number", "maximum": 5}}}),
+                "/properties/p/maximum",
+                "`maximum`",
+            ),
+            (
+                json!({"type": "object", "properties": {"p": {"type": "number", "minimum": 1}}}),
+                "/properties/p/minimum",
+                "minimum = 0",
+            ),
+            (
+                json!({"type": "object", "properties": {"p": {"type": "integer", "multipleOf": 2}}}),
+                "/properties/p",
+                "`multipleOf`",
+            ),
+            (
+                json!({"type": "object", "properties": {"e": {"type": "string", "format": "email"}}}),
+                "/properties/e/format",
+                "email",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {"maxLength": 3}]}}}),
+                "/properties/a/allOf",
+                "merge",
+            ),
+            (
+                json!({"type": "object", "properties": {"a": {"maxLength": 3}}}),
+                "/properties/a",
+                "without a `type`",
+            ),
+            (
+                json!({"type": "object", "required": ["ghost"], "properties": {}}),
+                "/required",
+                "`ghost`",
+            ),
+            (
+                json!({"type": "object", "properties": {"s": {"type": "string", "maxLength": 100000}}}),
+                "/properties/s/maxLength",
+                "too many",
+            ),
+            (json!({"not": {"type": "null"}}), "", "`not`"),
+        ] {
+            let e = err(schema.clone());
+            assert_eq!(e.path, path, "{schema}: {e}");
+            assert!(e.to_string().contains(word), "{schema}: {e}");
+        }
+    }
+
+    #[test]
+    fn annotations_are_ignored() {
+        let a = from_schema(&json!({
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "Ad", "description": "x",
+            "type": "object",
+            "properties": {"h": {"type": "string", "description": "headline", "examples": ["a"]}},
+            "required": ["h"]
+        }))
+        .unwrap();
+        let b = from_schema(&json!({
+            "type": "object", "properties": {"h": {"type": "string"}}, "required": ["h"]
+        }))
+        .unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn integer_ranges_are_exact() {
+        assert_eq!(uint_range(0, Some(9)), "[0-9]");
+        assert_eq!(uint_range(1, Some(5)), "[1-5]");
+        assert_eq!(uint_range(0, Some(100)), r#"[0-9] | [1-9] [0-9] | "100""#);
+        assert_eq!(
+            uint_range(17, Some(342)),
+            r#""1" [7-9] | [2-9] [0-9] | [1-2] [0-9]{2} | "3" ([0-3] [0-9] | "4" [0-2])"#
+        );
+        assert_eq!(uint_range(5, None), "[5-9] | [1-9] [0-9]{1,15}");
+        assert_eq!(int_range(Some(1), Some(5)), "[1-5]");
+        assert_eq!(int_range(Some(-3), Some(2)), r#""-" [1-3] | [0-2]"#);
+        assert_eq!(
+            int_range(None, Some(-10)),
+            r#""-" ([1-9] [0-9] | [1-9] [0-9]{2,15})"#
+        );
+        assert_eq!(int_range(Some(-5), Some(-2)), r#""-" [2-5]"#);
+        // Brute force: every number a range's regex form matches is in the range.
+        for (lo, hi) in [
+            (0u64, 0u64),
+            (3, 47),
+            (10, 99),
+            (99, 1000),
+            (123, 4567),
+            (0, 20000),
+        ] {
+            let re = regex::Regex::new(&format!(
+                "^(?:{})$",
+                gbnf_to_regex(&uint_range(lo, Some(hi)))
+            ))
+            .unwrap();
+            for v in 0..=(hi * 2 + 20) {
+                assert_eq!(
+                    re.is_match(&v.to_string()),
+                    (lo..=hi).contains(&v),
+                    "{lo}..{hi}: {v}"
+                );
+            }
+            assert!(!re.is_match(&format!("0{lo}")), "leading zero");
+        }
+    }
+
+    /// Just enough of GBNF → regex for the digit ranges above.
+    fn gbnf_to_regex(g: &str) -> String {
+        g.replace(' ', "").replace('"', "")
+    }
+
+    #[test]
+    fn string_lengths_and_formats() {
+        let g = from_schema(&json!({"type": "object", "properties": {
+            "a": {"type": "string", "minLength": 2, "maxLength": 2},
+            "b": {"type": "string", "minLength": 1},
+            "d": {"type": "string", "format": "date-time"},
+            "i": {"type": "integer", "minimum": 1, "maximum": 5},
+            "p": {"type": "number", "minimum": 0}
+        }, "required": ["a", "b", "d", "i", "p"]}))
+        .unwrap();
+        assert!(g.contains(r#"doc-a ::= "\"" char{2} "\"""#), "{g}");
+        assert!(g.contains(r#"doc-b ::= "\"" char+ "\"""#), "{g}");
+        assert!(
+            g.contains(r#"doc-d-date-time ::= "\"" [0-9]{4} "-""#),
+            "{g}"
+        );
+        assert!(g.contains("doc-i ::= [1-5]"), "{g}");
+        assert!(g.contains(r#"number-nonneg ::= ("0" | [1-9]"#), "{g}");
+    }
+
+    #[test]
+    fn response_formats() {
+        assert_eq!(for_response_format(&json!({"type": "text"})).unwrap(), None);
+        let o = for_response_format(&json!({"type": "json_object"}))
+            .unwrap()
+            .unwrap();
+        assert!(o.starts_with("root ::= json-object\n"), "{o}");
+        assert!(
+            o.contains("value ::= json-object | json-array | json-string"),
+            "{o}"
+        );
+        let s = for_response_format(&json!({"type": "json_schema", "json_schema": {
+            "name": "x", "strict": true, "schema": {"type": "object", "properties": {}}
+        }}))
+        .unwrap()
+        .unwrap();
+        assert!(s.starts_with("root ::= "), "{s}");
+        assert!(for_response_format(&json!({"type": "json_schema"})).is_err());
+    }
+
+    #[test]
+    fn literals_escape_what_gbnf_needs() {
+        assert_eq!(literal("a\"b\\c\nd\u{1}é"), r#""a\"b\\c\nd\x01é""#);
+    }
+}
