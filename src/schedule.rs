@@ -469,8 +469,12 @@ fn open_output(
 
 /// The tokens a structured output's schema adds to every prompt, as nearly as is known: its
 /// JSON text counted with the model's tokenizer (OpenAI bills the schema as prompt tokens but
-/// does not publish how it is rendered). 0 without a schema.
+/// does not publish how it is rendered). 0 without a schema, and for the local model, which
+/// is held to the schema by a grammar and never reads it.
 pub fn schema_tokens(job: &Job, counter: &dyn crate::provider::TokenCounter) -> u64 {
+    if job.provider == crate::job::ProviderKind::Local {
+        return 0;
+    }
     job.shape
         .schema
         .as_ref()

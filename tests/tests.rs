@@ -1383,6 +1383,19 @@ path = "out/result.jsonl"
             .map(|n| header.iter().position(|h| h == n).expect(n))
             .collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{header:?}");
+        // The model never reads the schema (a grammar holds it): the dry run adds none of it.
+        let prompt_total: u64 = recs
+            .iter()
+            .map(|r| r["usage"]["prompt_tokens"].as_u64().unwrap())
+            .sum();
+        let est = f.run(&["estimate", &job]);
+        assert!(
+            est.stdout
+                .contains(&format!("prompt tokens     {prompt_total} "))
+                && !est.stdout.contains("of which schema"),
+            "{prompt_total}: {}",
+            est.stdout
+        );
     }
 
     #[test]

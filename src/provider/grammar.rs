@@ -663,7 +663,7 @@ impl<'a> Converter<'a> {
         }
         match obj.get("minimum").map(|m| m.as_f64()) {
             None => Ok(self.generic("number")),
-            Some(Some(m)) if m == 0.0 => Ok(self.rule("number-nonneg", number_body(false))),
+            Some(Some(0.0)) => Ok(self.rule("number-nonneg", number_body(false))),
             Some(_) => fail(
                 &format!("{path}/minimum"),
                 "on a number, only `minimum = 0` can be enforced by a grammar (on an \
@@ -1134,7 +1134,7 @@ mod tests {
 
     /// Just enough of GBNF → regex for the digit ranges above.
     fn gbnf_to_regex(g: &str) -> String {
-        g.replace(' ', "").replace('"', "")
+        g.replace([' ', '"'], "")
     }
 
     #[test]
