@@ -1129,12 +1129,25 @@ mod fetch_model {
                 .to_string()
         };
         let smol = line("smollm2-135m-instruct");
-        assert!(smol.contains("98 MB") && smol.contains("Apache-2.0"), "{smol}");
+        assert!(
+            smol.contains("98 MB") && smol.contains("Apache-2.0"),
+            "{smol}"
+        );
         assert!(smol.ends_with("default"), "not cached here: {smol}");
         let gemma = line("gemma-3-270m");
-        assert!(gemma.contains("253 MB") && gemma.contains("Gemma Terms of Use"), "{gemma}");
-        assert!(gemma.ends_with("cached") && !gemma.contains("default"), "{gemma}");
-        assert!(r.stdout.contains(&cache.path().display().to_string()), "{}", r.stdout);
+        assert!(
+            gemma.contains("253 MB") && gemma.contains("Gemma Terms of Use"),
+            "{gemma}"
+        );
+        assert!(
+            gemma.ends_with("cached") && !gemma.contains("default"),
+            "{gemma}"
+        );
+        assert!(
+            r.stdout.contains(&cache.path().display().to_string()),
+            "{}",
+            r.stdout
+        );
     }
 
     #[test]
