@@ -579,6 +579,50 @@ class Bench:
         if not a.keep_outputs:
             shutil.rmtree(d, ignore_errors=True)
 
+    def s10_structured(self):
+        a = self.a
+        rows = a.overhead_rows
+        self.say(f"\n## 10. Structured output: {rows} rows with a schema validated on every row, "
+                 f"against the same rows as plain text")
+        inp = os.path.join(self.work, f"structured_{rows}.csv")
+        write_csv(inp, rows, (lambda rng: (lambda i: f"row {i}: {prose(rng, 12)}"))(random.Random(10)))
+        schema = os.path.join(self.work, "ad_schema.json")
+        with open(schema, "w") as f:
+            json.dump({"type": "object", "properties": {
+                "headline": {"type": "string", "maxLength": 30},
+                "description": {"type": "string", "maxLength": 90},
+                "tags": {"type": "array", "items": {"type": "string"}}},
+                "required": ["headline", "description", "tags"],
+                "additionalProperties": False}, f)
+        figures = {}
+        for kind in ("plain", "schema"):
+            s = FakeServer(self.fake)
+            self.say(f"  server: {cmdline(s.cmd)}")
+            if True:
+                job, out = write_job(self.work, f"structured_{kind}", inp, s.base_url,
+                                     "Ad for: {{ text }}", 200, 64)
+                if kind == "schema":
+                    with open(job, "a") as f:
+                        f.write(f'schema = "{schema}"\n')
+                cpus = []
+                for _ in range(a.repeat):
+                    clean_output(out)
+                    m = self.pm_run(job, f"structured_{kind}")
+                    cpus.append(m.cpu / rows * 1e6)
+                _, server_cpu = s.stop()
+                figures[kind] = (median(cpus), m)
+                self.say(f"  {kind}: CPU {median(cpus):.0f} ms per 1,000 rows (median of "
+                         f"{a.repeat}), {rows / m.wall:.0f} rows/s, peak RSS {m.rss_mb:.1f} MB; "
+                         f"the fake server's CPU {server_cpu / (rows * a.repeat) * 1e6:.0f} ms "
+                         f"per 1,000 answers")
+                if not a.keep_outputs:
+                    clean_output(out)
+        plain, schema_ = figures["plain"][0], figures["schema"][0]
+        ratio = schema_ / plain
+        self.record("10 structured: CPU per 1,000 rows, schema vs plain",
+                    f"{schema_:.0f} vs {plain:.0f} ms (+{ratio - 1:.0%})", "within 20%",
+                    figures["schema"][1].code == 0 and ratio <= 1.2)
+
     # -- the table ------------------------------------------------------------------------
 
     def table(self):
@@ -612,7 +656,7 @@ def token_text(rng, i):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="scenarios to run (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="scenarios to run (default: all)")
     ap.add_argument("--merge-shards", type=int, default=10, help="scenario 9's shards")
     ap.add_argument("--merge-rows", type=int, default=100_000, help="scenario 9's rows per shard")
     ap.add_argument("--batch-rows", type=int, default=1_000_000, help="scenario 8's rows")
@@ -666,6 +710,8 @@ def main():
         b.s8_batch()
     if "9" in a.only:
         b.s9_merge()
+    if "10" in a.only:
+        b.s10_structured()
     took = time.monotonic() - t0
     table = b.table()
     cmd = cmdline(["python3", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])

@@ -89,18 +89,15 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
         } => status(&targets, input, shard, shards),
         Command::Export { job, out } => export(&job, &out),
         Command::Import { job, results } => {
-            let opts = RunOptions {
-                limit: job.limit,
-                fresh: false,
-                retry_failed: false,
-                quiet,
-                collect_only: true,
-                import: Some(results),
-            };
+            let opts = RunOptions::collect(job.limit, quiet, Some(results));
             passes(&job.job, &job_overrides(&job)?, opts, false, json_logs)
         }
-        Command::FetchModel => {
-            let p = crate::models::fetch_default_model(quiet)?;
+        Command::FetchModel { list: true, .. } => {
+            print!("{}", crate::models::list_models());
+            Ok(EXIT_OK)
+        }
+        Command::FetchModel { name, .. } => {
+            let p = crate::models::fetch_model(name.as_deref(), quiet)?;
             println!("{}", p.display());
             Ok(EXIT_OK)
         }
@@ -248,14 +245,7 @@ fn batch(action: BatchAction, quiet: bool, json_logs: bool) -> Result<i32, Error
             Ok(EXIT_OK)
         }
         BatchAction::Collect { job, wait } => {
-            let opts = RunOptions {
-                limit: job.limit,
-                fresh: false,
-                retry_failed: false,
-                quiet,
-                collect_only: true,
-                import: None,
-            };
+            let opts = RunOptions::collect(job.limit, quiet, None);
             passes(&job.job, &job_overrides(&job)?, opts, wait, json_logs)
         }
     }

@@ -101,8 +101,14 @@ pub enum Command {
         #[command(subcommand)]
         action: BatchAction,
     },
-    /// Download the default local model (Gemma 3 270M, Q4_K_M) into the cache, once.
-    FetchModel,
+    /// Download a local model into the cache, once (default: SmolLM2-135M-Instruct).
+    FetchModel {
+        /// The model to fetch (see --list); default: the default model.
+        name: Option<String>,
+        /// List the models that can be fetched: sizes, licences, the default, what is cached.
+        #[arg(long, conflicts_with = "name")]
+        list: bool,
+    },
     /// Make the HTML report of an output file (each run writes OUTPUT.report.html itself).
     Report {
         /// The JSONL output.

@@ -423,6 +423,7 @@ impl Progress {
         input: Option<&Path>,
         header_lines: u64,
         limit: Option<u64>,
+        shards: u32,
     ) -> Progress {
         use std::io::IsTerminal;
         let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
@@ -436,7 +437,9 @@ impl Progress {
                 std::thread::spawn(move || {
                     if let Ok(lines) = count_lines(&path) {
                         let rows = lines.saturating_sub(header_lines);
-                        b.set_length(limit.map_or(rows, |l| l.min(rows)));
+                        let rows = limit.map_or(rows, |l| l.min(rows));
+                        // A shard's share: rows are spread evenly by the hash.
+                        b.set_length(rows.div_ceil(u64::from(shards.max(1))));
                     }
                 });
             }

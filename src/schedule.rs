@@ -34,6 +34,21 @@ use crate::report::{Progress, Stats, Summary};
 use crate::request::{self, Builder, Prepared};
 use crate::retry::RetryPolicy;
 
+impl RunOptions {
+    /// A run that only collects (`batch collect`, or `import` with another engine's results):
+    /// it sends nothing and submits nothing.
+    pub fn collect(limit: Option<u64>, quiet: bool, import: Option<std::path::PathBuf>) -> Self {
+        RunOptions {
+            limit,
+            fresh: false,
+            retry_failed: false,
+            quiet,
+            collect_only: true,
+            import,
+        }
+    }
+}
+
 pub struct RunOptions {
     pub limit: Option<u64>,
     pub fresh: bool,
@@ -330,8 +345,9 @@ struct Shared {
     no_usage_warned: AtomicBool,
     /// The job's schema and checks, compiled; `None` when it has none.
     shape: Option<crate::shape::Shape>,
-    /// The schema's tokens, billed with every prompt (see `schema_tokens`).
-    schema_tokens: u64,
+    /// The schema's tokens, billed with every prompt (see `schema_tokens`): counted the first
+    /// time a count is needed, since loading the tokenizer costs 45 MB.
+    schema_tokens: std::sync::OnceLock<u64>,
     tx: mpsc::Sender<Msg>,
 }
 
@@ -520,6 +536,7 @@ pub async fn run(
             Some(&job.input),
             u64::from(job.input_format == InputFormat::Csv),
             opts.limit,
+            job.shard.map_or(1, |s| s.n),
         ),
         billed,
         stopper.clone(),
@@ -540,7 +557,7 @@ pub async fn run(
         unknown_price_warned: AtomicBool::new(false),
         no_usage_warned: AtomicBool::new(false),
         shape: crate::shape::Shape::of(&job)?,
-        schema_tokens: schema_tokens(&job, &*backend.counter),
+        schema_tokens: std::sync::OnceLock::new(),
         tx: tx.clone(),
         backend,
         job,
@@ -724,7 +741,16 @@ fn batch_record(
                 .backend
                 .price_at(Tier::Batch, c.model.as_deref(), &sh.job.model)
                 .map(|pr| pr.cost(&usage));
-            Record {
+            // A batch answer is judged like an online one; it cannot be asked again within
+            // the batch, so one that breaks the shape fails its row (`--retry-failed` sends
+            // it again).
+            let choices = c.all_choices();
+            let judged = sh
+                .shape
+                .as_ref()
+                .map(|shape| judge_once(shape, &choices, &input));
+            let several = sh.job.params.choices() > 1 || choices.len() > 1;
+            let mut record = Record {
                 row,
                 id,
                 status: Status::Ok,
@@ -748,7 +774,24 @@ fn batch_record(
                 invalid_attempts: None,
                 ttft_ms: None,
                 extra: Map::new(),
-            }
+            };
+            let data = match judged {
+                Some((data, invalid, failure)) => {
+                    record.invalid_attempts = (!invalid.is_empty()).then_some(invalid);
+                    if let Some((kind, message)) = failure {
+                        record.status = Status::Error;
+                        record.error = Some(RecordError {
+                            kind,
+                            status: None,
+                            message,
+                        });
+                    }
+                    data
+                }
+                None => vec![None; choices.len()],
+            };
+            set_choices(&mut record, choices, data, several);
+            record
         }
         Outcome::Failed { status, message } => error_record(
             row,
@@ -942,7 +985,10 @@ async fn dispatch(
         // job's or one learned from headers) or a budget.
         let counted = job.max_cost_usd.is_some() || shared.pacer.paces_tokens();
         let prompt_tokens = if counted {
-            shared.backend.counter.count_prompt(&p.request.messages) + shared.schema_tokens
+            shared.backend.counter.count_prompt(&p.request.messages)
+                + *shared
+                    .schema_tokens
+                    .get_or_init(|| schema_tokens(&shared.job, &*shared.backend.counter))
         } else {
             0
         };
@@ -1388,6 +1434,72 @@ async fn shape_up(
     }
 }
 
+/// The record's `data` (the first choice's) and, when the job asks for several, `variants`.
+fn set_choices(
+    record: &mut Record,
+    choices: Vec<crate::provider::Choice>,
+    data: Vec<Option<serde_json::Value>>,
+    several: bool,
+) {
+    record.data = data.first().cloned().flatten();
+    if several {
+        record.variants = Some(
+            choices
+                .into_iter()
+                .zip(data)
+                .map(|(c, d)| crate::output::Variant {
+                    completion: c.text,
+                    finish_reason: c.finish_reason,
+                    data: d,
+                })
+                .collect(),
+        );
+    }
+}
+
+/// Judges every choice once, with no asking again: each choice's data, what broke, and the
+/// row's failure if any choice did.
+type Judged = (
+    Vec<Option<serde_json::Value>>,
+    Vec<crate::output::InvalidAttempt>,
+    Option<(ErrorKind, String)>,
+);
+
+fn judge_once(
+    shape: &crate::shape::Shape,
+    choices: &[crate::provider::Choice],
+    row: &Map<String, serde_json::Value>,
+) -> Judged {
+    use crate::shape::Verdict;
+    let mut data = Vec::with_capacity(choices.len());
+    let mut invalid = Vec::new();
+    let mut failure = None;
+    for (i, c) in choices.iter().enumerate() {
+        match shape.judge(&c.text, c.refusal.as_deref(), row) {
+            Verdict::Ok(d) => data.push(d),
+            Verdict::Refused(r) => {
+                data.push(None);
+                failure = Some((ErrorKind::Refusal, format!("the model refused: {r}")));
+            }
+            Verdict::Invalid(problems) => {
+                data.push(None);
+                if failure.is_none() {
+                    failure = Some((
+                        ErrorKind::InvalidOutput,
+                        format!("variant {}: {}", i + 1, problems.join("; ")),
+                    ));
+                }
+                invalid.push(crate::output::InvalidAttempt {
+                    attempt: 1,
+                    variant: i as u32,
+                    problems,
+                });
+            }
+        }
+    }
+    (data, invalid, failure)
+}
+
 /// The body asking for `k` choices: the row's own body when that is what it asked.
 fn with_choices(body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes {
     if k == 1 && !had_n {
@@ -1508,20 +1620,8 @@ async fn process(
                 record.completion = Some(first.text.clone());
                 record.finish_reason = first.finish_reason.clone();
             }
-            record.data = data.first().cloned().flatten();
-            if sh.job.params.choices() > 1 || choices.len() > 1 {
-                record.variants = Some(
-                    choices
-                        .into_iter()
-                        .zip(data)
-                        .map(|(c, d)| crate::output::Variant {
-                            completion: c.text,
-                            finish_reason: c.finish_reason,
-                            data: d,
-                        })
-                        .collect(),
-                );
-            }
+            let several = sh.job.params.choices() > 1 || choices.len() > 1;
+            set_choices(&mut record, choices, data, several);
             record
         }
         Err(e) => {

@@ -92,7 +92,8 @@ impl Shape {
             match serde_json::from_str::<Value>(text) {
                 Err(e) => problems.push(format!("not valid JSON: {e}")),
                 Ok(v) => {
-                    if let Some(val) = &self.validator {
+                    // The common case first: `is_valid` stops early and builds no errors.
+                    if let Some(val) = self.validator.as_ref().filter(|val| !val.is_valid(&v)) {
                         for e in val.iter_errors(&v).take(5) {
                             let at = e.instance_path().to_string();
                             let at = if at.is_empty() { "/".to_string() } else { at };

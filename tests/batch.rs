@@ -10,15 +10,6 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 use util::*;
 
-fn csv_of(texts: &[String]) -> String {
-    let mut s = String::from("text\n");
-    for t in texts {
-        s.push_str(t);
-        s.push('\n');
-    }
-    s
-}
-
 fn texts(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("item {i}")).collect()
 }
@@ -37,10 +28,6 @@ fn batch_job(f: &Fixture, s: &FakeServer, rows: &[String], batch: &str, run: &st
     text.push_str(&format!("\n[batch]\npoll_s = 0.05\n{batch}\n"));
     std::fs::write(&job, text).unwrap();
     job.to_str().unwrap().to_string()
-}
-
-fn ok(r: &Ran) {
-    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
 }
 
 /// Usage summed over the output's records (and the stale file's).

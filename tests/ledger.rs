@@ -11,15 +11,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use util::*;
 
-fn csv_of(texts: &[String]) -> String {
-    let mut s = String::from("text\n");
-    for t in texts {
-        s.push_str(t);
-        s.push('\n');
-    }
-    s
-}
-
 fn texts(n: usize, prefix: &str) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix} {i}")).collect()
 }
@@ -717,11 +708,12 @@ fn another_endpoint_is_another_request() {
 fn transient_failures_are_sent_again_by_a_plain_rerun_and_verdicts_wait_for_retry_failed() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    // The ok row answers after the flaky row began: a success while it was failing, so its
-    // failures are the row's, not an outage's (which would make it wait for a verdict).
+    // The ok row answers about 100 ms in: after the flaky row began, and before its retry
+    // (backoff of 250 ms at least) fails again. A success while it was failing, so its failures
+    // are the row's, not an outage's (which would make it wait for a verdict).
     f.write(
         "data.csv",
-        "text\nok FAULT:slow=300\nFAULT:500:2 flaky\nFAULT:400 bad\n",
+        "text\nok FAULT:slow=100\nFAULT:500:2 flaky\nFAULT:400 bad\n",
     );
     let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
     set(&job, "max_retries = 4", "max_retries = 1");

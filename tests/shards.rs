@@ -10,21 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::Value;
 use util::*;
 
-fn csv_of(texts: &[String]) -> String {
-    let mut s = String::from("text\n");
-    for t in texts {
-        s.push_str(t);
-        s.push('\n');
-    }
-    s
-}
-
 fn texts(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("item {i}")).collect()
-}
-
-fn ok(r: &Ran) {
-    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
 }
 
 /// The user texts of the request lines in an exported file.

@@ -8,10 +8,6 @@ mod util;
 use serde_json::Value;
 use util::*;
 
-fn ok(r: &Ran) {
-    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
-}
-
 const SCHEMA: &str = r#"{
   "type": "object",
   "properties": {
@@ -353,4 +349,32 @@ fn a_bad_schema_or_check_is_a_job_error_naming_the_field() {
         r.stderr
     );
     assert_eq!(s.stats().requests, 0);
+}
+
+#[test]
+fn batch_answers_are_judged_too_and_one_that_breaks_the_schema_fails_its_row() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["Acme", "Zed FAULT:schemabreak"],
+        "n = 2",
+        "schema = \"schemas/ad.json\"",
+    );
+    let text = std::fs::read_to_string(&j)
+        .unwrap()
+        .replace("[run]\n", "[run]\nmode = \"batch\"\n");
+    std::fs::write(&j, text).unwrap();
+    ok(&f.run(&["run", "--quiet", &j]));
+    s.complete_batches();
+    let r = f.run(&["batch", "collect", "--quiet", &j]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let recs = f.records();
+    assert_eq!(recs[0]["status"], "ok");
+    assert_eq!(recs[0]["variants"].as_array().unwrap().len(), 2);
+    assert!(recs[0]["data"]["headline"].is_string());
+    assert_eq!(recs[1]["error"]["kind"], "invalid_output");
+    assert_eq!(recs[1]["mode"], "batch");
+    billed_equals_kept(&s, &f);
 }

@@ -101,6 +101,16 @@ impl Sampling {
         }
     }
 
+    /// Greedy with nothing that needs the row's history: the token is the logits' argmax,
+    /// taken straight from the logits (see [`argmax`]). Never with a grammar: its sampler
+    /// must see (and accept) every token.
+    fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.grammar.is_none()
+    }
+
     /// One sampler chain per row, so each row's random state is its own; `draw` steps the
     /// seed (see `constrained.rs`).
     fn sampler(&self, n_vocab: i32, draw: u32) -> LlamaSampler {
@@ -464,6 +474,19 @@ impl Provider for LocalModel {
     }
 }
 
+/// The token with the highest logit, the first one on a tie: what llama.cpp's greedy sampler
+/// picks, without its copy of every logit into a candidate array first (per row and token,
+/// 49,152 entries for SmolLM2, 262,144 for Gemma 3).
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    LlamaToken::new(i32::try_from(best).expect("vocabulary fits in i32"))
+}
+
 /// A row being decoded in one of the context's sequence slots.
 struct Seq {
     slot: i32,
@@ -653,10 +676,16 @@ impl<'m> Engine<'m> {
         // One token per row with fresh logits, each from the row's own sampler. (Sampling rows
         // on several threads measured no faster here: it competes with llama.cpp's OpenMP
         // threads, which spin between decodes.)
+        let greedy = self.sampling.is_plain_greedy();
         let mut picked: Vec<(usize, LlamaToken)> = Vec::with_capacity(self.active.len());
         for (i, seq) in self.active.iter_mut().enumerate() {
             if let Some(idx) = seq.logits_at {
-                picked.push((i, seq.sampler.sample(&self.ctx, idx)));
+                let token = if greedy {
+                    argmax(self.ctx.get_logits_ith(idx))
+                } else {
+                    seq.sampler.sample(&self.ctx, idx)
+                };
+                picked.push((i, token));
             }
         }
         // Highest index first, so removing a finished row leaves the others' indices valid.
@@ -788,7 +817,7 @@ mod tests {
     }
 
     fn load(p: &Params, parallel: usize) -> Arc<LocalModel> {
-        LocalModel::load(&model_path(), "gemma-3-270m", p, parallel, None).expect("model loads")
+        LocalModel::load(&model_path(), "smollm2", p, parallel, None).expect("model loads")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -815,7 +844,7 @@ mod tests {
         } else {
             assert_eq!(c.finish_reason.as_deref(), Some("stop"));
         }
-        assert_eq!(c.model.as_deref(), Some("gemma-3-270m"));
+        assert_eq!(c.model.as_deref(), Some("smollm2"));
         assert!(!model.is_billed());
     }
 
@@ -916,6 +945,29 @@ mod tests {
         std::fs::write(&p, b"hello").unwrap();
         let err = LocalModel::load(&p, "m", &Params::default(), 1, None).unwrap_err();
         assert!(err.to_string().contains("GGUF"), "{err}");
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima() {
+        assert_eq!(argmax(&[0.5, 2.0, -1.0, 2.0]), LlamaToken::new(1));
+        assert_eq!(argmax(&[3.0]), LlamaToken::new(0));
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -1e30]), LlamaToken::new(1));
+    }
+
+    /// The greedy shortcut must pick what llama.cpp's greedy sampler picks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn greedy_shortcut_matches_the_greedy_sampler() {
+        let plain = load(&params(Some(0.0), 12), 1);
+        // A penalty of 0 leaves the logits alone, but sends the row through the sampler chain.
+        let mut p = params(Some(0.0), 12);
+        p.presence_penalty = Some(1e-9);
+        let chain = load(&p, 1);
+        for prompt in ["Name three colours.", "What is the capital of France?"] {
+            let req = request(vec![user(prompt)]);
+            let a = plain.complete(&req).await.unwrap();
+            let b = chain.complete(&req).await.unwrap();
+            assert_eq!(a.text, b.text, "{prompt}");
+        }
     }
 
     #[test]

@@ -153,3 +153,18 @@ pub fn user_texts(server: &FakeServer) -> Vec<String> {
         })
         .collect()
 }
+
+/// A one-column CSV (`text`) of these rows.
+pub fn csv_of(texts: &[String]) -> String {
+    let mut s = String::from("text\n");
+    for t in texts {
+        s.push_str(t);
+        s.push('\n');
+    }
+    s
+}
+
+/// The run exited 0; otherwise its output is shown.
+pub fn ok(r: &Ran) {
+    assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+}
