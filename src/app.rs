@@ -11,7 +11,7 @@ use crate::ledger::Index;
 use crate::plan::{Decision, Planner};
 use crate::provider::{self, is_loopback};
 use crate::render::Renderer;
-use crate::request::Builder;
+use crate::request::{Builder, Rendered};
 use crate::schedule::{self, Interrupt, RunOptions, Signals};
 use crate::shard::Shard;
 
@@ -532,22 +532,12 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
     let mut images = ImageStats::default();
     let mut line = Vec::new();
     let stream = job.params.stream.unwrap_or(false);
-    for r in job.source().reader()? {
-        if args.limit.is_some_and(|l| rows >= l) {
-            break;
-        }
+    for item in builder.rendered(&job, &renderer, args.limit)? {
         rows += 1;
-        let row = match r {
-            Ok(row) => row,
-            Err(e) => {
-                bad += u64::from(crate::shard::owns_unreadable(&job, e.number));
-                continue;
-            }
-        };
-        let p = match builder.prepare(&job.input, &renderer, row) {
-            Ok(p) => p,
-            Err((row, _)) => {
-                bad += u64::from(crate::shard::owns_unreadable(&job, row.number));
+        let p = match item {
+            Rendered::Ready(p) => p,
+            Rendered::Unreadable(number) => {
+                bad += u64::from(crate::shard::owns_unreadable(&job, number));
                 continue;
             }
         };

@@ -51,7 +51,11 @@ impl Planner {
     }
 
     pub fn plan(&mut self, p: &Prepared) -> Result<Decision, Error> {
-        let idh = self.keying.id_hash(&p.row.id);
+        self.plan_keyed(p, self.keying.id_hash(&p.row.id))
+    }
+
+    /// `plan`, for a caller that already has the row's id hash (`Keying::id_hash`).
+    pub fn plan_keyed(&mut self, p: &Prepared, idh: u64) -> Result<Decision, Error> {
         let mut found = self.index.get(&p.fingerprint, idh).copied();
         let mut legacy = None;
         if found.is_none() && self.index.records > 0 {

@@ -117,6 +117,32 @@ impl Builder {
     }
 }
 
+/// One input row as the planning commands (estimate, export, status) see it.
+pub enum Rendered {
+    Ready(Prepared),
+    /// Unreadable or unrenderable: its row number (`run` writes its error record).
+    Unreadable(u64),
+}
+
+impl Builder {
+    /// Every input row, or the first `limit`, read and rendered in input order.
+    pub fn rendered<'a>(
+        &'a self,
+        job: &'a crate::job::Job,
+        renderer: &'a Renderer,
+        limit: Option<u64>,
+    ) -> Result<impl Iterator<Item = Rendered> + 'a, crate::error::Error> {
+        let take = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+        Ok(job.source().reader()?.take(take).map(move |r| match r {
+            Ok(row) => match self.prepare(&job.input, renderer, row) {
+                Ok(p) => Rendered::Ready(p),
+                Err((row, _)) => Rendered::Unreadable(row.number),
+            },
+            Err(e) => Rendered::Unreadable(e.number),
+        }))
+    }
+}
+
 /// The fingerprint promptmill recorded before rows were keyed by request identity: 128 bits of
 /// the request body's SHA-256. Read only to recognise records of older outputs.
 pub fn legacy_fingerprint(body: &[u8]) -> [u8; 16] {

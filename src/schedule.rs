@@ -750,42 +750,11 @@ fn batch_record(
                 .as_ref()
                 .map(|shape| judge_once(shape, &choices, &input));
             let several = sh.job.params.choices() > 1 || choices.len() > 1;
-            let mut record = Record {
-                row,
-                id,
-                status: Status::Ok,
-                input,
-                completion: Some(c.text),
-                finish_reason: c.finish_reason,
-                model: c.model,
-                usage: Some(usage),
-                cost_usd: cost,
-                attempts: 1,
-                latency_ms: from.took_ms,
-                fingerprint,
-                error: None,
-                copied_from: None,
-                unconfirmed_usd: None,
-                mode: None,
-                batch_id: None,
-                finished_at: Some(crate::output::timestamp_now()),
-                data: None,
-                variants: None,
-                invalid_attempts: None,
-                ttft_ms: None,
-                extra: Map::new(),
-            };
+            let mut record =
+                answered_record(row, id, input, c, usage, cost, 1, from.took_ms, fingerprint);
             let data = match judged {
                 Some((data, invalid, failure)) => {
-                    record.invalid_attempts = (!invalid.is_empty()).then_some(invalid);
-                    if let Some((kind, message)) = failure {
-                        record.status = Status::Error;
-                        record.error = Some(RecordError {
-                            kind,
-                            status: None,
-                            message,
-                        });
-                    }
+                    judged_wrong(&mut record, invalid, failure);
                     data
                 }
                 None => vec![None; choices.len()],
@@ -910,14 +879,14 @@ async fn dispatch(
                 continue;
             }
         };
-        let decision = match planner.plan(&p) {
+        let idh = keying.id_hash(&p.row.id);
+        let decision = match planner.plan_keyed(&p, idh) {
             Ok(d) => d,
             Err(e) => {
                 shared.stop(Stop::Write(write_stop_message(&e)));
                 break;
             }
         };
-        let idh = keying.id_hash(&p.row.id);
         let routed = match decision {
             Decision::Send => pass.route(&p.fingerprint, idh),
             _ => pass.touch(&p.fingerprint, idh).map(|()| batch::Route::New),
@@ -1434,6 +1403,65 @@ async fn shape_up(
     }
 }
 
+/// The record of a row that got an answer (online or from a batch); the callers add what
+/// only they know.
+#[allow(clippy::too_many_arguments)]
+fn answered_record(
+    row: u64,
+    id: String,
+    input: Map<String, serde_json::Value>,
+    c: Completion,
+    usage: Usage,
+    cost: Option<f64>,
+    attempts: u32,
+    latency_ms: u64,
+    fingerprint: Option<String>,
+) -> Record {
+    Record {
+        row,
+        id,
+        status: Status::Ok,
+        input,
+        completion: Some(c.text),
+        finish_reason: c.finish_reason,
+        model: c.model,
+        usage: Some(usage),
+        cost_usd: cost,
+        attempts,
+        latency_ms,
+        fingerprint,
+        error: None,
+        copied_from: None,
+        unconfirmed_usd: None,
+        mode: None,
+        batch_id: None,
+        finished_at: Some(crate::output::timestamp_now()),
+        data: None,
+        variants: None,
+        invalid_attempts: None,
+        ttft_ms: None,
+        extra: Map::new(),
+    }
+}
+
+/// What the shape judged wrong: the attempts that were not kept and, if the row still fails,
+/// its error.
+fn judged_wrong(
+    record: &mut Record,
+    invalid: Vec<crate::output::InvalidAttempt>,
+    failure: Option<(ErrorKind, String)>,
+) {
+    record.invalid_attempts = (!invalid.is_empty()).then_some(invalid);
+    if let Some((kind, message)) = failure {
+        record.status = Status::Error;
+        record.error = Some(RecordError {
+            kind,
+            status: None,
+            message,
+        });
+    }
+}
+
 /// The record's `data` (the first choice's) and, when the job asks for several, `variants`.
 fn set_choices(
     record: &mut Record,
@@ -1571,57 +1599,42 @@ async fn process(
                 None => usage_of(sh, &request.messages, &c),
             };
             let cost = sh.price(c.model.as_deref()).map(|pr| pr.cost(&usage));
-            let mut record = Record {
-                row: row.number,
-                id: row.id,
-                status: Status::Ok,
-                input: row.fields,
-                completion: Some(c.text.clone()),
-                finish_reason: c.finish_reason.clone(),
-                model: c.model.clone(),
-                usage: Some(usage),
-                cost_usd: cost,
+            let several = sh.job.params.choices() > 1 || !c.choices.is_empty();
+            let ttft_ms = c.ttft_ms;
+            // Plain text with several choices keeps them all; one choice needs no copy.
+            let plain_choices = (shaped.is_none() && several).then(|| c.all_choices());
+            let mut record = answered_record(
+                row.number,
+                row.id,
+                row.fields,
+                c,
+                usage,
+                cost,
                 attempts,
                 latency_ms,
-                fingerprint: Some(fingerprint),
-                error: None,
-                copied_from: None,
-                unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
-                mode: None,
-                batch_id: None,
-                finished_at: Some(crate::output::timestamp_now()),
-                data: None,
-                variants: None,
-                invalid_attempts: None,
-                ttft_ms: c.ttft_ms,
-                extra: Map::new(),
-            };
-            let (choices, data) = match shaped {
-                Some(s) => {
-                    record.invalid_attempts = (!s.invalid.is_empty()).then_some(s.invalid);
-                    if let Some((kind, message)) = s.failure {
+                Some(fingerprint),
+            );
+            record.unconfirmed_usd = (unconfirmed > 0.0).then_some(unconfirmed);
+            record.ttft_ms = ttft_ms;
+            match (shaped, plain_choices) {
+                (Some(s), _) => {
+                    if let Some((_, message)) = &s.failure {
                         tracing::warn!("row {}: {message}", record.row);
-                        record.status = Status::Error;
-                        record.error = Some(RecordError {
-                            kind,
-                            status: None,
-                            message,
-                        });
                     }
-                    (s.choices, s.data)
+                    judged_wrong(&mut record, s.invalid, s.failure);
+                    // A regenerated first choice replaces the first answer's.
+                    if let Some(first) = s.choices.first() {
+                        record.completion = Some(first.text.clone());
+                        record.finish_reason = first.finish_reason.clone();
+                    }
+                    set_choices(&mut record, s.choices, s.data, several);
                 }
-                None => {
-                    let ch = c.all_choices();
-                    let n = ch.len();
-                    (ch, vec![None; n])
+                (None, Some(choices)) => {
+                    let none = vec![None; choices.len()];
+                    set_choices(&mut record, choices, none, true);
                 }
-            };
-            if let Some(first) = choices.first() {
-                record.completion = Some(first.text.clone());
-                record.finish_reason = first.finish_reason.clone();
+                (None, None) => {}
             }
-            let several = sh.job.params.choices() > 1 || choices.len() > 1;
-            set_choices(&mut record, choices, data, several);
             record
         }
         Err(e) => {

@@ -35,15 +35,21 @@ pub enum Verdict {
 impl Shape {
     /// `None` when the job asks for nothing in particular.
     pub fn of(job: &Job) -> Result<Option<Shape>, Error> {
-        let s: &OutputShape = &job.shape;
+        Shape::compile(&job.shape).map_err(|(field, message)| Error::Job {
+            path: job.file.clone(),
+            field,
+            message,
+        })
+    }
+
+    /// Compiles the schema, the regexes and the `must_contain` templates; an error names the
+    /// job field and says what is wrong. The one place they are compiled: the job's load
+    /// calls it too, to refuse a bad one before anything runs.
+    pub fn compile(s: &OutputShape) -> Result<Option<Shape>, (String, String)> {
         if s.is_empty() {
             return Ok(None);
         }
-        let bad = |field: &str, m: String| Error::Job {
-            path: job.file.clone(),
-            field: field.into(),
-            message: m,
-        };
+        let bad = |field: &str, m: String| (field.to_string(), m);
         let validator = match &s.schema {
             Some((_, v)) => Some(
                 jsonschema::validator_for(v)
@@ -51,7 +57,7 @@ impl Shape {
             ),
             None => None,
         };
-        let re = |field: &str, r: &Option<String>| -> Result<Option<regex::Regex>, Error> {
+        let re = |field: &str, r: &Option<String>| {
             r.as_deref()
                 .map(|r| regex::Regex::new(r).map_err(|e| bad(field, e.to_string())))
                 .transpose()

@@ -527,23 +527,17 @@ pub fn status_of_job(
     let renderer = crate::render::Renderer::new(job0)?;
     let backend = crate::provider::build(job0, false)?;
     let builder = crate::request::Builder::new(job0, &backend.identity);
-    let source = job0.source();
-    for r in source.reader()? {
-        let (prepared, number) = match r {
-            Ok(row) => {
-                let n = row.number;
-                (builder.prepare(&job0.input, &renderer, row).ok(), n)
-            }
-            Err(e) => (None, e.number),
-        };
+    for item in builder.rendered(job0, &renderer, None)? {
         for (job, planner, row) in parts.iter_mut() {
-            match &prepared {
-                Some(p) if owns(job, p) => match planner.plan(p)? {
+            match &item {
+                crate::request::Rendered::Ready(p) if owns(job, p) => match planner.plan(p)? {
                     Decision::Done => row.ok += 1,
                     Decision::DoneFailed => row.failed += 1,
                     _ => *row.pending.as_mut().expect("set") += 1,
                 },
-                None if owns_unreadable(job, number) => row.failed += 1,
+                crate::request::Rendered::Unreadable(n) if owns_unreadable(job, *n) => {
+                    row.failed += 1
+                }
                 _ => {}
             }
         }

@@ -132,6 +132,11 @@ impl Client {
         })
     }
 
+    /// The job's endpoint, key, timeout and retries.
+    pub fn for_job(job: &crate::job::Job) -> Result<Client, Error> {
+        Client::new(Endpoint::from_job(job)?, job.timeout, job.max_retries)
+    }
+
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }

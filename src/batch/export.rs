@@ -12,7 +12,7 @@ use crate::ledger::Index;
 use crate::plan::{Decision, Planner};
 use crate::provider::Backend;
 use crate::render::Renderer;
-use crate::request::Builder;
+use crate::request::{Builder, Rendered};
 
 /// Writes the pending rows' request lines to `out` (`-`: stdout); returns how many.
 pub fn export(
@@ -37,18 +37,12 @@ pub fn export(
     let target: &Path = if stdout { Path::new("(stdout)") } else { &tmp };
     let stream = job.params.stream.unwrap_or(false);
     let mut line = Vec::with_capacity(4096);
-    let (mut read, mut written) = (0u64, 0u64);
-    for r in job.source().reader()? {
-        if limit.is_some_and(|l| read >= l) {
-            break;
-        }
-        read += 1;
+    let mut written = 0u64;
+    for item in builder.rendered(job, renderer, limit)? {
         // Unreadable rows have no request to export; `run` reports them.
-        let Ok(row) = r else { continue };
-        let Ok(p) = builder.prepare(&job.input, renderer, row) else {
-            continue;
-        };
-        if !crate::shard::owns(job, &p) || planner.plan(&p)? != Decision::Send {
+        let Rendered::Ready(p) = item else { continue };
+        let idh = keying.id_hash(&p.row.id);
+        if !crate::shard::owns(job, &p) || planner.plan_keyed(&p, idh)? != Decision::Send {
             continue;
         }
         super::write_line(
@@ -57,7 +51,7 @@ pub fn export(
             None,
             p.row.number,
             &p.fingerprint,
-            keying.id_hash(&p.row.id),
+            idh,
             &p.request.body,
             stream,
         );

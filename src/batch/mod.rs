@@ -179,8 +179,7 @@ impl Pass {
         let dir = job.batch_dir();
         let has_open = log.open_parts().next().is_some();
         let client = if has_open || need_client {
-            let ep = crate::provider::Endpoint::from_job(job)?;
-            Some(Client::new(ep, job.timeout, job.max_retries)?)
+            Some(Client::for_job(job)?)
         } else {
             None
         };
@@ -742,11 +741,7 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
     let log = Log::load(&job.batches_path())?;
     let open: Vec<Part> = log.open_parts().cloned().collect();
     let client = if open.iter().any(|p| p.batch_id.is_some()) {
-        Some(Client::new(
-            crate::provider::Endpoint::from_job(job)?,
-            job.timeout,
-            job.max_retries,
-        )?)
+        Some(Client::for_job(job)?)
     } else {
         None
     };
@@ -823,11 +818,7 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
     if running.is_empty() {
         return Ok(vec!["no batches running".into()]);
     }
-    let client = Client::new(
-        crate::provider::Endpoint::from_job(job)?,
-        job.timeout,
-        job.max_retries,
-    )?;
+    let client = Client::for_job(job)?;
     let mut lines = Vec::new();
     for p in running {
         let id = p.batch_id.clone().expect("created");
@@ -864,11 +855,7 @@ pub async fn wait_any(
     if running.is_empty() {
         return Ok(true);
     }
-    let client = Client::new(
-        crate::provider::Endpoint::from_job(job)?,
-        job.timeout,
-        job.max_retries,
-    )?;
+    let client = Client::for_job(job)?;
     let bar = crate::report::spinner(quiet);
     let mut delay = std::time::Duration::from_secs(2).min(job.batch.poll);
     let mut last_log = std::time::Instant::now();

@@ -990,12 +990,6 @@ fn output_shape(path: &Path, dir: &Path, out: &RawOutput) -> Result<OutputShape,
     };
     let schema = match schema {
         Some((name, v)) => {
-            if let Err(e) = jsonschema::validator_for(&v) {
-                return Err(bad(
-                    "output.schema",
-                    format!("not a valid JSON Schema: {e}"),
-                ));
-            }
             if v.get("type").and_then(|t| t.as_str()) != Some("object") {
                 return Err(bad(
                     "output.schema",
@@ -1032,19 +1026,6 @@ fn output_shape(path: &Path, dir: &Path, out: &RawOutput) -> Result<OutputShape,
         }
     };
     let checks = out.checks.clone().unwrap_or_default();
-    for (field, re) in [
-        ("output.checks.must_match", &checks.must_match),
-        ("output.checks.must_not_match", &checks.must_not_match),
-    ] {
-        if let Some(re) = re {
-            regex::Regex::new(re).map_err(|e| bad(field, e.to_string()))?;
-        }
-    }
-    for (i, t) in checks.must_contain.iter().enumerate() {
-        let mut tera = tera::Tera::default();
-        tera.add_raw_template("c", t)
-            .map_err(|e| bad(&format!("output.checks.must_contain[{i}]"), e.to_string()))?;
-    }
     if let (Some(lo), Some(hi)) = (checks.min_chars, checks.max_chars) {
         if lo > hi {
             return Err(bad(
@@ -1053,12 +1034,15 @@ fn output_shape(path: &Path, dir: &Path, out: &RawOutput) -> Result<OutputShape,
             ));
         }
     }
-    Ok(OutputShape {
+    let shape = OutputShape {
         schema,
         json_object,
         checks,
         max_invalid: out.max_invalid.unwrap_or(2),
-    })
+    };
+    // The schema, regexes and templates compile here, so a bad one stops the job at load.
+    crate::shape::Shape::compile(&shape).map_err(|(field, message)| bad(&field, message))?;
+    Ok(shape)
 }
 /// Why a job or row with images cannot run on the embedded model.
 pub const TEXT_ONLY_MODEL: &str =
