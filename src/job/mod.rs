@@ -97,6 +97,9 @@ pub struct RawModel {
     pub path: Option<String>,
     /// Local model context per sequence, in tokens.
     pub context_tokens: Option<u32>,
+    /// Local model: may a row reuse the KV cells of a prompt prefix already decoded (default
+    /// true, as llama.cpp's server's `cache_prompt`).
+    pub cache_prompt: Option<bool>,
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     /// Azure OpenAI: the deployment that answers (`provider = "azure"` only).
@@ -322,6 +325,7 @@ pub struct Job {
     pub model: String,
     pub model_path: Option<PathBuf>,
     pub context_tokens: Option<u32>,
+    pub cache_prompt: bool,
     pub base_url: String,
     pub api_key_env: String,
     /// Azure OpenAI's deployment: `Some` means Azure's URL layout (`provider = "azure"`).
@@ -860,6 +864,7 @@ impl Job {
             model: model_name,
             model_path,
             context_tokens: model.context_tokens,
+            cache_prompt: model.cache_prompt.unwrap_or(true),
             base_url,
             api_key_env,
             deployment,

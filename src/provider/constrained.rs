@@ -304,8 +304,14 @@ mod tests {
             }})),
             ..Default::default()
         };
-        let model =
-            super::super::local::LocalModel::load(&model_path(), "m", &params, 3, None).unwrap();
+        let model = super::super::local::LocalModel::load(
+            &model_path(),
+            "m",
+            &params,
+            3,
+            Default::default(),
+        )
+        .unwrap();
         let reqs: Vec<_> = ["running shoes", "a cookbook", "green tea"]
             .iter()
             .map(|p| ask(&format!("Write an ad for {p} as JSON."), 1))
@@ -330,8 +336,14 @@ mod tests {
             n: Some(3),
             ..Default::default()
         };
-        let model =
-            super::super::local::LocalModel::load(&model_path(), "m", &params, 1, None).unwrap();
+        let model = super::super::local::LocalModel::load(
+            &model_path(),
+            "m",
+            &params,
+            1,
+            Default::default(),
+        )
+        .unwrap();
         let req = ask("Write a short poem about the sea.", 3);
         let c = model.complete(&req).await.unwrap();
         assert_eq!(c.choices.len(), 3);

@@ -11,6 +11,10 @@
 //!   end-of-generation token (as llama.cpp's server does).
 //! - finish_reason: "stop" for end-of-generation or a stop string (text cut before it),
 //!   "length" for the token cap or the end of the sequence's context.
+//! - a row whose prompt begins like a prompt already in the KV cache (the template's fixed
+//!   opening, a shared system prompt) reuses those cells instead of decoding them again, from
+//!   its own slot or another's (llama.cpp's server reuses only its own slot's); usage reports
+//!   them as `cached_tokens`. See [`Engine::adopt_prefix`].
 //! - `n` choices: one sequence each (the slots are concurrency × n), seeds seed + i; the
 //!   prompt is counted once in usage. A `response_format` holds every row to a grammar made
 //!   from the schema. Both are in `constrained.rs`.
@@ -49,6 +53,26 @@ pub const DEFAULT_CONTEXT_TOKENS: u32 = 2048;
 const BATCH_TOKENS: u32 = 512;
 /// Most rows decoded together; a larger concurrency queues the extra rows.
 pub const MAX_SLOTS: usize = 64;
+
+/// The job's settings for the embedded engine (`[model]`, local provider only).
+#[derive(Debug, Clone, Copy)]
+pub struct EngineSettings {
+    /// Context per sequence; `None` = [`DEFAULT_CONTEXT_TOKENS`].
+    pub context_tokens: Option<u32>,
+    /// Let a row start from KV cells another row's prompt left (see [`Engine::adopt_prefix`]).
+    /// Off, every row is decoded from scratch: at concurrency 1 and temperature 0 a row's text
+    /// is then the same whatever rows ran before it.
+    pub cache_prompt: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            context_tokens: None,
+            cache_prompt: true,
+        }
+    }
+}
 
 /// llama.cpp may be initialised once per process; every model shares this backend.
 pub(super) fn backend() -> Result<&'static LlamaBackend, String> {
@@ -187,13 +211,13 @@ impl std::fmt::Debug for LocalModel {
 
 impl LocalModel {
     /// Loads the model once per run; `parallel` = the job's concurrency (sequences decoded
-    /// together); `context_tokens` = context per sequence (default [`DEFAULT_CONTEXT_TOKENS`]).
+    /// together).
     pub fn load(
         path: &Path,
         model_name: &str,
         params: &Params,
         parallel: usize,
-        context_tokens: Option<u32>,
+        settings: EngineSettings,
     ) -> Result<Arc<LocalModel>, Error> {
         let model_err = |message: String| Error::Model {
             path: path.to_path_buf(),
@@ -212,7 +236,8 @@ impl LocalModel {
         let choices = usize::try_from(params.choices()).unwrap_or(usize::MAX);
         let parallel = parallel.saturating_mul(choices).clamp(1, MAX_SLOTS);
         let grammar = job_grammar(&model, params).map_err(model_err)?;
-        let per_seq = context_tokens
+        let per_seq = settings
+            .context_tokens
             .unwrap_or(DEFAULT_CONTEXT_TOKENS)
             .clamp(64, model.n_ctx_train().max(64));
         let n_seq =
@@ -237,6 +262,11 @@ impl LocalModel {
         let mut engine_sampling = Sampling::from_params(params);
         engine_sampling.grammar = grammar;
         let engine_name = model_name.to_string();
+        let reuse = if settings.cache_prompt {
+            PrefixReuse::of(&model)
+        } else {
+            PrefixReuse::Never
+        };
         let engine = std::thread::Builder::new()
             .name("promptmill-llama".into())
             .spawn(move || {
@@ -263,6 +293,7 @@ impl LocalModel {
                     engine_name,
                     parallel,
                     seq_ctx,
+                    reuse,
                 )
                 .run(&jobs_rx);
             })
@@ -474,6 +505,58 @@ impl Provider for LocalModel {
     }
 }
 
+/// Whether, and from which sequences, a new row may take over KV cells of a prompt prefix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PrefixReuse {
+    /// Recurrent and hybrid models keep a state, not per-position cells: nothing to share.
+    Never,
+    /// Full attention: any prefix still in a sequence's cells is complete.
+    Always,
+    /// Sliding-window attention over this many positions: llama.cpp may overwrite a cell once
+    /// its sequence has moved a window past it, so only sequences that never grew that long
+    /// are sure to hold their whole prefix.
+    Within(u32),
+}
+
+impl PrefixReuse {
+    fn of(model: &LlamaModel) -> Self {
+        if model.is_recurrent() || model.is_hybrid() {
+            return PrefixReuse::Never;
+        }
+        let arch = model
+            .meta_val_str("general.architecture")
+            .unwrap_or_default();
+        let key = format!("{arch}.attention.sliding_window");
+        let stated = model
+            .meta_val_str(&key)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|&w| w > 0);
+        // Architectures whose window llama.cpp sets in code, with or without that key
+        // (src/models/*.cpp); the smaller of the two is the safe one.
+        let built_in = match arch.as_str() {
+            "gemma2" | "exaone4" | "smallthinker" => Some(4096),
+            "exaone-moe" => Some(128),
+            "llama4" => Some(8192),
+            _ => None,
+        };
+        match (stated, built_in) {
+            (Some(a), Some(b)) => PrefixReuse::Within(a.min(b)),
+            (Some(w), None) | (None, Some(w)) => PrefixReuse::Within(w),
+            (None, None) => PrefixReuse::Always,
+        }
+    }
+
+    /// Whether a sequence that has held at most `peak` positions still has every cell.
+    fn intact(self, peak: u32) -> bool {
+        match self {
+            PrefixReuse::Never => false,
+            PrefixReuse::Always => true,
+            PrefixReuse::Within(w) => peak < w,
+        }
+    }
+}
+
 /// The token with the highest logit, the first one on a tie: what llama.cpp's greedy sampler
 /// picks, without its copy of every logit into a candidate array first (per row and token,
 /// 49,152 entries for SmolLM2, 262,144 for Gemma 3).
@@ -495,6 +578,8 @@ struct Seq {
     fed: usize,
     /// Positions used in this sequence's KV cells (= next token's position).
     n_past: u32,
+    /// Prompt tokens whose cells came from an earlier prompt (see [`Engine::adopt_prefix`]).
+    reused: usize,
     /// The last sampled token, to be decoded in the next step.
     pending: Option<LlamaToken>,
     /// Index in the current batch whose logits this sequence samples from.
@@ -525,6 +610,12 @@ struct Engine<'m> {
     capacity: usize,
     batch: LlamaBatch<'static>,
     longest_stop: usize,
+    reuse: PrefixReuse,
+    /// Per slot: the prompt tokens whose cells its sequence holds, from position 0. A free
+    /// slot keeps its last row's, so that the next row may start from them.
+    cached: Vec<Vec<LlamaToken>>,
+    /// Per slot: the most positions its sequence has held since it was last emptied.
+    peak: Vec<u32>,
 }
 
 impl<'m> Engine<'m> {
@@ -535,6 +626,7 @@ impl<'m> Engine<'m> {
         model_name: String,
         parallel: usize,
         seq_ctx: u32,
+        reuse: PrefixReuse,
     ) -> Self {
         let longest_stop = sampling.stop.iter().map(String::len).max().unwrap_or(0);
         // n_ctx >= 64 × parallel, so a step with one token per row always fits.
@@ -551,6 +643,9 @@ impl<'m> Engine<'m> {
             capacity,
             batch: LlamaBatch::new(capacity, 1),
             longest_stop,
+            reuse,
+            cached: vec![Vec::new(); parallel],
+            peak: vec![0; parallel],
         }
     }
 
@@ -583,11 +678,13 @@ impl<'m> Engine<'m> {
                     .free_slots
                     .pop()
                     .expect("a free slot while below `parallel`");
+                let reused = self.adopt_prefix(slot, &job.prompt);
                 self.active.push_back(Seq {
                     slot,
                     prompt: job.prompt,
-                    fed: 0,
-                    n_past: 0,
+                    fed: reused,
+                    n_past: reused as u32,
+                    reused,
                     pending: None,
                     logits_at: None,
                     sampler,
@@ -653,6 +750,7 @@ impl<'m> Engine<'m> {
                 seq.n_past += 1;
                 used += 1;
             }
+            self.cached[seq.slot as usize].extend_from_slice(&seq.prompt[seq.fed..seq.fed + take]);
             seq.fed += take;
         }
         if used == 0 {
@@ -671,6 +769,11 @@ impl<'m> Engine<'m> {
                 )));
             }
             return;
+        }
+
+        for seq in &self.active {
+            let peak = &mut self.peak[seq.slot as usize];
+            *peak = (*peak).max(seq.n_past);
         }
 
         // One token per row with fresh logits, each from the row's own sampler. (Sampling rows
@@ -744,7 +847,8 @@ impl<'m> Engine<'m> {
     }
 
     fn finish(&mut self, mut seq: Seq, reason: &'static str) {
-        self.release(seq.slot);
+        // The cells stay: the next row in any slot may begin with this prompt's prefix.
+        self.free_slots.push(seq.slot);
         let _ = seq.decoder.decode_to_string(&[], &mut seq.text, true);
         // The plain "assistant:" prompt makes the model open with a space; the API's texts
         // do not start with whitespace, so drop it.
@@ -759,7 +863,7 @@ impl<'m> Engine<'m> {
                 prompt_tokens,
                 completion_tokens: seq.generated,
                 total_tokens: prompt_tokens + seq.generated,
-                cached_tokens: None,
+                cached_tokens: (seq.reused > 0).then_some(seq.reused as u64),
                 reasoning_tokens: None,
                 estimated: false,
             }),
@@ -769,10 +873,74 @@ impl<'m> Engine<'m> {
         let _ = seq.reply.send(Ok(completion));
     }
 
-    /// Frees a slot's KV cells so the next row starts from an empty sequence.
+    /// Frees a slot and its KV cells (a row cancelled or failed: its cells are not trusted).
     fn release(&mut self, slot: i32) {
-        let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        self.empty(slot);
         self.free_slots.push(slot);
+    }
+
+    fn empty(&mut self, slot: i32) {
+        let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        self.cached[slot as usize].clear();
+        self.peak[slot as usize] = 0;
+    }
+
+    /// Readies slot `dst` for `prompt` and returns how many of its first tokens already have
+    /// cells there: the longest prefix any slot holds (its own last row's, or another row's,
+    /// whose cells llama.cpp then shares between both sequences: one unified KV cache, no
+    /// copy). The last prompt token is always decoded again, for its logits. Rows built from
+    /// one template share at least its opening, and a long shared system prompt is decoded
+    /// once per run rather than once per row.
+    fn adopt_prefix(&mut self, dst: i32, prompt: &[LlamaToken]) -> usize {
+        let limit = prompt.len().saturating_sub(1);
+        let mut best = (0usize, dst);
+        for (s, cached) in self.cached.iter().enumerate() {
+            if !self.reuse.intact(self.peak[s]) {
+                continue;
+            }
+            let n = cached
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(limit);
+            // On a tie, the slot's own cells: nothing to share.
+            if n > best.0 || (n == best.0 && n > 0 && s as i32 == dst) {
+                best = (n, s as i32);
+            }
+        }
+        let (n, src) = best;
+        if n == 0 {
+            self.empty(dst);
+            return 0;
+        }
+        let to = n as u32;
+        if src == dst {
+            // Drop what follows the prefix (the rest of the old prompt, its completion).
+            if !matches!(
+                self.ctx
+                    .clear_kv_cache_seq(Some(dst as u32), Some(to), None),
+                Ok(true)
+            ) {
+                self.empty(dst);
+                return 0;
+            }
+            self.cached[dst as usize].truncate(n);
+        } else {
+            self.empty(dst);
+            if self
+                .ctx
+                .copy_kv_cache_seq(src, dst, None, Some(to))
+                .is_err()
+            {
+                self.empty(dst);
+                return 0;
+            }
+            let prefix = self.cached[src as usize][..n].to_vec();
+            self.cached[dst as usize] = prefix;
+            self.peak[dst as usize] = to;
+        }
+        n
     }
 }
 
@@ -817,7 +985,14 @@ mod tests {
     }
 
     fn load(p: &Params, parallel: usize) -> Arc<LocalModel> {
-        LocalModel::load(&model_path(), "smollm2", p, parallel, None).expect("model loads")
+        LocalModel::load(
+            &model_path(),
+            "smollm2",
+            p,
+            parallel,
+            EngineSettings::default(),
+        )
+        .expect("model loads")
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -861,6 +1036,90 @@ mod tests {
             let b = load(&p, 1).complete(&req).await.unwrap();
             assert_eq!(a.text, b.text, "temperature {temperature}");
         }
+    }
+
+    fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> u64 {
+        a.iter().zip(b).take_while(|(x, y)| x == y).count() as u64
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_prompt_prefix_is_decoded_once() {
+        let system = Message {
+            role: Role::System,
+            name: None,
+            content: "You are a careful copywriter. Keep every answer short and plain. "
+                .repeat(6)
+                .into(),
+        };
+        let ask = |q: &str| request(vec![system.clone(), user(q)]);
+        let (a, b, c) = (
+            ask("Name a fruit."),
+            ask("Name a colour."),
+            ask("Name a city."),
+        );
+        let model = load(&params(Some(0.0), 4), 2);
+        let tokens = |r: &Request| model.tokenize_prompt(&r.messages);
+        let (ta, tb, tc) = (tokens(&a), tokens(&b), tokens(&c));
+        let shared = common_prefix(&ta, &tb);
+        // The system prompt and the template's opening, then the questions part.
+        assert!(shared > 60, "{shared}");
+        assert_eq!(common_prefix(&ta, &tc), shared);
+        assert_eq!(common_prefix(&tb, &tc), shared);
+
+        let first = model.complete(&a).await.unwrap();
+        assert_eq!(first.usage.unwrap().cached_tokens, None);
+        // Two at once: one in the slot `a` left (its own cells), one in the other slot
+        // (cells shared from the first).
+        let (rb, rc) = tokio::join!(model.complete(&b), model.complete(&c));
+        for (r, t) in [(rb.unwrap(), &tb), (rc.unwrap(), &tc)] {
+            let u = r.usage.unwrap();
+            assert_eq!(u.cached_tokens, Some(shared));
+            assert_eq!(u.prompt_tokens, t.len() as u64);
+            assert!(u.completion_tokens > 0 && !r.text.is_empty(), "{r:?}");
+        }
+        // A prompt still whole in some slot: all but its last token, which is decoded again
+        // for its logits. (`a`'s cells past the shared part went to `b`.)
+        let again = model.complete(&b).await.unwrap();
+        assert_eq!(
+            again.usage.unwrap().cached_tokens,
+            Some(tb.len() as u64 - 1)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_cache_prompt_a_row_reads_the_same_whatever_ran_before_it() {
+        let p = params(Some(0.0), 8);
+        let settings = EngineSettings {
+            cache_prompt: false,
+            ..EngineSettings::default()
+        };
+        let fresh = || LocalModel::load(&model_path(), "m", &p, 1, settings).unwrap();
+        let target = request(vec![user("Translate into French: the shop opens at nine.")]);
+        let alone = fresh().complete(&target).await.unwrap();
+        let model = fresh();
+        for q in [
+            "Translate into French: the cat sat on the mat.",
+            "Translate into French: the shop is closed.",
+        ] {
+            let r = model.complete(&request(vec![user(q)])).await.unwrap();
+            assert_eq!(r.usage.unwrap().cached_tokens, None);
+        }
+        let after = model.complete(&target).await.unwrap();
+        assert_eq!(after.usage.unwrap().cached_tokens, None);
+        assert_eq!(after.text, alone.text);
+    }
+
+    #[test]
+    fn prefixes_are_reused_only_from_sequences_that_kept_every_cell() {
+        assert!(PrefixReuse::Always.intact(100_000));
+        assert!(!PrefixReuse::Never.intact(0));
+        // A sliding window of 512: a sequence that reached 512 positions may have lost its
+        // first cells to newer tokens.
+        assert!(PrefixReuse::Within(512).intact(511));
+        assert!(!PrefixReuse::Within(512).intact(512));
+        let model = load(&params(Some(0.0), 4), 1);
+        // SmolLM2 (llama architecture) attends to every position.
+        assert_eq!(PrefixReuse::of(&model.model), PrefixReuse::Always);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -926,7 +1185,17 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prompt_longer_than_context_fails_the_row() {
         let p = params(Some(0.0), 8);
-        let model = LocalModel::load(&model_path(), "m", &p, 1, Some(64)).unwrap();
+        let model = LocalModel::load(
+            &model_path(),
+            "m",
+            &p,
+            1,
+            EngineSettings {
+                context_tokens: Some(64),
+                ..EngineSettings::default()
+            },
+        )
+        .unwrap();
         let long = "word ".repeat(2000);
         let err = model
             .complete(&request(vec![user(&long)]))
@@ -940,10 +1209,12 @@ mod tests {
     fn bad_files_are_model_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.gguf");
-        let err = LocalModel::load(&p, "m", &Params::default(), 1, None).unwrap_err();
+        let err = LocalModel::load(&p, "m", &Params::default(), 1, EngineSettings::default())
+            .unwrap_err();
         assert!(matches!(err, Error::Model { .. }), "{err}");
         std::fs::write(&p, b"hello").unwrap();
-        let err = LocalModel::load(&p, "m", &Params::default(), 1, None).unwrap_err();
+        let err = LocalModel::load(&p, "m", &Params::default(), 1, EngineSettings::default())
+            .unwrap_err();
         assert!(err.to_string().contains("GGUF"), "{err}");
     }
 

@@ -317,7 +317,10 @@ fn local_backend(job: &Job, pricing: Option<Pricing>, tier: Tier) -> Result<Back
         &name,
         &job.params,
         job.concurrency,
-        job.context_tokens,
+        local::EngineSettings {
+            context_tokens: job.context_tokens,
+            cache_prompt: job.cache_prompt,
+        },
     )?;
     Ok(Backend {
         provider: model.clone(),
