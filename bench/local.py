@@ -160,15 +160,23 @@ class Server:
         self.log.close()
 
 
-def write_job(work, name, model_line, rows, tokens, concurrency):
+SYSTEM = ("You are a careful copywriter for a travel company. Keep every sentence short, "
+          "concrete and friendly; avoid cliches, superlatives and exclamation marks. ")
+
+
+def write_job(work, name, model_line, rows, tokens, concurrency, system_words=0):
     inp = os.path.join(work, "local_side_by_side.csv")
     with open(inp, "w") as f:
         f.write("subject\n" + "".join(f"{SUBJECTS[i % len(SUBJECTS)]} ({i + 1})\n"
                                       for i in range(rows)))
     job = os.path.join(work, f"local_{name}.toml")
     with open(job, "w") as f:
-        f.write('[input]\npath = "local_side_by_side.csv"\n[[messages]]\nrole = "user"\n'
-                'content = "Write a long story about {{ subject }}."\n'
+        system = ""
+        if system_words:
+            words = (SYSTEM * (system_words // len(SYSTEM.split()) + 1)).split()[:system_words]
+            system = f'[[messages]]\nrole = "system"\ncontent = "{" ".join(words)}"\n'
+        f.write('[input]\npath = "local_side_by_side.csv"\n' + system + '[[messages]]\n'
+                'role = "user"\ncontent = "Write a long story about {{ subject }}."\n'
                 f'[model]\n{model_line}\ntemperature = 0.0\nmax_tokens = {tokens}\n'
                 f'[run]\nconcurrency = {concurrency}\n[output]\npath = "local_{name}.jsonl"\n')
     return job
@@ -192,10 +200,12 @@ def side_by_side(a, exe, server_exe, work):
         if not os.path.isfile(path):
             print(f"== {name}: skipped, {path} not fetched (promptmill fetch-model {name})")
             continue
+        shared = f", a {a.system}-word system prompt shared by every row" if a.system else ""
         print(f"== {name} ({a.prompts} prompts x {a.tokens} tokens, temperature 0, "
-              f"concurrency {a.concurrency}, {a.threads} threads)", flush=True)
+              f"concurrency {a.concurrency}, {a.threads} threads{shared})", flush=True)
         local = write_job(work, f"{name}_engine", f'provider = "local"\npath = "{path}"\n'
-                          f'context_tokens = {a.ctx}', a.prompts, a.tokens, a.concurrency)
+                          f'context_tokens = {a.ctx}', a.prompts, a.tokens, a.concurrency,
+                          a.system)
         # A fresh llama-server for every server-side run, as the engine is a fresh process:
         # a server kept up between runs answers the repeated prompts from its prompt cache
         # (slots and --cache-ram), which a rerun of a promptmill job never asks of it (rows
@@ -211,7 +221,7 @@ def side_by_side(a, exe, server_exe, work):
                 print(f"  server: {' '.join(server.cmd)}")
                 http = write_job(work, f"{name}_server",
                                  f'name = "{name}"\nbase_url = "http://127.0.0.1:{port}/v1"',
-                                 a.prompts, a.tokens, a.concurrency)
+                                 a.prompts, a.tokens, a.concurrency, a.system)
             except RuntimeError as e:
                 print(f"  server: skipped ({e})")
         runs = {"engine": [], "server": [], "before": []}
@@ -297,6 +307,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--system", type=int, default=0, metavar="WORDS",
+                    help="a system prompt of this many words, the same for every row")
     # The embedded engine uses every core the process may run on; the server gets as many.
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="llama-server's threads (default: the cores the engine uses)")
