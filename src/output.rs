@@ -98,6 +98,45 @@ pub struct Record {
     pub extra: Map<String, Value>,
 }
 
+impl Record {
+    /// A record finished now with what every record has; the caller sets the rest.
+    pub fn new(
+        row: u64,
+        id: String,
+        status: Status,
+        input: Map<String, Value>,
+        fingerprint: Option<String>,
+        attempts: u32,
+        latency_ms: u64,
+    ) -> Record {
+        Record {
+            row,
+            id,
+            status,
+            input,
+            completion: None,
+            finish_reason: None,
+            model: None,
+            usage: None,
+            cost_usd: None,
+            attempts,
+            latency_ms,
+            fingerprint,
+            error: None,
+            copied_from: None,
+            unconfirmed_usd: None,
+            mode: None,
+            batch_id: None,
+            finished_at: Some(timestamp_now()),
+            data: None,
+            variants: None,
+            invalid_attempts: None,
+            ttft_ms: None,
+            extra: Map::new(),
+        }
+    }
+}
+
 /// Now, as a record's `finished_at`.
 pub fn timestamp_now() -> String {
     let ms = std::time::SystemTime::now()

@@ -1418,29 +1418,20 @@ fn answered_record(
     fingerprint: Option<String>,
 ) -> Record {
     Record {
-        row,
-        id,
-        status: Status::Ok,
-        input,
         completion: Some(c.text),
         finish_reason: c.finish_reason,
         model: c.model,
         usage: Some(usage),
         cost_usd: cost,
-        attempts,
-        latency_ms,
-        fingerprint,
-        error: None,
-        copied_from: None,
-        unconfirmed_usd: None,
-        mode: None,
-        batch_id: None,
-        finished_at: Some(crate::output::timestamp_now()),
-        data: None,
-        variants: None,
-        invalid_attempts: None,
-        ttft_ms: None,
-        extra: Map::new(),
+        ..Record::new(
+            row,
+            id,
+            Status::Ok,
+            input,
+            fingerprint,
+            attempts,
+            latency_ms,
+        )
     }
 }
 
@@ -1703,30 +1694,19 @@ fn error_record(
     latency_ms: u64,
     unconfirmed: f64,
 ) -> Record {
+    let id = if id.is_empty() { row.to_string() } else { id };
     Record {
-        row,
-        id: if id.is_empty() { row.to_string() } else { id },
-        status: Status::Error,
-        input,
-        completion: None,
-        finish_reason: None,
-        model: None,
-        usage: None,
-        cost_usd: None,
-        attempts,
-        latency_ms,
-        fingerprint,
         error: Some(error),
-        copied_from: None,
         unconfirmed_usd: (unconfirmed > 0.0).then_some(unconfirmed),
-        mode: None,
-        batch_id: None,
-        finished_at: Some(crate::output::timestamp_now()),
-        data: None,
-        variants: None,
-        invalid_attempts: None,
-        ttft_ms: None,
-        extra: Map::new(),
+        ..Record::new(
+            row,
+            id,
+            Status::Error,
+            input,
+            fingerprint,
+            attempts,
+            latency_ms,
+        )
     }
 }
 

@@ -265,6 +265,20 @@ mod tests {
         assert_eq!(texts, ["a", "bb"]);
     }
 
+    fn load(
+        params: &crate::chat::Params,
+        parallel: usize,
+    ) -> std::sync::Arc<super::super::local::LocalModel> {
+        super::super::local::LocalModel::load(
+            &model_path(),
+            "m",
+            params,
+            parallel,
+            Default::default(),
+        )
+        .expect("model loads")
+    }
+
     fn model_path() -> std::path::PathBuf {
         crate::models::default_model_path()
             .filter(|p| p.is_file())
@@ -304,14 +318,7 @@ mod tests {
             }})),
             ..Default::default()
         };
-        let model = super::super::local::LocalModel::load(
-            &model_path(),
-            "m",
-            &params,
-            3,
-            Default::default(),
-        )
-        .unwrap();
+        let model = load(&params, 3);
         let reqs: Vec<_> = ["running shoes", "a cookbook", "green tea"]
             .iter()
             .map(|p| ask(&format!("Write an ad for {p} as JSON."), 1))
@@ -336,14 +343,7 @@ mod tests {
             n: Some(3),
             ..Default::default()
         };
-        let model = super::super::local::LocalModel::load(
-            &model_path(),
-            "m",
-            &params,
-            1,
-            Default::default(),
-        )
-        .unwrap();
+        let model = load(&params, 1);
         let req = ask("Write a short poem about the sea.", 3);
         let c = model.complete(&req).await.unwrap();
         assert_eq!(c.choices.len(), 3);
