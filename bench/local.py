@@ -31,6 +31,12 @@ MODELS = {
     "smollm2-135m-instruct": "smollm2-135m-instruct-q4_1.gguf",
     "gemma-3-270m": "gemma-3-270m-q4_k_m.gguf",
 }
+# The engine's prompt for a model without a chat template (Gemma 3 270M is a base model): a
+# plain "role: content" transcript (src/provider/local.rs, plain_prompt). llama-server would
+# format such a model's messages as ChatML, about 30 more tokens a row, so it gets this
+# template instead and both sides read the same tokens.
+PLAIN_TEMPLATE = "{%- for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+PLAIN = {"gemma-3-270m"}
 SUBJECTS = ["a lighthouse keeper", "a lost key", "a robot gardener", "the first snow",
             "a night train", "an old violin", "a city of bridges", "a clockmaker",
             "a desert well", "a forgotten letter", "a paper boat", "a mountain village",
@@ -127,12 +133,13 @@ def free_port():
 class Server:
     """llama-server on 127.0.0.1 with the embedded engine's settings for the same job."""
 
-    def __init__(self, exe, model, slots, ctx_per_slot, threads, log, port):
+    def __init__(self, exe, model, slots, ctx_per_slot, threads, log, port, template=None):
         self.port = port
         self.log = open(log, "a")
         cmd = [exe, "-m", model, "--host", "127.0.0.1", "--port", str(self.port),
                "-np", str(slots), "-c", str(ctx_per_slot * slots), "--kv-unified",
-               "-t", str(threads), "-tb", str(threads), "--no-webui", "--no-jinja"]
+               "-t", str(threads), "-tb", str(threads), "--no-webui"]
+        cmd += ["--jinja", "--chat-template-file", template] if template else ["--no-jinja"]
         self.cmd = cmd
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
@@ -212,7 +219,13 @@ def side_by_side(a, exe, server_exe, work):
         # already done are not sent again), so it would be measuring the cache.
         port, log = free_port(), os.path.join(work, f"llama-server-{name}.log")
         open(log, "w").close()
-        start = (lambda: Server(server_exe, path, a.concurrency, a.ctx, a.threads, log, port))
+        template = None
+        if name in PLAIN:
+            template = os.path.join(work, "plain-transcript.jinja")
+            with open(template, "w") as f:
+                f.write(PLAIN_TEMPLATE)
+        start = (lambda: Server(server_exe, path, a.concurrency, a.ctx, a.threads, log, port,
+                                template))
         http = None
         if server_exe:
             try:
@@ -225,6 +238,7 @@ def side_by_side(a, exe, server_exe, work):
             except RuntimeError as e:
                 print(f"  server: skipped ({e})")
         runs = {"engine": [], "server": [], "before": []}
+        prompt_tokens, cached = {}, {}
         sides = [("engine", exe, local)]
         if a.before:
             sides.append(("before", a.before, local))
@@ -237,6 +251,8 @@ def side_by_side(a, exe, server_exe, work):
                 server = start() if side == "server" else None
                 try:
                     tps, s, texts = run_job(binary, job)
+                    prompt_tokens.setdefault(side, s["prompt_tokens"])
+                    cached.setdefault(side, s.get("cached_tokens", 0))
                 finally:
                     if server:
                         server.stop()
@@ -244,8 +260,14 @@ def side_by_side(a, exe, server_exe, work):
                       f"{s['wall_time_s']:.2f} s = {tps:.1f} tokens/s", flush=True)
                 runs[side].append((tps, texts))
         row = {side: [t for t, _ in v] for side, v in runs.items() if v}
+        # Both sides must have read the same prompts, or the comparison is off.
+        print("  prompt tokens (of which cached), first run: "
+              + ", ".join(f"{k} {v} ({cached[k]})" for k, v in prompt_tokens.items())
+              + ("" if len(set(prompt_tokens.values())) <= 1 else "  (NOT THE SAME PROMPTS)"))
         if runs["server"]:
-            same = sum(x == y for x, y in zip(runs["engine"][0][1], runs["server"][0][1]))
+            # The engine drops the space a plain transcript's "assistant:" makes the model open with.
+            same = sum((x or "").strip() == (y or "").strip()
+                       for x, y in zip(runs["engine"][0][1], runs["server"][0][1]))
             print(f"  identical completions, engine and server: {same} of {len(runs['engine'][0][1])}")
         table.append((name, row))
     cols = [s for s in ["before", "engine", "server"] if any(s in r for _, r in table)]
