@@ -237,11 +237,16 @@ def side_by_side(a, exe, server_exe, work):
                                  a.prompts, a.tokens, a.concurrency, a.system)
             except RuntimeError as e:
                 print(f"  server: skipped ({e})")
-        runs = {"engine": [], "server": [], "before": []}
+        runs = {"engine": [], "server": [], "before": [], "whole": []}
         prompt_tokens, cached = {}, {}
         sides = [("engine", exe, local)]
         if a.before:
             sides.append(("before", a.before, local))
+        if a.whole:
+            whole = local[: -len(".toml")] + "_whole.toml"
+            with open(local) as src, open(whole, "w") as dst:
+                dst.write(src.read().replace("[model]\n", "[model]\ncache_prompt = false\n"))
+            sides.append(("whole", exe, whole))
         if http:
             sides.append(("server", exe, http))
         for r in range(a.repeat):
@@ -270,10 +275,12 @@ def side_by_side(a, exe, server_exe, work):
                        for x, y in zip(runs["engine"][0][1], runs["server"][0][1]))
             print(f"  identical completions, engine and server: {same} of {len(runs['engine'][0][1])}")
         table.append((name, row))
-    cols = [s for s in ["before", "engine", "server"] if any(s in r for _, r in table)]
-    title = {"before": "before", "engine": "embedded engine", "server": "llama-server"}
+    cols = [s for s in ["before", "whole", "engine", "server"] if any(s in r for _, r in table)]
+    title = {"before": "before", "engine": "embedded engine", "server": "llama-server",
+             "whole": "engine, cache_prompt = false"}
     ratios = [("engine", "server"), ("before", "server")] if "server" in cols else []
-    ratios = [(x, y) for x, y in ratios if x in cols]
+    ratios += [("engine", "whole")]
+    ratios = [(x, y) for x, y in ratios if x in cols and y in cols]
     print("\n| model |" + "".join(f" {title[c]} tokens/s, median (best) |" for c in cols)
           + "".join(f" {x} / {y}, median of rounds |" for x, y in ratios))
     print("|" + " --- |" * (1 + len(cols) + len(ratios)))
@@ -345,6 +352,8 @@ def main():
     ap.add_argument("--rows", type=int, default=24, help="rows of the --jobs table's jobs")
     ap.add_argument("--job-concurrency", default="1,4,8")
     ap.add_argument("--exe", default=None, help="promptmill binary (default: the release build)")
+    ap.add_argument("--whole", action="store_true",
+                    help="also the engine with cache_prompt = false (every prompt decoded whole)")
     ap.add_argument("--before", default=None,
                     help="another promptmill binary, measured in the same rounds (before/after)")
     a = ap.parse_args()

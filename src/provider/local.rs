@@ -13,7 +13,7 @@
 //!   "length" for the token cap or the end of the sequence's context.
 //! - a row whose prompt begins like a prompt already in the KV cache (the template's fixed
 //!   opening, a shared system prompt) reuses those cells instead of decoding them again, from
-//!   its own slot or another's (llama.cpp's server reuses only its own slot's); usage reports
+//!   its own slot or another's (llama.cpp's server has each slot decode it once); usage reports
 //!   them as `cached_tokens`. See [`Engine::adopt_prefix`].
 //! - `n` choices: one sequence each (the slots are concurrency × n), seeds seed + i; the
 //!   prompt is counted once in usage. A `response_format` holds every row to a grammar made
