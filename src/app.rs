@@ -558,16 +558,7 @@ fn estimate(args: &JobArgs, ov: &Overrides) -> Result<i32, Error> {
                 prompt_todo += n;
                 if batched {
                     let idh = keying.id_hash(&p.row.id);
-                    crate::batch::write_line(
-                        &mut line,
-                        "/v1/chat/completions",
-                        None,
-                        p.row.number,
-                        &p.fingerprint,
-                        idh,
-                        &p.request.body,
-                        stream,
-                    );
+                    crate::batch::write_openai_line(&mut line, &p, idh, stream);
                     let len = line.len() as u64;
                     if splitter.check(len).is_err() {
                         too_big += 1;

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use crate::chat::{Content, Detail, ImageUrl, Message, Part, Role};
+use crate::input::json_kind;
 
 /// The messages a row field holds: a JSON array (a JSONL field), or the JSON text of one (a
 /// CSV cell, or a JSONL string). Each element is `{role, content, name?}`, with role system,
@@ -30,7 +31,7 @@ pub fn conversation(field: &str, value: Option<&Value>) -> Result<Vec<Message>, 
                 other => {
                     return Err(format!(
                         "field `{field}` holds {}, not an array of messages",
-                        kind(other)
+                        json_kind(other)
                     ))
                 }
             }
@@ -38,7 +39,7 @@ pub fn conversation(field: &str, value: Option<&Value>) -> Result<Vec<Message>, 
         Some(other) => {
             return Err(format!(
                 "field `{field}` is {}, not an array of messages",
-                kind(other)
+                json_kind(other)
             ))
         }
     };
@@ -56,7 +57,10 @@ pub fn conversation(field: &str, value: Option<&Value>) -> Result<Vec<Message>, 
 
 fn message(v: &Value) -> Result<Message, String> {
     let Value::Object(m) = v else {
-        return Err(format!("is {}, not an object {{role, content}}", kind(v)));
+        return Err(format!(
+            "is {}, not an object {{role, content}}",
+            json_kind(v)
+        ));
     };
     if let Some(k) = m
         .keys()
@@ -74,7 +78,7 @@ fn message(v: &Value) -> Result<Message, String> {
             _ => return Err(format!("role `{r}` is not system, user or assistant")),
         },
         None => return Err("has no `role`".into()),
-        Some(other) => return Err(format!("role is {}, not a string", kind(other))),
+        Some(other) => return Err(format!("role is {}, not a string", json_kind(other))),
     };
     let name = match m.get("name") {
         None | Some(Value::Null) => None,
@@ -97,7 +101,7 @@ fn message(v: &Value) -> Result<Message, String> {
         Some(other) => {
             return Err(format!(
                 "content is {}, not a string or an array of parts",
-                kind(other)
+                json_kind(other)
             ))
         }
     };
@@ -250,17 +254,6 @@ pub fn is_name(n: &str) -> bool {
         && n.len() <= 64
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The start of a long value, for an error message.

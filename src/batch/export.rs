@@ -45,16 +45,7 @@ pub fn export(
         if !crate::shard::owns(job, &p) || planner.plan_keyed(&p, idh)? != Decision::Send {
             continue;
         }
-        super::write_line(
-            &mut line,
-            "/v1/chat/completions",
-            None,
-            p.row.number,
-            &p.fingerprint,
-            idh,
-            &p.request.body,
-            stream,
-        );
+        super::write_openai_line(&mut line, &p, idh, stream);
         w.write_all(&line).map_err(|e| io_err(target, e))?;
         written += 1;
     }

@@ -87,6 +87,21 @@ impl Splitter {
     }
 }
 
+/// A row's request as OpenAI's Batch API reads it, and engines that read the same files
+/// (vLLM's `run-batch`): OpenAI's route, the job's own model.
+pub fn write_openai_line(out: &mut Vec<u8>, p: &crate::request::Prepared, idh: u64, stream: bool) {
+    write_line(
+        out,
+        "/v1/chat/completions",
+        None,
+        p.row.number,
+        &p.fingerprint,
+        idh,
+        &p.request.body,
+        stream,
+    );
+}
+
 /// One Batch API input line: `{"custom_id", "method", "url", "body"}`. The body is the online
 /// request's, without streaming (the Batch API answers whole) and, where the service wants
 /// it, naming the deployment.

@@ -351,7 +351,8 @@ fn bad_utf8_field(line: &[u8]) -> Option<String> {
         .map(|(k, _)| k.clone())
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// What a JSON value is, for an error message ("a string", "an object", …).
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -2,26 +2,13 @@
 
 use std::time::Duration;
 
+mod common;
+
+use common::{body, post};
+
 use fake_openai::{spawn_background, spawn_background_on, Config, FakeServer};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn body(content: &str) -> Value {
-    json!({"model": "gpt-4o-mini", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": content},
-    ]})
-}
-
-async fn post(server: &FakeServer, b: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}/chat/completions", server.base_url()))
-        .bearer_auth("sk-test")
-        .json(b)
-        .send()
-        .await
-        .expect("request")
-}
 
 #[tokio::test]
 async fn normal_completion() {

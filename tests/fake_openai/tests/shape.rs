@@ -3,16 +3,11 @@
 //! and `:n`), `n` choices (plain, structured, streamed), image parts, and a batch line with
 //! a schema.
 
-use fake_openai::{Config, FakeServer};
-use reqwest::multipart::{Form, Part};
-use serde_json::{json, Value};
+mod common;
 
-fn body(content: &str) -> Value {
-    json!({"model": "gpt-4o-mini", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": content},
-    ]})
-}
+use common::{body, parse_jsonl, post, Api};
+use fake_openai::{Config, FakeServer};
+use serde_json::{json, Value};
 
 /// An ad: the README's worked example, with a nested `$defs` object and an enum.
 fn ad_schema() -> Value {
@@ -59,16 +54,6 @@ fn with_schema(mut b: Value, schema: &Value) -> Value {
         "name": "ad", "strict": true, "schema": schema,
     }});
     b
-}
-
-async fn post(server: &FakeServer, b: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}/chat/completions", server.base_url()))
-        .bearer_auth("sk-test")
-        .json(b)
-        .send()
-        .await
-        .expect("request")
 }
 
 async fn ok(server: &FakeServer, b: &Value) -> Value {
@@ -709,8 +694,6 @@ async fn image_parts_are_echoed_in_order() {
 #[tokio::test]
 async fn a_batch_line_with_a_schema_and_markers() {
     let server = FakeServer::start(Config::default()).await;
-    let client = reqwest::Client::new();
-    let base = server.base_url();
     let schema = ad_schema();
     let bodies = [
         with_schema(body("batch ad"), &schema),
@@ -722,35 +705,12 @@ async fn a_batch_line_with_a_schema_and_markers() {
             b
         },
     ];
-    let mut jsonl = String::new();
-    for (i, b) in bodies.iter().enumerate() {
-        let line = json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions", "body": b});
-        jsonl.push_str(&format!("{line}\n"));
-    }
-    let form = Form::new().text("purpose", "batch").part(
-        "file",
-        Part::bytes(jsonl.into_bytes()).file_name("in.jsonl"),
-    );
-    let file: Value = client
-        .post(format!("{base}/files"))
-        .bearer_auth("sk-test")
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let batch: Value = client
-        .post(format!("{base}/batches"))
-        .bearer_auth("sk-test")
-        .json(&json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lines: Vec<Value> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| json!({"custom_id": format!("r{i}"), "method": "POST", "url": "/v1/chat/completions", "body": b}))
+        .collect();
+    let batch = Api::openai(&server).submit(&lines).await;
     server.complete_batches();
     let batch = server
         .batches()
@@ -761,11 +721,7 @@ async fn a_batch_line_with_a_schema_and_markers() {
     let out = server
         .file_content(batch["output_file_id"].as_str().unwrap())
         .unwrap();
-    let lines: Vec<Value> = std::str::from_utf8(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = parse_jsonl(&out);
     assert_eq!(lines.len(), 4);
     let answer = |id: &str| {
         let l = lines.iter().find(|l| l["custom_id"] == id).unwrap();
