@@ -178,7 +178,7 @@ pub struct Params {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub service_tier: Option<crate::job::ServiceTier>,
+    pub service_tier: Option<crate::chat::ServiceTier>,
     /// Choices per request (variants).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub n: Option<u32>,
@@ -201,4 +201,50 @@ impl Params {
     pub fn choices(&self) -> u64 {
         u64::from(self.n.unwrap_or(1).max(1))
     }
+}
+
+/// How requests go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One request per row, paced to the quota, answered now.
+    #[default]
+    Online,
+    /// Files of requests submitted to the Batch API: half price, answered within 24 hours.
+    Batch,
+}
+
+/// `[model] service_tier`: sent as the request's `service_tier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    Auto,
+    Default,
+    Flex,
+    Priority,
+}
+
+/// Token usage as the provider reports it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    /// Prompt tokens served from the provider's prompt cache (billed at the cached rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
+    /// Reasoning tokens; already part of `completion_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_tokens: Option<u64>,
+    /// True when the server sent no usage and these counts come from the tokenizer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
+}
+
+/// The API's rule for a message name.
+pub fn is_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }

@@ -191,7 +191,7 @@ pub struct RunArgs {
     pub dry_run: bool,
     /// `online` (default) or `batch`: the provider's Batch API, at batch prices.
     #[arg(long, value_enum)]
-    pub mode: Option<crate::job::Mode>,
+    pub mode: Option<crate::chat::Mode>,
     /// Batch mode: after submitting, wait for the batches and collect them.
     #[arg(long)]
     pub wait: bool,

@@ -8,7 +8,7 @@ use std::path::Path;
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::chat::{Content, Detail, ImageUrl, Message, Part, Role};
+use crate::chat::{is_name, Content, Detail, ImageUrl, Message, Part, Role};
 use crate::input::json_kind;
 
 /// The messages a row field holds: a JSON array (a JSONL field), or the JSON text of one (a
@@ -148,14 +148,42 @@ pub fn image(src: &str, dir: &Path, detail: Option<Detail>) -> Result<ImageUrl, 
         return Ok(img);
     }
     let path = dir.join(src);
-    let bytes =
-        std::fs::read(&path).map_err(|e| format!("cannot read image `{}`: {e}", path.display()))?;
+    let bytes = read_image_file(&path)?;
     let (url, size) = data_url(&bytes).map_err(|e| format!("image `{}`: {e}", path.display()))?;
     Ok(ImageUrl {
         url,
         detail,
         size: Some(size),
     })
+}
+
+/// The largest image file read: the API's own limit for an image, 20 MB.
+pub const MAX_IMAGE_BYTES: u64 = 20 * 1024 * 1024;
+
+/// An image file's bytes. Only a regular file is read (a row naming `/dev/zero` or a FIFO
+/// would grow the process or hang it), and only up to [`MAX_IMAGE_BYTES`].
+fn read_image_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot read image `{}`: {e}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| cannot(&e))?;
+    if !meta.is_file() {
+        return Err(cannot(&"not a regular file"));
+    }
+    if meta.len() > MAX_IMAGE_BYTES {
+        return Err(cannot(&format_args!(
+            "{} bytes, over the limit of {MAX_IMAGE_BYTES} (20 MB)",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Read at most one byte past the limit: a file that grew since is still refused.
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_IMAGE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_IMAGE_BYTES {
+        return Err(cannot(&"over the limit of 20 MB"));
+    }
+    Ok(bytes)
 }
 
 /// `Some` for a URL the API fetches or reads itself; `None` for what must be a file path;
@@ -246,14 +274,6 @@ fn sniff(b: &[u8]) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-/// The API's rule for a message name.
-pub fn is_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 64
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// The start of a long value, for an error message.

@@ -1,9 +1,9 @@
 //! Prices × usage → USD. A built-in, dated table for OpenAI's chat models; dated snapshot names
 //! map to their family; the job's `[pricing]` overrides. Pure, so it is unit-tested.
 
-use crate::job::Pricing;
+use serde::{Deserialize, Serialize};
 
-use crate::provider::Usage;
+use crate::chat::Usage;
 
 /// The date the built-in prices were copied from OpenAI's pricing page.
 pub const PRICES_AS_OF: &str = "2025-11-15";
@@ -167,6 +167,20 @@ type Rates = (f64, Option<f64>, f64);
 
 const fn r(input: f64, cached: Option<f64>, output: f64) -> Rates {
     (input, cached, output)
+}
+
+/// USD per 1M tokens.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pricing {
+    pub input: f64,
+    pub cached_input: Option<f64>,
+    pub output: f64,
+    /// Batch API and flex-tier rates; without them, batch and flex rows are priced at the
+    /// rates above (never lower than what is known).
+    pub batch_input: Option<f64>,
+    pub batch_cached_input: Option<f64>,
+    pub batch_output: Option<f64>,
 }
 
 /// Which of a model's prices applies.

@@ -1,26 +1,44 @@
 //! promptmill turns rows of data into LLM completions at scale.
 //!
-//! One row's path, module by module:
+//! The modules, from the bottom up: each uses only those below it (`modgraph.py` checks).
+//! One row's path: `input` → `render` → `request` → `plan` → `exec` (dispatch → send) →
+//! `ledger` (the writer appends its record) → `output`.
 //!
 //! ```text
-//! job       jobs/NAME.toml → validated Job (paths, params, limits; keys refused)
-//! input     CSV | JSONL, streamed on a thread → Row { number, id, fields } or RowError
-//! render    Tera, loaded once → the row's chat messages
-//!   content   a row field's own messages array (`from`), image files and URLs → parts
-//! schedule  fingerprint → skip if done (journal) → budget → concurrency → pace → provider
-//!   pace      RPM/TPM spacing, learned from x-ratelimit-* headers, slowed by 429s
-//!   retry     which failures retry, and when (backoff with jitter, retry-after)
-//!   provider  openai (HTTP, plain or streamed) | local (llama.cpp, in process; a schema
-//!             becomes a grammar the model writes within)
-//!   tokens    prompt tokens with the model's tiktoken encoding
-//!   cost      price table × usage
-//!   batch     or, in batch mode: rows → Batch API files → batches → results by custom_id
-//! journal   the JSONL output: appended per row, repaired, resumed, compacted into row order
-//! output    the record
-//! export    the CSV export: the JSONL output → one CSV line per record
-//! report    progress and the summary
+//! app        the commands, wired from the CLI: run, estimate, inspect (render, validate),
+//!            outputs (merge, status, export, report); logging, runtime, signals; the one
+//!            place an error becomes a message and an exit code
+//! cli        the command line (clap)
+//! exec       the run: open (lock, --fresh, repair, index) → dispatch (budget, concurrency,
+//!            pacing) → send (retries, circuit breaker, re-asking) → writer (the one task that
+//!            appends) → finish (compaction, CSV, summary, exit code); pace, retry, signals,
+//!            budget, breaker, records
+//!   batch    the batch executor over the same plan and writer: lines, pass (the log's use),
+//!            submit, results, state (the step log), client (OpenAI's Files and Batches)
+//! plan       per row: done, copy, send, input error, another shard's
+//! output     what is made from records: csv, merge
+//! report     the progress line and the end-of-run summary
 //! report_html  the HTML report: an output file → one self-contained page
-//! app       the commands, wired from the CLI
+//! request    one row → its chat request, its wire body and its fingerprint
+//! render     Tera, loaded once → the row's chat messages
+//! content    a row field's own messages array (`from`), image files and URLs → parts
+//! backend    the one assembler: a job → provider, token counter, wire, price, identity
+//! input      rows: CSV | JSONL, streamed on a thread → Row { number, id, fields } or RowError
+//! job        the job file: TOML → validated Job (paths, params, limits; keys refused); stamp
+//! ledger     the output's files: journal (append, repair, lock), record, index (done by
+//!            request), compact, spend, stamp, files (every companion path; atomic replace)
+//! shape      what a completion must look like: schema, checks, judging
+//! shard      which shard owns a row
+//! provider   the contract (Provider, Wire, Request, Completion, ErrorKind, ProviderError,
+//!            RateLimits); openai (HTTP, plain or streamed), endpoint (URLs, keys, CAs),
+//!            local (llama.cpp, in process), grammar (JSON Schema → GBNF)
+//! cost       prices × usage → USD
+//! tokens     prompt tokens with the model's tiktoken encoding; the TokenCounter trait
+//! models     the local models: catalogue, download, checksum, cache
+//! chat       the request's vocabulary: Message, Content, Params, Stop, Mode, ServiceTier,
+//!            Usage; imports nothing of the crate
+//! error      errors and exit codes
+//! fingerprint  hex and the fingerprint's bytes
 //! ```
 
 // A failed attempt carries the server's rate-limit headers by value; failures are the rare path,
@@ -28,28 +46,25 @@
 #![allow(clippy::result_large_err)]
 
 pub mod app;
-pub mod batch;
+pub mod backend;
 pub mod chat;
 pub mod cli;
 pub mod content;
 pub mod cost;
 pub mod error;
-pub mod export;
+pub mod exec;
+pub mod fingerprint;
 pub mod input;
 pub mod job;
-pub mod journal;
 pub mod ledger;
 pub mod models;
 pub mod output;
-pub mod pace;
 pub mod plan;
 pub mod provider;
 pub mod render;
 pub mod report;
 pub mod report_html;
 pub mod request;
-pub mod retry;
-pub mod schedule;
 pub mod shape;
 pub mod shard;
 pub mod tokens;

@@ -135,7 +135,7 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(crate::request::hex(&hasher.finalize()))
+    Ok(crate::fingerprint::hex(&hasher.finalize()))
 }
 
 /// Admits a downloaded file: its size and sha256 must be the ones the catalogue pins.

@@ -7,8 +7,12 @@ use std::collections::HashSet;
 use serde_json::{Map, Value};
 
 use crate::error::Error;
+use crate::fingerprint::hex;
+use crate::job::Job;
+use crate::ledger::files::Files;
 use crate::ledger::{self, Index, Keying, Outcome, Planned, Spool};
-use crate::request::{hex, Prepared};
+use crate::request::Prepared;
+use crate::shard;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -33,7 +37,31 @@ pub struct Planner {
     spool: Option<Spool>,
 }
 
+/// How a job's rows are keyed in the ledger.
+pub fn keying(job: &Job) -> Keying {
+    Keying {
+        by_id: job.id_column.is_some(),
+    }
+}
+
+/// The index of a job's output as it stands, the stale file's records included.
+pub fn load_index(job: &Job) -> Result<Index, Error> {
+    let keying = keying(job);
+    Index::load(&job.output, keying)?.with_stale(&Files::new(&job.output).stale(), keying)
+}
+
 impl Planner {
+    /// The planner of a job's output as it stands, for the commands that plan without
+    /// running (estimate, export, status): each says what `run` would do.
+    pub fn for_job(job: &Job, retry_failed: bool) -> Result<Planner, Error> {
+        Ok(Planner::new(
+            load_index(job)?,
+            keying(job),
+            retry_failed,
+            None,
+        ))
+    }
+
     /// `spool`: where the run's plan goes (none for a dry run).
     pub fn new(index: Index, keying: Keying, retry_failed: bool, spool: Option<Spool>) -> Planner {
         Planner {
@@ -61,7 +89,7 @@ impl Planner {
         if found.is_none() && self.index.records > 0 {
             // An output written before rows were keyed by request identity: its records carry
             // the body's hash. Upgrading must not re-pay them.
-            let old = crate::request::legacy_fingerprint(&p.request.body);
+            let old = crate::fingerprint::legacy_fingerprint(&p.request.body);
             if let Some(e) = self.index.get(&old, idh) {
                 found = Some(*e);
                 legacy = Some(old);
@@ -163,4 +191,20 @@ impl Planner {
             fingerprint: refingerprint,
         })
     }
+}
+
+/// Whether this run's shard (if any) owns a rendered row.
+pub fn owns(job: &Job, p: &Prepared) -> bool {
+    job.shard.is_none_or(|sh| {
+        sh.owns(if job.id_column.is_some() {
+            shard::id_key(&p.row.id)
+        } else {
+            shard::content_key(&p.request.messages)
+        })
+    })
+}
+
+/// Whether this run's shard (if any) owns a row that could not be read or rendered.
+pub fn owns_unreadable(job: &Job, row: u64) -> bool {
+    job.shard.is_none_or(|sh| sh.owns(shard::row_key(row)))
 }

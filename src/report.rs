@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::error::Error;
-use crate::output::{Record, Status};
+use crate::ledger::record::{Record, Status};
 
 /// Counters the writer task keeps as records arrive.
 pub struct Stats {
@@ -257,111 +257,37 @@ pub struct BatchSummary {
     pub batches_running: u64,
 }
 
+impl BatchSummary {
+    fn rows(&self) -> Vec<(&'static str, String)> {
+        let mut rows = Vec::new();
+        if self.batches_submitted > 0 {
+            rows.push((
+                "submitted",
+                format!(
+                    "{} requests in {} batch(es)",
+                    self.requests_submitted, self.batches_submitted
+                ),
+            ));
+        }
+        if self.requests_in_flight > 0 || self.batches_running > 0 {
+            rows.push((
+                "in flight",
+                format!(
+                    "{} requests in {} batch(es) still running",
+                    self.requests_in_flight, self.batches_running
+                ),
+            ));
+        }
+        rows
+    }
+}
+
 impl Summary {
+    /// The summary as the end of a run prints it: one aligned line per figure.
     pub fn table(&self) -> String {
-        let cost = match self.cost_usd {
-            Some(c) if self.unpriced_rows > 0 => {
-                format!("${c:.6} (+{} rows of unknown price)", self.unpriced_rows)
-            }
-            Some(c) => format!("${c:.6}"),
-            None => "unknown (no price for this model; set [pricing])".into(),
-        };
         let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
-        let failed = if self.rows_failed > 0 {
-            format!(
-                "{} ({} transient: sent again by a plain rerun; {} API verdicts: --retry-failed)",
-                self.rows_failed,
-                self.rows_failed_transient,
-                self.rows_failed - self.rows_failed_transient
-            )
-        } else {
-            "0".into()
-        };
-        let mut rows = vec![
-            ("rows ok", self.rows_ok.to_string()),
-            ("rows failed", failed),
-            (
-                "rows skipped (done before)",
-                if self.rows_skipped_failed > 0 {
-                    format!(
-                        "{} ({} of them failed earlier)",
-                        self.rows_skipped, self.rows_skipped_failed
-                    )
-                } else {
-                    self.rows_skipped.to_string()
-                },
-            ),
-            ("prompt tokens", self.prompt_tokens.to_string()),
-            ("completion tokens", self.completion_tokens.to_string()),
-            ("cost", cost),
-            ("wall time", format!("{:.2} s", self.wall_time_s)),
-            ("rows/s", format!("{:.2}", self.rows_per_s)),
-            (
-                "latency p50 / p95",
-                format!("{} / {}", ms(self.latency_p50_ms), ms(self.latency_p95_ms)),
-            ),
-            ("retries", self.retries.to_string()),
-            ("429s", self.rate_limited.to_string()),
-        ];
-        let mut extra = Vec::new();
-        if self.rows_copied > 0 {
-            extra.push(("rows copied (same request)", self.rows_copied.to_string()));
-        }
-        if self.rows_pending > 0 {
-            extra.push(("rows pending", self.rows_pending.to_string()));
-        }
-        if self.rows_stale > 0 {
-            extra.push((
-                "rows left the input",
-                format!("{} (records moved to the stale file)", self.rows_stale),
-            ));
-        }
-        if let Some(b) = &self.batch {
-            if b.batches_submitted > 0 {
-                extra.push((
-                    "submitted",
-                    format!(
-                        "{} requests in {} batch(es)",
-                        b.requests_submitted, b.batches_submitted
-                    ),
-                ));
-            }
-            if b.requests_in_flight > 0 || b.batches_running > 0 {
-                extra.push((
-                    "in flight",
-                    format!(
-                        "{} requests in {} batch(es) still running",
-                        b.requests_in_flight, b.batches_running
-                    ),
-                ));
-            }
-        }
-        if self.estimated_usage_rows > 0 {
-            extra.push((
-                "usage estimated",
-                format!(
-                    "{} rows (the server sent no usage)",
-                    self.estimated_usage_rows
-                ),
-            ));
-        }
-        match (self.spent_usd, self.budget_usd) {
-            (Some(s), Some(b)) => extra.push(("spent / budget", format!("${s:.6} / ${b:.6}"))),
-            (Some(s), None) if s > 0.0 && self.cost_usd != Some(s) => {
-                extra.push(("spent in this output", format!("${s:.6}")))
-            }
-            _ => {}
-        }
-        if self.unconfirmed_usd > 0.0 {
-            extra.push((
-                "unconfirmed spend",
-                format!(
-                    "${:.6} (attempts that may have been billed without an answer, at worst case)",
-                    self.unconfirmed_usd
-                ),
-            ));
-        }
-        for (i, e) in extra.into_iter().enumerate() {
+        let mut rows = self.main_rows();
+        for (i, e) in self.extra_rows().into_iter().enumerate() {
             rows.insert(3 + i, e);
         }
         if self.cached_tokens > 0 || self.reasoning_tokens > 0 {
@@ -388,17 +314,101 @@ impl Summary {
             .collect()
     }
 
+    /// The figures every summary shows.
+    fn main_rows(&self) -> Vec<(&'static str, String)> {
+        let cost = match self.cost_usd {
+            Some(c) if self.unpriced_rows > 0 => {
+                format!("${c:.6} (+{} rows of unknown price)", self.unpriced_rows)
+            }
+            Some(c) => format!("${c:.6}"),
+            None => "unknown (no price for this model; set [pricing])".into(),
+        };
+        let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+        let failed = if self.rows_failed > 0 {
+            format!(
+                "{} ({} transient: sent again by a plain rerun; {} API verdicts: --retry-failed)",
+                self.rows_failed,
+                self.rows_failed_transient,
+                self.rows_failed - self.rows_failed_transient
+            )
+        } else {
+            "0".into()
+        };
+        let skipped = if self.rows_skipped_failed > 0 {
+            format!(
+                "{} ({} of them failed earlier)",
+                self.rows_skipped, self.rows_skipped_failed
+            )
+        } else {
+            self.rows_skipped.to_string()
+        };
+        vec![
+            ("rows ok", self.rows_ok.to_string()),
+            ("rows failed", failed),
+            ("rows skipped (done before)", skipped),
+            ("prompt tokens", self.prompt_tokens.to_string()),
+            ("completion tokens", self.completion_tokens.to_string()),
+            ("cost", cost),
+            ("wall time", format!("{:.2} s", self.wall_time_s)),
+            ("rows/s", format!("{:.2}", self.rows_per_s)),
+            (
+                "latency p50 / p95",
+                format!("{} / {}", ms(self.latency_p50_ms), ms(self.latency_p95_ms)),
+            ),
+            ("retries", self.retries.to_string()),
+            ("429s", self.rate_limited.to_string()),
+        ]
+    }
+
+    /// The figures shown only when they are not zero, in the order they are printed.
+    fn extra_rows(&self) -> Vec<(&'static str, String)> {
+        let mut extra = Vec::new();
+        if self.rows_copied > 0 {
+            extra.push(("rows copied (same request)", self.rows_copied.to_string()));
+        }
+        if self.rows_pending > 0 {
+            extra.push(("rows pending", self.rows_pending.to_string()));
+        }
+        if self.rows_stale > 0 {
+            extra.push((
+                "rows left the input",
+                format!("{} (records moved to the stale file)", self.rows_stale),
+            ));
+        }
+        if let Some(b) = &self.batch {
+            extra.extend(b.rows());
+        }
+        if self.estimated_usage_rows > 0 {
+            extra.push((
+                "usage estimated",
+                format!(
+                    "{} rows (the server sent no usage)",
+                    self.estimated_usage_rows
+                ),
+            ));
+        }
+        match (self.spent_usd, self.budget_usd) {
+            (Some(s), Some(b)) => extra.push(("spent / budget", format!("${s:.6} / ${b:.6}"))),
+            (Some(s), None) if s > 0.0 && self.cost_usd != Some(s) => {
+                extra.push(("spent in this output", format!("${s:.6}")))
+            }
+            _ => {}
+        }
+        if self.unconfirmed_usd > 0.0 {
+            extra.push((
+                "unconfirmed spend",
+                format!(
+                    "${:.6} (attempts that may have been billed without an answer, at worst case)",
+                    self.unconfirmed_usd
+                ),
+            ));
+        }
+        extra
+    }
+
     pub fn write(&self, path: &Path) -> Result<(), Error> {
-        let tmp = crate::job::sibling(path, ".tmp");
         let text = serde_json::to_string_pretty(self).expect("summary serializes");
-        std::fs::write(&tmp, text + "\n").map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })
+        crate::ledger::files::replace_bytes(path, (text + "\n").as_bytes())
     }
 }
 

@@ -19,9 +19,9 @@ use hdrhistogram::Histogram;
 use serde_json::{Map, Value};
 
 use crate::error::Error;
-use crate::journal::{self, io_err};
+use crate::ledger::journal::{self, io_err};
+use crate::ledger::record::{format_timestamp, parse_timestamp, Status};
 use crate::ledger::{error_outcome, Outcome};
-use crate::output::{format_timestamp, parse_timestamp, Status};
 use crate::report::Summary;
 
 /// What the report is made with.
@@ -53,10 +53,10 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
     }
     let summary = match &opts.summary {
         Some(s) => Some(s.clone()),
-        None => read_summary(&crate::job::sibling(output, ".summary.json")),
+        None => read_summary(&crate::ledger::files::sibling(output, ".summary.json")),
     };
-    let spool_path = crate::job::sibling(target, ".rows.tmp");
-    let tmp = crate::job::sibling(target, ".tmp");
+    let spool_path = crate::ledger::files::sibling(target, ".rows.tmp");
+    let tmp = crate::ledger::files::sibling(target, ".tmp");
     let result = (|| {
         let spool = std::fs::OpenOptions::new()
             .read(true)
@@ -87,7 +87,7 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
                 std::io::Error::new(err.kind(), err.to_string()),
             )
         })?;
-        let stale = count_records(&crate::job::companion(output, "stale"))?;
+        let stale = count_records(&crate::ledger::files::companion(output, "stale"))?;
         let page = Page {
             output,
             tally: &tally,

@@ -10,41 +10,14 @@
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::chat::{Message, Params};
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::chat::Params;
 use crate::input::Row;
-use crate::job::{Job, ProviderKind};
+use crate::job::Job;
+use crate::provider::{Request, Wire};
 use crate::render::Renderer;
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(HEX[(b >> 4) as usize] as char);
-        s.push(HEX[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// The inverse of [`hex`] for a 128-bit fingerprint; `None` for anything else.
-pub fn fingerprint_bytes(hex: &str) -> Option<[u8; 16]> {
-    if hex.len() != 32 {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hex.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
-}
-
-/// One row's request, rendered once and shared by every attempt.
-#[derive(Debug)]
-pub struct Request {
-    pub messages: Vec<Message>,
-    /// The exact JSON body the HTTP provider posts.
-    pub body: bytes::Bytes,
-}
 
 /// One row, rendered: what is needed to send it and to record it.
 pub struct Prepared {
@@ -61,11 +34,13 @@ pub struct Builder {
     params: Params,
     /// The hasher after the identity's constant prefix; cloned per row.
     prefix: Sha256,
+    wire: Arc<dyn Wire>,
 }
 
 impl Builder {
-    /// `provider_identity`: who answers (see [`provider_identity`]).
-    pub fn new(job: &Job, provider_identity: &str) -> Builder {
+    /// The backend says who answers (its identity) and how the body is spelled (its wire).
+    pub fn new(job: &Job, backend: &Backend) -> Builder {
+        let provider_identity = backend.identity.as_str();
         let mut sampling = job.params.clone();
         // Transport and bookkeeping, not what the model is asked.
         sampling.stream = None;
@@ -86,6 +61,7 @@ impl Builder {
             model: job.model.clone(),
             params: job.params.clone(),
             prefix,
+            wire: backend.wire.clone(),
         }
     }
 
@@ -104,7 +80,7 @@ impl Builder {
             }
         };
         let json = serde_json::value::to_raw_value(&messages).expect("messages serialize");
-        let body = crate::provider::openai::request_body(&self.model, &json, &self.params);
+        let body = self.wire.body(&self.model, &json, &self.params);
         let mut h = self.prefix.clone();
         h.update(json.get().as_bytes());
         let mut fingerprint = [0u8; 16];
@@ -133,50 +109,16 @@ impl Builder {
         limit: Option<u64>,
     ) -> Result<impl Iterator<Item = Rendered> + 'a, crate::error::Error> {
         let take = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-        Ok(job.source().reader()?.take(take).map(move |r| match r {
-            Ok(row) => match self.prepare(&job.input, renderer, row) {
-                Ok(p) => Rendered::Ready(p),
-                Err((row, _)) => Rendered::Unreadable(row.number),
-            },
-            Err(e) => Rendered::Unreadable(e.number),
-        }))
-    }
-}
-
-/// The fingerprint promptmill recorded before rows were keyed by request identity: 128 bits of
-/// the request body's SHA-256. Read only to recognise records of older outputs.
-pub fn legacy_fingerprint(body: &[u8]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&Sha256::digest(body)[..16]);
-    out
-}
-
-/// Who answers a job's requests, as far as it changes the completion: the HTTP endpoint's host
-/// (and port), or the local model's file checksum and context size.
-pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String {
-    match job.provider {
-        ProviderKind::Openai => format!("openai:{}", host_and_port(&job.base_url)),
-        ProviderKind::Local => format!(
-            "local:{}:ctx={}",
-            local_model_sha256.unwrap_or("unknown"),
-            job.context_tokens
-                .map_or("default".into(), |c| c.to_string())
-        ),
-    }
-}
-
-/// `https://user@API.example.com:8443/v1` → `api.example.com:8443` (the URL itself when it
-/// does not parse; `Job` has checked it is http(s) already).
-pub fn host_and_port(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(u) => {
-            let host = u.host_str().unwrap_or_default();
-            match u.port() {
-                Some(p) => format!("{host}:{p}"),
-                None => host.to_string(),
-            }
-        }
-        Err(_) => url.to_string(),
+        Ok(crate::input::Source::of(job)
+            .reader()?
+            .take(take)
+            .map(move |r| match r {
+                Ok(row) => match self.prepare(&job.input, renderer, row) {
+                    Ok(p) => Rendered::Ready(p),
+                    Err((row, _)) => Rendered::Unreadable(row.number),
+                },
+                Err(e) => Rendered::Unreadable(e.number),
+            }))
     }
 }
 
@@ -200,45 +142,38 @@ fn sort_keys(v: &mut Value) {
 mod tests {
     use super::*;
 
+    /// A row's fingerprint as the release before the layout change computed it (its `render`
+    /// printed this value for this job and row): every output written since resumes without
+    /// paying again only while this holds.
     #[test]
-    fn hex_round_trips_a_fingerprint() {
-        let b: [u8; 16] = core::array::from_fn(|i| (i * 17) as u8);
-        assert_eq!(fingerprint_bytes(&hex(&b)), Some(b));
-        assert_eq!(fingerprint_bytes("abc"), None);
-        assert_eq!(fingerprint_bytes(&"zz".repeat(16)), None);
-    }
-
-    #[test]
-    fn another_local_model_file_is_another_provider() {
+    fn the_fingerprint_is_the_one_earlier_releases_wrote() {
         let dir = tempfile::tempdir().unwrap();
-        let job = |ctx: &str| {
-            let p = dir.path().join("job.toml");
-            std::fs::write(
-                &p,
-                format!(
-                    "[input]\npath = \"d.csv\"\n[[messages]]\nrole = \"user\"\ncontent = \"x\"\n\
-                     [model]\nprovider = \"local\"\npath = \"m.gguf\"\n{ctx}\n\
-                     [output]\npath = \"o.jsonl\"\n"
-                ),
-            )
+        let p = dir.path().join("job.toml");
+        std::fs::write(
+            &p,
+            "[input]\npath = \"in.csv\"\n[[messages]]\nrole = \"system\"\n\
+             content = \"You write one sentence.\"\n[[messages]]\nrole = \"user\"\n\
+             content = \"Summarize: {{ title }}\"\n[model]\nname = \"gpt-4o-mini\"\n\
+             base_url = \"https://api.openai.com/v1\"\ntemperature = 0.2\nmax_tokens = 50\n\
+             [model.extra]\nb = 1\na = { y = 2, x = 3 }\n[output]\npath = \"o.jsonl\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("in.csv"), "title\nBike lanes\n").unwrap();
+        let job = Job::load(&p, &Default::default()).unwrap();
+        let backend = Backend::for_job(&job, false).unwrap();
+        let renderer = Renderer::new(&job).unwrap();
+        let builder = Builder::new(&job, &backend);
+        let row = crate::input::Source::of(&job)
+            .reader()
+            .unwrap()
+            .next()
+            .unwrap()
             .unwrap();
-            Job::load(&p, &Default::default()).unwrap()
-        };
-        let a = provider_identity(&job(""), Some("aa"));
-        assert_ne!(a, provider_identity(&job(""), Some("bb")));
-        assert_ne!(
-            a,
-            provider_identity(&job("context_tokens = 512"), Some("aa"))
-        );
-    }
-
-    #[test]
-    fn the_provider_is_known_by_host_and_port() {
+        let prepared = builder.prepare(&job.input, &renderer, row).ok().unwrap();
         assert_eq!(
-            host_and_port("https://u:p@API.Example.com/v1"),
-            "api.example.com"
+            crate::fingerprint::hex(&prepared.fingerprint),
+            "64161752809b83c5ca6ccb00b4bb80e3"
         );
-        assert_eq!(host_and_port("http://127.0.0.1:8080/v1"), "127.0.0.1:8080");
     }
 
     #[test]

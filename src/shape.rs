@@ -4,8 +4,47 @@
 
 use serde_json::{Map, Value};
 
+use serde::Deserialize;
+
 use crate::error::Error;
-use crate::job::{Job, OutputShape};
+
+/// `[output.checks]`: what a plain-text completion must satisfy.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checks {
+    pub max_chars: Option<usize>,
+    pub min_chars: Option<usize>,
+    pub max_words: Option<usize>,
+    pub must_match: Option<String>,
+    pub must_not_match: Option<String>,
+    /// Each a Tera template over the row (`"{{ name }}"`) or a literal.
+    #[serde(default)]
+    pub must_contain: Vec<String>,
+}
+
+/// Validated `[output]` shape: the schema, the checks, and how often to ask again.
+#[derive(Debug, Clone, Default)]
+pub struct OutputShape {
+    /// (name, schema) when the job has one.
+    pub schema: Option<(String, serde_json::Value)>,
+    /// JSON without a schema (`response_format = "json_object"`).
+    pub json_object: bool,
+    pub checks: Checks,
+    pub max_invalid: u32,
+}
+
+impl OutputShape {
+    pub fn is_empty(&self) -> bool {
+        self.schema.is_none()
+            && !self.json_object
+            && self.checks.max_chars.is_none()
+            && self.checks.min_chars.is_none()
+            && self.checks.max_words.is_none()
+            && self.checks.must_match.is_none()
+            && self.checks.must_not_match.is_none()
+            && self.checks.must_contain.is_empty()
+    }
+}
 
 /// A job's shape, compiled once.
 pub struct Shape {
@@ -34,9 +73,9 @@ pub enum Verdict {
 
 impl Shape {
     /// `None` when the job asks for nothing in particular.
-    pub fn of(job: &Job) -> Result<Option<Shape>, Error> {
-        Shape::compile(&job.shape).map_err(|(field, message)| Error::Job {
-            path: job.file.clone(),
+    pub fn of(shape: &OutputShape, job_file: &std::path::Path) -> Result<Option<Shape>, Error> {
+        Shape::compile(shape).map_err(|(field, message)| Error::Job {
+            path: job_file.to_path_buf(),
             field,
             message,
         })
@@ -173,7 +212,7 @@ mod tests {
         )
         .unwrap();
         let job = crate::job::Job::load(&job, &Default::default()).unwrap();
-        Shape::of(&job).unwrap().unwrap()
+        Shape::of(&job.shape, &job.file).unwrap().unwrap()
     }
 
     fn row(name: &str) -> Map<String, Value> {

@@ -7,7 +7,13 @@ use std::sync::OnceLock;
 use tiktoken_rs::CoreBPE;
 
 use crate::chat::{Content, Detail, ImageUrl, Message, Part};
-use crate::provider::TokenCounter;
+
+/// Counts a chat request's prompt tokens with the model's own tokenizer.
+pub trait TokenCounter: Send + Sync {
+    fn count_prompt(&self, messages: &[Message]) -> u64;
+    /// A completion's tokens, for servers that send no usage.
+    fn count_text(&self, text: &str) -> u64;
+}
 
 pub struct Tiktoken {
     model: String,

@@ -4,19 +4,11 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::error::Error;
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-/// The input file's format.
-pub enum InputFormat {
-    Csv,
-    Jsonl,
-}
+pub use crate::job::InputFormat;
 
 /// One input row: its 1-based number among the data rows, its id, and its fields.
 #[derive(Debug, Clone)]
@@ -45,6 +37,15 @@ pub struct Source {
 }
 
 impl Source {
+    /// The job's input, ready to stream.
+    pub fn of(job: &crate::job::Job) -> Source {
+        Source {
+            path: job.input.clone(),
+            format: job.input_format,
+            id_column: job.id_column.clone(),
+        }
+    }
+
     fn open(&self) -> Result<Box<dyn Read + Send>, Error> {
         if self.path.as_os_str() == "-" {
             return Ok(Box::new(std::io::stdin()));
@@ -128,9 +129,15 @@ impl Source {
     }
 
     /// Streams rows into a bounded channel from a blocking thread, so reading never holds
-    /// more than the channel's capacity in memory.
-    pub fn stream(&self, capacity: usize) -> Result<mpsc::Receiver<RowResult>, Error> {
+    /// more than the channel's capacity in memory. The input is opened once: the CSV header
+    /// (empty for JSONL) comes back with the stream, so a pipe or FIFO is read whole by one
+    /// reader.
+    pub fn stream(
+        &self,
+        capacity: usize,
+    ) -> Result<(Vec<String>, mpsc::Receiver<RowResult>), Error> {
         let rows = self.reader()?;
+        let header = rows.header.clone();
         let (tx, rx) = mpsc::channel(capacity.max(1));
         std::thread::Builder::new()
             .name("input".into())
@@ -142,7 +149,7 @@ impl Source {
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start the input reader: {e}")))?;
-        Ok(rx)
+        Ok((header, rx))
     }
 }
 
@@ -192,149 +199,147 @@ impl Iterator for Rows {
     type Item = RowResult;
 
     fn next(&mut self) -> Option<RowResult> {
-        match &mut self.kind {
-            Kind::Csv(rdr, rec) => {
-                let res = rdr.read_byte_record(rec);
-                self.number += 1;
-                let number = self.number;
-                match res {
-                    Ok(false) => None,
-                    Err(e) => {
-                        let line = e.position().map(|p| p.line()).unwrap_or(0);
-                        // An I/O error ends the stream; a malformed record fails that row only.
-                        let fatal = matches!(e.kind(), csv::ErrorKind::Io(_));
-                        let err = RowError {
-                            number,
-                            message: format!(
-                                "{}: line {line}: malformed CSV record: {e}",
-                                self.display
-                            ),
-                            fatal,
-                        };
-                        if fatal {
-                            self.kind = Kind::Jsonl {
-                                reader: BufReader::new(Box::new(std::io::empty())),
-                                line: 0,
-                                buf: Vec::new(),
-                            };
-                        }
-                        Some(Err(err))
-                    }
-                    Ok(true) => {
-                        let line = rec.position().map(|p| p.line()).unwrap_or(0);
-                        let at = format!("line {line} (row {number})");
-                        if rec.len() != self.header.len() {
-                            return Some(Err(RowError {
-                                number,
-                                message: format!(
-                                    "{}: {at}: malformed CSV record: {} fields, the header has {}",
-                                    self.display,
-                                    rec.len(),
-                                    self.header.len()
-                                ),
-                                fatal: false,
-                            }));
-                        }
-                        let mut fields = Map::with_capacity(self.header.len());
-                        for (name, raw) in self.header.iter().zip(rec.iter()) {
-                            match std::str::from_utf8(raw) {
-                                Ok(s) => {
-                                    fields.insert(name.clone(), Value::String(s.to_string()));
-                                }
-                                Err(_) => {
-                                    return Some(Err(RowError {
-                                        number,
-                                        message: format!(
-                                            "{}: {at}: field `{name}` is not valid UTF-8",
-                                            self.display
-                                        ),
-                                        fatal: false,
-                                    }))
-                                }
-                            }
-                        }
-                        Some(match self.id_for(number, &fields, &at) {
-                            Ok(id) => Ok(Row { number, id, fields }),
-                            Err(message) => Err(RowError {
-                                number,
-                                message,
-                                fatal: false,
-                            }),
-                        })
-                    }
-                }
-            }
-            Kind::Jsonl { reader, line, buf } => loop {
-                buf.clear();
-                match reader.read_until(b'\n', buf) {
-                    Ok(0) => return None,
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.number += 1;
-                        let err = RowError {
-                            number: self.number,
-                            message: format!(
-                                "{}: line {}: read error: {e}",
-                                self.display,
-                                *line + 1
-                            ),
-                            fatal: true,
-                        };
-                        self.kind = Kind::Jsonl {
-                            reader: BufReader::new(Box::new(std::io::empty())),
-                            line: 0,
-                            buf: Vec::new(),
-                        };
-                        return Some(Err(err));
-                    }
-                }
-                *line += 1;
-                let text = buf.trim_ascii();
-                if text.is_empty() {
-                    continue; // blank lines are not rows
-                }
-                self.number += 1;
-                let number = self.number;
-                let at = format!("line {} (row {number})", *line);
-                let parsed = match std::str::from_utf8(text) {
-                    Err(e) => Err(match bad_utf8_field(text) {
-                        Some(field) => {
-                            format!("{}: {at}: field `{field}` is not valid UTF-8", self.display)
-                        }
-                        None => format!(
-                            "{}: {at}: not valid UTF-8 (at byte {})",
-                            self.display,
-                            e.valid_up_to()
-                        ),
-                    }),
-                    Ok(s) => match serde_json::from_str::<Value>(s) {
-                        Ok(Value::Object(m)) => Ok(m),
-                        Ok(other) => Err(format!(
-                            "{}: {at}: expected a JSON object, found {}",
-                            self.display,
-                            json_kind(&other)
-                        )),
-                        Err(e) => Err(format!("{}: {at}: invalid JSON: {e}", self.display)),
-                    },
-                };
-                let at = at.clone();
-                return Some(match parsed {
-                    Ok(fields) => match self.id_for(number, &fields, &at) {
-                        Ok(id) => Ok(Row { number, id, fields }),
-                        Err(message) => Err(RowError {
-                            number,
-                            message,
-                            fatal: false,
-                        }),
-                    },
-                    Err(message) => Err(RowError {
-                        number,
-                        message,
-                        fatal: false,
-                    }),
-                });
-            },
+        match self.kind {
+            Kind::Csv(..) => self.next_csv(),
+            Kind::Jsonl { .. } => self.next_jsonl(),
         }
+    }
+}
+
+impl Rows {
+    /// After an I/O error: the rows after it are unknown, so the stream ends.
+    fn end(&mut self) {
+        self.kind = Kind::Jsonl {
+            reader: BufReader::new(Box::new(std::io::empty())),
+            line: 0,
+            buf: Vec::new(),
+        };
+    }
+
+    fn row_or_error(
+        &self,
+        number: u64,
+        fields: Result<Map<String, Value>, String>,
+        at: &str,
+    ) -> RowResult {
+        let bad = |message| RowError {
+            number,
+            message,
+            fatal: false,
+        };
+        let fields = fields.map_err(bad)?;
+        let id = self.id_for(number, &fields, at).map_err(bad)?;
+        Ok(Row { number, id, fields })
+    }
+
+    fn next_csv(&mut self) -> Option<RowResult> {
+        let Kind::Csv(rdr, rec) = &mut self.kind else {
+            unreachable!("a CSV reader")
+        };
+        let res = rdr.read_byte_record(rec);
+        self.number += 1;
+        let number = self.number;
+        match res {
+            Ok(false) => None,
+            Err(e) => {
+                let line = e.position().map(|p| p.line()).unwrap_or(0);
+                // An I/O error ends the stream; a malformed record fails that row only.
+                let fatal = matches!(e.kind(), csv::ErrorKind::Io(_));
+                let message = format!("{}: line {line}: malformed CSV record: {e}", self.display);
+                if fatal {
+                    self.end();
+                }
+                Some(Err(RowError {
+                    number,
+                    message,
+                    fatal,
+                }))
+            }
+            Ok(true) => {
+                let line = rec.position().map(|p| p.line()).unwrap_or(0);
+                let at = format!("line {line} (row {number})");
+                let fields = csv_fields(&self.header, rec, &self.display, &at);
+                Some(self.row_or_error(number, fields, &at))
+            }
+        }
+    }
+
+    fn next_jsonl(&mut self) -> Option<RowResult> {
+        let Kind::Jsonl { reader, line, buf } = &mut self.kind else {
+            unreachable!("a JSONL reader")
+        };
+        loop {
+            buf.clear();
+            if let Err(e) = reader.read_until(b'\n', buf) {
+                self.number += 1;
+                let message = format!("{}: line {}: read error: {e}", self.display, *line + 1);
+                self.end();
+                return Some(Err(RowError {
+                    number: self.number,
+                    message,
+                    fatal: true,
+                }));
+            }
+            if buf.is_empty() {
+                return None;
+            }
+            *line += 1;
+            let mut text = buf.trim_ascii();
+            if *line == 1 {
+                // A UTF-8 byte-order mark, as some editors and exporters write: not the row's.
+                text = text.strip_prefix(b"\xef\xbb\xbf").unwrap_or(text);
+            }
+            if text.is_empty() {
+                continue; // blank lines are not rows
+            }
+            self.number += 1;
+            let number = self.number;
+            let at = format!("line {} (row {number})", *line);
+            let fields = jsonl_fields(text, &self.display, &at);
+            return Some(self.row_or_error(number, fields, &at));
+        }
+    }
+}
+
+/// A CSV record's fields by the header's names; every field must be UTF-8.
+fn csv_fields(
+    header: &[String],
+    rec: &csv::ByteRecord,
+    display: &str,
+    at: &str,
+) -> Result<Map<String, Value>, String> {
+    if rec.len() != header.len() {
+        return Err(format!(
+            "{display}: {at}: malformed CSV record: {} fields, the header has {}",
+            rec.len(),
+            header.len()
+        ));
+    }
+    let mut fields = Map::with_capacity(header.len());
+    for (name, raw) in header.iter().zip(rec.iter()) {
+        let s = std::str::from_utf8(raw)
+            .map_err(|_| format!("{display}: {at}: field `{name}` is not valid UTF-8"))?;
+        fields.insert(name.clone(), Value::String(s.to_string()));
+    }
+    Ok(fields)
+}
+
+/// A JSONL line's object.
+fn jsonl_fields(text: &[u8], display: &str, at: &str) -> Result<Map<String, Value>, String> {
+    let s = std::str::from_utf8(text).map_err(|e| match bad_utf8_field(text) {
+        Some(field) => format!("{display}: {at}: field `{field}` is not valid UTF-8"),
+        None => format!(
+            "{display}: {at}: not valid UTF-8 (at byte {})",
+            e.valid_up_to()
+        ),
+    })?;
+    match serde_json::from_str::<Value>(s) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(format!(
+            "{display}: {at}: expected a JSON object, found {}",
+            json_kind(&other)
+        )),
+        Err(e) => Err(format!("{display}: {at}: invalid JSON: {e}")),
     }
 }
 

@@ -1,20 +1,31 @@
 //! The job file: TOML → `RawJob` (serde, as written) → `Job` (validated, paths resolved,
 //! secrets refused). Nothing downstream reads the TOML again.
 
+pub mod stamp;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::chat::{Detail, Params, Role, Stop};
+use crate::chat::{Detail, Mode, Params, Role, ServiceTier, Stop};
+use crate::cost::Pricing;
 use crate::error::Error;
-pub use crate::input::InputFormat;
+pub use crate::provider::endpoint::Auth;
+use crate::shape::{Checks, OutputShape};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
 /// The completion tokens a request is assumed to use where no cap is set (the dry run's
 /// bound; the worst case of an unconfirmed attempt). A budget requires a real cap.
 pub const ASSUMED_MAX_OUTPUT: u64 = 4096;
+
+/// The longest `timeout_s` and `outage_s` a job may set: a day. Longer is a typo, and a
+/// duration past what the clock can hold would panic.
+pub const MAX_TIMEOUT_S: f64 = 86_400.0;
+
+/// The longest `shutdown_grace_s` and `batch.poll_s`: an hour.
+pub const MAX_GRACE_S: f64 = 3_600.0;
 
 /// The rows the HTML report's table holds by default, besides every failed row.
 pub const DEFAULT_REPORT_ROWS: usize = 1000;
@@ -75,16 +86,6 @@ pub enum RawProvider {
     Openai,
     Azure,
     Local,
-}
-
-/// How the key is sent: `Authorization: Bearer KEY` (OpenAI and most servers, and Azure with a
-/// Microsoft Entra ID token) or `api-key: KEY` (Azure OpenAI's keys).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Auth {
-    #[serde(rename = "bearer")]
-    Bearer,
-    #[serde(rename = "api-key")]
-    ApiKey,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,25 +172,12 @@ pub struct RawRun {
     pub mode: Option<Mode>,
 }
 
-/// How requests go out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+/// The input file's format.
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// One request per row, paced to the quota, answered now.
-    #[default]
-    Online,
-    /// Files of requests submitted to the Batch API: half price, answered within 24 hours.
-    Batch,
-}
-
-/// `[model] service_tier`: sent as the request's `service_tier`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ServiceTier {
-    Auto,
-    Default,
-    Flex,
-    Priority,
+pub enum InputFormat {
+    Csv,
+    Jsonl,
 }
 
 /// `[batch]`: how requests are split into Batch API input files. The defaults are OpenAI's
@@ -235,59 +223,7 @@ pub struct RawOutput {
     pub response_format: Option<String>,
     /// Times a completion that breaks the schema or a check is asked for again (default 2).
     pub max_invalid: Option<u32>,
-    pub checks: Option<RawChecks>,
-}
-
-/// `[output.checks]`: what a plain-text completion must satisfy.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawChecks {
-    pub max_chars: Option<usize>,
-    pub min_chars: Option<usize>,
-    pub max_words: Option<usize>,
-    pub must_match: Option<String>,
-    pub must_not_match: Option<String>,
-    /// Each a Tera template over the row (`"{{ name }}"`) or a literal.
-    #[serde(default)]
-    pub must_contain: Vec<String>,
-}
-
-/// Validated `[output]` shape: the schema, the checks, and how often to ask again.
-#[derive(Debug, Clone, Default)]
-pub struct OutputShape {
-    /// (name, schema) when the job has one.
-    pub schema: Option<(String, serde_json::Value)>,
-    /// JSON without a schema (`response_format = "json_object"`).
-    pub json_object: bool,
-    pub checks: RawChecks,
-    pub max_invalid: u32,
-}
-
-impl OutputShape {
-    pub fn is_empty(&self) -> bool {
-        self.schema.is_none()
-            && !self.json_object
-            && self.checks.max_chars.is_none()
-            && self.checks.min_chars.is_none()
-            && self.checks.max_words.is_none()
-            && self.checks.must_match.is_none()
-            && self.checks.must_not_match.is_none()
-            && self.checks.must_contain.is_empty()
-    }
-}
-
-/// USD per 1M tokens.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Pricing {
-    pub input: f64,
-    pub cached_input: Option<f64>,
-    pub output: f64,
-    /// Batch API and flex-tier rates; without them, batch and flex rows are priced at the
-    /// rates above (never lower than what is known).
-    pub batch_input: Option<f64>,
-    pub batch_cached_input: Option<f64>,
-    pub batch_output: Option<f64>,
+    pub checks: Option<Checks>,
 }
 
 /// Where a message's text comes from.
@@ -528,7 +464,7 @@ impl Job {
                 }
             };
             if let Some(name) = &m.name {
-                if !crate::content::is_name(name) {
+                if !crate::chat::is_name(name) {
                     return Err(bad(
                         &format!("{field}.name"),
                         "a message name is 1 to 64 letters, digits, `_` or `-`".into(),
@@ -761,10 +697,10 @@ impl Job {
         // Flex requests queue for capacity: OpenAI's advice is a 15-minute timeout.
         let flex = params.service_tier == Some(ServiceTier::Flex);
         let timeout_s = run.timeout_s.unwrap_or(if flex { 900.0 } else { 120.0 });
-        if !(timeout_s > 0.0 && timeout_s.is_finite()) {
+        if !(timeout_s > 0.0 && timeout_s <= MAX_TIMEOUT_S) {
             return Err(bad(
                 "run.timeout_s",
-                "must be a positive number of seconds".into(),
+                format!("must be a positive number of seconds, at most {MAX_TIMEOUT_S} (a day)"),
             ));
         }
         let max_cost_usd = ov.max_cost_usd.or(run.max_cost_usd);
@@ -785,18 +721,23 @@ impl Job {
                     .into(),
             ));
         }
-        let seconds = |field: &str, v: Option<f64>, default: f64| -> Result<Duration, Error> {
+        let seconds = |field: &str, v: Option<f64>, default: f64, max: f64| {
             let v = v.unwrap_or(default);
-            if !(v >= 0.0 && v.is_finite()) {
+            if !(v >= 0.0 && v <= max) {
                 return Err(bad(
                     field,
-                    "must be a non-negative number of seconds".into(),
+                    format!("must be a non-negative number of seconds, at most {max}"),
                 ));
             }
             Ok(Duration::from_secs_f64(v))
         };
-        let shutdown_grace = seconds("run.shutdown_grace_s", run.shutdown_grace_s, 25.0)?;
-        let outage = seconds("run.outage_s", run.outage_s, 60.0)?;
+        let shutdown_grace = seconds(
+            "run.shutdown_grace_s",
+            run.shutdown_grace_s,
+            25.0,
+            MAX_GRACE_S,
+        )?;
+        let outage = seconds("run.outage_s", run.outage_s, 60.0, MAX_TIMEOUT_S)?;
         let output = ov
             .output
             .clone()
@@ -839,7 +780,7 @@ impl Job {
         let batch = BatchLimits {
             max_requests_per_file: rb.max_requests_per_file.unwrap_or(BATCH_MAX_REQUESTS),
             max_bytes_per_file: rb.max_bytes_per_file.unwrap_or(BATCH_MAX_BYTES),
-            poll: seconds("batch.poll_s", rb.poll_s, 30.0)?,
+            poll: seconds("batch.poll_s", rb.poll_s, 30.0, MAX_GRACE_S)?,
         };
         if batch.max_requests_per_file == 0 {
             return Err(bad(
@@ -891,73 +832,6 @@ impl Job {
             shard: ov.shard,
             shape,
         })
-    }
-
-    /// The job's input, ready to stream.
-    pub fn source(&self) -> crate::input::Source {
-        crate::input::Source {
-            path: self.input.clone(),
-            format: self.input_format,
-            id_column: self.id_column.clone(),
-        }
-    }
-
-    /// `OUTPUT.summary.json`, beside the JSONL output.
-    pub fn summary_path(&self) -> PathBuf {
-        sibling(&self.output, ".summary.json")
-    }
-
-    pub fn lock_path(&self) -> PathBuf {
-        sibling(&self.output, ".lock")
-    }
-
-    /// `OUTPUT.report.html`, beside the JSONL output.
-    pub fn report_path(&self) -> PathBuf {
-        report_path(&self.output)
-    }
-
-    fn companion(&self, kind: &str) -> PathBuf {
-        companion(&self.output, kind)
-    }
-
-    /// Records of rows that left the input: paid for, so never deleted.
-    pub fn stale_path(&self) -> PathBuf {
-        self.companion("stale")
-    }
-
-    /// What `--fresh` moved out of the way.
-    pub fn prev_path(&self) -> PathBuf {
-        self.companion("prev")
-    }
-
-    /// Lines of the output that were not records.
-    pub fn rejected_path(&self) -> PathBuf {
-        self.companion("rejected").with_extension("txt")
-    }
-
-    /// Unconfirmed spend of rows that ended with no record, carried across runs.
-    pub fn spend_path(&self) -> PathBuf {
-        sibling(&self.output, ".spend.json")
-    }
-
-    /// The run's plan spool (temporary).
-    pub fn plan_path(&self) -> PathBuf {
-        sibling(&self.output, ".plan")
-    }
-
-    /// What job wrote this output: compared by `merge`.
-    pub fn stamp_path(&self) -> PathBuf {
-        sibling(&self.output, ".job.json")
-    }
-
-    /// The Batch API log: every step of every batch, recorded before and after it happens.
-    pub fn batches_path(&self) -> PathBuf {
-        sibling(&self.output, ".batches.jsonl")
-    }
-
-    /// Batch input files as uploaded, and results as downloaded.
-    pub fn batch_dir(&self) -> PathBuf {
-        sibling(&self.output, ".batches.d")
     }
 }
 
@@ -1081,31 +955,6 @@ const RESERVED_EXTRA: &[(&str, &str)] = &[
     ("seed", "set by [model] seed"),
     ("user", "set by [model] user"),
 ];
-
-/// `out/x.jsonl` → `out/x.KIND.jsonl`: the output's companions that hold records.
-pub fn companion(output: &Path, kind: &str) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let (stem, ext) = match name.rsplit_once('.') {
-        Some((s, e)) if !s.is_empty() => (s.to_string(), format!(".{e}")),
-        _ => (name.clone(), String::new()),
-    };
-    output.with_file_name(format!("{stem}.{kind}{ext}"))
-}
-
-/// `out/x.jsonl` → `out/x.jsonl.report.html`, for a job's output or any output file.
-pub fn report_path(output: &Path) -> PathBuf {
-    sibling(output, ".report.html")
-}
-
-/// `out/x.jsonl` + `.lock` → `out/x.jsonl.lock`.
-pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
 
 /// `jobs/../out/x.jsonl` → `out/x.jsonl`, lexically, so messages show the path a user would write.
 fn tidy(p: &Path) -> PathBuf {

@@ -204,7 +204,7 @@ pub(super) async fn gather(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Usage;
+    use crate::chat::Usage;
     use serde_json::json;
 
     #[test]
@@ -285,8 +285,8 @@ mod tests {
             .expect("the default model: run `promptmill fetch-model` first")
     }
 
-    fn ask(text: &str, n: u32) -> crate::request::Request {
-        crate::request::Request {
+    fn ask(text: &str, n: u32) -> crate::provider::Request {
+        crate::provider::Request {
             messages: vec![crate::chat::Message {
                 role: crate::chat::Role::User,
                 name: None,
@@ -335,7 +335,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn n_choices_draw_their_own_seeds_and_count_the_prompt_once() {
-        use crate::provider::{Provider, TokenCounter};
+        use crate::provider::Provider;
+        use crate::tokens::TokenCounter;
         let params = crate::chat::Params {
             temperature: Some(1.0),
             seed: Some(42),

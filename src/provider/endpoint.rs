@@ -12,9 +12,36 @@ use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 
-use super::openai::ApiKey;
-use crate::error::Error;
-use crate::job::{Auth, Job};
+use serde::Deserialize;
+
+/// How the key is sent: `Authorization: Bearer KEY` (OpenAI and most servers, and Azure with a
+/// Microsoft Entra ID token) or `api-key: KEY` (Azure OpenAI's keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Auth {
+    #[serde(rename = "bearer")]
+    Bearer,
+    #[serde(rename = "api-key")]
+    ApiKey,
+}
+
+/// The API key, kept out of every `Debug` and `Display`.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: String) -> ApiKey {
+        ApiKey(key)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey([redacted])")
+    }
+}
 
 /// The service a job talks to, its key and how the key is sent.
 #[derive(Clone)]
@@ -35,33 +62,24 @@ pub struct Endpoint {
 const API_KEY: HeaderName = HeaderName::from_static("api-key");
 
 impl Endpoint {
-    /// The job's endpoint and its key from the environment. A remote server needs a key; a
-    /// server on this machine (llama.cpp, Ollama, vLLM) usually does not.
-    pub fn from_job(job: &Job) -> Result<Endpoint, Error> {
-        let key = std::env::var(&job.api_key_env)
-            .ok()
-            .filter(|k| !k.trim().is_empty());
-        if key.is_none() && !super::is_loopback(&job.base_url) {
-            return Err(Error::MissingKey {
-                var: job.api_key_env.clone(),
-            });
-        }
-        let extra_roots = match &job.ca_file {
-            Some(p) => read_ca_file(p).map_err(|message| Error::Job {
-                path: job.file.clone(),
-                field: "model.ca_file".into(),
-                message,
-            })?,
-            None => Vec::new(),
-        };
-        Ok(Endpoint {
-            base: job.base_url.trim_end_matches('/').to_string(),
-            deployment: job.deployment.clone(),
-            api_version: job.api_version.clone(),
-            auth: job.auth,
+    /// An endpoint from its parts (the assembler reads them from the job). `key` is the value of
+    /// the job's key variable, if set.
+    pub fn new(
+        base: &str,
+        deployment: Option<String>,
+        api_version: Option<String>,
+        auth: Auth,
+        key: Option<String>,
+        extra_roots: Vec<reqwest::Certificate>,
+    ) -> Endpoint {
+        Endpoint {
+            base: base.trim_end_matches('/').to_string(),
+            deployment,
+            api_version,
+            auth,
             key: key.map(ApiKey::new),
             extra_roots,
-        })
+        }
     }
 
     pub fn key(&self) -> Option<&ApiKey> {
@@ -97,6 +115,7 @@ impl Endpoint {
             .connect_timeout(timeout.min(Duration::from_secs(30)))
             .pool_max_idle_per_host(pool.max(1))
             .tcp_nodelay(true)
+            .redirect(same_origin_redirects())
             .user_agent(concat!("promptmill/", env!("CARGO_PKG_VERSION")));
         for cert in &self.extra_roots {
             builder = builder.add_root_certificate(cert.clone());
@@ -192,6 +211,41 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         src = s.source();
     }
     msg
+}
+
+/// Redirects are followed only within the endpoint's own origin (scheme, host and port), at
+/// most 10: every request carries the key in a default header (`Authorization` or Azure's
+/// `api-key`), and reqwest strips only `Authorization` on a cross-host redirect. A redirect to
+/// another origin is an error naming both, and nothing is sent there.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().map(|u| u.origin());
+        if attempt.previous().len() > 10 {
+            attempt.error("more than 10 redirects")
+        } else if first.as_ref() == Some(&attempt.url().origin()) {
+            attempt.follow()
+        } else {
+            let to = attempt.url().origin().ascii_serialization();
+            attempt.error(format!(
+                "a redirect to another host ({to}) is not followed: the API key would go with it"
+            ))
+        }
+    })
+}
+
+/// A server on this machine (llama.cpp, Ollama, vLLM): it usually needs no key.
+pub fn is_loopback(url: &str) -> bool {
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+    else {
+        return false;
+    };
+    host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
 }
 
 #[cfg(test)]

@@ -38,11 +38,10 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
 use super::constrained::{self, Draws, RowSampler};
-use super::{
-    Completion, ErrorKind, Message, Provider, ProviderError, Request, TokenCounter, Usage,
-};
-use crate::chat::{Params, Role};
+use super::{Completion, ErrorKind, Provider, ProviderError, Request};
+use crate::chat::{Message, Params, Role, Usage};
 use crate::error::Error;
+use crate::tokens::TokenCounter;
 
 /// Completion cap when the job sets neither `max_tokens` nor `max_completion_tokens`.
 pub const DEFAULT_MAX_TOKENS: u64 = 256;

@@ -1,5 +1,8 @@
-//! One request → one completion or one classified failure. Providers: OpenAI-compatible HTTP
-//! (`openai`) and the embedded llama.cpp model (`local`, behind the `local` feature).
+//! The provider contract: one request (the chat vocabulary, and its body as the provider's
+//! [`Wire`] spells it) → one completion or one classified failure. One file per API:
+//! OpenAI-compatible HTTP (`openai`, with `endpoint` for URLs, keys and CAs) and the embedded
+//! llama.cpp model (`local`, behind the `local` feature). Nothing here reads the job file:
+//! `backend` assembles a provider from it.
 
 #[cfg(feature = "local")]
 mod constrained;
@@ -11,36 +14,26 @@ pub mod openai;
 
 use std::time::Duration;
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
-pub use crate::chat::Message;
-use crate::cost::{Price, Tier};
-use crate::error::Error;
-use crate::job::{Job, Mode, Pricing, ProviderKind, ServiceTier};
-pub use endpoint::Endpoint;
-use openai::OpenAi;
+use crate::chat::{Message, Params, Usage};
 
-pub use crate::request::Request;
+/// The longest wait a server can ask for (`retry-after`, a rate-limit reset): 10 minutes. A
+/// longer one (a day, 1e30 ms) is taken as this, so the run retries at the cap instead of
+/// stalling, and no value can overflow a clock.
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(600);
 
-/// Token usage as the provider reports it.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
-    /// Prompt tokens served from the provider's prompt cache (billed at the cached rate).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_tokens: Option<u64>,
-    /// Reasoning tokens; already part of `completion_tokens`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reasoning_tokens: Option<u64>,
-    /// True when the server sent no usage and these counts come from the tokenizer.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub estimated: bool,
+/// A wait a server asked for, in seconds, bounded by [`MAX_SERVER_WAIT`]; `None` when it is
+/// not a number of seconds (negative, NaN).
+pub fn server_wait(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(
+        secs.min(MAX_SERVER_WAIT.as_secs_f64()),
+    ))
 }
 
 /// What the provider's rate-limit headers said (OpenAI's `x-ratelimit-*`).
@@ -202,15 +195,8 @@ impl ProviderError {
     }
 }
 
-/// Counts a chat request's prompt tokens with the model's own tokenizer.
-pub trait TokenCounter: Send + Sync {
-    fn count_prompt(&self, messages: &[Message]) -> u64;
-    /// A completion's tokens, for servers that send no usage.
-    fn count_text(&self, text: &str) -> u64;
-}
-
 /// A backend that turns one request into one completion. Retries, pacing and journaling are
-/// the scheduler's; a provider makes exactly one attempt per call.
+/// the run's; a provider makes exactly one attempt per call.
 pub trait Provider: Send + Sync {
     fn complete<'a>(&'a self, req: &'a Request)
         -> BoxFuture<'a, Result<Completion, ProviderError>>;
@@ -220,166 +206,19 @@ pub trait Provider: Send + Sync {
     }
 }
 
-/// The provider for a run, the tokenizer whose counts match it, and who it is.
-pub struct Backend {
-    pub provider: Arc<dyn Provider>,
-    pub counter: Arc<dyn TokenCounter>,
-    /// The job's `[pricing]`, or `None` to look the returned model up in the built-in table.
-    pub pricing: Option<Pricing>,
-    /// Which of the model's prices applies: batch mode and the flex tier bill batch rates.
-    pub tier: Tier,
-    /// Who answers, as the fingerprint knows it (`request::provider_identity`).
-    pub identity: String,
+/// One row's request, rendered once and shared by every attempt.
+#[derive(Debug)]
+pub struct Request {
+    pub messages: Vec<Message>,
+    /// The exact JSON body the HTTP provider posts.
+    pub body: bytes::Bytes,
 }
 
-impl Backend {
-    /// The price of a completion from `model` (as returned), falling back to the job's model.
-    pub fn price_for(&self, returned: Option<&str>, job_model: &str) -> Option<Price> {
-        self.price_at(self.tier, returned, job_model)
-    }
-
-    /// The price at a given tier: results collected from the Batch API are billed at batch
-    /// rates, whatever mode the run that collects them is in.
-    pub fn price_at(&self, tier: Tier, returned: Option<&str>, job_model: &str) -> Option<Price> {
-        if !self.provider.is_billed() {
-            return Some(Price {
-                input: 0.0,
-                cached_input: 0.0,
-                output: 0.0,
-            });
-        }
-        if let Some(p) = &self.pricing {
-            return Some(p.at(tier));
-        }
-        returned
-            .and_then(|m| crate::cost::lookup_tier(m, tier))
-            .or_else(|| crate::cost::lookup_tier(job_model, tier))
-    }
-}
-
-/// The local model file: the job's `path`, else the fetched default.
-pub fn local_model_path(job: &Job) -> Result<PathBuf, Error> {
-    job.model_path
-        .clone()
-        .or_else(crate::models::default_model_path)
-        .ok_or_else(|| Error::Model {
-            path: "(no path)".into(),
-            message: "no model path and no cache folder (set HOME or PROMPTMILL_MODEL_DIR)".into(),
-        })
-}
-
-/// The provider for the job, and the tokenizer whose counts match it. Checks the key (HTTP)
-/// or loads the model (local) before anything is sent.
-pub fn build(job: &Job, need_provider: bool) -> Result<Backend, Error> {
-    let pricing = job.pricing;
-    let tier = tier(job);
-    match job.provider {
-        // Azure OpenAI too: `Endpoint` knows its URL layout and key header.
-        ProviderKind::Openai => {
-            let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
-            let provider: Arc<dyn Provider> = if need_provider {
-                let endpoint = Endpoint::from_job(job)?;
-                let stream = job.params.stream.unwrap_or(false);
-                Arc::new(
-                    OpenAi::new(&endpoint, job.timeout, job.concurrency, stream)
-                        .map_err(Error::Other)?,
-                )
-            } else {
-                Arc::new(NoProvider)
-            };
-            Ok(Backend {
-                provider,
-                counter,
-                pricing,
-                tier,
-                identity: crate::request::provider_identity(job, None),
-            })
-        }
-        ProviderKind::Local => local_backend(job, pricing, tier),
-    }
-}
-
-#[cfg(feature = "local")]
-fn local_backend(job: &Job, pricing: Option<Pricing>, tier: Tier) -> Result<Backend, Error> {
-    let path = local_model_path(job)?;
-    let name = if job.model.is_empty() {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    } else {
-        job.model.clone()
-    };
-    // The file's checksum is part of every row's fingerprint: another file is another model.
-    crate::models::check_model_file(&path)?;
-    let sha = crate::models::sha256_file(&path)?;
-    let model = local::LocalModel::load(
-        &path,
-        &name,
-        &job.params,
-        job.concurrency,
-        local::EngineSettings {
-            context_tokens: job.context_tokens,
-            cache_prompt: job.cache_prompt,
-        },
-    )?;
-    Ok(Backend {
-        provider: model.clone(),
-        counter: model,
-        pricing,
-        tier,
-        identity: crate::request::provider_identity(job, Some(&sha)),
-    })
-}
-
-#[cfg(not(feature = "local"))]
-fn local_backend(job: &Job, _pricing: Option<Pricing>, _tier: Tier) -> Result<Backend, Error> {
-    Err(Error::Job {
-        path: job.file.clone(),
-        field: "model.provider".into(),
-        message:
-            "this promptmill was built without the `local` feature; rebuild with default features"
-                .into(),
-    })
-}
-
-/// The price tier a job's rows are billed at.
-pub fn tier(job: &Job) -> Tier {
-    if job.mode == Mode::Batch {
-        Tier::Batch
-    } else if job.params.service_tier == Some(ServiceTier::Flex) {
-        Tier::Flex
-    } else {
-        Tier::Standard
-    }
-}
-
-/// Stands in for the provider where nothing is sent (estimate, render).
-struct NoProvider;
-
-impl Provider for NoProvider {
-    fn complete<'a>(
-        &'a self,
-        _req: &'a Request,
-    ) -> futures::future::BoxFuture<'a, Result<Completion, ProviderError>> {
-        Box::pin(async {
-            Err(ProviderError::new(
-                ErrorKind::BadRequest,
-                "nothing is sent in this mode",
-            ))
-        })
-    }
-}
-
-pub fn is_loopback(url: &str) -> bool {
-    let Some(host) = reqwest::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-    else {
-        return false;
-    };
-    host == "localhost"
-        || host
-            .trim_matches(['[', ']'])
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|a| a.is_loopback())
+/// How an API spells a chat request on the wire. Built once per row, before any attempt, so
+/// every retry sends the same bytes and a batch file holds exactly what online mode would send.
+pub trait Wire: Send + Sync {
+    fn body(&self, model: &str, messages: &RawValue, params: &Params) -> bytes::Bytes;
+    /// The body asking for `k` choices instead of the row's own number: a re-ask for the
+    /// choices that broke the job's shape. `had_n`: the row's own body names a number.
+    fn with_choices(&self, body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes;
 }

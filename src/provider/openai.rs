@@ -8,28 +8,9 @@ use futures::StreamExt;
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use super::endpoint::Endpoint;
-use super::{Completion, ErrorKind, Provider, ProviderError, RateLimits, Request, Usage};
-use crate::chat::Params;
-
-/// The API key, kept out of every `Debug` and `Display`.
-#[derive(Clone)]
-pub struct ApiKey(String);
-
-impl ApiKey {
-    pub fn new(key: String) -> ApiKey {
-        ApiKey(key)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for ApiKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiKey([redacted])")
-    }
-}
+use super::endpoint::{ApiKey, Endpoint};
+use super::{Completion, ErrorKind, Provider, ProviderError, RateLimits, Request};
+use crate::chat::{Params, Usage};
 
 pub struct OpenAi {
     client: reqwest::Client,
@@ -74,6 +55,34 @@ pub fn request_body(
         extra: &params.extra,
     };
     bytes::Bytes::from(serde_json::to_vec(&body).expect("a request body always serializes"))
+}
+
+/// OpenAI's chat completions body ([`request_body`]).
+pub struct OpenAiWire;
+
+impl super::Wire for OpenAiWire {
+    fn body(
+        &self,
+        model: &str,
+        messages: &serde_json::value::RawValue,
+        params: &Params,
+    ) -> bytes::Bytes {
+        request_body(model, messages, params)
+    }
+
+    fn with_choices(&self, body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes {
+        if k == 1 && !had_n {
+            return body.clone();
+        }
+        let mut v: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(body).expect("our own body parses");
+        if k == 1 {
+            v.remove("n");
+        } else {
+            v.insert("n".into(), k.into());
+        }
+        bytes::Bytes::from(serde_json::to_vec(&v).expect("serializes"))
+    }
 }
 
 impl OpenAi {
@@ -497,14 +506,13 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// `retry-after-ms` (OpenAI's, precise) first, then `retry-after` in seconds.
 fn retry_after(h: &HeaderMap) -> Option<Duration> {
     if let Some(ms) = header_str(h, "retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms >= 0.0 && ms.is_finite() {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if let Some(d) = super::server_wait(ms / 1000.0) {
+            return Some(d);
         }
     }
     header_str(h, "retry-after")
         .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| *s >= 0.0 && s.is_finite())
-        .map(Duration::from_secs_f64)
+        .and_then(super::server_wait)
 }
 
 fn rate_limits(h: &HeaderMap) -> Option<RateLimits> {
@@ -551,7 +559,11 @@ pub(crate) fn parse_reset(v: &str) -> Option<Duration> {
         total += num.parse::<f64>().ok()?; // bare number: seconds
         any = true;
     }
-    any.then(|| Duration::from_secs_f64(total))
+    if any {
+        super::server_wait(total)
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::provider::{ErrorKind, Usage};
+use crate::chat::Usage;
+use crate::provider::ErrorKind;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -72,7 +73,7 @@ pub struct Record {
     pub unconfirmed_usd: Option<f64>,
     /// `batch` when the Batch API answered the row (online rows leave it out).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<crate::job::Mode>,
+    pub mode: Option<crate::chat::Mode>,
     /// The batch that answered the row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
-use crate::journal::io_err;
+use crate::ledger::journal::io_err;
 use crate::provider::openai::{parse_completion, status_error};
 use crate::provider::{Completion, ErrorKind};
 
@@ -38,7 +38,7 @@ pub enum Outcome {
 
 /// A row's key as a batch line's `custom_id` carries it: `r{row}-{fingerprint}[-{id hash}]`.
 pub fn custom_id(row: u64, fp: &[u8; 16], idh: u64) -> String {
-    let fp = crate::request::hex(fp);
+    let fp = crate::fingerprint::hex(fp);
     if idh == 0 {
         format!("r{row}-{fp}")
     } else {
@@ -50,7 +50,7 @@ pub fn custom_id(row: u64, fp: &[u8; 16], idh: u64) -> String {
 pub fn parse_custom_id(id: &str) -> Option<(u64, [u8; 16], u64)> {
     let mut it = id.split('-');
     let row = it.next()?.strip_prefix('r')?.parse().ok()?;
-    let fp = crate::request::fingerprint_bytes(it.next()?)?;
+    let fp = crate::fingerprint::fingerprint_bytes(it.next()?)?;
     let idh = match it.next() {
         Some(h) => u64::from_str_radix(h, 16).ok()?,
         None => 0,

@@ -1,22 +1,5 @@
-//! The Batch API: the job's pending rows as files of requests, uploaded and submitted as
-//! batches at half price, and collected into the same records as an online run.
-//!
-//! A run in batch mode is an ordinary run (`schedule`) whose rows, instead of being sent, are
-//! routed here: a row with a downloaded result gets its record, a row in a batch still running
-//! waits, and any other row goes into a new input file. Every step is in the batch log
-//! (`state`) before and after it happens:
-//!
-//! ```text
-//! part written → uploading → uploaded → creating → created → finished (downloaded) → collected
-//! ```
-//!
-//! so a run killed between two steps redoes or looks up the step it was in, and no row is
-//! submitted while an earlier batch holds it.
-
-pub mod client;
-pub mod export;
-pub mod results;
-pub mod state;
+//! One run's batch state: the log, refreshed from the server; results routed to their rows;
+//! the parts this run writes.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
@@ -24,127 +7,35 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::client::{Batch, Client};
+use super::results::{Answerer, Outcome, Results, Unmatched};
+use super::state::{now, Event, Log, Part, Stage};
+use super::*;
 use crate::error::Error;
-use crate::job::{BatchLimits, Job};
-use crate::journal::io_err;
-use client::{Batch, Client};
-use results::{Answerer, Outcome, Results, Unmatched};
-use state::{now, Event, Log, Part, Stage};
+use crate::job::Job;
+use crate::ledger::journal::io_err;
 
-/// The metadata key that names a batch's part: how a batch created by a killed run is found.
-pub const META_PART: &str = "promptmill_part";
-
-/// Where a row goes in this run.
-pub enum Route {
-    /// A batch answered it: write its record.
-    Result { outcome: Outcome, from: Answerer },
-    /// A batch still running holds it.
-    InFlight,
-    /// Not in any batch: send it (online) or put it in a new file (batch mode).
-    New,
+/// A part being written this run.
+pub(super) struct NewPart {
+    pub(super) id: String,
+    pub(super) path: PathBuf,
+    pub(super) w: Option<BufWriter<File>>,
+    pub(super) requests: u64,
+    pub(super) bytes: u64,
+    pub(super) worst_usd: f64,
 }
 
-/// Splits lines into files within the limits: requests per file and bytes per file.
-pub struct Splitter {
-    limits: BatchLimits,
-    /// (requests, bytes) of each file so far.
-    pub files: Vec<(u64, u64)>,
-}
-
-impl Splitter {
-    pub fn new(limits: BatchLimits) -> Splitter {
-        Splitter {
-            limits,
-            files: Vec::new(),
-        }
-    }
-
-    /// A line longer than a whole file cannot be submitted.
-    pub fn check(&self, len: u64) -> Result<(), String> {
-        if len > self.limits.max_bytes_per_file {
-            return Err(format!(
-                "the request is {len} bytes as a batch line, over the file limit of {} bytes \
-                 ([batch] max_bytes_per_file)",
-                self.limits.max_bytes_per_file
-            ));
+impl NewPart {
+    /// Makes the part's file durable before it is uploaded.
+    pub(super) fn close(&mut self) -> Result<(), Error> {
+        if let Some(w) = self.w.take() {
+            w.into_inner()
+                .map_err(|e| io_err(&self.path, e.into_error()))?
+                .sync_all()
+                .map_err(|e| io_err(&self.path, e))?;
         }
         Ok(())
     }
-
-    /// Counts a line; `true` when it starts a new file.
-    pub fn add(&mut self, len: u64) -> bool {
-        let new = self.files.last().is_none_or(|&(n, b)| {
-            n as usize >= self.limits.max_requests_per_file
-                || b + len > self.limits.max_bytes_per_file
-        });
-        if new {
-            self.files.push((0, 0));
-        }
-        let f = self.files.last_mut().expect("a file");
-        f.0 += 1;
-        f.1 += len;
-        new
-    }
-}
-
-/// A row's request as OpenAI's Batch API reads it, and engines that read the same files
-/// (vLLM's `run-batch`): OpenAI's route, the job's own model.
-pub fn write_openai_line(out: &mut Vec<u8>, p: &crate::request::Prepared, idh: u64, stream: bool) {
-    write_line(
-        out,
-        "/v1/chat/completions",
-        None,
-        p.row.number,
-        &p.fingerprint,
-        idh,
-        &p.request.body,
-        stream,
-    );
-}
-
-/// One Batch API input line: `{"custom_id", "method", "url", "body"}`. The body is the online
-/// request's, without streaming (the Batch API answers whole) and, where the service wants
-/// it, naming the deployment.
-#[allow(clippy::too_many_arguments)]
-pub fn write_line(
-    out: &mut Vec<u8>,
-    url: &str,
-    model: Option<&str>,
-    row: u64,
-    fp: &[u8; 16],
-    idh: u64,
-    body: &[u8],
-    stream: bool,
-) {
-    out.clear();
-    out.extend_from_slice(b"{\"custom_id\":");
-    serde_json::to_writer(&mut *out, &results::custom_id(row, fp, idh)).expect("serializes");
-    out.extend_from_slice(b",\"method\":\"POST\",\"url\":");
-    serde_json::to_writer(&mut *out, url).expect("a string serializes");
-    out.extend_from_slice(b",\"body\":");
-    if !stream && model.is_none() {
-        out.extend_from_slice(body);
-    } else {
-        let mut v: serde_json::Map<String, Value> =
-            serde_json::from_slice(body).expect("our own body parses");
-        v.remove("stream");
-        v.remove("stream_options");
-        if let Some(m) = model {
-            v.insert("model".into(), Value::String(m.to_string()));
-        }
-        serde_json::to_writer(&mut *out, &v).expect("serializes");
-    }
-    out.extend_from_slice(b"}\n");
-}
-
-/// A part being written this run.
-struct NewPart {
-    id: String,
-    path: PathBuf,
-    w: Option<BufWriter<File>>,
-    requests: u64,
-    bytes: u64,
-    worst_usd: f64,
 }
 
 /// What this run submitted.
@@ -157,23 +48,23 @@ pub struct Submitted {
 /// Batch state for one run: what the log says, refreshed from the server, and the parts this
 /// run writes.
 pub struct Pass {
-    log: Log,
-    dir: PathBuf,
-    client: Option<Client>,
-    results: Results,
+    pub(super) log: Log,
+    pub(super) dir: PathBuf,
+    pub(super) client: Option<Client>,
+    pub(super) results: Results,
     /// Keys of rows in batches still running, sorted.
-    in_flight: Vec<([u8; 16], u64)>,
+    pub(super) in_flight: Vec<([u8; 16], u64)>,
     /// Parts whose results this run collects.
-    finishing: Vec<String>,
-    splitter: Splitter,
-    line_url: &'static str,
+    pub(super) finishing: Vec<String>,
+    pub(super) splitter: Splitter,
+    pub(super) line_url: &'static str,
     /// The model each line's body must name, when it is not the job's (Azure: the deployment).
-    line_model: Option<String>,
-    new_parts: Vec<NewPart>,
-    run_tag: String,
-    job_name: String,
-    output_name: String,
-    line: Vec<u8>,
+    pub(super) line_model: Option<String>,
+    pub(super) new_parts: Vec<NewPart>,
+    pub(super) run_tag: String,
+    pub(super) job_name: String,
+    pub(super) output_name: String,
+    pub(super) line: Vec<u8>,
     /// Batches still running, and their requests.
     pub running: (u64, u64),
     /// Batches that ended failed, with the API's errors.
@@ -190,8 +81,8 @@ impl Pass {
     /// downloads the results of those that ended. `need_client`: this run may submit.
     /// `import`: a results file from another engine, read like a downloaded batch's.
     pub async fn open(job: &Job, need_client: bool, import: Option<&Path>) -> Result<Pass, Error> {
-        let log = Log::load(&job.batches_path())?;
-        let dir = job.batch_dir();
+        let log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
+        let dir = crate::ledger::files::Files::new(&job.output).batch_dir();
         let has_open = log.open_parts().next().is_some();
         let client = if has_open || need_client {
             Some(Client::for_job(job)?)
@@ -258,7 +149,7 @@ impl Pass {
 
     /// Input files a killed run wrote but never put on record: nothing refers to them (their
     /// rows are planned again), so they only take space. The run holds the output's lock.
-    fn remove_strays(&self) {
+    pub(super) fn remove_strays(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
@@ -271,14 +162,14 @@ impl Pass {
         }
     }
 
-    fn client(&self) -> &Client {
+    pub(super) fn client(&self) -> &Client {
         self.client
             .as_ref()
             .expect("a client when batches are open")
     }
 
     /// Brings every open part up to date with the server.
-    async fn refresh(&mut self) -> Result<(), Error> {
+    pub(super) async fn refresh(&mut self) -> Result<(), Error> {
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
         let open: Vec<Part> = self.log.open_parts().cloned().collect();
         for part in open {
@@ -332,7 +223,7 @@ impl Pass {
         Ok(())
     }
 
-    fn abandon(&mut self, part: &Part, why: &str) -> Result<(), Error> {
+    pub(super) fn abandon(&mut self, part: &Part, why: &str) -> Result<(), Error> {
         self.log.record(Event::Abandoned {
             part: part.id.clone(),
             why: why.into(),
@@ -343,7 +234,7 @@ impl Pass {
     }
 
     /// Downloads the results of a batch that ended; a batch still running stays as it is.
-    async fn check(&mut self, part: &str, b: Batch) -> Result<(), Error> {
+    pub(super) async fn check(&mut self, part: &str, b: Batch) -> Result<(), Error> {
         if !b.is_final() {
             return Ok(());
         }
@@ -386,7 +277,7 @@ impl Pass {
     }
 
     /// A failed batch's named lines as result lines of their own, so those rows fail.
-    fn invalid_lines(&self, part: &str, b: &Batch) -> Result<Option<String>, Error> {
+    pub(super) fn invalid_lines(&self, part: &str, b: &Batch) -> Result<Option<String>, Error> {
         let Some(p) = self.log.part(part) else {
             return Ok(None);
         };
@@ -436,7 +327,7 @@ impl Pass {
     }
 
     /// Indexes the results to collect and the rows still in flight.
-    fn index(&mut self) -> Result<(), Error> {
+    pub(super) fn index(&mut self) -> Result<(), Error> {
         for p in self.log.open_parts() {
             match p.stage {
                 Stage::Finished => {
@@ -568,7 +459,11 @@ impl Pass {
         r
     }
 
-    fn add_line(&mut self, line: &[u8], worst_usd: f64) -> Result<Result<(), String>, Error> {
+    pub(super) fn add_line(
+        &mut self,
+        line: &[u8],
+        worst_usd: f64,
+    ) -> Result<Result<(), String>, Error> {
         let len = line.len() as u64;
         if let Err(e) = self.splitter.check(len) {
             return Ok(Err(e));
@@ -585,9 +480,9 @@ impl Pass {
         Ok(Ok(()))
     }
 
-    fn start_part(&mut self) -> Result<(), Error> {
+    pub(super) fn start_part(&mut self) -> Result<(), Error> {
         if let Some(p) = self.new_parts.last_mut() {
-            close(p)?;
+            p.close()?;
         }
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
         let id = format!("p{}-{:04}", self.run_tag, self.new_parts.len() + 1);
@@ -610,108 +505,6 @@ impl Pass {
             .iter()
             .map(|p| (p.requests, p.bytes))
             .collect()
-    }
-
-    /// Uploads and submits this run's files, one step at a time, each on record before and
-    /// after. `stop`: a signal arrived; files not yet begun are dropped (their rows stay
-    /// pending).
-    pub async fn submit(
-        &mut self,
-        stop: &tokio_util::sync::CancellationToken,
-    ) -> Result<Submitted, Error> {
-        let mut done = Submitted::default();
-        let parts = std::mem::take(&mut self.new_parts);
-        let mut rest = parts.into_iter();
-        while let Some(mut p) = rest.next() {
-            if stop.is_cancelled() {
-                let _ = std::fs::remove_file(&p.path);
-                for p in rest.by_ref() {
-                    let _ = std::fs::remove_file(&p.path);
-                }
-                break;
-            }
-            close(&mut p)?;
-            let file = p
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            self.log.record(Event::Part {
-                part: p.id.clone(),
-                file: file.clone(),
-                requests: p.requests,
-                bytes: p.bytes,
-                worst_usd: p.worst_usd,
-                at: now(),
-            })?;
-            let client = self.client.as_ref().expect("a client in batch mode");
-            self.log.record(Event::Uploading {
-                part: p.id.clone(),
-                at: now(),
-            })?;
-            let file_id = match client.upload(&p.path, &file).await {
-                Ok(id) => {
-                    state::failpoint("batch:upload-done");
-                    id
-                }
-                Err(e) => {
-                    let part = self.log.part(&p.id).cloned().expect("just recorded");
-                    self.abandon(&part, &e.to_string())?;
-                    for p in rest.by_ref() {
-                        let _ = std::fs::remove_file(&p.path);
-                    }
-                    return Err(e);
-                }
-            };
-            self.log.record(Event::Uploaded {
-                part: p.id.clone(),
-                file_id: file_id.clone(),
-                at: now(),
-            })?;
-            self.log.record(Event::Creating {
-                part: p.id.clone(),
-                at: now(),
-            })?;
-            let mut meta = serde_json::Map::new();
-            meta.insert(META_PART.into(), Value::String(p.id.clone()));
-            meta.insert(
-                "promptmill_job".into(),
-                Value::String(self.job_name.clone()),
-            );
-            meta.insert(
-                "promptmill_output".into(),
-                Value::String(self.output_name.clone()),
-            );
-            let client = self.client.as_ref().expect("a client in batch mode");
-            match client.create(&file_id, &meta).await {
-                Ok(b) => {
-                    state::failpoint("batch:create-done");
-                    self.log.record(Event::Created {
-                        part: p.id.clone(),
-                        batch_id: b.id.clone(),
-                        at: b.created_at.unwrap_or_else(now),
-                    })?;
-                    tracing::info!(
-                        "submitted batch {} ({} requests, {} bytes)",
-                        b.id,
-                        p.requests,
-                        p.bytes
-                    );
-                    done.batches += 1;
-                    done.requests += p.requests;
-                }
-                Err(e) => {
-                    let _ = client.delete_file(&file_id).await;
-                    let part = self.log.part(&p.id).cloned().expect("just recorded");
-                    self.abandon(&part, &e.to_string())?;
-                    for p in rest.by_ref() {
-                        let _ = std::fs::remove_file(&p.path);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(done)
     }
 
     /// Frees the result index and the in-flight keys once every row is routed: compaction,
@@ -738,178 +531,5 @@ impl Pass {
             })?;
         }
         Ok(())
-    }
-}
-
-fn close(p: &mut NewPart) -> Result<(), Error> {
-    if let Some(w) = p.w.take() {
-        w.into_inner()
-            .map_err(|e| io_err(&p.path, e.into_error()))?
-            .sync_all()
-            .map_err(|e| io_err(&p.path, e))?;
-    }
-    Ok(())
-}
-
-/// One line per batch for `batch status`, asking the server about those still running.
-pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
-    let log = Log::load(&job.batches_path())?;
-    let open: Vec<Part> = log.open_parts().cloned().collect();
-    let client = if open.iter().any(|p| p.batch_id.is_some()) {
-        Some(Client::for_job(job)?)
-    } else {
-        None
-    };
-    let t = now();
-    let mut lines = Vec::new();
-    let collected = log
-        .parts
-        .iter()
-        .filter(|p| p.stage == Stage::Collected)
-        .count();
-    for p in &open {
-        let Some(id) = &p.batch_id else {
-            lines.push(format!(
-                "{}: {} requests, not submitted yet (the next run submits them)",
-                p.file, p.requests
-            ));
-            continue;
-        };
-        let (status, counts, expires) = match (&client, p.stage) {
-            (Some(c), Stage::Created) => {
-                let b = c.retrieve(id).await?;
-                (
-                    b.status.clone(),
-                    b.request_counts.unwrap_or_default(),
-                    b.expires_at,
-                )
-            }
-            _ => (
-                format!(
-                    "{} (results downloaded; the next run or `batch collect` writes them)",
-                    p.status.clone().unwrap_or_default()
-                ),
-                p.counts,
-                None,
-            ),
-        };
-        let age = t.saturating_sub(p.created_at);
-        let left = expires
-            .map(|e| format!(", {} left", hms(e.saturating_sub(t))))
-            .unwrap_or_default();
-        lines.push(format!(
-            "{id}  {status}  {}/{} done, {} failed  ({} requests, age {}{left}){}",
-            counts.completed,
-            counts.total.max(p.requests),
-            counts.failed,
-            p.requests,
-            hms(age),
-            if p.cancel_requested {
-                "  cancel requested"
-            } else {
-                ""
-            }
-        ));
-    }
-    if open.is_empty() {
-        lines.push("no batches in flight".into());
-    }
-    if collected > 0 {
-        lines.push(format!("{collected} earlier batch(es) collected"));
-    }
-    Ok(lines)
-}
-
-/// Asks the server to cancel every batch still running; what they finished is kept and
-/// collected by the next run.
-pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
-    let _lock = crate::journal::Lock::acquire(&job.lock_path())?;
-    let mut log = Log::load(&job.batches_path())?;
-    let running: Vec<Part> = log
-        .open_parts()
-        .filter(|p| p.stage == Stage::Created)
-        .cloned()
-        .collect();
-    if running.is_empty() {
-        return Ok(vec!["no batches running".into()]);
-    }
-    let client = Client::for_job(job)?;
-    let mut lines = Vec::new();
-    for p in running {
-        let id = p.batch_id.clone().expect("created");
-        log.record(Event::CancelRequested {
-            part: p.id.clone(),
-            at: now(),
-        })?;
-        match client.cancel(&id).await {
-            Ok(b) => lines.push(format!("{id}: {}", b.status)),
-            Err(e) => lines.push(format!("{id}: {e}")),
-        }
-    }
-    Ok(lines)
-}
-
-fn hms(s: u64) -> String {
-    format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
-}
-
-/// Waits until a running batch of the job ends (or there is none), checking with backoff from
-/// a few seconds up to `[batch] poll_s`, and showing the request counts. `Ok(false)`: a signal
-/// arrived first.
-pub async fn wait_any(
-    job: &Job,
-    signals: &crate::schedule::Signals,
-    quiet: bool,
-) -> Result<bool, Error> {
-    let log = Log::load(&job.batches_path())?;
-    let running: Vec<String> = log
-        .open_parts()
-        .filter(|p| p.stage == Stage::Created)
-        .filter_map(|p| p.batch_id.clone())
-        .collect();
-    if running.is_empty() {
-        return Ok(true);
-    }
-    let client = Client::for_job(job)?;
-    let bar = crate::report::spinner(quiet);
-    let mut delay = std::time::Duration::from_secs(2).min(job.batch.poll);
-    let mut last_log = std::time::Instant::now();
-    loop {
-        let mut line = Vec::new();
-        let mut ended = false;
-        for id in &running {
-            let b = client.retrieve(id).await?;
-            let c = b.request_counts.unwrap_or_default();
-            line.push(format!(
-                "{id} {} {}/{} ({} failed)",
-                b.status, c.completed, c.total, c.failed
-            ));
-            ended |= b.is_final();
-        }
-        let msg = format!("waiting for batches: {}", line.join(", "));
-        match &bar {
-            Some(b) => b.set_message(msg),
-            None if !quiet && last_log.elapsed() >= std::time::Duration::from_secs(60) => {
-                last_log = std::time::Instant::now();
-                tracing::info!("{msg}");
-            }
-            None => {}
-        }
-        if ended {
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            return Ok(true);
-        }
-        tokio::select! {
-            _ = signals.stop.cancelled() => {
-                if let Some(b) = bar {
-                    b.finish_and_clear();
-                }
-                return Ok(false);
-            }
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(job.batch.poll.max(std::time::Duration::from_millis(10)));
     }
 }

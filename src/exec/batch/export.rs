@@ -5,12 +5,11 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::backend::Backend;
 use crate::error::Error;
 use crate::job::Job;
-use crate::journal::io_err;
-use crate::ledger::Index;
+use crate::ledger::journal::io_err;
 use crate::plan::{Decision, Planner};
-use crate::provider::Backend;
 use crate::render::Renderer;
 use crate::request::{Builder, Rendered};
 
@@ -22,12 +21,11 @@ pub fn export(
     limit: Option<u64>,
     out: &Path,
 ) -> Result<u64, Error> {
-    let keying = crate::schedule::keying(job);
-    let index = Index::load(&job.output, keying)?.with_stale(&job.stale_path(), keying)?;
-    let mut planner = Planner::new(index, keying, false, None);
-    let builder = Builder::new(job, &backend.identity);
+    let keying = crate::plan::keying(job);
+    let mut planner = Planner::for_job(job, false)?;
+    let builder = Builder::new(job, backend);
     let stdout = out.as_os_str() == "-";
-    let tmp = crate::job::sibling(out, ".part");
+    let tmp = crate::ledger::files::sibling(out, ".part");
     let mut w: Box<dyn Write> = if stdout {
         Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
     } else {
@@ -42,7 +40,7 @@ pub fn export(
         // Unreadable rows have no request to export; `run` reports them.
         let Rendered::Ready(p) = item else { continue };
         let idh = keying.id_hash(&p.row.id);
-        if !crate::shard::owns(job, &p) || planner.plan_keyed(&p, idh)? != Decision::Send {
+        if !crate::plan::owns(job, &p) || planner.plan_keyed(&p, idh)? != Decision::Send {
             continue;
         }
         super::write_openai_line(&mut line, &p, idh, stream);

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::chat::Usage;
 use crate::error::Error;
-use crate::output::{Record, Status};
-use crate::provider::Usage;
+use crate::ledger::record::{Record, Status};
 
 /// How the cells are written.
 #[derive(Debug, Clone, Default)]
@@ -73,7 +73,7 @@ pub fn export_csv(
         })?;
     }
     // Written beside and renamed over, so a failure never leaves half a CSV in place of a good one.
-    let tmp = crate::job::sibling(csv_path, ".tmp");
+    let tmp = crate::ledger::files::sibling(csv_path, ".tmp");
     match write_csv(jsonl, &tmp, csv_path, &header, &layout, opts) {
         Ok(n) => {
             std::fs::rename(&tmp, csv_path).map_err(|e| Error::Io {
@@ -140,7 +140,7 @@ fn write_csv(
 /// column sums to what was paid.
 fn cells(
     r: &Record,
-    variant: Option<(usize, &crate::output::Variant)>,
+    variant: Option<(usize, &crate::ledger::record::Variant)>,
     layout: &Layout,
     opts: &CsvOptions,
 ) -> Vec<String> {
@@ -553,7 +553,7 @@ mod tests {
         for inputs in [None, Some(&header[..])] {
             assert!(export_csv(&jsonl, &csv_path, inputs, &opts).is_err());
             assert_eq!(std::fs::read_to_string(&csv_path).unwrap(), "good\n");
-            assert!(!crate::job::sibling(&csv_path, ".tmp").exists());
+            assert!(!crate::ledger::files::sibling(&csv_path, ".tmp").exists());
         }
     }
 

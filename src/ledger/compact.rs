@@ -1,357 +1,21 @@
-//! The ledger: what the journal says is done, known by request rather than by position.
-//!
-//! A row's key is its request fingerprint (and its id's hash, when the job names an id
-//! column); an unreadable row's key is a hash of its row number and error. The index of those
-//! keys is loaded once, by the one parser in `journal`, for resuming and for compacting.
-//!
-//! During a run the planner writes the plan spool: one line per input row, in input order,
-//! naming the row's key (and its current id and fields when its record must be rewritten).
-//! Compaction walks the spool and writes each row's record in input order; a second row with
-//! the same request gets a copy that says where it came from. Records no row asked for moved
-//! to `OUTPUT.stale.jsonl` (they were paid for); lines that are not records to
-//! `OUTPUT.rejected.txt`. Nothing is deleted but superseded records that cost nothing.
+//! Compaction: the plan spool walked in input order, each row's record written where it
+//! belongs, records no row asked for moved to the stale file, foreign lines set aside.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::hash::{Hash, Hasher};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::error::Error;
-use crate::journal::{self, io_err, Line};
-use crate::output::{CopiedFrom, Record, Status};
-use crate::provider::ErrorKind;
-use crate::request::fingerprint_bytes;
+use crate::fingerprint::fingerprint_bytes;
+use crate::ledger::journal::io_err;
+use crate::ledger::record::{CopiedFrom, Record};
 
-/// How a key's latest record ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Ok,
-    /// The API's verdict (400, 404, 422, …): sent again only with `--retry-failed`.
-    FailedFinal,
-    /// Connection, timeout, 5xx or 429 after all retries: sent again by a plain rerun.
-    FailedTransient,
-    /// The row could not be read or rendered.
-    Input,
-}
-
-const OUTCOME_MASK: u8 = 3;
-const COPY: u8 = 4;
-/// The line records money: a cost or an unconfirmed cost.
-const PAID: u8 = 8;
-const REFERENCED: u8 = 16;
-
-/// One key's latest record. 48 bytes: a 1,000,000-row output's index is under 50 MB.
-#[derive(Debug, Clone, Copy)]
-pub struct Entry {
-    pub fp: [u8; 16],
-    /// The id's hash when the job has an id column, else 0.
-    pub idh: u64,
-    /// Hash of (row, id, input) as written, 0 when the line must be rewritten anyway; equal
-    /// to the current row's [`ident`] when the record can be kept byte for byte.
-    pub ident: u64,
-    pub offset: u64,
-    /// The first row that took this record during compaction: later rows copy from it.
-    first_row: u32,
-    flags: u8,
-}
-
-impl Entry {
-    pub fn outcome(&self) -> Outcome {
-        match self.flags & OUTCOME_MASK {
-            0 => Outcome::Ok,
-            1 => Outcome::FailedFinal,
-            2 => Outcome::FailedTransient,
-            _ => Outcome::Input,
-        }
-    }
-    pub fn is_copy(&self) -> bool {
-        self.flags & COPY != 0
-    }
-    fn key(&self) -> ([u8; 16], u64) {
-        (self.fp, self.idh)
-    }
-}
-
-/// Whether the id column is part of a row's key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keying {
-    pub by_id: bool,
-}
-
-impl Keying {
-    pub fn id_hash(&self, id: &str) -> u64 {
-        if !self.by_id {
-            return 0;
-        }
-        let mut h = std::hash::DefaultHasher::new();
-        id.hash(&mut h);
-        h.finish() | 1
-    }
-}
-
-/// The identity of a row's record as written: its number, id and fields.
-pub fn ident(row: u64, id: &str, input_json: &[u8]) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    row.hash(&mut h);
-    id.hash(&mut h);
-    input_json.hash(&mut h);
-    h.finish() | 1
-}
-
-/// The key of an unreadable row's record: same row, same error, same record.
-pub fn input_error_key(row: u64, message: &str) -> [u8; 16] {
-    let mut h = Sha256::new();
-    h.update(b"input-error\0");
-    h.update(row.to_le_bytes());
-    h.update(message.as_bytes());
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&h.finalize()[..16]);
-    out
-}
-
-pub fn error_outcome(kind: ErrorKind) -> Outcome {
-    match kind {
-        ErrorKind::Input => Outcome::Input,
-        k if k.is_final_verdict() => Outcome::FailedFinal,
-        _ => Outcome::FailedTransient,
-    }
-}
-
-/// Everything the journal (and the stale file) says, loaded once.
-#[derive(Default)]
-pub struct Index {
-    /// Sorted by key; one entry per key.
-    entries: Vec<Entry>,
-    /// Records replaced by a later record of the same key that cost money: kept, as stale.
-    superseded_paid: Vec<u64>,
-    /// (line number, offset) of lines that are not records.
-    pub unreadable: Vec<(u64, u64)>,
-    pub records: u64,
-    /// Cost of every record in the output (the stale file's is `stale_spend`).
-    pub spent_usd: f64,
-    /// Worst-case cost of attempts that may have been billed without a usable completion.
-    pub unconfirmed_usd: f64,
-    pub mean_completion_tokens: Option<f64>,
-    /// The stale file's records: not rows of this output, but answers a restored row can copy.
-    stale: Option<Box<Index>>,
-}
-
-impl Index {
-    /// Adds the stale file's records as copy sources, so a row deleted from the input and put
-    /// back later is not paid for again.
-    pub fn with_stale(mut self, stale: &Path, keying: Keying) -> Result<Index, Error> {
-        let ix = Index::load(stale, keying)?;
-        self.stale = (ix.records > 0).then(|| Box::new(ix));
-        Ok(self)
-    }
-
-    /// What the stale file's records cost (they were paid for).
-    pub fn stale_spent_usd(&self) -> f64 {
-        self.stale
-            .as_ref()
-            .map_or(0.0, |s| s.spent_usd + s.unconfirmed_usd)
-    }
-
-    /// Reads the journal at `path` (and the stale file's spend). Memory: 48 bytes per key.
-    pub fn load(path: &Path, keying: Keying) -> Result<Index, Error> {
-        let mut ix = Index::default();
-        let mut last_dedup = 0usize;
-        let (mut ok_rows, mut ok_tokens) = (0u64, 0u64);
-        journal::for_each_line(path, |offset, number, bytes| {
-            let line = match journal::parse_line(bytes) {
-                Ok(Some(l)) => l,
-                Ok(None) => return Ok(()),
-                Err(why) => {
-                    if ix.unreadable.len() < 5 {
-                        tracing::warn!(
-                            "{}: line {number} is not a record ({why}); it is kept aside",
-                            path.display()
-                        );
-                    }
-                    ix.unreadable.push((number, offset));
-                    return Ok(());
-                }
-            };
-            let Some(e) = entry_of(&line, bytes, offset, keying) else {
-                if ix.unreadable.len() < 5 {
-                    tracing::warn!(
-                        "{}: line {number} has a malformed fingerprint; it is kept aside",
-                        path.display()
-                    );
-                }
-                ix.unreadable.push((number, offset));
-                return Ok(());
-            };
-            ix.records += 1;
-            ix.spent_usd += line.cost_usd.unwrap_or(0.0);
-            ix.unconfirmed_usd += line.unconfirmed_usd.unwrap_or(0.0);
-            if line.status == Status::Ok && line.copied_from.is_none() {
-                if let Some(u) = &line.usage {
-                    ok_rows += 1;
-                    ok_tokens += u.completion_tokens;
-                }
-            }
-            ix.entries.push(e);
-            // Keep duplicates (reruns of a key) from piling up in memory.
-            if ix.entries.len() >= 1024 && ix.entries.len() >= 2 * last_dedup {
-                ix.dedup();
-                last_dedup = ix.entries.len();
-            }
-            Ok(())
-        })?;
-        if ix.unreadable.len() > 5 {
-            tracing::warn!(
-                "{}: {} lines in all are not records; they are kept aside",
-                path.display(),
-                ix.unreadable.len()
-            );
-        }
-        ix.dedup();
-        if ok_rows > 0 {
-            ix.mean_completion_tokens = Some(ok_tokens as f64 / ok_rows as f64);
-        }
-        Ok(ix)
-    }
-
-    /// One entry per key: the latest original record, else the latest copy. In place, so a
-    /// large index never exists twice.
-    fn dedup(&mut self) {
-        self.entries.sort_unstable_by(|a, b| {
-            a.key()
-                .cmp(&b.key())
-                .then((!a.is_copy()).cmp(&!b.is_copy()))
-                .then(a.offset.cmp(&b.offset))
-        });
-        // Sorted best-last within a key: keep each key's last entry.
-        let mut kept = 0;
-        for i in 0..self.entries.len() {
-            let e = self.entries[i];
-            if kept > 0 && self.entries[kept - 1].key() == e.key() {
-                let old = self.entries[kept - 1];
-                if old.flags & PAID != 0 {
-                    self.superseded_paid.push(old.offset);
-                }
-                self.entries[kept - 1] = e;
-            } else {
-                self.entries[kept] = e;
-                kept += 1;
-            }
-        }
-        self.entries.truncate(kept);
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    fn position(&self, fp: &[u8; 16], idh: u64) -> Option<usize> {
-        self.entries
-            .binary_search_by(|e| e.key().cmp(&(*fp, idh)))
-            .ok()
-    }
-
-    pub fn get(&self, fp: &[u8; 16], idh: u64) -> Option<&Entry> {
-        self.position(fp, idh).map(|i| &self.entries[i])
-    }
-
-    /// A record of the same request under any id, to copy from: an ok original first.
-    fn source_index(&self, fp: &[u8; 16], ok_only: bool) -> Option<usize> {
-        let start = self.entries.partition_point(|e| e.fp < *fp);
-        let end = start + self.entries[start..].partition_point(|e| e.fp == *fp);
-        let rank = |e: &Entry| {
-            (
-                e.outcome() == Outcome::Ok,
-                !e.is_copy(),
-                e.flags & REFERENCED != 0,
-            )
-        };
-        (start..end)
-            .filter(|&i| !ok_only || self.entries[i].outcome() == Outcome::Ok)
-            .max_by_key(|&i| rank(&self.entries[i]))
-    }
-
-    /// Whether an ok record of this request exists under any id (the stale file's included).
-    pub fn has_ok_source(&self, fp: &[u8; 16]) -> bool {
-        self.source_index(fp, true).is_some()
-            || self.stale.as_ref().is_some_and(|s| s.has_ok_source(fp))
-    }
-}
-
-fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -> Option<Entry> {
-    let outcome = match (&line.status, &line.error) {
-        (Status::Ok, _) => Outcome::Ok,
-        (Status::Error, Some(e)) => error_outcome(e.kind),
-        (Status::Error, None) => Outcome::FailedTransient,
-    };
-    let (fp, idh) = match (&line.fingerprint, outcome) {
-        (Some(f), _) => (fingerprint_bytes(f)?, keying.id_hash(&line.id)),
-        (None, Outcome::Input) => {
-            let msg = line
-                .error
-                .as_ref()
-                .map(|e| e.message.as_ref())
-                .unwrap_or("");
-            (input_error_key(line.row, msg), 0)
-        }
-        // A failure without a request fingerprint that is not an input error: nothing to key
-        // it by; it is superseded by whatever the row gets next.
-        (None, _) => (input_error_key(line.row, "no fingerprint"), 0),
-    };
-    let ident = if journal::is_canonical(bytes) {
-        let input = line.input.map(|r| r.get().as_bytes()).unwrap_or(b"{}");
-        ident(line.row, &line.id, input)
-    } else {
-        0
-    };
-    let mut flags = outcome as u8;
-    if line.copied_from.is_some() {
-        flags |= COPY;
-    }
-    if line.cost_usd.unwrap_or(0.0) > 0.0 || line.unconfirmed_usd.unwrap_or(0.0) > 0.0 {
-        flags |= PAID;
-    }
-    Some(Entry {
-        fp,
-        idh,
-        ident,
-        offset,
-        first_row: 0,
-        flags,
-    })
-}
-
-/// Unconfirmed spend of attempts whose rows ended with no record (stopped, interrupted),
-/// carried across runs in `OUTPUT.spend.json`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Carried {
-    pub unconfirmed_usd: f64,
-}
-
-impl Carried {
-    pub fn read(path: &Path) -> Result<Carried, Error> {
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Input {
-                path: path.to_path_buf(),
-                message: format!("not a spend file: {e}"),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Carried::default()),
-            Err(e) => Err(io_err(path, e)),
-        }
-    }
-
-    pub fn write(&self, path: &Path) -> Result<(), Error> {
-        let tmp = crate::job::sibling(path, ".tmp");
-        std::fs::write(&tmp, serde_json::to_vec(self).expect("serializes"))
-            .map_err(|e| io_err(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
-    }
-}
+use super::index::REFERENCED;
+use super::*;
 
 /// One input row in the plan spool.
 #[derive(Debug, Serialize, Deserialize)]
@@ -437,7 +101,7 @@ pub fn compact(
     let mut report = Compacted::default();
     // The stale file, read only for a restored row's copy.
     let mut stale_src: Option<(BufReader<File>, u64)> = None;
-    let tmp = crate::job::sibling(output, ".compact");
+    let tmp = crate::ledger::files::sibling(output, ".compact");
     let mut out =
         BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
     let mut src = match File::open(output) {
@@ -727,12 +391,13 @@ pub fn move_appending(from: &Path, dest: &Path) -> Result<bool, Error> {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
 
     fn rec(row: u64, id: &str, fp: u8, status: &str, extra: &str) -> String {
         format!(
             r#"{{"row":{row},"id":"{id}","status":"{status}","input":{{"t":"{id}"}},"completion":"c{id}","finish_reason":null,"model":null,"usage":null,"cost_usd":0.5,"attempts":1,"latency_ms":1,"fingerprint":"{}","error":{}{extra}}}"#,
-            crate::request::hex(&[fp; 16]),
+            crate::fingerprint::hex(&[fp; 16]),
             if status == "ok" {
                 "null".to_string()
             } else {
@@ -744,7 +409,7 @@ mod tests {
     fn planned(row: u64, fp: u8, input: Option<&str>) -> String {
         let mut p = Planned {
             row,
-            fp: crate::request::hex(&[fp; 16]),
+            fp: crate::fingerprint::hex(&[fp; 16]),
             idh: 0,
             id: None,
             input: None,

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
-use crate::output::{Record, Status};
+use crate::ledger::record::{Record, Status};
 use crate::provider::ErrorKind;
 
 /// What the ledger needs of one journal line. Field order and spacing do not matter (a file

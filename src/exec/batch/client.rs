@@ -11,10 +11,11 @@ use tokio::io::AsyncWriteExt;
 
 use super::state::Counts;
 use crate::error::Error;
-use crate::journal::io_err;
+use crate::exec::retry::RetryPolicy;
+use crate::ledger::journal::io_err;
+use crate::provider::endpoint::Endpoint;
 use crate::provider::openai::{status_error, transport_error};
-use crate::provider::{Endpoint, ErrorKind, ProviderError};
-use crate::retry::RetryPolicy;
+use crate::provider::{ErrorKind, ProviderError};
 
 /// A batch as the API describes it.
 #[derive(Debug, Clone, Deserialize)]
@@ -134,7 +135,7 @@ impl Client {
 
     /// The job's endpoint, key, timeout and retries.
     pub fn for_job(job: &crate::job::Job) -> Result<Client, Error> {
-        Client::new(Endpoint::from_job(job)?, job.timeout, job.max_retries)
+        Client::new(crate::backend::endpoint(job)?, job.timeout, job.max_retries)
     }
 
     pub fn endpoint(&self) -> &Endpoint {

@@ -11,7 +11,7 @@ use backoff::ExponentialBackoff;
 use crate::provider::{Disposition, ProviderError};
 
 /// The longest a server's `retry-after` is obeyed before we wait our own backoff instead.
-const MAX_SERVER_WAIT: Duration = Duration::from_secs(600);
+const MAX_SERVER_WAIT: Duration = crate::provider::MAX_SERVER_WAIT;
 
 pub struct RetryPolicy {
     pub max_retries: u32,

@@ -1,0 +1,231 @@
+//! `estimate` and `run --dry-run`: what the job would send and cost, offline.
+
+use crate::chat::Mode;
+use crate::cli::JobArgs;
+use crate::error::{Error, EXIT_OK};
+use crate::exec::{self};
+use crate::job::{Job, Overrides, ASSUMED_MAX_OUTPUT};
+use crate::plan::{Decision, Planner};
+use crate::render::Renderer;
+use crate::request::{Builder, Rendered};
+
+/// The dry run's images: how many, their prompt tokens, how many of those were assumed.
+#[derive(Default)]
+pub(super) struct ImageStats {
+    count: u64,
+    tokens: u64,
+    assumed: u64,
+}
+
+/// What the dry run counted, row by row, with the run's own planner.
+#[derive(Default)]
+struct Tally {
+    rows: u64,
+    bad: u64,
+    done: u64,
+    copies: u64,
+    prompt: u64,
+    prompt_todo: u64,
+    to_send: u64,
+    images: ImageStats,
+    /// Batch mode: the files the run would write, split by the same rule.
+    files: Vec<(u64, u64)>,
+    too_big: u64,
+}
+
+pub(super) fn estimate(args: &JobArgs, ov: &Overrides, retry_failed: bool) -> Result<i32, Error> {
+    let job = Job::load(&args.job, ov)?;
+    let renderer = Renderer::new(&job)?;
+    let backend = crate::backend::Backend::for_job(&job, false)?;
+    // The run's own planner, so "rows to send" is what `run` would send.
+    let mut planner = Planner::for_job(&job, retry_failed)?;
+    let mean_completion = planner.index.mean_completion_tokens;
+    let schema_tokens = exec::schema_tokens(&job, &*backend.counter);
+    let t = tally(
+        &job,
+        &renderer,
+        &backend,
+        &mut planner,
+        args.limit,
+        schema_tokens,
+    )?;
+    print_rows(&job, &t, schema_tokens);
+    print_cost(
+        &job,
+        &t,
+        backend.price_for(None, &job.model),
+        mean_completion,
+    );
+    Ok(EXIT_OK)
+}
+
+/// Renders and plans every row (or the first `limit`), counting what the run would do.
+fn tally(
+    job: &Job,
+    renderer: &Renderer,
+    backend: &crate::backend::Backend,
+    planner: &mut Planner,
+    limit: Option<u64>,
+    schema_tokens: u64,
+) -> Result<Tally, Error> {
+    let keying = crate::plan::keying(job);
+    let builder = Builder::new(job, backend);
+    let batched = job.mode == Mode::Batch;
+    let mut splitter = crate::exec::batch::Splitter::new(job.batch.clone());
+    let mut line = Vec::new();
+    let stream = job.params.stream.unwrap_or(false);
+    let mut t = Tally::default();
+    for item in builder.rendered(job, renderer, limit)? {
+        t.rows += 1;
+        let p = match item {
+            Rendered::Ready(p) => p,
+            Rendered::Unreadable(number) => {
+                t.bad += u64::from(crate::plan::owns_unreadable(job, number));
+                continue;
+            }
+        };
+        if !crate::plan::owns(job, &p) {
+            continue;
+        }
+        let n = backend.counter.count_prompt(&p.request.messages) + schema_tokens;
+        t.prompt += n;
+        for img in p.request.messages.iter().flat_map(|m| m.content.images()) {
+            let it = crate::tokens::image_tokens(&job.model, img);
+            t.images.count += 1;
+            t.images.tokens += it.tokens;
+            t.images.assumed += u64::from(it.assumed);
+        }
+        match planner.plan(&p)? {
+            Decision::Send => {
+                t.to_send += 1;
+                t.prompt_todo += n;
+                if batched {
+                    let idh = keying.id_hash(&p.row.id);
+                    crate::exec::batch::write_openai_line(&mut line, &p, idh, stream);
+                    let len = line.len() as u64;
+                    if splitter.check(len).is_err() {
+                        t.too_big += 1;
+                    } else {
+                        splitter.add(len);
+                    }
+                }
+            }
+            Decision::Copy => t.copies += 1,
+            Decision::Done | Decision::DoneFailed | Decision::WriteError => t.done += 1,
+        }
+    }
+    t.files = splitter.files;
+    Ok(t)
+}
+
+/// What the rows are: read, done, copied, to send, and their prompt tokens.
+fn print_rows(job: &Job, t: &Tally, schema_tokens: u64) {
+    let batched = job.mode == Mode::Batch;
+    println!("job               {}", job.file.display());
+    println!(
+        "model             {}{}",
+        job.model,
+        if batched {
+            " (Batch API: batch prices)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "rows              {} ({} unreadable or unrenderable)",
+        t.rows, t.bad
+    );
+    println!("already done      {}", t.done);
+    println!(
+        "same request      {} (copied from another row, not sent)",
+        t.copies
+    );
+    println!("rows to send      {}", t.to_send);
+    println!(
+        "prompt tokens     {} (to send: {})",
+        t.prompt, t.prompt_todo
+    );
+    if schema_tokens > 0 {
+        println!(
+            "  of which schema  {schema_tokens} per row (its JSON text, counted with the model's \
+             tokenizer: OpenAI bills the schema as prompt tokens but does not publish exactly \
+             how, so this is an estimate)"
+        );
+    }
+    if t.images.count > 0 {
+        println!(
+            "images            {} ({} prompt tokens of the above, by OpenAI's tile rule{})",
+            t.images.count,
+            t.images.tokens,
+            if t.images.assumed > 0 {
+                format!(
+                    "; {} https URLs not fetched, assumed {}×{} at high detail",
+                    t.images.assumed,
+                    crate::tokens::ASSUMED_IMAGE_SIZE.0,
+                    crate::tokens::ASSUMED_IMAGE_SIZE.1
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+/// What sending them would cost: the bound, the expectation, and batch mode's files.
+fn print_cost(
+    job: &Job,
+    t: &Tally,
+    price: Option<crate::cost::Price>,
+    mean_completion: Option<f64>,
+) {
+    let max_out = job.params.max_output_tokens();
+    // `n` choices per request are billed as n times the output.
+    let out_cap = max_out.unwrap_or(ASSUMED_MAX_OUTPUT) * job.params.choices();
+    // Expected output: what earlier rows of this job really used, else half the cap.
+    let (expected_out, basis) = match mean_completion {
+        Some(m) => (m, "the mean of earlier rows of this output"),
+        None => (out_cap as f64 / 2.0, "assumed: half of max_tokens"),
+    };
+    let usd = |v: Option<f64>| {
+        v.map(|c| format!("${c:.6}"))
+            .unwrap_or_else(|| "unknown (no price for this model; set [pricing])".into())
+    };
+    let bound = price.map(|p| p.bound(t.prompt_todo, out_cap * t.to_send));
+    let expected = price.map(|p| {
+        (t.prompt_todo as f64 * p.input + expected_out * t.to_send as f64 * p.output) / 1e6
+    });
+    println!(
+        "max output tokens {}{}",
+        out_cap * t.to_send,
+        if max_out.is_none() {
+            format!(" (no max_tokens set: {ASSUMED_MAX_OUTPUT} per row assumed)")
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "cost bound        {} (every row uses all of max_tokens)",
+        usd(bound)
+    );
+    println!(
+        "expected cost     {} ({expected_out:.0} output tokens per row, {basis})",
+        usd(expected)
+    );
+    if job.mode == Mode::Batch {
+        println!(
+            "batch files       {} (at most {} requests and {} bytes each; one batch per file)",
+            t.files.len(),
+            job.batch.max_requests_per_file,
+            job.batch.max_bytes_per_file
+        );
+        for (i, (n, b)) in t.files.iter().enumerate() {
+            println!("  file {:<4}       {n} requests, {b} bytes", i + 1);
+        }
+        if t.too_big > 0 {
+            println!(
+                "too large         {} requests are over the file size limit alone",
+                t.too_big
+            );
+        }
+    }
+}

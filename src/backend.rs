@@ -1,0 +1,270 @@
+//! The one assembler: a validated job → the provider that answers it, the tokenizer whose
+//! counts match it, the wire format its requests are spelled in, the price it is billed at,
+//! and the identity its fingerprints carry. No other module reads the job to build these, so
+//! another API is one more arm here and one file under `provider/`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::chat::{Mode, ServiceTier};
+use crate::cost::{Price, Pricing, Tier};
+use crate::error::Error;
+use crate::job::{Job, ProviderKind};
+use crate::provider::endpoint::{read_ca_file, Endpoint};
+use crate::provider::openai::{OpenAi, OpenAiWire};
+use crate::provider::{Completion, ErrorKind, Provider, ProviderError, Request, Wire};
+use crate::tokens::TokenCounter;
+
+/// The provider for a run, the tokenizer whose counts match it, and who it is.
+pub struct Backend {
+    pub provider: Arc<dyn Provider>,
+    pub counter: Arc<dyn TokenCounter>,
+    /// How each row's request body is spelled for this provider.
+    pub wire: Arc<dyn Wire>,
+    /// The job's `[pricing]`, or `None` to look the returned model up in the built-in table.
+    pub pricing: Option<Pricing>,
+    /// Which of the model's prices applies: batch mode and the flex tier bill batch rates.
+    pub tier: Tier,
+    /// Who answers, as the fingerprint knows it ([`provider_identity`]).
+    pub identity: String,
+}
+
+impl Backend {
+    /// The provider for the job, and the tokenizer whose counts match it. Checks the key (HTTP)
+    /// or loads the model (local) before anything is sent; with `need_provider` false
+    /// (estimate, render, status, export) nothing is checked or loaded that sending would need.
+    pub fn for_job(job: &Job, need_provider: bool) -> Result<Backend, Error> {
+        let pricing = job.pricing;
+        let tier = tier(job);
+        match job.provider {
+            // Azure OpenAI too: `Endpoint` knows its URL layout and key header.
+            ProviderKind::Openai => {
+                let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
+                let provider: Arc<dyn Provider> = if need_provider {
+                    let endpoint = endpoint(job)?;
+                    let stream = job.params.stream.unwrap_or(false);
+                    Arc::new(
+                        OpenAi::new(&endpoint, job.timeout, job.concurrency, stream)
+                            .map_err(Error::Other)?,
+                    )
+                } else {
+                    Arc::new(NoProvider)
+                };
+                Ok(Backend {
+                    provider,
+                    counter,
+                    wire: Arc::new(OpenAiWire),
+                    pricing,
+                    tier,
+                    identity: provider_identity(job, None),
+                })
+            }
+            ProviderKind::Local => local_backend(job, pricing, tier),
+        }
+    }
+
+    /// The price of a completion from `model` (as returned), falling back to the job's model.
+    pub fn price_for(&self, returned: Option<&str>, job_model: &str) -> Option<Price> {
+        self.price_at(self.tier, returned, job_model)
+    }
+
+    /// The price at a given tier: results collected from the Batch API are billed at batch
+    /// rates, whatever mode the run that collects them is in.
+    pub fn price_at(&self, tier: Tier, returned: Option<&str>, job_model: &str) -> Option<Price> {
+        if !self.provider.is_billed() {
+            return Some(Price {
+                input: 0.0,
+                cached_input: 0.0,
+                output: 0.0,
+            });
+        }
+        if let Some(p) = &self.pricing {
+            return Some(p.at(tier));
+        }
+        returned
+            .and_then(|m| crate::cost::lookup_tier(m, tier))
+            .or_else(|| crate::cost::lookup_tier(job_model, tier))
+    }
+}
+
+/// The job's endpoint and its key from the environment. A remote server needs a key; a
+/// server on this machine (llama.cpp, Ollama, vLLM) usually does not.
+pub fn endpoint(job: &Job) -> Result<Endpoint, Error> {
+    let key = std::env::var(&job.api_key_env)
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    if key.is_none() && !crate::provider::endpoint::is_loopback(&job.base_url) {
+        return Err(Error::MissingKey {
+            var: job.api_key_env.clone(),
+        });
+    }
+    let extra_roots = match &job.ca_file {
+        Some(p) => read_ca_file(p).map_err(|message| Error::Job {
+            path: job.file.clone(),
+            field: "model.ca_file".into(),
+            message,
+        })?,
+        None => Vec::new(),
+    };
+    Ok(Endpoint::new(
+        &job.base_url,
+        job.deployment.clone(),
+        job.api_version.clone(),
+        job.auth,
+        key,
+        extra_roots,
+    ))
+}
+
+/// The local model file: the job's `path`, else the fetched default.
+pub fn local_model_path(job: &Job) -> Result<PathBuf, Error> {
+    job.model_path
+        .clone()
+        .or_else(crate::models::default_model_path)
+        .ok_or_else(|| Error::Model {
+            path: "(no path)".into(),
+            message: "no model path and no cache folder (set HOME or PROMPTMILL_MODEL_DIR)".into(),
+        })
+}
+
+#[cfg(feature = "local")]
+fn local_backend(job: &Job, pricing: Option<Pricing>, tier: Tier) -> Result<Backend, Error> {
+    use crate::provider::local;
+    let path = local_model_path(job)?;
+    let name = if job.model.is_empty() {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        job.model.clone()
+    };
+    // The file's checksum is part of every row's fingerprint: another file is another model.
+    crate::models::check_model_file(&path)?;
+    let sha = crate::models::sha256_file(&path)?;
+    let model = local::LocalModel::load(
+        &path,
+        &name,
+        &job.params,
+        job.concurrency,
+        local::EngineSettings {
+            context_tokens: job.context_tokens,
+            cache_prompt: job.cache_prompt,
+        },
+    )?;
+    Ok(Backend {
+        provider: model.clone(),
+        counter: model,
+        // The engine reads the messages; the body is the OpenAI spelling, so that outputs
+        // written before rows were keyed by request identity are still recognised.
+        wire: Arc::new(OpenAiWire),
+        pricing,
+        tier,
+        identity: provider_identity(job, Some(&sha)),
+    })
+}
+
+#[cfg(not(feature = "local"))]
+fn local_backend(job: &Job, _pricing: Option<Pricing>, _tier: Tier) -> Result<Backend, Error> {
+    Err(Error::Job {
+        path: job.file.clone(),
+        field: "model.provider".into(),
+        message:
+            "this promptmill was built without the `local` feature; rebuild with default features"
+                .into(),
+    })
+}
+
+/// The price tier a job's rows are billed at.
+pub fn tier(job: &Job) -> Tier {
+    if job.mode == Mode::Batch {
+        Tier::Batch
+    } else if job.params.service_tier == Some(ServiceTier::Flex) {
+        Tier::Flex
+    } else {
+        Tier::Standard
+    }
+}
+
+/// Stands in for the provider where nothing is sent (estimate, render).
+struct NoProvider;
+
+impl Provider for NoProvider {
+    fn complete<'a>(
+        &'a self,
+        _req: &'a Request,
+    ) -> futures::future::BoxFuture<'a, Result<Completion, ProviderError>> {
+        Box::pin(async {
+            Err(ProviderError::new(
+                ErrorKind::BadRequest,
+                "nothing is sent in this mode",
+            ))
+        })
+    }
+}
+
+/// Who answers a job's requests, as far as it changes the completion: the HTTP endpoint's host
+/// (and port), or the local model's file checksum and context size.
+pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String {
+    match job.provider {
+        ProviderKind::Openai => format!("openai:{}", host_and_port(&job.base_url)),
+        ProviderKind::Local => format!(
+            "local:{}:ctx={}",
+            local_model_sha256.unwrap_or("unknown"),
+            job.context_tokens
+                .map_or("default".into(), |c| c.to_string())
+        ),
+    }
+}
+
+/// `https://user@API.example.com:8443/v1` → `api.example.com:8443` (the URL itself when it
+/// does not parse; `Job` has checked it is http(s) already).
+pub fn host_and_port(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => {
+            let host = u.host_str().unwrap_or_default();
+            match u.port() {
+                Some(p) => format!("{host}:{p}"),
+                None => host.to_string(),
+            }
+        }
+        Err(_) => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn another_local_model_file_is_another_provider() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = |ctx: &str| {
+            let p = dir.path().join("job.toml");
+            std::fs::write(
+                &p,
+                format!(
+                    "[input]\npath = \"d.csv\"\n[[messages]]\nrole = \"user\"\ncontent = \"x\"\n\
+                     [model]\nprovider = \"local\"\npath = \"m.gguf\"\n{ctx}\n\
+                     [output]\npath = \"o.jsonl\"\n"
+                ),
+            )
+            .unwrap();
+            Job::load(&p, &Default::default()).unwrap()
+        };
+        let a = provider_identity(&job(""), Some("aa"));
+        assert_ne!(a, provider_identity(&job(""), Some("bb")));
+        assert_ne!(
+            a,
+            provider_identity(&job("context_tokens = 512"), Some("aa"))
+        );
+    }
+
+    #[test]
+    fn the_provider_is_known_by_host_and_port() {
+        assert_eq!(
+            host_and_port("https://u:p@API.Example.com/v1"),
+            "api.example.com"
+        );
+        assert_eq!(host_and_port("http://127.0.0.1:8080/v1"), "127.0.0.1:8080");
+    }
+}

@@ -1,0 +1,209 @@
+//! The Batch API: the job's pending rows as files of requests, uploaded and submitted as
+//! batches at half price, and collected into the same records as an online run.
+//!
+//! A run in batch mode is an ordinary run (`schedule`) whose rows, instead of being sent, are
+//! routed here: a row with a downloaded result gets its record, a row in a batch still running
+//! waits, and any other row goes into a new input file. Every step is in the batch log
+//! (`state`) before and after it happens:
+//!
+//! ```text
+//! part written → uploading → uploaded → creating → created → finished (downloaded) → collected
+//! ```
+//!
+//! so a run killed between two steps redoes or looks up the step it was in, and no row is
+//! submitted while an earlier batch holds it.
+
+pub mod client;
+pub mod export;
+mod lines;
+mod pass;
+pub mod results;
+pub mod state;
+mod submit;
+
+use crate::error::Error;
+use crate::job::Job;
+use client::Client;
+use results::{Answerer, Outcome};
+use state::{now, Event, Log, Part, Stage};
+
+pub use lines::{write_line, write_openai_line, Splitter};
+pub use pass::{Pass, Submitted};
+
+/// The metadata key that names a batch's part: how a batch created by a killed run is found.
+pub const META_PART: &str = "promptmill_part";
+
+/// Where a row goes in this run.
+pub enum Route {
+    /// A batch answered it: write its record.
+    Result { outcome: Outcome, from: Answerer },
+    /// A batch still running holds it.
+    InFlight,
+    /// Not in any batch: send it (online) or put it in a new file (batch mode).
+    New,
+}
+
+/// One line per batch for `batch status`, asking the server about those still running.
+pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
+    let log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
+    let open: Vec<Part> = log.open_parts().cloned().collect();
+    let client = if open.iter().any(|p| p.batch_id.is_some()) {
+        Some(Client::for_job(job)?)
+    } else {
+        None
+    };
+    let t = now();
+    let mut lines = Vec::new();
+    let collected = log
+        .parts
+        .iter()
+        .filter(|p| p.stage == Stage::Collected)
+        .count();
+    for p in &open {
+        let Some(id) = &p.batch_id else {
+            lines.push(format!(
+                "{}: {} requests, not submitted yet (the next run submits them)",
+                p.file, p.requests
+            ));
+            continue;
+        };
+        let (status, counts, expires) = match (&client, p.stage) {
+            (Some(c), Stage::Created) => {
+                let b = c.retrieve(id).await?;
+                (
+                    b.status.clone(),
+                    b.request_counts.unwrap_or_default(),
+                    b.expires_at,
+                )
+            }
+            _ => (
+                format!(
+                    "{} (results downloaded; the next run or `batch collect` writes them)",
+                    p.status.clone().unwrap_or_default()
+                ),
+                p.counts,
+                None,
+            ),
+        };
+        let age = t.saturating_sub(p.created_at);
+        let left = expires
+            .map(|e| format!(", {} left", hms(e.saturating_sub(t))))
+            .unwrap_or_default();
+        lines.push(format!(
+            "{id}  {status}  {}/{} done, {} failed  ({} requests, age {}{left}){}",
+            counts.completed,
+            counts.total.max(p.requests),
+            counts.failed,
+            p.requests,
+            hms(age),
+            if p.cancel_requested {
+                "  cancel requested"
+            } else {
+                ""
+            }
+        ));
+    }
+    if open.is_empty() {
+        lines.push("no batches in flight".into());
+    }
+    if collected > 0 {
+        lines.push(format!("{collected} earlier batch(es) collected"));
+    }
+    Ok(lines)
+}
+
+/// Asks the server to cancel every batch still running; what they finished is kept and
+/// collected by the next run.
+pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
+    let _lock = crate::ledger::journal::Lock::acquire(
+        &crate::ledger::files::Files::new(&job.output).lock(),
+    )?;
+    let mut log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
+    let running: Vec<Part> = log
+        .open_parts()
+        .filter(|p| p.stage == Stage::Created)
+        .cloned()
+        .collect();
+    if running.is_empty() {
+        return Ok(vec!["no batches running".into()]);
+    }
+    let client = Client::for_job(job)?;
+    let mut lines = Vec::new();
+    for p in running {
+        let id = p.batch_id.clone().expect("created");
+        log.record(Event::CancelRequested {
+            part: p.id.clone(),
+            at: now(),
+        })?;
+        match client.cancel(&id).await {
+            Ok(b) => lines.push(format!("{id}: {}", b.status)),
+            Err(e) => lines.push(format!("{id}: {e}")),
+        }
+    }
+    Ok(lines)
+}
+
+fn hms(s: u64) -> String {
+    format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+}
+
+/// Waits until a running batch of the job ends (or there is none), checking with backoff from
+/// a few seconds up to `[batch] poll_s`, and showing the request counts. `Ok(false)`: a signal
+/// arrived first.
+pub async fn wait_any(
+    job: &Job,
+    signals: &crate::exec::Signals,
+    quiet: bool,
+) -> Result<bool, Error> {
+    let log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
+    let running: Vec<String> = log
+        .open_parts()
+        .filter(|p| p.stage == Stage::Created)
+        .filter_map(|p| p.batch_id.clone())
+        .collect();
+    if running.is_empty() {
+        return Ok(true);
+    }
+    let client = Client::for_job(job)?;
+    let bar = crate::report::spinner(quiet);
+    let mut delay = std::time::Duration::from_secs(2).min(job.batch.poll);
+    let mut last_log = std::time::Instant::now();
+    loop {
+        let mut line = Vec::new();
+        let mut ended = false;
+        for id in &running {
+            let b = client.retrieve(id).await?;
+            let c = b.request_counts.unwrap_or_default();
+            line.push(format!(
+                "{id} {} {}/{} ({} failed)",
+                b.status, c.completed, c.total, c.failed
+            ));
+            ended |= b.is_final();
+        }
+        let msg = format!("waiting for batches: {}", line.join(", "));
+        match &bar {
+            Some(b) => b.set_message(msg),
+            None if !quiet && last_log.elapsed() >= std::time::Duration::from_secs(60) => {
+                last_log = std::time::Instant::now();
+                tracing::info!("{msg}");
+            }
+            None => {}
+        }
+        if ended {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = signals.stop.cancelled() => {
+                if let Some(b) = bar {
+                    b.finish_and_clear();
+                }
+                return Ok(false);
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(job.batch.poll.max(std::time::Duration::from_millis(10)));
+    }
+}

@@ -1,0 +1,128 @@
+//! Submitting this run's parts: upload, then create, each step in the log before and after.
+
+use serde_json::Value;
+
+use super::pass::NewPart;
+use super::state::{now, Event};
+use super::*;
+use crate::error::Error;
+
+impl Pass {
+    /// Uploads and submits this run's files, one step at a time, each on record before and
+    /// after. `stop`: a signal arrived; files not yet begun are dropped (their rows stay
+    /// pending).
+    pub async fn submit(
+        &mut self,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<Submitted, Error> {
+        let mut done = Submitted::default();
+        let parts = std::mem::take(&mut self.new_parts);
+        let mut rest = parts.into_iter();
+        while let Some(mut p) = rest.next() {
+            if stop.is_cancelled() {
+                let _ = std::fs::remove_file(&p.path);
+                rest.by_ref()
+                    .for_each(|p| drop(std::fs::remove_file(&p.path)));
+                break;
+            }
+            p.close()?;
+            if let Err(e) = self.submit_part(&p).await {
+                // The rest of this run's files are not sent: their rows stay pending.
+                rest.by_ref()
+                    .for_each(|p| drop(std::fs::remove_file(&p.path)));
+                return Err(e);
+            }
+            done.batches += 1;
+            done.requests += p.requests;
+        }
+        Ok(done)
+    }
+
+    /// One part: on record, uploaded, created as a batch; a step that fails abandons the part
+    /// (its rows stay pending).
+    async fn submit_part(&mut self, p: &NewPart) -> Result<(), Error> {
+        let file = p
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.log.record(Event::Part {
+            part: p.id.clone(),
+            file: file.clone(),
+            requests: p.requests,
+            bytes: p.bytes,
+            worst_usd: p.worst_usd,
+            at: now(),
+        })?;
+        self.log.record(Event::Uploading {
+            part: p.id.clone(),
+            at: now(),
+        })?;
+        let client = self.client.as_ref().expect("a client in batch mode");
+        let file_id = match client.upload(&p.path, &file).await {
+            Ok(id) => {
+                state::failpoint("batch:upload-done");
+                id
+            }
+            Err(e) => return Err(self.give_up(&p.id, e)),
+        };
+        self.log.record(Event::Uploaded {
+            part: p.id.clone(),
+            file_id: file_id.clone(),
+            at: now(),
+        })?;
+        self.log.record(Event::Creating {
+            part: p.id.clone(),
+            at: now(),
+        })?;
+        let client = self.client.as_ref().expect("a client in batch mode");
+        match client.create(&file_id, &self.metadata(&p.id)).await {
+            Ok(b) => {
+                state::failpoint("batch:create-done");
+                self.log.record(Event::Created {
+                    part: p.id.clone(),
+                    batch_id: b.id.clone(),
+                    at: b.created_at.unwrap_or_else(now),
+                })?;
+                tracing::info!(
+                    "submitted batch {} ({} requests, {} bytes)",
+                    b.id,
+                    p.requests,
+                    p.bytes
+                );
+                Ok(())
+            }
+            Err(e) => {
+                let _ = client.delete_file(&file_id).await;
+                Err(self.give_up(&p.id, e))
+            }
+        }
+    }
+
+    /// The batch's metadata: which part, job and output it holds (how a batch whose create
+    /// answer was lost is found again).
+    fn metadata(&self, part: &str) -> serde_json::Map<String, Value> {
+        let mut meta = serde_json::Map::new();
+        meta.insert(META_PART.into(), Value::String(part.to_string()));
+        meta.insert(
+            "promptmill_job".into(),
+            Value::String(self.job_name.clone()),
+        );
+        meta.insert(
+            "promptmill_output".into(),
+            Value::String(self.output_name.clone()),
+        );
+        meta
+    }
+
+    /// Abandons a part whose step failed, and gives back the step's error.
+    fn give_up(&mut self, part: &str, e: Error) -> Error {
+        let Some(part) = self.log.part(part).cloned() else {
+            return e;
+        };
+        match self.abandon(&part, &e.to_string()) {
+            Ok(()) => e,
+            Err(log) => log,
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! One row's request: sent with retries (honouring the pacer and the circuit breaker), then,
+//! when the job has a shape, asked again for what breaks it; the row's record at the end.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::attempt::{send, Sending};
+use super::budget::Reservation;
+use super::reask::{shape_up, Shaped};
+use super::records::{answered_record, error_record, judged_wrong, set_choices, usage_of};
+use super::writer::Msg;
+use super::Shared;
+use crate::ledger::record::{Record, RecordError};
+use crate::provider::Completion;
+use crate::request::Prepared;
+
+/// Sends one row with retries, then (when the job has a shape) asks again for what breaks
+/// it. `None`: the row stays pending (job stopped or interrupted).
+pub(super) async fn process(
+    sh: &Arc<Shared>,
+    p: Prepared,
+    mut reservation: Reservation,
+    pace_tokens: u64,
+    prompt_tokens: Option<u64>,
+) -> Option<Msg> {
+    let started = Instant::now();
+    let mut st = Sending {
+        retrier: sh.retry.start(),
+        attempts: 0,
+        rate_limited: 0,
+        unconfirmed: 0.0,
+        pace_tokens,
+        prompt_tokens,
+    };
+    let pending = |reservation: Reservation, unconfirmed: f64| {
+        reservation.settle(0.0, unconfirmed);
+        (unconfirmed > 0.0).then_some(Msg::Unconfirmed(unconfirmed))
+    };
+    let choices = sh.job.params.choices();
+    let Some(outcome) = send(sh, p.row.number, &p.request, choices, started, &mut st).await else {
+        return pending(reservation, st.unconfirmed);
+    };
+    let shaped = match (outcome, sh.shape.as_ref()) {
+        (Ok(c), Some(shape)) => {
+            match shape_up(sh, shape, &p, c, &mut reservation, started, &mut st).await {
+                Some((s, c)) => Ok((c, Some(s))),
+                None => return pending(reservation, st.unconfirmed),
+            }
+        }
+        (Ok(c), None) => Ok((c, None)),
+        (Err(e), _) => Err(e),
+    };
+    let Sending {
+        attempts,
+        rate_limited,
+        unconfirmed,
+        ..
+    } = st;
+    let latency_ms = started.elapsed().as_millis() as u64;
+    let record = match shaped {
+        Ok((c, shaped)) => answered(sh, p, c, shaped, attempts, latency_ms, unconfirmed),
+        Err(e) => {
+            tracing::warn!(
+                "row {}: failed after {attempts} attempt(s): {e}",
+                p.row.number
+            );
+            error_record(
+                p.row.number,
+                p.row.id,
+                p.row.fields,
+                Some(crate::fingerprint::hex(&p.fingerprint)),
+                RecordError {
+                    kind: e.kind,
+                    status: e.status,
+                    message: e.message,
+                },
+                attempts,
+                latency_ms,
+                unconfirmed,
+            )
+        }
+    };
+    reservation.settle(record.cost_usd.unwrap_or(0.0), unconfirmed);
+    Some(Msg::Finished {
+        record: Box::new(record),
+        retries: attempts - 1,
+        rate_limited,
+        slot: None,
+    })
+}
+
+/// The record of a row that got an answer: its usage over every attempt, its cost, and what
+/// the shape kept of each choice.
+fn answered(
+    sh: &Shared,
+    p: Prepared,
+    c: Completion,
+    shaped: Option<Shaped>,
+    attempts: u32,
+    latency_ms: u64,
+    unconfirmed: f64,
+) -> Record {
+    let Prepared {
+        row,
+        fingerprint,
+        request,
+    } = p;
+    let usage = match &shaped {
+        Some(s) => s.usage,
+        None => usage_of(sh, &request.messages, &c),
+    };
+    let cost = sh.price(c.model.as_deref()).map(|pr| pr.cost(&usage));
+    let several = sh.job.params.choices() > 1 || !c.choices.is_empty();
+    let ttft_ms = c.ttft_ms;
+    // Plain text with several choices keeps them all; one choice needs no copy.
+    let plain_choices = (shaped.is_none() && several).then(|| c.all_choices());
+    let mut record = answered_record(
+        row.number,
+        row.id,
+        row.fields,
+        c,
+        usage,
+        cost,
+        attempts,
+        latency_ms,
+        Some(crate::fingerprint::hex(&fingerprint)),
+    );
+    record.unconfirmed_usd = (unconfirmed > 0.0).then_some(unconfirmed);
+    record.ttft_ms = ttft_ms;
+    match (shaped, plain_choices) {
+        (Some(s), _) => {
+            if let Some((_, message)) = &s.failure {
+                tracing::warn!("row {}: {message}", record.row);
+            }
+            judged_wrong(&mut record, s.invalid, s.failure);
+            // A regenerated first choice replaces the first answer's.
+            if let Some(first) = s.choices.first() {
+                record.completion = Some(first.text.clone());
+                record.finish_reason = first.finish_reason.clone();
+            }
+            set_choices(&mut record, s.choices, s.data, several);
+        }
+        (None, Some(choices)) => {
+            let none = vec![None; choices.len()];
+            set_choices(&mut record, choices, none, true);
+        }
+        (None, None) => {}
+    }
+    record
+}

@@ -1,0 +1,5 @@
+//! What is made from records once they are written: the CSV export, the merge of shard
+//! outputs. Reads records; never imports the run.
+
+pub mod csv;
+pub mod merge;
