@@ -68,6 +68,8 @@ const OWN_FIELDS: &[&str] = &[
     "finished_at",
 ];
 
+/// One record as a table row: the figures have their own cells; the completion, the error
+/// and every field the table does not know share the output cell.
 fn table_row(o: &mut String, mut r: Map<String, Value>) {
     let num = |r: &Map<String, Value>, k: &str| r.get(k).and_then(Value::as_u64);
     let ok = r.get("status").and_then(Value::as_str) == Some("ok");
@@ -84,7 +86,42 @@ fn table_row(o: &mut String, mut r: Map<String, Value>) {
         o.push_str(" <span class=\"badge copy\">copied</span>");
     }
     o.push_str("</td><td class=\"fields\">");
-    if let Some(Value::Object(input)) = r.get("input") {
+    input_cell(o, r.get("input"));
+    o.push_str("</td><td class=\"out\">");
+    outcome(o, &r);
+    if let Some(c) = &copied {
+        copied_note(o, c);
+    }
+    // Taken before the table's own fields are dropped, so that what is left is the rest.
+    let usage = r.get("usage").cloned().unwrap_or(Value::Null);
+    let cost = r.get("cost_usd").and_then(Value::as_f64);
+    let unconfirmed = r.get("unconfirmed_usd").and_then(Value::as_f64);
+    let attempts = num(&r, "attempts");
+    let latency = num(&r, "latency_ms");
+    for k in OWN_FIELDS {
+        r.remove(*k);
+    }
+    other_fields(o, &r);
+    o.push_str("</td><td class=\"n\">");
+    tokens_cell(o, &usage);
+    o.push_str("</td><td class=\"n\">");
+    cost_cell(o, cost, unconfirmed, ok && copied.is_none());
+    o.push_str("</td><td class=\"n\">");
+    if let (Some(ms), Some(a)) = (latency, attempts) {
+        if a > 0 {
+            let _ = write!(o, "{} ms", group(ms));
+        }
+    }
+    o.push_str("</td><td class=\"n\">");
+    if let Some(a) = attempts {
+        let _ = write!(o, "{a}");
+    }
+    o.push_str("</td></tr>\n");
+}
+
+/// The row's input fields, one a line.
+fn input_cell(o: &mut String, input: Option<&Value>) {
+    if let Some(Value::Object(input)) = input {
         for (k, v) in input {
             o.push_str("<div><b>");
             escape_into(o, k);
@@ -93,7 +130,10 @@ fn table_row(o: &mut String, mut r: Map<String, Value>) {
             o.push_str("</div>");
         }
     }
-    o.push_str("</td><td class=\"out\">");
+}
+
+/// What came back: the completion, the error, and a finish reason other than `stop`.
+fn outcome(o: &mut String, r: &Map<String, Value>) {
     if let Some(c) = r.get("completion").and_then(Value::as_str) {
         o.push_str("<div class=\"text\">");
         escape_into(o, c);
@@ -118,28 +158,26 @@ fn table_row(o: &mut String, mut r: Map<String, Value>) {
         escape_into(o, f);
         o.push_str("</div>");
     }
-    if let Some(c) = &copied {
-        let _ = write!(
-            o,
-            "<div class=\"note\">copied from row {}",
-            text_of(c.get("row"))
-        );
-        if let Some(id) = c.get("id").and_then(Value::as_str) {
-            o.push_str(" (");
-            escape_into(o, id);
-            o.push(')');
-        }
-        o.push_str(": the same request, not sent again</div>");
+}
+
+/// A copy's source row: its answer is that row's, paid for once.
+fn copied_note(o: &mut String, c: &Value) {
+    let _ = write!(
+        o,
+        "<div class=\"note\">copied from row {}",
+        text_of(c.get("row"))
+    );
+    if let Some(id) = c.get("id").and_then(Value::as_str) {
+        o.push_str(" (");
+        escape_into(o, id);
+        o.push(')');
     }
-    let usage = r.get("usage").cloned().unwrap_or(Value::Null);
-    let cost = r.get("cost_usd").and_then(Value::as_f64);
-    let unconfirmed = r.get("unconfirmed_usd").and_then(Value::as_f64);
-    let attempts = num(&r, "attempts");
-    let latency = num(&r, "latency_ms");
-    for k in OWN_FIELDS {
-        r.remove(*k);
-    }
-    for (k, v) in &r {
+    o.push_str(": the same request, not sent again</div>");
+}
+
+/// The fields not in `OWN_FIELDS`: strings as text, anything else as pretty JSON.
+fn other_fields(o: &mut String, r: &Map<String, Value>) {
+    for (k, v) in r {
         o.push_str("<div class=\"extra\"><b>");
         escape_into(o, k);
         o.push_str("</b>");
@@ -156,7 +194,10 @@ fn table_row(o: &mut String, mut r: Map<String, Value>) {
         }
         o.push_str("</div>");
     }
-    o.push_str("</td><td class=\"n\">");
+}
+
+/// Prompt + completion tokens, marked when they were counted here rather than sent.
+fn tokens_cell(o: &mut String, usage: &Value) {
     let (p, c) = (
         usage["prompt_tokens"].as_u64(),
         usage["completion_tokens"].as_u64(),
@@ -174,10 +215,14 @@ fn table_row(o: &mut String, mut r: Map<String, Value>) {
             group(c)
         );
     }
-    o.push_str("</td><td class=\"n\">");
+}
+
+/// The row's cost, and what it may have cost unanswered; `unknown` for a row sent and
+/// answered with no price: its cost is not zero, only not known.
+fn cost_cell(o: &mut String, cost: Option<f64>, unconfirmed: Option<f64>, sent_ok: bool) {
     match cost {
         Some(c) => o.push_str(&usd(c)),
-        None if ok && copied.is_none() => o.push_str("unknown"),
+        None if sent_ok => o.push_str("unknown"),
         None => {}
     }
     if let Some(u) = unconfirmed {
@@ -187,17 +232,6 @@ fn table_row(o: &mut String, mut r: Map<String, Value>) {
             usd(u)
         );
     }
-    o.push_str("</td><td class=\"n\">");
-    if let (Some(ms), Some(a)) = (latency, attempts) {
-        if a > 0 {
-            let _ = write!(o, "{} ms", group(ms));
-        }
-    }
-    o.push_str("</td><td class=\"n\">");
-    if let Some(a) = attempts {
-        let _ = write!(o, "{a}");
-    }
-    o.push_str("</td></tr>\n");
 }
 
 /// A value as text: strings as they are, anything else as compact JSON.
