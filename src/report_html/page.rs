@@ -62,41 +62,31 @@ impl Page<'_> {
         o
     }
 
+    /// The banner when the last run stopped early, and the summary cards.
     fn summary_section(&self, o: &mut String) {
-        let t = self.tally;
-        let s = self.summary;
-        if let Some(why) = s.and_then(|s| s.stopped.as_deref()) {
+        if let Some(why) = self.summary.and_then(|s| s.stopped.as_deref()) {
             o.push_str("<div class=\"stopped\"><b>The last run stopped early.</b> ");
             escape_into(o, why);
             o.push_str("</div>\n");
         }
         o.push_str("<section class=\"cards\">\n");
-        // The output, from its records.
+        self.rows_card(o);
+        self.tokens_card(o);
+        self.cost_card(o);
+        self.latency_card(o);
+        match self.summary {
+            Some(s) => last_run_card(o, s),
+            None => self.runs_card(o),
+        }
+        o.push_str("</section>\n");
+    }
+
+    /// The output, from its records.
+    fn rows_card(&self, o: &mut String) {
+        let t = self.tally;
         let mut rows = vec![
             ("ok", group(t.ok)),
-            (
-                "failed",
-                if t.failed > 0 {
-                    let parts: Vec<String> = [
-                        (
-                            t.failed_transient,
-                            "transient: a plain rerun sends them again",
-                        ),
-                        (
-                            t.failed - t.failed_transient - t.failed_input,
-                            "API verdicts",
-                        ),
-                        (t.failed_input, "unreadable input"),
-                    ]
-                    .iter()
-                    .filter(|(n, _)| *n > 0)
-                    .map(|(n, what)| format!("{} {what}", group(*n)))
-                    .collect();
-                    format!("{} <small>({})</small>", group(t.failed), parts.join("; "))
-                } else {
-                    "0".into()
-                },
-            ),
+            ("failed", failed_text(t)),
             (
                 "stale",
                 format!(
@@ -114,7 +104,7 @@ impl Page<'_> {
                 ),
             ));
         }
-        if let Some(p) = s.map(|s| s.rows_pending).filter(|&p| p > 0) {
+        if let Some(p) = self.summary.map(|s| s.rows_pending).filter(|&p| p > 0) {
             rows.push((
                 "pending",
                 format!(
@@ -130,20 +120,29 @@ impl Page<'_> {
             ));
         }
         card(o, "Rows", "in this output", &rows);
+    }
 
+    fn tokens_card(&self, o: &mut String) {
+        let t = self.tally;
         let mut tokens = vec![
             ("prompt", group(t.prompt_tokens)),
             ("completion", group(t.completion_tokens)),
             ("total", group(t.prompt_tokens + t.completion_tokens)),
         ];
-        if let Some(s) = s.filter(|s| s.cached_tokens > 0 || s.reasoning_tokens > 0) {
+        if let Some(s) = self
+            .summary
+            .filter(|s| s.cached_tokens > 0 || s.reasoning_tokens > 0)
+        {
             tokens.push((
                 "cached / reasoning (last run)",
                 format!("{} / {}", group(s.cached_tokens), group(s.reasoning_tokens)),
             ));
         }
         card(o, "Tokens", "in this output", &tokens);
+    }
 
+    fn cost_card(&self, o: &mut String) {
+        let t = self.tally;
         let mut cost = vec![("recorded", usd(t.cost))];
         if t.unpriced > 0 {
             cost.push((
@@ -160,7 +159,7 @@ impl Page<'_> {
                 ),
             ));
         }
-        if let Some(s) = s {
+        if let Some(s) = self.summary {
             match (s.spent_usd, s.budget_usd) {
                 (Some(sp), Some(b)) => {
                     cost.push(("spent / budget", format!("{} / {}", usd(sp), usd(b))))
@@ -170,7 +169,10 @@ impl Page<'_> {
             }
         }
         card(o, "Cost", "USD", &cost);
+    }
 
+    fn latency_card(&self, o: &mut String) {
+        let t = self.tally;
         let q = |p: f64| {
             if t.latency.is_empty() {
                 "-".to_string()
@@ -184,65 +186,35 @@ impl Page<'_> {
             "per row, retries included",
             &[("p50", q(0.5)), ("p95", q(0.95)), ("p99", q(0.99))],
         );
+    }
 
-        match s {
-            Some(s) => {
-                let mut run = vec![
-                    (
-                        "rows done",
-                        format!(
-                            "{} <small>(ok {}, failed {})</small>",
-                            group(s.rows_ok + s.rows_failed),
-                            group(s.rows_ok),
-                            group(s.rows_failed)
-                        ),
-                    ),
-                    (
-                        "skipped",
-                        format!("{} <small>(done before)</small>", group(s.rows_skipped)),
-                    ),
-                    ("wall time", duration(s.wall_time_s)),
-                    ("rows/s", format!("{:.2}", s.rows_per_s)),
-                    ("retries", group(s.retries)),
-                    ("429s", group(s.rate_limited)),
-                ];
-                run.push((
-                    "ended",
-                    match &s.stopped {
-                        Some(_) => "stopped early (see above)".into(),
-                        None => "finished".into(),
-                    },
-                ));
-                card(o, "Last run", "from the summary file", &run);
-            }
-            None => {
-                let wall = match (t.first_ms, t.last_ms) {
-                    (Some(a), Some(b)) if b > a => Some((b - a) as f64 / 1000.0),
-                    _ => None,
-                };
-                let sent = t.records - t.copied - t.failed_input;
-                card(
-                    o,
-                    "Runs",
-                    "no summary file: from the records",
-                    &[
-                        (
-                            "first start → last finish",
-                            wall.map(duration).unwrap_or_else(|| "-".into()),
-                        ),
-                        (
-                            "rows/s",
-                            wall.map(|w| format!("{:.2}", sent as f64 / w))
-                                .unwrap_or_else(|| "-".into()),
-                        ),
-                        ("retries", group(t.retries)),
-                        ("429s", "unknown <small>(not in records)</small>".into()),
-                        ("why it stopped", "unknown".into()),
-                    ],
-                );
-            }
-        }
-        o.push_str("</section>\n");
+    /// With no summary file, what the records alone tell of the runs that wrote them.
+    fn runs_card(&self, o: &mut String) {
+        let t = self.tally;
+        let wall = match (t.first_ms, t.last_ms) {
+            (Some(a), Some(b)) if b > a => Some((b - a) as f64 / 1000.0),
+            _ => None,
+        };
+        let sent = t.records - t.copied - t.failed_input;
+        card(
+            o,
+            "Runs",
+            "no summary file: from the records",
+            &[
+                (
+                    "first start → last finish",
+                    wall.map(duration).unwrap_or_else(|| "-".into()),
+                ),
+                (
+                    "rows/s",
+                    wall.map(|w| format!("{:.2}", sent as f64 / w))
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                ("retries", group(t.retries)),
+                ("429s", "unknown <small>(not in records)</small>".into()),
+                ("why it stopped", "unknown".into()),
+            ],
+        );
     }
 
     fn charts_section(&self, o: &mut String) {
@@ -388,6 +360,60 @@ impl Page<'_> {
         o.push_str("</script>\n</body></html>\n");
         o
     }
+}
+
+/// The failed rows, with what a rerun would do about them.
+fn failed_text(t: &Tally) -> String {
+    if t.failed == 0 {
+        return "0".into();
+    }
+    let parts: Vec<String> = [
+        (
+            t.failed_transient,
+            "transient: a plain rerun sends them again",
+        ),
+        (
+            t.failed - t.failed_transient - t.failed_input,
+            "API verdicts",
+        ),
+        (t.failed_input, "unreadable input"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{} {what}", group(*n)))
+    .collect();
+    format!("{} <small>({})</small>", group(t.failed), parts.join("; "))
+}
+
+/// The last run, from its summary file.
+fn last_run_card(o: &mut String, s: &Summary) {
+    let mut run = vec![
+        (
+            "rows done",
+            format!(
+                "{} <small>(ok {}, failed {})</small>",
+                group(s.rows_ok + s.rows_failed),
+                group(s.rows_ok),
+                group(s.rows_failed)
+            ),
+        ),
+        (
+            "skipped",
+            format!("{} <small>(done before)</small>", group(s.rows_skipped)),
+        ),
+        ("wall time", duration(s.wall_time_s)),
+        ("rows/s", format!("{:.2}", s.rows_per_s)),
+        ("retries", group(s.retries)),
+        ("429s", group(s.rate_limited)),
+    ];
+    run.push((
+        "ended",
+        match &s.stopped {
+            Some(_) => "stopped early (see above)".into(),
+            None => "finished".into(),
+        },
+    ));
+    card(o, "Last run", "from the summary file", &run);
 }
 
 fn now_ms() -> i64 {
