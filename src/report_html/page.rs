@@ -220,6 +220,20 @@ impl Page<'_> {
     fn charts_section(&self, o: &mut String) {
         let t = self.tally;
         o.push_str("<section class=\"charts\">\n");
+        self.histogram_figures(o);
+        self.time_figures(o);
+        figure(
+            o,
+            "Errors by kind",
+            &format!("failed rows: {}", group(t.failed)),
+            &hbars_svg(&error_kinds(t)),
+        );
+        o.push_str("</section>\n");
+    }
+
+    /// Latency and completion tokens, row by row.
+    fn histogram_figures(&self, o: &mut String) {
+        let t = self.tally;
         figure(
             o,
             "Latency",
@@ -246,6 +260,11 @@ impl Page<'_> {
             ),
             &histogram_svg(&t.completion_hist, "tokens", "rows"),
         );
+    }
+
+    /// Cost and requests over time; with no times in the records, cost by record instead.
+    fn time_figures(&self, o: &mut String) {
+        let t = self.tally;
         let cols = time_columns(t);
         let untimed = if t.untimed > 0 {
             format!(
@@ -286,30 +305,6 @@ impl Page<'_> {
                 &timeseries_svg(&cols, Series::RequestsPerMinute),
             );
         }
-        let errors: Vec<(String, u64)> = {
-            let mut v: Vec<_> = t
-                .errors
-                .iter()
-                .map(|((k, s), n)| {
-                    (
-                        match s {
-                            Some(s) => format!("{k} (HTTP {s})"),
-                            None => k.clone(),
-                        },
-                        *n,
-                    )
-                })
-                .collect();
-            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            v
-        };
-        figure(
-            o,
-            "Errors by kind",
-            &format!("failed rows: {}", group(t.failed)),
-            &hbars_svg(&errors),
-        );
-        o.push_str("</section>\n");
     }
 
     fn table_open(&self, o: &mut String) {
@@ -383,6 +378,25 @@ fn failed_text(t: &Tally) -> String {
     .map(|(n, what)| format!("{} {what}", group(*n)))
     .collect();
     format!("{} <small>({})</small>", group(t.failed), parts.join("; "))
+}
+
+/// The failed rows by error kind and HTTP status, the most common first.
+fn error_kinds(t: &Tally) -> Vec<(String, u64)> {
+    let mut v: Vec<_> = t
+        .errors
+        .iter()
+        .map(|((k, s), n)| {
+            (
+                match s {
+                    Some(s) => format!("{k} (HTTP {s})"),
+                    None => k.clone(),
+                },
+                *n,
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
 }
 
 /// The last run, from its summary file.
