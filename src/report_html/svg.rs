@@ -1,5 +1,6 @@
 //! The charts: inline SVG, drawn here (histograms, bars by error kind, series over time).
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
@@ -270,16 +271,54 @@ pub(crate) fn gap_text(ms: i64) -> String {
 }
 
 pub(crate) fn timeseries_svg(cols: &[Col], series: Series) -> String {
-    // A break is as wide as two data columns.
-    let units: f64 = cols
-        .iter()
-        .map(|c| match c {
-            Col::Data { .. } => 1.0,
-            Col::Break { .. } => 2.0,
-        })
-        .sum();
-    let plot_w = W - LEFT - RIGHT;
-    let cw = plot_w / units.max(1.0);
+    let values = series_values(cols, series);
+    let max = values.iter().cloned().fold(0.0, f64::max);
+    let mut o = String::with_capacity(16 * 1024);
+    svg_open(
+        &mut o,
+        match series {
+            Series::CumulativeCost => "cumulative cost over time",
+            Series::RequestsPerMinute => "requests per minute over time",
+        },
+    );
+    let fmt: &dyn Fn(f64) -> String = match series {
+        Series::CumulativeCost => &usd_tick,
+        Series::RequestsPerMinute => &short,
+    };
+    let top = y_axis(&mut o, if max > 0.0 { max } else { 1.0 }, fmt);
+    let mut pen = Pen::new(series, column_width(cols), top);
+    let mut vi = 0;
+    for (i, c) in cols.iter().enumerate() {
+        match c {
+            Col::Data {
+                start_ms,
+                minutes,
+                requests,
+                rows,
+                cost,
+            } => {
+                let v = values[vi];
+                vi += 1;
+                pen.days.insert(day(*start_ms));
+                if i == 0 || matches!(cols[i - 1], Col::Break { .. }) {
+                    pen.labels.push((pen.x, clock(*start_ms, *minutes)));
+                }
+                let end = start_ms + (minutes * 60_000.0) as i64;
+                let when = format!("{}–{}", clock(*start_ms, *minutes), clock(end, *minutes));
+                match series {
+                    Series::RequestsPerMinute => pen.bar(&mut o, v, &when, *requests, *rows),
+                    Series::CumulativeCost => pen.step(&mut o, v, &when, *cost),
+                }
+                pen.x += pen.cw;
+            }
+            Col::Break { from_ms, to_ms } => pen.gap(&mut o, *from_ms, *to_ms),
+        }
+    }
+    pen.finish(o, cols)
+}
+
+/// The series' value at each data column: the running total, or the rate.
+fn series_values(cols: &[Col], series: Series) -> Vec<f64> {
     let mut values = Vec::with_capacity(cols.len());
     let mut acc = 0.0;
     for c in cols {
@@ -297,107 +336,145 @@ pub(crate) fn timeseries_svg(cols: &[Col], series: Series) -> String {
             });
         }
     }
-    let max = values.iter().cloned().fold(0.0, f64::max);
-    let mut o = String::with_capacity(16 * 1024);
-    svg_open(
-        &mut o,
-        match series {
-            Series::CumulativeCost => "cumulative cost over time",
-            Series::RequestsPerMinute => "requests per minute over time",
-        },
-    );
-    let fmt: &dyn Fn(f64) -> String = match series {
-        Series::CumulativeCost => &usd_tick,
-        Series::RequestsPerMinute => &short,
-    };
-    let top = y_axis(&mut o, if max > 0.0 { max } else { 1.0 }, fmt);
-    let base = H - BOTTOM;
-    let y_of = |v: f64| base - (H - TOP - BOTTOM) * v / top;
-    let mut x = LEFT;
-    let mut vi = 0;
-    let mut points = String::new();
-    let mut last_y = base;
-    let mut days = std::collections::BTreeSet::new();
-    let mut labels: Vec<(f64, String)> = Vec::new();
-    for (i, c) in cols.iter().enumerate() {
-        match c {
-            Col::Data {
-                start_ms,
-                minutes,
-                requests,
-                rows,
-                cost,
-            } => {
-                let v = values[vi];
-                vi += 1;
-                days.insert(day(*start_ms));
-                if i == 0 || matches!(cols[i - 1], Col::Break { .. }) {
-                    labels.push((x, clock(*start_ms, *minutes)));
-                }
-                let end = start_ms + (minutes * 60_000.0) as i64;
-                let when = format!("{}–{}", clock(*start_ms, *minutes), clock(end, *minutes));
-                match series {
-                    Series::RequestsPerMinute => {
-                        let y = y_of(v);
-                        let _ = write!(
-                            o,
-                            "<rect class=\"bar\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\"><title>{when} UTC: {} requests, {} rows finished</title></rect>",
-                            x,
-                            (cw - 0.5).max(0.5),
-                            base - y,
-                            group(*requests),
-                            group(*rows)
-                        );
-                    }
-                    Series::CumulativeCost => {
-                        let y = y_of(v);
-                        if points.is_empty() {
-                            let _ = write!(points, "{x:.1},{base:.1} ");
-                        }
-                        let _ = write!(points, "{x:.1},{last_y:.1} {:.1},{y:.1} ", x + cw);
-                        last_y = y;
-                        let _ = write!(
-                            o,
-                            "<rect class=\"hit\" x=\"{x:.1}\" y=\"{TOP}\" width=\"{cw:.2}\" height=\"{}\"><title>{when} UTC: {} in this bin, {} in all</title></rect>",
-                            H - TOP - BOTTOM,
-                            usd(*cost),
-                            usd(v)
-                        );
-                    }
-                }
-                x += cw;
-            }
-            Col::Break { from_ms, to_ms } => {
-                let mid = x + cw;
-                let _ = write!(
-                    o,
-                    "<line class=\"gap\" x1=\"{mid:.1}\" x2=\"{mid:.1}\" y1=\"{TOP}\" y2=\"{base}\"><title>nothing finished for {} ({} to {} UTC)</title></line>",
-                    gap_text(to_ms - from_ms),
-                    format_timestamp(*from_ms)[..16].replace('T', " "),
-                    format_timestamp(*to_ms)[..16].replace('T', " ")
-                );
-                if series == Series::CumulativeCost && !points.is_empty() {
-                    let _ = write!(points, "{:.1},{last_y:.1} ", x + 2.0 * cw);
-                }
-                x += 2.0 * cw;
-            }
+    values
+}
+
+/// A data column's width: a break is as wide as two, so a long pause takes little room.
+fn column_width(cols: &[Col]) -> f64 {
+    let units: f64 = cols
+        .iter()
+        .map(|c| match c {
+            Col::Data { .. } => 1.0,
+            Col::Break { .. } => 2.0,
+        })
+        .sum();
+    let plot_w = W - LEFT - RIGHT;
+    plot_w / units.max(1.0)
+}
+
+/// A series over time as it is drawn, column by column from the left: where the next column
+/// goes, the cost line so far, and the labels and days to write under the columns at the end.
+struct Pen {
+    series: Series,
+    /// A data column's width.
+    cw: f64,
+    /// The value at the top of the y axis.
+    top: f64,
+    x: f64,
+    points: String,
+    last_y: f64,
+    days: BTreeSet<String>,
+    labels: Vec<(f64, String)>,
+}
+
+impl Pen {
+    fn new(series: Series, cw: f64, top: f64) -> Self {
+        Pen {
+            series,
+            cw,
+            top,
+            x: LEFT,
+            points: String::new(),
+            last_y: H - BOTTOM,
+            days: BTreeSet::new(),
+            labels: Vec::new(),
         }
     }
-    if series == Series::CumulativeCost {
+
+    fn y_of(&self, v: f64) -> f64 {
+        let base = H - BOTTOM;
+        base - (H - TOP - BOTTOM) * v / self.top
+    }
+
+    /// A column of requests per minute: its bar.
+    fn bar(&self, o: &mut String, v: f64, when: &str, requests: u64, rows: u64) {
+        let (x, cw, base) = (self.x, self.cw, H - BOTTOM);
+        let y = self.y_of(v);
         let _ = write!(
             o,
-            "<polyline class=\"line\" points=\"{}\"/>",
-            points.trim_end()
+            "<rect class=\"bar\" x=\"{:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\"><title>{when} UTC: {} requests, {} rows finished</title></rect>",
+            x,
+            (cw - 0.5).max(0.5),
+            base - y,
+            group(requests),
+            group(rows)
         );
     }
-    if let Some(Col::Data {
-        start_ms, minutes, ..
-    }) = cols.last()
-    {
-        let end = start_ms + (minutes * 60_000.0) as i64;
-        labels.push((W - RIGHT, clock(end, *minutes)));
+
+    /// A column of cumulative cost: the line's step up to the total, and a target to hover
+    /// over the column for its figures.
+    fn step(&mut self, o: &mut String, v: f64, when: &str, cost: f64) {
+        let (x, cw, base, last_y) = (self.x, self.cw, H - BOTTOM, self.last_y);
+        let y = self.y_of(v);
+        if self.points.is_empty() {
+            let _ = write!(self.points, "{x:.1},{base:.1} ");
+        }
+        let _ = write!(self.points, "{x:.1},{last_y:.1} {:.1},{y:.1} ", x + cw);
+        self.last_y = y;
+        let _ = write!(
+            o,
+            "<rect class=\"hit\" x=\"{x:.1}\" y=\"{TOP}\" width=\"{cw:.2}\" height=\"{}\"><title>{when} UTC: {} in this bin, {} in all</title></rect>",
+            H - TOP - BOTTOM,
+            usd(cost),
+            usd(v)
+        );
     }
-    // Labels closer than ~40 px to the one before are dropped.
+
+    /// A break: a dashed line that says how long nothing finished; the cost line runs flat
+    /// across it.
+    fn gap(&mut self, o: &mut String, from_ms: i64, to_ms: i64) {
+        let (x, cw, base, last_y) = (self.x, self.cw, H - BOTTOM, self.last_y);
+        let mid = x + cw;
+        let _ = write!(
+            o,
+            "<line class=\"gap\" x1=\"{mid:.1}\" x2=\"{mid:.1}\" y1=\"{TOP}\" y2=\"{base}\"><title>nothing finished for {} ({} to {} UTC)</title></line>",
+            gap_text(to_ms - from_ms),
+            format_timestamp(from_ms)[..16].replace('T', " "),
+            format_timestamp(to_ms)[..16].replace('T', " ")
+        );
+        if self.series == Series::CumulativeCost && !self.points.is_empty() {
+            let _ = write!(self.points, "{:.1},{last_y:.1} ", x + 2.0 * cw);
+        }
+        self.x += 2.0 * cw;
+    }
+
+    /// The cost line, the times under the columns and the days under them; closes the chart.
+    fn finish(mut self, mut o: String, cols: &[Col]) -> String {
+        if self.series == Series::CumulativeCost {
+            let _ = write!(
+                o,
+                "<polyline class=\"line\" points=\"{}\"/>",
+                self.points.trim_end()
+            );
+        }
+        if let Some(Col::Data {
+            start_ms, minutes, ..
+        }) = cols.last()
+        {
+            let end = start_ms + (minutes * 60_000.0) as i64;
+            self.labels.push((W - RIGHT, clock(end, *minutes)));
+        }
+        time_labels(&mut o, self.labels);
+        let span = match (self.days.first(), self.days.last()) {
+            (Some(a), Some(b)) if a != b => format!("{a} to {b}, UTC"),
+            (Some(a), _) => format!("{a}, UTC"),
+            _ => String::new(),
+        };
+        let plot_w = W - LEFT - RIGHT;
+        let _ = write!(
+            o,
+            "<text class=\"axis\" x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text></svg>",
+            LEFT + plot_w / 2.0,
+            H - 4.0,
+            escape(&span)
+        );
+        o
+    }
+}
+
+/// Times along the bottom: each run's start and the last column's end. Labels closer than
+/// ~40 px to the one before are dropped, all but the last.
+fn time_labels(o: &mut String, labels: Vec<(f64, String)>) {
     let mut last_x = f64::NEG_INFINITY;
     let n = labels.len();
     for (i, (lx, text)) in labels.into_iter().enumerate() {
@@ -413,19 +490,6 @@ pub(crate) fn timeseries_svg(cols: &[Col], series: Series) -> String {
         );
         last_x = lx;
     }
-    let span = match (days.first(), days.last()) {
-        (Some(a), Some(b)) if a != b => format!("{a} to {b}, UTC"),
-        (Some(a), _) => format!("{a}, UTC"),
-        _ => String::new(),
-    };
-    let _ = write!(
-        o,
-        "<text class=\"axis\" x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text></svg>",
-        LEFT + plot_w / 2.0,
-        H - 4.0,
-        escape(&span)
-    );
-    o
 }
 
 /// Cumulative cost against the record's position, for outputs whose records carry no time.
