@@ -292,8 +292,8 @@ pub(crate) fn cols_minutes(cols: &[Col]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::svg::{timeseries_svg, Series};
+    use super::*;
     use crate::output::format_timestamp;
 
     fn line(json: &str) -> journal::Line<'_> {
