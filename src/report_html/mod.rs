@@ -101,20 +101,7 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
             table_rows,
             table_cap: opts.rows,
         };
-        let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        let mut w = BufWriter::with_capacity(256 * 1024, f);
-        let io = |e| io_err(&tmp, e);
-        w.write_all(page.head().as_bytes()).map_err(io)?;
-        use std::io::Seek;
-        spool
-            .seek(std::io::SeekFrom::Start(0))
-            .map_err(|e| io_err(&spool_path, e))?;
-        std::io::copy(&mut spool, &mut w).map_err(io)?;
-        w.write_all(page.tail().as_bytes()).map_err(io)?;
-        w.into_inner()
-            .map_err(|e| io(std::io::Error::other(e.to_string())))?
-            .sync_data()
-            .map_err(io)?;
+        write_page(&tmp, &page, &mut spool, &spool_path)?;
         std::fs::rename(&tmp, target).map_err(|e| io_err(target, e))?;
         Ok(Written {
             records: tally.records,
@@ -126,6 +113,26 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The page into `tmp`: its head, the table's rows from the spool, its tail; on disk before
+/// it is renamed into place.
+fn write_page(tmp: &Path, page: &Page, spool: &mut File, spool_path: &Path) -> Result<(), Error> {
+    let f = File::create(tmp).map_err(|e| io_err(tmp, e))?;
+    let mut w = BufWriter::with_capacity(256 * 1024, f);
+    let io = |e| io_err(tmp, e);
+    w.write_all(page.head().as_bytes()).map_err(io)?;
+    use std::io::Seek;
+    spool
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| io_err(spool_path, e))?;
+    std::io::copy(spool, &mut w).map_err(io)?;
+    w.write_all(page.tail().as_bytes()).map_err(io)?;
+    w.into_inner()
+        .map_err(|e| io(std::io::Error::other(e.to_string())))?
+        .sync_data()
+        .map_err(io)?;
+    Ok(())
 }
 
 fn read_summary(path: &Path) -> Option<Summary> {
