@@ -16,9 +16,9 @@
 //!   batch    the batch executor over the same plan and writer: lines, pass (the log's use),
 //!            submit, results, state (the step log), client (OpenAI's Files and Batches)
 //! plan       per row: done, copy, send, input error, another shard's
-//! output     what is made from records: csv, merge
+//! output     what is made from records: csv, merge, html (the report: tally, table, page,
+//!            svg charts, text)
 //! report     the progress line and the end-of-run summary
-//! report_html  the HTML report: an output file → one self-contained page
 //! request    one row → its chat request, its wire body and its fingerprint
 //! render     Tera, loaded once → the row's chat messages
 //! content    a row field's own messages array (`from`), image files and URLs → parts
@@ -63,7 +63,6 @@ pub mod plan;
 pub mod provider;
 pub mod render;
 pub mod report;
-pub mod report_html;
 pub mod request;
 pub mod shape;
 pub mod shard;

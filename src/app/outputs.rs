@@ -18,11 +18,11 @@ pub(super) fn report(
     quiet: bool,
 ) -> Result<i32, Error> {
     let target = out.unwrap_or_else(|| crate::ledger::files::report_path(output));
-    let opts = crate::report_html::Options {
+    let opts = crate::output::html::Options {
         rows,
         summary: None,
     };
-    let w = crate::report_html::write(output, &target, &opts)?;
+    let w = crate::output::html::write(output, &target, &opts)?;
     if !quiet {
         eprintln!(
             "{} records, {} of them in the table",

@@ -20,11 +20,11 @@ pub(super) fn run_report(
     if !job.on {
         return None;
     }
-    let opts = crate::report_html::Options {
+    let opts = crate::output::html::Options {
         rows: job.rows,
         summary: Some(summary.clone()),
     };
-    match crate::report_html::write(&job.output, &job.path, &opts) {
+    match crate::output::html::write(&job.output, &job.path, &opts) {
         Ok(_) => Some(job.path.clone()),
         Err(e) => {
             tracing::warn!("cannot write the report {}: {e}", job.path.display());

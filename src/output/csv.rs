@@ -76,10 +76,7 @@ pub fn export_csv(
     let tmp = crate::ledger::files::sibling(csv_path, ".tmp");
     match write_csv(jsonl, &tmp, csv_path, &header, &layout, opts) {
         Ok(n) => {
-            std::fs::rename(&tmp, csv_path).map_err(|e| Error::Io {
-                path: csv_path.to_path_buf(),
-                source: e,
-            })?;
+            crate::ledger::files::rename_durably(&tmp, csv_path)?;
             Ok(n)
         }
         Err(e) => {

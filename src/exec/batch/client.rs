@@ -344,6 +344,7 @@ impl Client {
         drop(f);
         tokio::fs::rename(&tmp, dest)
             .await
-            .map_err(|e| io_err(dest, e))
+            .map_err(|e| io_err(dest, e))?;
+        crate::ledger::files::sync_dir(dest)
     }
 }

@@ -50,7 +50,7 @@ pub fn export(
     w.flush().map_err(|e| io_err(target, e))?;
     drop(w);
     if !stdout {
-        std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))?;
+        crate::ledger::files::sync_and_rename(&tmp, out)?;
     }
     Ok(written)
 }
