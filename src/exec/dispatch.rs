@@ -87,27 +87,8 @@ pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut mpsc::Receiver<RowResul
         };
         seen += 1;
         run.reap();
-        let prepared = match item {
-            Err(e) => {
-                read_failed |= e.fatal;
-                Err(Unreadable {
-                    number: e.number,
-                    id: e.number.to_string(),
-                    input: Map::new(),
-                    message: e.message,
-                })
-            }
-            Ok(row) => run
-                .d
-                .builder
-                .prepare(&run.d.shared.job.input, run.d.renderer, row)
-                .map_err(|(row, message)| Unreadable {
-                    number: row.number,
-                    id: row.id,
-                    input: row.fields,
-                    message,
-                }),
-        };
+        read_failed |= item.as_ref().is_err_and(|e| e.fatal);
+        let prepared = run.prepare(item);
         // Another shard's row: not this run's business at all.
         let job = &run.d.shared.job;
         let mine = match &prepared {
@@ -158,6 +139,28 @@ struct Running<'a> {
 }
 
 impl Running<'_> {
+    /// A row read, rendered into its request; or why it could not be.
+    fn prepare(&self, item: RowResult) -> Result<Prepared, Unreadable> {
+        match item {
+            Err(e) => Err(Unreadable {
+                number: e.number,
+                id: e.number.to_string(),
+                input: Map::new(),
+                message: e.message,
+            }),
+            Ok(row) => self
+                .d
+                .builder
+                .prepare(&self.d.shared.job.input, self.d.renderer, row)
+                .map_err(|(row, message)| Unreadable {
+                    number: row.number,
+                    id: row.id,
+                    input: row.fields,
+                    message,
+                }),
+        }
+    }
+
     fn stop_writing(&self, e: &crate::error::Error) {
         self.d.shared.stop(Stop::Write(write_stop_message(e)));
     }

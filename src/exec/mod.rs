@@ -146,10 +146,7 @@ pub async fn run(
     let builder = Builder::new(&job, &backend);
     let spool = Spool::create(&Files::new(&job.output).plan())?;
     let mut planner = Planner::new(index, keying, opts.retry_failed, Some(spool));
-    let stopper = Arc::new(Stopper {
-        why: Mutex::new(None),
-        signals: signals.clone(),
-    });
+    let stopper = Arc::new(Stopper::new(signals.clone()));
     let (tx, rx) = mpsc::channel::<Msg>(job.concurrency * 2 + 64);
     let writer = writer::start(&job, &opts, &backend, rx, &stopper)?;
     let shared = Arc::new(Shared::new(

@@ -108,6 +108,13 @@ pub(super) struct Stopper {
 }
 
 impl Stopper {
+    pub(super) fn new(signals: Signals) -> Stopper {
+        Stopper {
+            why: Mutex::new(None),
+            signals,
+        }
+    }
+
     pub(super) fn stop(&self, why: Stop) {
         let mut s = self.why.lock().unwrap();
         if s.is_none() {

@@ -180,8 +180,10 @@ pub(crate) fn transport_error(key: Option<&ApiKey>, e: reqwest::Error) -> Provid
     } else {
         ErrorKind::Connection
     };
-    // A connect failure sent nothing; anything later may have reached the model.
-    let unreachable = e.is_connect();
+    // A connect failure sent nothing; anything later may have reached the model. A redirect
+    // that is refused (to another origin) was answered before any model ran.
+    let redirect = e.is_redirect();
+    let unreachable = e.is_connect() || redirect;
     // reqwest's Display stops at the top error; the cause says "connection reset" etc.
     let e = e.without_url();
     let mut msg = super::endpoint::error_chain(&e);
@@ -195,7 +197,12 @@ pub(crate) fn transport_error(key: Option<&ApiKey>, e: reqwest::Error) -> Provid
              store)",
         );
     }
-    let kind = if untrusted { ErrorKind::Endpoint } else { kind };
+    // A redirect to another host is refused for every row alike: the job stops at once.
+    let kind = if untrusted || redirect {
+        ErrorKind::Endpoint
+    } else {
+        kind
+    };
     let mut err = ProviderError::new(kind, scrub(key, &msg));
     err.unreachable = unreachable;
     err.maybe_billed = !unreachable;
@@ -569,6 +576,23 @@ pub(crate) fn parse_reset(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_a_server_asks_for_is_bounded_and_never_panics() {
+        let cap = crate::provider::MAX_SERVER_WAIT;
+        assert_eq!(parse_reset("99999999s"), Some(cap));
+        assert_eq!(parse_reset("100000000000000000000s"), Some(cap));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "86400".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(cap));
+        h.insert("retry-after-ms", "1e30".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(cap));
+        h.insert("retry-after-ms", "-5".parse().unwrap());
+        h.insert("retry-after", "NaN".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after-ms", "1500".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+    }
 
     #[test]
     fn reset_durations_parse_like_openai_writes_them() {
