@@ -263,7 +263,7 @@ fn an_input_from_a_fifo_is_read_once_and_every_row_runs() {
 fn an_empty_stdin_is_never_taken_for_an_input_whose_rows_all_left() {
     let s = server();
     let f = Fixture::new();
-    f.write("data.csv", &csv_rows(3));
+    f.write("data.csv", csv_rows(3));
     let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
     let text = std::fs::read_to_string(&job).unwrap().replace(
         "path = \"data.csv\"",
@@ -286,7 +286,7 @@ fn an_empty_stdin_is_never_taken_for_an_input_whose_rows_all_left() {
 fn status_of_a_sharded_job_finds_the_shard_outputs_beside_the_output() {
     let s = server();
     let f = Fixture::new();
-    f.write("data.csv", &csv_rows(30));
+    f.write("data.csv", csv_rows(30));
     let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
     let job = job.to_str().unwrap();
     ok(&f.run(&["run", "--shard", "1/2", job]));
