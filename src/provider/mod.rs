@@ -1,8 +1,6 @@
 //! One request → one completion or one classified failure. Providers: OpenAI-compatible HTTP
 //! (`openai`) and the embedded llama.cpp model (`local`, behind the `local` feature).
 
-#[cfg(feature = "local")]
-mod constrained;
 pub mod endpoint;
 pub mod grammar;
 #[cfg(feature = "local")]

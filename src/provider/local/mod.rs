@@ -19,6 +19,8 @@
 //!   prompt is counted once in usage. A `response_format` holds every row to a grammar made
 //!   from the schema. Both are in `constrained.rs`.
 
+mod sampling;
+
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -37,10 +39,10 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
-use super::constrained::{self, Draws, RowSampler};
-use super::{
+use crate::provider::{
     Completion, ErrorKind, Message, Provider, ProviderError, Request, TokenCounter, Usage,
 };
+use sampling::{Draws, RowSampler};
 use crate::chat::{Params, Role};
 use crate::error::Error;
 
@@ -156,7 +158,7 @@ impl Sampling {
                 chain.push(LlamaSampler::top_p(self.top_p, 1));
             }
             chain.push(LlamaSampler::temp(self.temperature));
-            chain.push(LlamaSampler::dist(constrained::seed_for(self.seed, draw)));
+            chain.push(LlamaSampler::dist(sampling::seed_for(self.seed, draw)));
         }
         LlamaSampler::chain_simple(chain)
     }
@@ -164,7 +166,7 @@ impl Sampling {
     /// The chain and, when the job asks for JSON, its grammar.
     fn row_sampler(&self, model: &LlamaModel, draw: u32) -> Result<RowSampler, String> {
         let grammar = match &self.grammar {
-            Some(g) => Some(constrained::grammar_sampler(model, g)?),
+            Some(g) => Some(sampling::grammar_sampler(model, g)?),
             None => None,
         };
         Ok(RowSampler::new(
@@ -371,10 +373,10 @@ fn job_grammar(model: &LlamaModel, params: &Params) -> Result<Option<String>, St
     let Some(rf) = &params.response_format else {
         return Ok(None);
     };
-    let gbnf = super::grammar::for_response_format(rf)
+    let gbnf = crate::provider::grammar::for_response_format(rf)
         .map_err(|e| format!("the output schema cannot be a grammar: {e}"))?;
     if let Some(g) = &gbnf {
-        constrained::grammar_sampler(model, g)?;
+        sampling::grammar_sampler(model, g)?;
     }
     Ok(gbnf)
 }
@@ -474,7 +476,7 @@ impl Provider for LocalModel {
                 ));
             }
             // One sequence per choice, each with its own draw of the seed.
-            let n = constrained::choices_asked(&req.body);
+            let n = sampling::choices_asked(&req.body);
             let first = self.draws.take(&prompt, n);
             let mut replies = Vec::with_capacity(n as usize);
             let sent = match self.jobs.lock() {
@@ -496,7 +498,7 @@ impl Provider for LocalModel {
                     "the local model engine has stopped",
                 ));
             }
-            constrained::gather(replies).await
+            sampling::gather(replies).await
         })
     }
 

@@ -21,7 +21,7 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
-use super::{Choice, Completion, ErrorKind, ProviderError};
+use crate::provider::{Choice, Completion, ErrorKind, ProviderError};
 
 /// The likeliest tokens a pick the grammar refused is made again from.
 const TOP_K: usize = 1024;
@@ -268,8 +268,8 @@ mod tests {
     fn load(
         params: &crate::chat::Params,
         parallel: usize,
-    ) -> std::sync::Arc<super::super::local::LocalModel> {
-        super::super::local::LocalModel::load(
+    ) -> std::sync::Arc<super::super::LocalModel> {
+        super::super::LocalModel::load(
             &model_path(),
             "m",
             params,
@@ -375,7 +375,7 @@ mod tests {
     #[test]
     fn llama_cpp_admits_what_the_schema_allows_and_refuses_the_rest() {
         let path = model_path();
-        let backend = super::super::local::backend().unwrap();
+        let backend = super::super::backend().unwrap();
         let model = LlamaModel::load_from_file(
             backend,
             &path,
@@ -413,7 +413,7 @@ mod tests {
             "required": ["headline", "rating", "tone", "tags", "when", "meta"],
             "additionalProperties": false
         });
-        let gbnf = super::super::grammar::from_schema(&schema).unwrap();
+        let gbnf = crate::provider::grammar::from_schema(&schema).unwrap();
         for good in [
             r#"{"headline": "Fresh \"pie\"", "rating": 5, "tone": "calm", "tags": ["a"], "when": "2024-02-29", "meta": {"ok": true}}"#,
             r#"{"headline":"","rating":1,"tone":"loud","tags":["a","b"],"note":null,"when":"1999-12-01","meta":{"ok":false}}"#,
@@ -442,8 +442,8 @@ mod tests {
         }
         // llama.cpp reads a repetition bound past 2,000 as none: the converter's cap keeps
         // the longest bound it writes one llama.cpp enforces.
-        let max = super::super::grammar::MAX_REPEAT;
-        let long = super::super::grammar::from_schema(&json!({
+        let max = crate::provider::grammar::MAX_REPEAT;
+        let long = crate::provider::grammar::from_schema(&json!({
             "type": "object", "properties": {"s": {"type": "string", "maxLength": max}},
             "required": ["s"]
         }))
@@ -451,7 +451,7 @@ mod tests {
         let doc = |n: u64| format!(r#"{{"s": "{}"}}"#, "ab".repeat(n as usize / 2));
         assert!(admits(&long, &doc(max)));
         assert!(!admits(&long, &doc(max + 2)));
-        let any = super::super::grammar::json_object();
+        let any = crate::provider::grammar::json_object();
         assert!(admits(&any, r#"{"a": [1, 2.5e3, {"b": null}], "c": "d"}"#));
         assert!(admits(&any, "{}"));
         assert!(!admits(&any, "[1]"));
