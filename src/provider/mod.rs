@@ -4,8 +4,6 @@
 //! llama.cpp model (`local`, behind the `local` feature). Nothing here reads the job file:
 //! `backend` assembles a provider from it.
 
-#[cfg(feature = "local")]
-mod constrained;
 pub mod endpoint;
 pub mod grammar;
 #[cfg(feature = "local")]

@@ -1,6 +1,7 @@
-//! What the local provider adds for structured outputs and variants: each row's sampler with
-//! the job's grammar (`grammar.rs` turns the schema into GBNF), which seed each choice draws
-//! with, and the `n` choices of a request gathered into one completion.
+//! How a row picks its tokens: the sampler chain resolved once from the job's params, the
+//! greedy shortcut, the grammar when the job asks for JSON (`provider/grammar` turns the schema
+//! into GBNF), which seed each choice draws with, and the `n` choices of a request gathered
+//! into one completion.
 //!
 //! Seeds: choice i of the first request for a prompt samples with `seed + i`, so choice 0 is
 //! what the same job with `n = 1` writes. The same prompt asked again in the same run (the
@@ -21,13 +22,101 @@ use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
-use super::{Choice, Completion, ErrorKind, ProviderError};
+use super::DEFAULT_MAX_TOKENS;
+use crate::chat::Params;
+use crate::provider::{Choice, Completion, ErrorKind, ProviderError};
 
 /// The likeliest tokens a pick the grammar refused is made again from.
 const TOP_K: usize = 1024;
 
 /// The grammar's start rule, as `grammar.rs` writes it.
 const ROOT: &str = "root";
+
+/// Sampling settings resolved from the job's params once, applied to every row.
+#[derive(Debug, Clone)]
+pub(super) struct Sampling {
+    temperature: f32,
+    top_p: f32,
+    presence_penalty: f32,
+    frequency_penalty: f32,
+    /// `None` = a fresh random seed per row.
+    seed: Option<u32>,
+    pub(super) max_tokens: u64,
+    pub(super) stop: Vec<String>,
+    /// GBNF from the job's `response_format` (see `provider/grammar`): every row is held to it.
+    pub(super) grammar: Option<String>,
+}
+
+impl Sampling {
+    pub(super) fn from_params(p: &Params) -> Self {
+        Sampling {
+            temperature: p.temperature.unwrap_or(1.0) as f32,
+            top_p: p.top_p.unwrap_or(1.0) as f32,
+            presence_penalty: p.presence_penalty.unwrap_or(0.0) as f32,
+            frequency_penalty: p.frequency_penalty.unwrap_or(0.0) as f32,
+            // The API takes an i64; llama.cpp seeds are u32 (u32::MAX means "random" there).
+            seed: p.seed.map(|s| s as u32),
+            max_tokens: p.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS).max(1),
+            stop: p
+                .stop
+                .as_ref()
+                .map(|s| s.as_vec())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
+            grammar: None,
+        }
+    }
+
+    /// Greedy with nothing that needs the row's history: the token is the logits' argmax,
+    /// taken straight from the logits (see [`argmax`]). Never with a grammar: its sampler
+    /// must see (and accept) every token.
+    pub(super) fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.grammar.is_none()
+    }
+
+    /// One sampler chain per row, so each row's random state is its own; `draw` steps the
+    /// seed (see [`seed_for`]).
+    fn sampler(&self, n_vocab: i32, draw: u32) -> LlamaSampler {
+        let mut chain = Vec::new();
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            let last_n = i32::try_from(self.max_tokens).unwrap_or(i32::MAX);
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                last_n,
+                1.0,
+                self.frequency_penalty,
+                self.presence_penalty,
+            ));
+        }
+        if self.temperature <= 0.0 {
+            chain.push(LlamaSampler::greedy());
+        } else {
+            if self.top_p < 1.0 {
+                chain.push(LlamaSampler::top_p(self.top_p, 1));
+            }
+            chain.push(LlamaSampler::temp(self.temperature));
+            chain.push(LlamaSampler::dist(seed_for(self.seed, draw)));
+        }
+        LlamaSampler::chain_simple(chain)
+    }
+
+    /// The chain and, when the job asks for JSON, its grammar.
+    pub(super) fn row_sampler(&self, model: &LlamaModel, draw: u32) -> Result<RowSampler, String> {
+        let grammar = match &self.grammar {
+            Some(g) => Some(grammar_sampler(model, g)?),
+            None => None,
+        };
+        Ok(RowSampler::new(
+            self.sampler(model.n_vocab(), draw),
+            grammar,
+        ))
+    }
+}
 
 /// A row's sampler: the job's sampling chain, and the grammar when the job asks for JSON.
 pub(super) struct RowSampler {
@@ -38,7 +127,7 @@ pub(super) struct RowSampler {
 }
 
 impl RowSampler {
-    pub(super) fn new(chain: LlamaSampler, grammar: Option<LlamaSampler>) -> Self {
+    fn new(chain: LlamaSampler, grammar: Option<LlamaSampler>) -> Self {
         RowSampler {
             chain,
             grammar,
@@ -98,15 +187,42 @@ impl RowSampler {
     }
 }
 
+/// The token with the highest logit, the first one on a tie: what llama.cpp's greedy sampler
+/// picks, without its copy of every logit into a candidate array first (per row and token,
+/// 49,152 entries for SmolLM2, 262,144 for Gemma 3).
+pub(super) fn argmax(logits: &[f32]) -> LlamaToken {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    LlamaToken::new(i32::try_from(best).expect("vocabulary fits in i32"))
+}
+
 /// The grammar sampler for a GBNF text; `Err` when llama.cpp refuses it.
-pub(super) fn grammar_sampler(model: &LlamaModel, gbnf: &str) -> Result<LlamaSampler, String> {
+fn grammar_sampler(model: &LlamaModel, gbnf: &str) -> Result<LlamaSampler, String> {
     LlamaSampler::grammar(model, gbnf, ROOT).map_err(|e| {
         format!("llama.cpp refused the grammar made from the output schema ({e}); its log says why")
     })
 }
 
+/// The GBNF for the job's `response_format`, checked by llama.cpp once here rather than on
+/// every row.
+pub(super) fn job_grammar(model: &LlamaModel, params: &Params) -> Result<Option<String>, String> {
+    let Some(rf) = &params.response_format else {
+        return Ok(None);
+    };
+    let gbnf = crate::provider::grammar::for_response_format(rf)
+        .map_err(|e| format!("the output schema cannot be a grammar: {e}"))?;
+    if let Some(g) = &gbnf {
+        grammar_sampler(model, g)?;
+    }
+    Ok(gbnf)
+}
+
 /// The seed of a choice: `seed + draw`, skipping `u32::MAX` (llama.cpp's "random").
-pub(super) fn seed_for(seed: Option<u32>, draw: u32) -> u32 {
+fn seed_for(seed: Option<u32>, draw: u32) -> u32 {
     match seed {
         None => u32::MAX,
         Some(s) => match s.wrapping_add(draw) {
@@ -203,8 +319,10 @@ pub(super) async fn gather(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::{load, model_path, params, request, user};
     use super::*;
     use crate::chat::Usage;
+    use crate::provider::Provider;
     use serde_json::json;
 
     #[test]
@@ -265,26 +383,6 @@ mod tests {
         assert_eq!(texts, ["a", "bb"]);
     }
 
-    fn load(
-        params: &crate::chat::Params,
-        parallel: usize,
-    ) -> std::sync::Arc<super::super::local::LocalModel> {
-        super::super::local::LocalModel::load(
-            &model_path(),
-            "m",
-            params,
-            parallel,
-            Default::default(),
-        )
-        .expect("model loads")
-    }
-
-    fn model_path() -> std::path::PathBuf {
-        crate::models::default_model_path()
-            .filter(|p| p.is_file())
-            .expect("the default model: run `promptmill fetch-model` first")
-    }
-
     fn ask(text: &str, n: u32) -> crate::provider::Request {
         crate::provider::Request {
             messages: vec![crate::chat::Message {
@@ -298,7 +396,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_local_model_writes_json_that_follows_the_schema() {
-        use crate::provider::Provider;
         let schema = json!({
             "type": "object",
             "properties": {
@@ -335,7 +432,6 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn n_choices_draw_their_own_seeds_and_count_the_prompt_once() {
-        use crate::provider::Provider;
         use crate::tokens::TokenCounter;
         let params = crate::chat::Params {
             temperature: Some(1.0),
@@ -376,7 +472,7 @@ mod tests {
     #[test]
     fn llama_cpp_admits_what_the_schema_allows_and_refuses_the_rest() {
         let path = model_path();
-        let backend = super::super::local::backend().unwrap();
+        let backend = super::super::backend().unwrap();
         let model = LlamaModel::load_from_file(
             backend,
             &path,
@@ -414,7 +510,7 @@ mod tests {
             "required": ["headline", "rating", "tone", "tags", "when", "meta"],
             "additionalProperties": false
         });
-        let gbnf = super::super::grammar::from_schema(&schema).unwrap();
+        let gbnf = crate::provider::grammar::from_schema(&schema).unwrap();
         for good in [
             r#"{"headline": "Fresh \"pie\"", "rating": 5, "tone": "calm", "tags": ["a"], "when": "2024-02-29", "meta": {"ok": true}}"#,
             r#"{"headline":"","rating":1,"tone":"loud","tags":["a","b"],"note":null,"when":"1999-12-01","meta":{"ok":false}}"#,
@@ -443,8 +539,8 @@ mod tests {
         }
         // llama.cpp reads a repetition bound past 2,000 as none: the converter's cap keeps
         // the longest bound it writes one llama.cpp enforces.
-        let max = super::super::grammar::MAX_REPEAT;
-        let long = super::super::grammar::from_schema(&json!({
+        let max = crate::provider::grammar::MAX_REPEAT;
+        let long = crate::provider::grammar::from_schema(&json!({
             "type": "object", "properties": {"s": {"type": "string", "maxLength": max}},
             "required": ["s"]
         }))
@@ -452,10 +548,48 @@ mod tests {
         let doc = |n: u64| format!(r#"{{"s": "{}"}}"#, "ab".repeat(n as usize / 2));
         assert!(admits(&long, &doc(max)));
         assert!(!admits(&long, &doc(max + 2)));
-        let any = super::super::grammar::json_object();
+        let any = crate::provider::grammar::json_object();
         assert!(admits(&any, r#"{"a": [1, 2.5e3, {"b": null}], "c": "d"}"#));
         assert!(admits(&any, "{}"));
         assert!(!admits(&any, "[1]"));
         assert!(!admits(&any, r#"{"a": 01}"#));
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima() {
+        assert_eq!(argmax(&[0.5, 2.0, -1.0, 2.0]), LlamaToken::new(1));
+        assert_eq!(argmax(&[3.0]), LlamaToken::new(0));
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -1e30]), LlamaToken::new(1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn greedy_and_seeded_sampling_are_deterministic() {
+        for (temperature, prompt) in [
+            (0.0, "Name three colours."),
+            (0.8, "Tell me a fact about the sea."),
+        ] {
+            // Two loads, as two runs: within one, a prompt asked again draws a fresh seed.
+            let req = request(vec![user(prompt)]);
+            let p = params(Some(temperature), 8);
+            let a = load(&p, 1).complete(&req).await.unwrap();
+            let b = load(&p, 1).complete(&req).await.unwrap();
+            assert_eq!(a.text, b.text, "temperature {temperature}");
+        }
+    }
+
+    /// The greedy shortcut must pick what llama.cpp's greedy sampler picks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn greedy_shortcut_matches_the_greedy_sampler() {
+        let plain = load(&params(Some(0.0), 12), 1);
+        // A penalty of 0 leaves the logits alone, but sends the row through the sampler chain.
+        let mut p = params(Some(0.0), 12);
+        p.presence_penalty = Some(1e-9);
+        let chain = load(&p, 1);
+        for prompt in ["Name three colours.", "What is the capital of France?"] {
+            let req = request(vec![user(prompt)]);
+            let a = plain.complete(&req).await.unwrap();
+            let b = chain.complete(&req).await.unwrap();
+            assert_eq!(a.text, b.text, "{prompt}");
+        }
     }
 }

@@ -23,6 +23,13 @@
 //! Whitespace between tokens is limited to one space, or one newline and up to 20 spaces or
 //! tabs (as llama.cpp's own converter), so a model cannot spend its tokens on blank lines;
 //! number literals have at most 16 digits before and after the point for the same reason.
+//!
+//! The files: this one holds the converter, its shared rules and the keywords that pick a
+//! branch (`$ref`, `const`, `enum`, `anyOf` / `oneOf` / `allOf`); `types.rs` the rule for each
+//! `type`; `ranges.rs` the exact digit patterns of an integer range.
+
+mod ranges;
+mod types;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -120,10 +127,6 @@ const HANDLED: &[&str] = &[
     "maximum",
     "exclusiveMinimum",
     "exclusiveMaximum",
-];
-
-const TYPES: &[&str] = &[
-    "object", "array", "string", "integer", "number", "boolean", "null",
 ];
 
 struct Converter<'a> {
@@ -267,115 +270,76 @@ impl<'a> Converter<'a> {
             Value::Object(o) => o,
             _ => return fail(path, "a schema must be an object or a boolean"),
         };
-        for key in obj.keys() {
-            if !HANDLED.contains(&key.as_str()) && !ANNOTATIONS.contains(&key.as_str()) {
-                return fail(path, format!("`{key}` cannot be enforced by a grammar"));
-            }
-        }
-        let structural: Vec<&str> = obj
-            .keys()
-            .map(String::as_str)
-            .filter(|k| !ANNOTATIONS.contains(k))
-            .collect();
-        let alone = |kw: &str| -> Result<(), GrammarError> {
-            match structural.iter().find(|k| **k != kw) {
-                Some(other) => fail(
-                    path,
-                    format!(
-                        "`{kw}` beside `{other}` is not supported; move `{other}` into the \
-                         `{kw}` alternatives"
-                    ),
-                ),
-                None => Ok(()),
-            }
-        };
-
+        let structural = structural_keys(obj, path)?;
         if let Some(r) = obj.get("$ref") {
-            alone("$ref")?;
+            alone(&structural, "$ref", path)?;
             return self.reference(r, path);
         }
         if let Some(c) = obj.get("const") {
-            alone("const")?;
+            alone(&structural, "const", path)?;
             return Ok(literal(&c.to_string()));
         }
         if let Some(e) = obj.get("enum") {
-            // `type` beside `enum` only narrows what the values already are.
-            if let Some(other) = structural.iter().find(|k| !matches!(**k, "enum" | "type")) {
-                return fail(path, format!("`{other}` beside `enum` is not supported"));
-            }
-            let Some(values) = e.as_array().filter(|v| !v.is_empty()) else {
-                return fail(&format!("{path}/enum"), "`enum` must be a non-empty array");
-            };
-            let alts: Vec<String> = values.iter().map(|v| literal(&v.to_string())).collect();
-            return Ok(self.rule(hint, alts.join(" | ")));
+            return self.enumeration(e, &structural, path, hint);
         }
         for kw in ["anyOf", "oneOf", "allOf"] {
-            let Some(list) = obj.get(kw) else { continue };
-            alone(kw)?;
-            let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
-                return fail(
-                    &format!("{path}/{kw}"),
-                    format!("`{kw}` must be a non-empty array"),
-                );
-            };
-            if kw == "allOf" {
-                if list.len() > 1 {
-                    return fail(
-                        &format!("{path}/allOf"),
-                        "`allOf` with more than one schema cannot be enforced by the local \
-                         model's grammar; merge them into one",
-                    );
-                }
-                return self.visit(&list[0], &format!("{path}/allOf/0"), hint);
+            if let Some(list) = obj.get(kw) {
+                alone(&structural, kw, path)?;
+                return self.combination(kw, list, path, hint);
             }
-            let mut alts = Vec::new();
-            for (i, s) in list.iter().enumerate() {
-                alts.push(self.visit(s, &format!("{path}/{kw}/{i}"), &format!("{hint}-{i}"))?);
-            }
-            return Ok(self.rule(hint, alts.join(" | ")));
         }
+        self.typed(obj, &structural, path, hint)
+    }
 
-        let types: Vec<&str> = match obj.get("type") {
-            None => {
-                if let Some(k) = structural.first() {
-                    return fail(
-                        path,
-                        format!("`{k}` without a `type`: the grammar needs the type"),
-                    );
-                }
-                return Ok(self.generic("value"));
-            }
-            Some(Value::String(t)) => vec![t.as_str()],
-            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
-            Some(_) => return fail(&format!("{path}/type"), "`type` must be a string or a list"),
+    /// `enum`: one literal per value.
+    fn enumeration(
+        &mut self,
+        e: &Value,
+        structural: &[&str],
+        path: &str,
+        hint: &str,
+    ) -> Result<String, GrammarError> {
+        // `type` beside `enum` only narrows what the values already are.
+        if let Some(other) = structural.iter().find(|k| !matches!(**k, "enum" | "type")) {
+            return fail(path, format!("`{other}` beside `enum` is not supported"));
+        }
+        let Some(values) = e.as_array().filter(|v| !v.is_empty()) else {
+            return fail(&format!("{path}/enum"), "`enum` must be a non-empty array");
         };
-        if types.is_empty() {
-            return fail(&format!("{path}/type"), "`type` lists no type");
+        let alts: Vec<String> = values.iter().map(|v| literal(&v.to_string())).collect();
+        Ok(self.rule(hint, alts.join(" | ")))
+    }
+
+    /// `anyOf` / `oneOf` (`list`, under `kw`) as alternatives; `allOf` with one member as
+    /// that member.
+    fn combination(
+        &mut self,
+        kw: &str,
+        list: &Value,
+        path: &str,
+        hint: &str,
+    ) -> Result<String, GrammarError> {
+        let Some(list) = list.as_array().filter(|l| !l.is_empty()) else {
+            return fail(
+                &format!("{path}/{kw}"),
+                format!("`{kw}` must be a non-empty array"),
+            );
+        };
+        if kw == "allOf" {
+            if list.len() > 1 {
+                return fail(
+                    &format!("{path}/allOf"),
+                    "`allOf` with more than one schema cannot be enforced by the local \
+                     model's grammar; merge them into one",
+                );
+            }
+            return self.visit(&list[0], &format!("{path}/allOf/0"), hint);
         }
         let mut alts = Vec::new();
-        for t in &types {
-            let alt = match *t {
-                "object" => self.object(obj, path, hint)?,
-                "array" => self.array(obj, path, hint)?,
-                "string" => self.string(obj, path, hint)?,
-                "integer" => self.integer(obj, path, hint)?,
-                "number" => self.number(obj, path)?,
-                "boolean" => self.generic("boolean"),
-                "null" => self.generic("null"),
-                other => {
-                    return fail(
-                        &format!("{path}/type"),
-                        format!("unknown type `{other}` (one of {})", TYPES.join(", ")),
-                    )
-                }
-            };
-            alts.push(alt);
+        for (i, s) in list.iter().enumerate() {
+            alts.push(self.visit(s, &format!("{path}/{kw}/{i}"), &format!("{hint}-{i}"))?);
         }
-        if alts.len() == 1 {
-            Ok(alts.pop().expect("one"))
-        } else {
-            Ok(self.rule(hint, alts.join(" | ")))
-        }
+        Ok(self.rule(hint, alts.join(" | ")))
     }
 
     /// `$ref`: a JSON Pointer into this schema (`#`, `#/$defs/x`, …); its rule is named before
@@ -414,271 +378,39 @@ impl<'a> Converter<'a> {
         self.rules.push((name.clone(), expr));
         Ok(name)
     }
-
-    fn object(
-        &mut self,
-        obj: &Map<String, Value>,
-        path: &str,
-        hint: &str,
-    ) -> Result<String, GrammarError> {
-        let ws = self.generic("ws");
-        let empty = Map::new();
-        let props = match obj.get("properties") {
-            None => &empty,
-            Some(Value::Object(p)) => p,
-            Some(_) => {
-                return fail(
-                    &format!("{path}/properties"),
-                    "`properties` must be an object",
-                )
-            }
-        };
-        let required: Vec<&str> = match obj.get("required") {
-            None => Vec::new(),
-            Some(Value::Array(r)) => r.iter().filter_map(Value::as_str).collect(),
-            Some(_) => return fail(&format!("{path}/required"), "`required` must be a list"),
-        };
-        for r in &required {
-            if !props.contains_key(*r) {
-                return fail(
-                    &format!("{path}/required"),
-                    format!("`{r}` is required but not in `properties`: the grammar would not know its type"),
-                );
-            }
-        }
-        if let Some(u) = obj.get("unevaluatedProperties") {
-            if !matches!(u, Value::Bool(_)) {
-                return fail(
-                    &format!("{path}/unevaluatedProperties"),
-                    "only `true` or `false` is supported",
-                );
-            }
-        }
-        if props.is_empty() {
-            // A map: string keys, values as `additionalProperties` says.
-            let value = match obj.get("additionalProperties") {
-                Some(Value::Bool(false)) => {
-                    return Ok(self.rule(hint, format!(r#""{{" {ws} "}}""#)))
-                }
-                None | Some(Value::Bool(true)) => self.generic("value"),
-                Some(s) => self.visit(
-                    s,
-                    &format!("{path}/additionalProperties"),
-                    &format!("{hint}-value"),
-                )?,
-            };
-            let key = self.generic("string");
-            let kv = format!(r#"{key} {ws} ":" {ws} {value} {ws}"#);
-            return Ok(self.rule(hint, format!(r#""{{" {ws} ({kv} ("," {ws} {kv})*)? "}}""#)));
-        }
-        // Each property "key": value, then whitespace; in schema order.
-        let mut kvs = Vec::new();
-        let keys: Vec<&String> = props.keys().collect();
-        for (key, sub) in props {
-            let sub_path = format!("{path}/properties/{}", escape_pointer(key));
-            let value = self.visit(sub, &sub_path, &format!("{hint}-{key}"))?;
-            let kv = format!(
-                r#"{} {ws} ":" {ws} {value} {ws}"#,
-                literal(&Value::String(key.clone()).to_string())
-            );
-            let kv = self.rule(&format!("{hint}-{key}-kv"), kv);
-            kvs.push((kv, required.contains(&key.as_str())));
-        }
-        // tail[j]: what may follow once property j is written: the later properties, each
-        // behind a comma ("" when there are none).
-        let n = kvs.len();
-        let mut tail: Vec<String> = vec![String::new(); n];
-        for j in (0..n.saturating_sub(1)).rev() {
-            let (kv, req) = &kvs[j + 1];
-            let item = if *req {
-                format!(r#""," {ws} {kv}"#)
-            } else {
-                format!(r#"("," {ws} {kv})?"#)
-            };
-            tail[j] = if tail[j + 1].is_empty() {
-                item
-            } else {
-                let body = format!("{item} {}", tail[j + 1]);
-                self.rule(&format!("{hint}-after-{}", keys[j]), body)
-            };
-        }
-        // The first property written is some j before which every property is optional.
-        let mut firsts = Vec::new();
-        let mut all_optional = true;
-        for (j, (kv, req)) in kvs.iter().enumerate() {
-            let tail = &tail[j];
-            firsts.push(if tail.is_empty() {
-                kv.clone()
-            } else {
-                format!("{kv} {tail}")
-            });
-            if *req {
-                all_optional = false;
-                break;
-            }
-        }
-        let members = if firsts.len() == 1 {
-            firsts.pop().expect("one")
-        } else {
-            format!("({})", firsts.join(" | "))
-        };
-        let opt = if all_optional { "?" } else { "" };
-        let members = if opt.is_empty() {
-            members
-        } else if members.starts_with('(') {
-            format!("{members}?")
-        } else {
-            format!("({members})?")
-        };
-        Ok(self.rule(hint, format!(r#""{{" {ws} {members} "}}""#)))
-    }
-
-    fn array(
-        &mut self,
-        obj: &Map<String, Value>,
-        path: &str,
-        hint: &str,
-    ) -> Result<String, GrammarError> {
-        let ws = self.generic("ws");
-        let item = match obj.get("items") {
-            None | Some(Value::Bool(true)) => self.generic("value"),
-            Some(s) => self.visit(s, &format!("{path}/items"), &format!("{hint}-item"))?,
-        };
-        let min = count(obj, "minItems", path)?.unwrap_or(0);
-        let max = count(obj, "maxItems", path)?;
-        if let Some(max) = max {
-            if max < min {
-                return fail(path, format!("maxItems {max} is less than minItems {min}"));
-            }
-        }
-        let body = match max {
-            Some(0) => format!(r#""[" {ws} "]""#),
-            _ => {
-                let more = format!(r#"("," {ws} {item} {ws})"#);
-                let reps = repeat(min.saturating_sub(1), max.map(|m| m - 1), path, "maxItems")?;
-                let inner = format!("{item} {ws} {more}{reps}");
-                if min == 0 {
-                    format!(r#""[" {ws} ({inner})? "]""#)
-                } else {
-                    format!(r#""[" {ws} {inner} "]""#)
-                }
-            }
-        };
-        Ok(self.rule(hint, body))
-    }
-
-    fn string(
-        &mut self,
-        obj: &Map<String, Value>,
-        path: &str,
-        hint: &str,
-    ) -> Result<String, GrammarError> {
-        let min = count(obj, "minLength", path)?;
-        let max = count(obj, "maxLength", path)?;
-        if let Some(f) = obj.get("format") {
-            let f = f.as_str().unwrap_or_default();
-            if min.is_some() || max.is_some() {
-                return fail(
-                    path,
-                    "`format` with minLength or maxLength is not supported",
-                );
-            }
-            let body = match f {
-                "date" => format!(r#""\"" {DATE} "\"""#),
-                "time" => format!(r#""\"" {TIME} "\"""#),
-                "date-time" => format!(r#""\"" {DATE} "T" {TIME} "\"""#),
-                "uuid" => r#""\"" [0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{12} "\"""#.to_string(),
-                other => {
-                    return fail(
-                        &format!("{path}/format"),
-                        format!(
-                            "format `{other}` cannot be enforced by a grammar (date, time, \
-                             date-time and uuid can)"
-                        ),
-                    )
-                }
-            };
-            return Ok(self.rule(&format!("{hint}-{f}"), body));
-        }
-        if min.is_none() && max.is_none() {
-            return Ok(self.generic("string"));
-        }
-        let lo = min.unwrap_or(0);
-        if let Some(hi) = max {
-            if hi < lo {
-                return fail(path, format!("maxLength {hi} is less than minLength {lo}"));
-            }
-        }
-        let ch = self.generic("char");
-        let reps = repeat(lo, max, path, "maxLength")?;
-        Ok(self.rule(hint, format!(r#""\"" {ch}{reps} "\"""#)))
-    }
-
-    fn integer(
-        &mut self,
-        obj: &Map<String, Value>,
-        path: &str,
-        hint: &str,
-    ) -> Result<String, GrammarError> {
-        let bound = |k: &str| -> Result<Option<f64>, GrammarError> {
-            match obj.get(k) {
-                None => Ok(None),
-                Some(v) => v.as_f64().map(Some).ok_or_else(|| GrammarError {
-                    path: format!("{path}/{k}"),
-                    message: format!("`{k}` must be a number"),
-                }),
-            }
-        };
-        let to_int = |v: f64| -> i64 { v.clamp(i64::MIN as f64, i64::MAX as f64) as i64 };
-        let mut lo: Option<i64> = bound("minimum")?.map(|v| to_int(v.ceil()));
-        if let Some(x) = bound("exclusiveMinimum")? {
-            let x = to_int(x.floor()).saturating_add(1);
-            lo = Some(lo.map_or(x, |l| l.max(x)));
-        }
-        let mut hi: Option<i64> = bound("maximum")?.map(|v| to_int(v.floor()));
-        if let Some(x) = bound("exclusiveMaximum")? {
-            let x = to_int(x.ceil()).saturating_sub(1);
-            hi = Some(hi.map_or(x, |h| h.min(x)));
-        }
-        if lo.is_none() && hi.is_none() {
-            let body = format!(r#""-"? ("0" | [1-9] [0-9]{{0,{}}})"#, MAX_DIGITS - 1);
-            return Ok(self.rule("integer", body));
-        }
-        if let (Some(l), Some(h)) = (lo, hi) {
-            if l > h {
-                return fail(path, format!("no integer lies between {l} and {h}"));
-            }
-        }
-        Ok(self.rule(hint, int_range(lo, hi)))
-    }
-
-    fn number(&mut self, obj: &Map<String, Value>, path: &str) -> Result<String, GrammarError> {
-        for k in ["maximum", "exclusiveMinimum", "exclusiveMaximum"] {
-            if obj.contains_key(k) {
-                return fail(
-                    &format!("{path}/{k}"),
-                    format!(
-                        "`{k}` on a number cannot be enforced by a grammar (on an integer \
-                         it can)"
-                    ),
-                );
-            }
-        }
-        match obj.get("minimum").map(|m| m.as_f64()) {
-            None => Ok(self.generic("number")),
-            Some(Some(0.0)) => Ok(self.rule("number-nonneg", number_body(false))),
-            Some(_) => fail(
-                &format!("{path}/minimum"),
-                "on a number, only `minimum = 0` can be enforced by a grammar (on an \
-                 integer any bound can)",
-            ),
-        }
-    }
 }
 
-const DATE: &str =
-    r#"[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [1-2] [0-9] | "3" [0-1])"#;
-const TIME: &str = r#"([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,6})? ("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])"#;
+/// The keywords of a schema object that shape its value (annotations left out); an error
+/// naming the first keyword the grammar cannot enforce.
+fn structural_keys<'s>(
+    obj: &'s Map<String, Value>,
+    path: &str,
+) -> Result<Vec<&'s str>, GrammarError> {
+    for key in obj.keys() {
+        if !HANDLED.contains(&key.as_str()) && !ANNOTATIONS.contains(&key.as_str()) {
+            return fail(path, format!("`{key}` cannot be enforced by a grammar"));
+        }
+    }
+    Ok(obj
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !ANNOTATIONS.contains(k))
+        .collect())
+}
+
+/// `kw` must be the schema's only structural keyword.
+fn alone(structural: &[&str], kw: &str, path: &str) -> Result<(), GrammarError> {
+    match structural.iter().find(|k| **k != kw) {
+        Some(other) => fail(
+            path,
+            format!(
+                "`{kw}` beside `{other}` is not supported; move `{other}` into the \
+                 `{kw}` alternatives"
+            ),
+        ),
+        None => Ok(()),
+    }
+}
 
 fn number_body(signed: bool) -> String {
     format!(
@@ -687,42 +419,6 @@ fn number_body(signed: bool) -> String {
         d = MAX_DIGITS - 1,
         f = MAX_DIGITS
     )
-}
-
-/// A non-negative count keyword (`minLength`, `maxItems`, …).
-fn count(obj: &Map<String, Value>, key: &str, path: &str) -> Result<Option<u64>, GrammarError> {
-    match obj.get(key) {
-        None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .or_else(|| {
-                v.as_f64()
-                    .filter(|f| *f >= 0.0 && f.fract() == 0.0)
-                    .map(|f| f as u64)
-            })
-            .map(Some)
-            .ok_or_else(|| GrammarError {
-                path: format!("{path}/{key}"),
-                message: format!("`{key}` must be a non-negative integer"),
-            }),
-    }
-}
-
-/// `{lo,hi}` in GBNF (`*`, `+` where they say it).
-fn repeat(lo: u64, hi: Option<u64>, path: &str, key: &str) -> Result<String, GrammarError> {
-    if lo > MAX_REPEAT || hi.is_some_and(|h| h > MAX_REPEAT) {
-        return fail(
-            &format!("{path}/{key}"),
-            format!("more than {MAX_REPEAT} is too many for a grammar; use a smaller bound"),
-        );
-    }
-    Ok(match (lo, hi) {
-        (0, None) => "*".into(),
-        (1, None) => "+".into(),
-        (l, None) => format!("{{{l},}}"),
-        (l, Some(h)) if l == h => format!("{{{l}}}"),
-        (l, Some(h)) => format!("{{{l},{h}}}"),
-    })
 }
 
 /// A GBNF string literal for `s`.
@@ -746,11 +442,6 @@ fn literal(s: &str) -> String {
     out
 }
 
-/// `~` and `/` in a key, for a JSON Pointer.
-fn escape_pointer(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
-}
-
 /// `%XX` escapes in a `$ref` fragment.
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -769,120 +460,6 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The integers in `[lo, hi]` (a side `None` = unbounded, then at most [`MAX_DIGITS`] digits),
-/// written without leading zeros or `-0`.
-fn int_range(lo: Option<i64>, hi: Option<i64>) -> String {
-    let mut alts = Vec::new();
-    // Negative part: -|v| for v in [lo, min(hi, -1)].
-    let neg_hi = hi.map_or(-1, |h| h.min(-1));
-    if lo.is_none_or(|l| l <= neg_hi) {
-        let abs_lo = neg_hi.unsigned_abs();
-        let abs_hi = lo.map(i64::unsigned_abs);
-        alts.push(format!(r#""-" {}"#, group(&uint_range(abs_lo, abs_hi))));
-    }
-    // Non-negative part: [max(lo, 0), hi].
-    if hi.is_none_or(|h| h >= 0) {
-        let l = lo.map_or(0, |l| l.max(0)) as u64;
-        alts.push(uint_range(l, hi.map(|h| h as u64)));
-    }
-    alts.join(" | ")
-}
-
-fn group(s: &str) -> String {
-    if s.contains(" | ") {
-        format!("({s})")
-    } else {
-        s.to_string()
-    }
-}
-
-fn digits(n: u64) -> u32 {
-    n.checked_ilog10().unwrap_or(0) + 1
-}
-
-/// The non-negative integers in `[lo, hi]`, as GBNF alternatives.
-fn uint_range(lo: u64, hi: Option<u64>) -> String {
-    let lo_len = digits(lo);
-    let hi_len = hi.map_or(MAX_DIGITS.max(lo_len), digits);
-    let mut alts = Vec::new();
-    for len in lo_len..=hi_len {
-        let floor = if len == 1 { 0 } else { 10u64.pow(len - 1) };
-        let ceil = 10u64.checked_pow(len).map_or(u64::MAX, |p| p - 1);
-        let a = lo.max(floor);
-        let b = hi.map_or(ceil, |h| h.min(ceil));
-        if a > b {
-            continue;
-        }
-        if hi.is_none() && len > lo_len {
-            // Every longer length is whole: one alternative for all of them.
-            alts.push(format!("[1-9] [0-9]{{{},{}}}", len - 1, hi_len - 1));
-            break;
-        }
-        alts.push(same_len(&a.to_string(), &b.to_string()));
-    }
-    alts.join(" | ")
-}
-
-/// Numbers of one length between `x` and `y` (digit strings, `x <= y`).
-fn same_len(x: &str, y: &str) -> String {
-    debug_assert_eq!(x.len(), y.len());
-    if x.is_empty() {
-        return String::new();
-    }
-    if x == y {
-        return literal(x);
-    }
-    let (x0, xs) = (x.as_bytes()[0], &x[1..]);
-    let (y0, ys) = (y.as_bytes()[0], &y[1..]);
-    let n = xs.len();
-    let any = |n: usize| -> String {
-        match n {
-            0 => String::new(),
-            1 => " [0-9]".into(),
-            n => format!(" [0-9]{{{n}}}"),
-        }
-    };
-    let class = |a: u8, b: u8| -> String {
-        if a == b {
-            format!("\"{}\"", a as char)
-        } else {
-            format!("[{}-{}]", a as char, b as char)
-        }
-    };
-    if x0 == y0 {
-        return format!("\"{}\" {}", x0 as char, group(&same_len(xs, ys)));
-    }
-    let zeros = "0".repeat(n);
-    let nines = "9".repeat(n);
-    if xs == zeros && ys == nines {
-        return format!("{}{}", class(x0, y0), any(n));
-    }
-    let mut alts = Vec::new();
-    let (mut from, mut to) = (x0, y0);
-    if xs != zeros {
-        alts.push(format!(
-            "\"{}\" {}",
-            x0 as char,
-            group(&same_len(xs, &nines))
-        ));
-        from += 1;
-    }
-    if ys != nines {
-        to -= 1;
-    }
-    if from <= to {
-        alts.push(format!("{}{}", class(from, to), any(n)));
-    }
-    if ys != nines {
-        alts.push(format!(
-            "\"{}\" {}",
-            y0 as char,
-            group(&same_len(&zeros, ys))
-        ));
-    }
-    alts.join(" | ")
 }
 
 #[cfg(test)]
@@ -1091,53 +668,6 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(a, b);
-    }
-
-    #[test]
-    fn integer_ranges_are_exact() {
-        assert_eq!(uint_range(0, Some(9)), "[0-9]");
-        assert_eq!(uint_range(1, Some(5)), "[1-5]");
-        assert_eq!(uint_range(0, Some(100)), r#"[0-9] | [1-9] [0-9] | "100""#);
-        assert_eq!(
-            uint_range(17, Some(342)),
-            r#""1" [7-9] | [2-9] [0-9] | [1-2] [0-9]{2} | "3" ([0-3] [0-9] | "4" [0-2])"#
-        );
-        assert_eq!(uint_range(5, None), "[5-9] | [1-9] [0-9]{1,15}");
-        assert_eq!(int_range(Some(1), Some(5)), "[1-5]");
-        assert_eq!(int_range(Some(-3), Some(2)), r#""-" [1-3] | [0-2]"#);
-        assert_eq!(
-            int_range(None, Some(-10)),
-            r#""-" ([1-9] [0-9] | [1-9] [0-9]{2,15})"#
-        );
-        assert_eq!(int_range(Some(-5), Some(-2)), r#""-" [2-5]"#);
-        // Brute force: every number a range's regex form matches is in the range.
-        for (lo, hi) in [
-            (0u64, 0u64),
-            (3, 47),
-            (10, 99),
-            (99, 1000),
-            (123, 4567),
-            (0, 20000),
-        ] {
-            let re = regex::Regex::new(&format!(
-                "^(?:{})$",
-                gbnf_to_regex(&uint_range(lo, Some(hi)))
-            ))
-            .unwrap();
-            for v in 0..=(hi * 2 + 20) {
-                assert_eq!(
-                    re.is_match(&v.to_string()),
-                    (lo..=hi).contains(&v),
-                    "{lo}..{hi}: {v}"
-                );
-            }
-            assert!(!re.is_match(&format!("0{lo}")), "leading zero");
-        }
-    }
-
-    /// Just enough of GBNF → regex for the digit ranges above.
-    fn gbnf_to_regex(g: &str) -> String {
-        g.replace([' ', '"'], "")
     }
 
     #[test]
