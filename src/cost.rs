@@ -5,10 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::Usage;
 
-/// The date the built-in prices were copied from OpenAI's pricing page.
-pub const PRICES_AS_OF: &str = "2025-11-15";
-
-/// Rates in USD per 1M tokens: (family, online, batch, flex offered). `batch` is the Batch API
+/// Rates in USD per 1M tokens, as OpenAI's pricing page gave them on 2025-11-15: (family, online, batch, flex offered). `batch` is the Batch API
 /// price (half the online price for every model OpenAI offers in batch; `None` where it does
 /// not); the flex tier bills at the batch rates for the models that offer it.
 const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
@@ -231,6 +228,7 @@ impl Price {
 
 /// The built-in online price of a model, by exact name, alias, or family after its date suffix
 /// (`-2024-08-06` or `-0613`) is removed.
+#[cfg(test)]
 pub fn lookup(model: &str) -> Option<Price> {
     lookup_tier(model, Tier::Standard)
 }

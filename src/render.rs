@@ -174,7 +174,7 @@ impl Renderer {
     }
 
     /// Every row field a `from` message reads, each with the message that reads it.
-    pub fn from_fields(&self) -> Vec<(String, String)> {
+    pub fn message_fields(&self) -> Vec<(String, String)> {
         self.messages
             .iter()
             .filter_map(|m| match m {

@@ -119,7 +119,7 @@ pub(super) fn validate(path: &Path, input: Option<std::path::PathBuf>) -> Result
                 ));
             }
         }
-        for (field, message) in r.from_fields() {
+        for (field, message) in r.message_fields() {
             if !cols.contains(&field) {
                 problems.push(format!(
                     "{}: `{message}`: `{field}` is not a column of {} (columns: {})",

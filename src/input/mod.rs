@@ -171,11 +171,6 @@ pub struct Rows {
 }
 
 impl Rows {
-    /// The CSV header's column names, in order; empty for JSONL.
-    pub fn header(&self) -> &[String] {
-        &self.header
-    }
-
     fn id_for(&self, number: u64, fields: &Map<String, Value>, at: &str) -> Result<String, String> {
         let Some(col) = &self.id_column else {
             return Ok(number.to_string());

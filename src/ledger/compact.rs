@@ -393,6 +393,7 @@ pub fn move_appending(from: &Path, dest: &Path) -> Result<bool, Error> {
 mod tests {
 
     use super::*;
+    use crate::ledger::index::Entry;
 
     fn rec(row: u64, id: &str, fp: u8, status: &str, extra: &str) -> String {
         format!(

@@ -25,8 +25,8 @@ use sha2::{Digest, Sha256};
 
 use crate::provider::ErrorKind;
 
-pub use compact::{compact, move_appending, Compacted, Planned, Sidecars, Spool};
-pub use index::{Entry, Index};
+pub use compact::{compact, move_appending, Planned, Sidecars, Spool};
+pub use index::Index;
 pub use spend::Carried;
 
 /// How a key's latest record ended.

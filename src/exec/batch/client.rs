@@ -36,8 +36,6 @@ pub struct Batch {
     pub errors: Option<BatchErrors>,
     #[serde(default)]
     pub metadata: Option<serde_json::Map<String, Value>>,
-    #[serde(default)]
-    pub input_file_id: Option<String>,
     #[serde(flatten)]
     pub times: serde_json::Map<String, Value>,
 }

@@ -389,16 +389,6 @@ impl Pass {
             .sum()
     }
 
-    /// Whether any batch is still running on the server.
-    pub fn has_running(&self) -> bool {
-        self.log.open_parts().any(|p| p.stage == Stage::Created)
-    }
-
-    /// Whether anything needs the server: batches open, or results to collect.
-    pub fn is_idle(&self) -> bool {
-        self.log.open_parts().next().is_none() && self.new_parts.is_empty()
-    }
-
     /// Where this run's row goes.
     pub fn route(&mut self, fp: &[u8; 16], idh: u64) -> Result<Route, Error> {
         if !self.results.is_empty() {
@@ -497,14 +487,6 @@ impl Pass {
             worst_usd: 0.0,
         });
         Ok(())
-    }
-
-    /// The files this run would submit: (requests, bytes) each.
-    pub fn planned(&self) -> Vec<(u64, u64)> {
-        self.new_parts
-            .iter()
-            .map(|p| (p.requests, p.bytes))
-            .collect()
     }
 
     /// Frees the result index and the in-flight keys once every row is routed: compaction,

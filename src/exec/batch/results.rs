@@ -18,7 +18,6 @@ use crate::provider::{Completion, ErrorKind};
 pub struct Unmatched {
     pub row: u64,
     pub fp: [u8; 16],
-    pub idh: u64,
     pub outcome: Outcome,
     pub from: Answerer,
 }
@@ -214,7 +213,6 @@ impl Results {
         Ok(Unmatched {
             row,
             fp: e.fp,
-            idh: e.idh,
             outcome: outcome(&buf),
             from: self.files[e.file as usize].2.clone(),
         })

@@ -152,7 +152,6 @@ pub struct Part {
     /// The input file's name in the batch folder.
     pub file: String,
     pub requests: u64,
-    pub bytes: u64,
     pub worst_usd: f64,
     pub stage: Stage,
     pub file_id: Option<String>,
@@ -253,7 +252,6 @@ impl Log {
             part,
             file,
             requests,
-            bytes,
             worst_usd,
             ..
         } = &ev
@@ -262,7 +260,6 @@ impl Log {
                 id: part.clone(),
                 file: file.clone(),
                 requests: *requests,
-                bytes: *bytes,
                 worst_usd: *worst_usd,
                 stage: Stage::Written,
                 file_id: None,

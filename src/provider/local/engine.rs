@@ -580,8 +580,8 @@ mod tests {
     use super::super::testing::{load, model_path, params, request, user};
     use super::super::{EngineSettings, LocalModel};
     use super::*;
-    use crate::chat::Role;
     use crate::chat::Message;
+    use crate::chat::Role;
     use crate::provider::{Provider, Request};
     use crate::tokens::TokenCounter;
 

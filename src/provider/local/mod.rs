@@ -278,8 +278,9 @@ mod testing {
     use std::sync::Arc;
 
     use super::{EngineSettings, LocalModel};
+    use crate::chat::Message;
     use crate::chat::{Params, Role};
-    use crate::provider::{Message, Request};
+    use crate::provider::Request;
 
     pub(super) fn model_path() -> PathBuf {
         let path =

@@ -6,8 +6,8 @@ use llama_cpp_2::model::LlamaChatMessage;
 use llama_cpp_2::token::LlamaToken;
 
 use super::LocalModel;
+use crate::chat::Message;
 use crate::chat::Role;
-use crate::provider::Message;
 
 impl LocalModel {
     /// The prompt text the model sees for these messages.
