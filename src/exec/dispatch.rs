@@ -11,7 +11,7 @@ use super::batch;
 use super::budget::NoRoom;
 use super::records::{batch_record, error_record};
 use super::send::process;
-use super::signals::{write_stop_message, Stop};
+use super::signals::{write_stop_message, Halt};
 use super::writer::Msg;
 use super::{RunOptions, Shared};
 use crate::chat::Mode;
@@ -162,7 +162,7 @@ impl Running<'_> {
     }
 
     fn stop_writing(&self, e: &crate::error::Error) {
-        self.d.shared.stop(Stop::Write(write_stop_message(e)));
+        self.d.shared.stop(Halt::Write(write_stop_message(e)));
     }
 
     /// An unreadable row: its error record, unless an earlier run wrote the same one.
@@ -220,7 +220,7 @@ impl Running<'_> {
         let route = routed.map_err(|e| {
             self.d
                 .shared
-                .stop(Stop::Write(format!("cannot read the batch results: {e}")))
+                .stop(Halt::Write(format!("cannot read the batch results: {e}")))
         })?;
         let job = &self.d.shared.job;
         Ok(match (decision, route) {
@@ -283,7 +283,7 @@ impl Running<'_> {
             Ok(r) => r,
             Err(NoRoom::Stopped) => return Err(()),
             Err(NoRoom::Spent(spent, cap)) => {
-                shared.stop(Stop::Job(format!(
+                shared.stop(Halt::Job(format!(
                     "the budget is spent: ${spent:.6} of ${cap:.6} in this output so far, and the \
                      next request could cost up to ${bound:.6}. Stopped dispatching at row {}; \
                      raise run.max_cost_usd (or --max-cost) and run again to go on",
@@ -345,7 +345,7 @@ impl Running<'_> {
     fn ended(&self, r: Result<(), tokio::task::JoinError>) {
         if let Err(e) = r {
             if e.is_panic() {
-                self.d.shared.stop(Stop::Job(format!(
+                self.d.shared.stop(Halt::Job(format!(
                     "a row task panicked ({e}); its row stays pending: run the same command \
                      again, and please report this"
                 )));
@@ -414,7 +414,7 @@ fn add_to_batch(
             0.0,
         )))),
         Err(e) => {
-            shared.stop(Stop::Write(write_stop_message(&e)));
+            shared.stop(Halt::Write(write_stop_message(&e)));
             Err(())
         }
     }

@@ -47,7 +47,7 @@ use crate::report::Summary;
 use crate::request::Builder;
 use breaker::Breaker;
 use budget::Budget;
-use signals::{write_stop_message, Stop, Stopper};
+use signals::{write_stop_message, Halt, Stopper};
 use writer::{Msg, Written};
 
 impl RunOptions {
@@ -98,7 +98,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn stop(&self, why: Stop) {
+    fn stop(&self, why: Halt) {
         self.stopper.stop(why);
     }
 
@@ -215,7 +215,7 @@ async fn settle(
         // Answers for rows that left the input: paid for, so recorded; compaction moves them
         // to the stale file, where a row put back finds them.
         if let Err(e) = records::record_unmatched(&shared, pass, &tx).await {
-            shared.stop(Stop::Write(write_stop_message(&e)));
+            shared.stop(Halt::Write(write_stop_message(&e)));
         }
     }
     pass.release_index();
@@ -273,7 +273,7 @@ async fn submit_batches(
     submits: bool,
 ) {
     if !pass.failed_batches.is_empty() {
-        stopper.stop(Stop::Job(format!(
+        stopper.stop(Halt::Job(format!(
             "{}. Rows on the lines it names have failed; its other rows are pending: fix the \
              job and run again",
             pass.failed_batches.join("; ")
@@ -286,7 +286,7 @@ async fn submit_batches(
                 end.stats.batches_submitted = s.batches;
                 end.stats.batch_requests_submitted = s.requests;
             }
-            Err(e) => stopper.stop(Stop::Job(format!(
+            Err(e) => stopper.stop(Halt::Job(format!(
                 "submitting to the Batch API failed: {e}. Rows not submitted stay pending; \
                  run the same command again"
             ))),
@@ -294,7 +294,7 @@ async fn submit_batches(
     }
     pass.discard();
     if let Some(why) = pass.budget_stop.take() {
-        stopper.stop(Stop::Job(why));
+        stopper.stop(Halt::Job(why));
     }
     end.stats.batches_running = pass.running.0;
 }

@@ -66,13 +66,13 @@ pub(super) fn batch_record(
     input: Map<String, serde_json::Value>,
     messages: Option<&[crate::chat::Message]>,
     fp: &[u8; 16],
-    outcome: batch::results::Outcome,
+    outcome: batch::results::Answer,
     from: batch::results::Answerer,
 ) -> Record {
-    use batch::results::Outcome;
+    use batch::results::Answer;
     let fingerprint = Some(crate::fingerprint::hex(fp));
     let mut record = match outcome {
-        Outcome::Answered(c) => {
+        Answer::Answered(c) => {
             let c = *c;
             let usage = match (c.usage, messages) {
                 (Some(u), _) => u,
@@ -110,7 +110,7 @@ pub(super) fn batch_record(
             set_choices(&mut record, choices, data, several);
             record
         }
-        Outcome::Failed { status, message } => error_record(
+        Answer::Failed { status, message } => error_record(
             row,
             id,
             input,
@@ -124,7 +124,7 @@ pub(super) fn batch_record(
             from.took_ms,
             0.0,
         ),
-        Outcome::NotRun => unreachable!("a row never run has no record"),
+        Answer::NotRun => unreachable!("a row never run has no record"),
     };
     record.mode = Some(Mode::Batch);
     record.batch_id = Some(from.batch_id);

@@ -86,24 +86,24 @@ impl Signals {
 
 /// Why dispatching stopped early: each is exit 2.
 #[derive(Debug, Clone)]
-pub(super) enum Stop {
+pub(super) enum Halt {
     /// Auth, quota, budget, outage.
     Job(String),
     /// The output (or the plan spool) cannot be written.
     Write(String),
 }
 
-impl Stop {
+impl Halt {
     pub(super) fn message(&self) -> &str {
         match self {
-            Stop::Job(m) | Stop::Write(m) => m,
+            Halt::Job(m) | Halt::Write(m) => m,
         }
     }
 }
 
 /// The stop reason, shared by the dispatcher, the row tasks and the writer.
 pub(super) struct Stopper {
-    pub(super) why: Mutex<Option<Stop>>,
+    pub(super) why: Mutex<Option<Halt>>,
     pub(super) signals: Signals,
 }
 
@@ -115,7 +115,7 @@ impl Stopper {
         }
     }
 
-    pub(super) fn stop(&self, why: Stop) {
+    pub(super) fn stop(&self, why: Halt) {
         let mut s = self.why.lock().unwrap();
         if s.is_none() {
             tracing::error!("stopping the job: {}", why.message());

@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::input::InputFormat;
 use crate::job::Job;
 
-use super::signals::{write_stop_message, Stop, Stopper};
+use super::signals::{write_stop_message, Halt, Stopper};
 use crate::error::Error;
 use crate::ledger::journal::Appender;
 use crate::ledger::record::Record;
@@ -114,7 +114,7 @@ pub(super) async fn wind_down(
         .map_err(|e| Error::Other(format!("the writer task failed: {e}")))?;
     let mut fail = |e: Error| {
         if failed.is_none() {
-            stopper.stop(Stop::Write(write_stop_message(&e)));
+            stopper.stop(Halt::Write(write_stop_message(&e)));
             failed = Some(e);
         }
     };
@@ -174,7 +174,7 @@ pub(super) async fn write_records(
         }
         if let Err(e) = appender.flush() {
             if failed.is_none() {
-                stopper.stop(Stop::Write(write_stop_message(&e)));
+                stopper.stop(Halt::Write(write_stop_message(&e)));
                 failed = Some(e);
             }
         }

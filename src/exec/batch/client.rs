@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use super::state::Counts;
+use super::state::LineCounts;
 use crate::error::Error;
 use crate::exec::retry::RetryPolicy;
 use crate::ledger::journal::io_err;
@@ -27,7 +27,7 @@ pub struct Batch {
     #[serde(default)]
     pub error_file_id: Option<String>,
     #[serde(default)]
-    pub request_counts: Option<Counts>,
+    pub request_counts: Option<LineCounts>,
     #[serde(default)]
     pub created_at: Option<u64>,
     #[serde(default)]

@@ -24,8 +24,8 @@ mod submit;
 use crate::error::Error;
 use crate::job::Job;
 use client::Client;
-use results::{Answerer, Outcome};
-use state::{now, Event, Log, Part, Stage};
+use results::{Answer, Answerer};
+use state::{now, BatchPart, Event, Log, Stage};
 
 pub use lines::{write_line, write_openai_line, Splitter};
 pub use pass::{Pass, Submitted};
@@ -36,7 +36,7 @@ pub const META_PART: &str = "promptmill_part";
 /// Where a row goes in this run.
 pub enum Route {
     /// A batch answered it: write its record.
-    Result { outcome: Outcome, from: Answerer },
+    Result { outcome: Answer, from: Answerer },
     /// A batch still running holds it.
     InFlight,
     /// Not in any batch: send it (online) or put it in a new file (batch mode).
@@ -46,7 +46,7 @@ pub enum Route {
 /// One line per batch for `batch status`, asking the server about those still running.
 pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
     let log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
-    let open: Vec<Part> = log.open_parts().cloned().collect();
+    let open: Vec<BatchPart> = log.open_parts().cloned().collect();
     let client = if open.iter().any(|p| p.batch_id.is_some()) {
         Some(Client::for_job(job)?)
     } else {
@@ -119,7 +119,7 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
         &crate::ledger::files::Files::new(&job.output).lock(),
     )?;
     let mut log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
-    let running: Vec<Part> = log
+    let running: Vec<BatchPart> = log
         .open_parts()
         .filter(|p| p.stage == Stage::Created)
         .cloned()

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::client::{Batch, Client};
-use super::results::{Answerer, Outcome, Results, Unmatched};
-use super::state::{now, Event, Log, Part, Stage};
+use super::results::{Answer, Answerer, Results, Unmatched};
+use super::state::{now, BatchPart, Event, Log, Stage};
 use super::*;
 use crate::error::Error;
 use crate::job::Job;
@@ -171,7 +171,7 @@ impl Pass {
     /// Brings every open part up to date with the server.
     pub(super) async fn refresh(&mut self) -> Result<(), Error> {
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err(&self.dir, e))?;
-        let open: Vec<Part> = self.log.open_parts().cloned().collect();
+        let open: Vec<BatchPart> = self.log.open_parts().cloned().collect();
         for part in open {
             match part.stage {
                 Stage::Written | Stage::Uploading | Stage::Uploaded => {
@@ -223,7 +223,7 @@ impl Pass {
         Ok(())
     }
 
-    pub(super) fn abandon(&mut self, part: &Part, why: &str) -> Result<(), Error> {
+    pub(super) fn abandon(&mut self, part: &BatchPart, why: &str) -> Result<(), Error> {
         self.log.record(Event::Abandoned {
             part: part.id.clone(),
             why: why.into(),
@@ -393,7 +393,7 @@ impl Pass {
     pub fn route(&mut self, fp: &[u8; 16], idh: u64) -> Result<Route, Error> {
         if !self.results.is_empty() {
             if let Some((outcome, from)) = self.results.take(fp, idh)? {
-                if !matches!(outcome, Outcome::NotRun) {
+                if !matches!(outcome, Answer::NotRun) {
                     return Ok(Route::Result { outcome, from });
                 }
             }
@@ -418,7 +418,7 @@ impl Pass {
         self.results
             .unmatched()
             .map(|i| self.results.entry(i))
-            .filter(|r| !matches!(r, Ok(u) if matches!(u.outcome, Outcome::NotRun)))
+            .filter(|r| !matches!(r, Ok(u) if matches!(u.outcome, Answer::NotRun)))
             .collect()
     }
 

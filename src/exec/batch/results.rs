@@ -18,13 +18,13 @@ use crate::provider::{Completion, ErrorKind};
 pub struct Unmatched {
     pub row: u64,
     pub fp: [u8; 16],
-    pub outcome: Outcome,
+    pub outcome: Answer,
     pub from: Answerer,
 }
 
 /// What a result line says about its row.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum Answer {
     Answered(Box<Completion>),
     /// The API's answer was an error: the row fails (a `--retry-failed` sends it again).
     Failed {
@@ -58,7 +58,7 @@ pub fn parse_custom_id(id: &str) -> Option<(u64, [u8; 16], u64)> {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Entry {
+struct ResultEntry {
     fp: [u8; 16],
     idh: u64,
     offset: u64,
@@ -75,7 +75,7 @@ struct Head<'a> {
 }
 
 #[derive(Deserialize)]
-struct Line<'a> {
+struct ResultLine<'a> {
     #[serde(borrow, default)]
     response: Option<Response<'a>>,
     #[serde(default)]
@@ -108,7 +108,7 @@ pub struct Answerer {
 #[derive(Default)]
 pub struct Results {
     files: Vec<(PathBuf, File, Answerer)>,
-    entries: Vec<Entry>,
+    entries: Vec<ResultEntry>,
 }
 
 impl Results {
@@ -149,7 +149,7 @@ impl Results {
                 );
                 continue;
             };
-            self.entries.push(Entry {
+            self.entries.push(ResultEntry {
                 fp,
                 idh,
                 offset: start,
@@ -180,7 +180,7 @@ impl Results {
 
     /// The result for a row, marking it matched. A row answered in two batches (an earlier
     /// batch expired with the line already run) keeps its first answer.
-    pub fn take(&mut self, fp: &[u8; 16], idh: u64) -> Result<Option<(Outcome, Answerer)>, Error> {
+    pub fn take(&mut self, fp: &[u8; 16], idh: u64) -> Result<Option<(Answer, Answerer)>, Error> {
         let Some(first) = self.find(fp, idh) else {
             return Ok(None);
         };
@@ -189,12 +189,12 @@ impl Results {
         while i < self.entries.len() && self.entries[i].fp == *fp && self.entries[i].idh == idh {
             self.entries[i].used = true;
             let outcome = self.read(i)?;
-            if chosen.is_none() && !matches!(outcome.0, Outcome::NotRun) {
+            if chosen.is_none() && !matches!(outcome.0, Answer::NotRun) {
                 chosen = Some(outcome);
             }
             i += 1;
         }
-        Ok(chosen.or(Some((Outcome::NotRun, Answerer::default()))))
+        Ok(chosen.or(Some((Answer::NotRun, Answerer::default()))))
     }
 
     /// Lines no row of this run's input matched: answers for rows that left the input.
@@ -202,7 +202,7 @@ impl Results {
         (0..self.entries.len()).filter(|&i| !self.entries[i].used)
     }
 
-    /// Entry `i`'s row number, key, outcome and batch.
+    /// ResultEntry `i`'s row number, key, outcome and batch.
     pub fn entry(&self, i: usize) -> Result<Unmatched, Error> {
         let e = self.entries[i];
         let buf = self.bytes(i)?;
@@ -227,7 +227,7 @@ impl Results {
         Ok(buf)
     }
 
-    fn read(&self, i: usize) -> Result<(Outcome, Answerer), Error> {
+    fn read(&self, i: usize) -> Result<(Answer, Answerer), Error> {
         let buf = self.bytes(i)?;
         let from = self.files[self.entries[i].file as usize].2.clone();
         Ok((outcome(&buf), from))
@@ -236,11 +236,11 @@ impl Results {
 
 /// Reads one result line. A line whose `response.status_code` is not 2xx fails its row with
 /// the API's message, whether or not `error` is set.
-pub fn outcome(line: &[u8]) -> Outcome {
-    let parsed: Line = match serde_json::from_slice(line) {
+pub fn outcome(line: &[u8]) -> Answer {
+    let parsed: ResultLine = match serde_json::from_slice(line) {
         Ok(l) => l,
         Err(e) => {
-            return Outcome::Failed {
+            return Answer::Failed {
                 status: None,
                 message: format!("unreadable result line ({e})"),
             }
@@ -250,8 +250,8 @@ pub fn outcome(line: &[u8]) -> Outcome {
         (Some(r), _) if (200..300).contains(&r.status_code) => {
             let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"null");
             match parse_completion(body) {
-                Ok(c) => Outcome::Answered(Box::new(c)),
-                Err(e) => Outcome::Failed {
+                Ok(c) => Answer::Answered(Box::new(c)),
+                Err(e) => Answer::Failed {
                     status: Some(r.status_code),
                     message: format!("the answer is not a chat completion: {}", e.message),
                 },
@@ -260,7 +260,7 @@ pub fn outcome(line: &[u8]) -> Outcome {
         (Some(r), _) => {
             let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"");
             let e = status_error(None, r.status_code, body, None, None);
-            Outcome::Failed {
+            Answer::Failed {
                 status: Some(r.status_code),
                 message: e.message,
             }
@@ -268,9 +268,9 @@ pub fn outcome(line: &[u8]) -> Outcome {
         (None, Some(e))
             if matches!(e.code.as_deref(), Some("batch_expired" | "batch_cancelled")) =>
         {
-            Outcome::NotRun
+            Answer::NotRun
         }
-        (None, Some(e)) => Outcome::Failed {
+        (None, Some(e)) => Answer::Failed {
             status: None,
             message: format!(
                 "{}{}",
@@ -278,7 +278,7 @@ pub fn outcome(line: &[u8]) -> Outcome {
                 e.code.map(|c| format!(" [{c}]")).unwrap_or_default()
             ),
         },
-        (None, None) => Outcome::Failed {
+        (None, None) => Answer::Failed {
             status: None,
             message: "a result line with neither a response nor an error".into(),
         },
@@ -309,7 +309,7 @@ mod tests {
     fn a_non_2xx_line_fails_with_the_apis_message_even_when_error_is_null() {
         let line = br#"{"id":"b1","custom_id":"r1-x","response":{"status_code":400,"request_id":"q","body":{"error":{"message":"bad max_tokens","type":"invalid_request_error","code":"invalid_value"}}},"error":null}"#;
         match outcome(line) {
-            Outcome::Failed { status, message } => {
+            Answer::Failed { status, message } => {
                 assert_eq!(status, Some(400));
                 assert!(message.contains("bad max_tokens"), "{message}");
             }
@@ -320,10 +320,10 @@ mod tests {
     #[test]
     fn expired_lines_are_not_run_and_answers_parse() {
         let line = br#"{"custom_id":"r1-x","response":null,"error":{"code":"batch_expired","message":"expired"}}"#;
-        assert!(matches!(outcome(line), Outcome::NotRun));
+        assert!(matches!(outcome(line), Answer::NotRun));
         let line = br#"{"custom_id":"r1-x","response":{"status_code":200,"body":{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}},"error":null}"#;
         match outcome(line) {
-            Outcome::Answered(c) => {
+            Answer::Answered(c) => {
                 assert_eq!(c.text, "hi");
                 assert_eq!(c.usage.unwrap().prompt_tokens, 3);
             }

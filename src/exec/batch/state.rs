@@ -13,7 +13,7 @@ use crate::ledger::journal::io_err;
 
 /// Request counts as the API reports them.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Counts {
+pub struct LineCounts {
     #[serde(default)]
     pub total: u64,
     #[serde(default)]
@@ -27,7 +27,7 @@ pub struct Counts {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The input file is written and synced (in the batch folder).
-    Part {
+    BatchPart {
         part: String,
         file: String,
         requests: u64,
@@ -77,7 +77,7 @@ pub enum Event {
         #[serde(default)]
         errors: Option<String>,
         #[serde(default)]
-        counts: Counts,
+        counts: LineCounts,
         /// Seconds from creation to the final status, as the API reports them.
         #[serde(default)]
         took_s: u64,
@@ -105,7 +105,7 @@ pub fn failpoint(name: &str) {
 impl Event {
     fn name(&self) -> &'static str {
         match self {
-            Event::Part { .. } => "batch:part",
+            Event::BatchPart { .. } => "batch:part",
             Event::Uploading { .. } => "batch:uploading",
             Event::Uploaded { .. } => "batch:uploaded",
             Event::Creating { .. } => "batch:creating",
@@ -119,7 +119,7 @@ impl Event {
 
     fn part(&self) -> &str {
         match self {
-            Event::Part { part, .. }
+            Event::BatchPart { part, .. }
             | Event::Uploading { part, .. }
             | Event::Uploaded { part, .. }
             | Event::Creating { part, .. }
@@ -147,7 +147,7 @@ pub enum Stage {
 
 /// One input file and its batch, as the log tells it.
 #[derive(Debug, Clone)]
-pub struct Part {
+pub struct BatchPart {
     pub id: String,
     /// The input file's name in the batch folder.
     pub file: String,
@@ -163,12 +163,12 @@ pub struct Part {
     pub status: Option<String>,
     pub output: Option<String>,
     pub errors: Option<String>,
-    pub counts: Counts,
+    pub counts: LineCounts,
     pub took_s: u64,
     pub problems: Vec<String>,
 }
 
-impl Part {
+impl BatchPart {
     /// Submitted and not yet collected: its rows must not be sent again.
     pub fn pins_rows(&self) -> bool {
         matches!(self.stage, Stage::Created | Stage::Finished)
@@ -178,7 +178,7 @@ impl Part {
 /// The log, folded into parts in the order they were written.
 pub struct Log {
     path: PathBuf,
-    pub parts: Vec<Part>,
+    pub parts: Vec<BatchPart>,
 }
 
 pub fn now() -> u64 {
@@ -248,7 +248,7 @@ impl Log {
     }
 
     fn apply(&mut self, ev: Event) {
-        if let Event::Part {
+        if let Event::BatchPart {
             part,
             file,
             requests,
@@ -256,7 +256,7 @@ impl Log {
             ..
         } = &ev
         {
-            self.parts.push(Part {
+            self.parts.push(BatchPart {
                 id: part.clone(),
                 file: file.clone(),
                 requests: *requests,
@@ -270,7 +270,7 @@ impl Log {
                 status: None,
                 output: None,
                 errors: None,
-                counts: Counts::default(),
+                counts: LineCounts::default(),
                 took_s: 0,
                 problems: Vec::new(),
             });
@@ -280,7 +280,7 @@ impl Log {
             return;
         };
         match ev {
-            Event::Part { .. } => {}
+            Event::BatchPart { .. } => {}
             Event::Uploading { .. } => p.stage = Stage::Uploading,
             Event::Uploaded { file_id, .. } => {
                 p.stage = Stage::Uploaded;
@@ -338,12 +338,12 @@ impl Log {
         Ok(())
     }
 
-    pub fn part(&self, id: &str) -> Option<&Part> {
+    pub fn part(&self, id: &str) -> Option<&BatchPart> {
         self.parts.iter().find(|p| p.id == id)
     }
 
     /// Parts whose batch exists and whose results are not all in the output yet.
-    pub fn open_parts(&self) -> impl Iterator<Item = &Part> {
+    pub fn open_parts(&self) -> impl Iterator<Item = &BatchPart> {
         self.parts
             .iter()
             .filter(|p| !matches!(p.stage, Stage::Collected | Stage::Abandoned))
@@ -359,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.batches.jsonl");
         let mut log = Log::load(&path).unwrap();
-        log.record(Event::Part {
+        log.record(Event::BatchPart {
             part: "p1".into(),
             file: "p1.jsonl".into(),
             requests: 3,

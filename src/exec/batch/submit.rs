@@ -46,7 +46,7 @@ impl Pass {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        self.log.record(Event::Part {
+        self.log.record(Event::BatchPart {
             part: p.id.clone(),
             file: file.clone(),
             requests: p.requests,
