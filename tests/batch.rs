@@ -3,12 +3,11 @@
 //! while batches run, splitting, expiry, cancellation, failed lines, the batch price and the
 //! budget. Each test counts what the server billed against what the output kept.
 
-mod util;
-
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use util::*;
+
+use crate::util::*;
 
 fn texts(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("item {i}")).collect()

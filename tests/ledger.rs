@@ -3,13 +3,12 @@
 //! the budget is never passed. Each test counts what the server billed against what the
 //! output kept.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use util::*;
+
+use crate::util::*;
 
 fn texts(n: usize, prefix: &str) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix} {i}")).collect()

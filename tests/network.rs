@@ -2,15 +2,13 @@
 //! requests and prices, Azure's URLs, key header and api-version, proxies from the
 //! environment, and TLS with a private CA made for each test. Everything stays on 127.0.0.1.
 
-mod util;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use util::*;
+use crate::util::*;
 
 /// Every variable that could route the binary's requests or change its trusted roots: each
 /// test sets only the ones it is about.

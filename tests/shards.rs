@@ -3,12 +3,11 @@
 //! merged equal one run; merge refuses other jobs' outputs and reports missing rows; export →
 //! another engine's batch run (the fake server's batch endpoint) → import completes the job.
 
-mod util;
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
-use util::*;
+
+use crate::util::*;
 
 fn texts(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("item {i}")).collect()

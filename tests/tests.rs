@@ -1,6 +1,20 @@
 //! promptmill's integration tests: the real binary against the fake OpenAI server on 127.0.0.1.
+//! One test binary (as ripgrep's), so llama.cpp is linked once: a module per feature, beside
+//! this file. `cargo test --release --test tests ledger::` runs one module.
 
 mod util;
+
+mod batch;
+mod completions;
+mod content;
+mod csv_export;
+mod jobs_validate;
+mod ledger;
+mod logs;
+mod network;
+mod report;
+mod shards;
+mod structured;
 
 use std::time::{Duration, Instant};
 

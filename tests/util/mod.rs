@@ -1,6 +1,6 @@
 //! Test support: a job folder in a temp dir, the promptmill binary run against the fake server.
 
-// Each test binary uses a part of this module.
+// Not every build uses all of it (the local-model tests are behind the `local` feature).
 #![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
