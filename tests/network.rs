@@ -60,19 +60,6 @@ fn assert_no_key(r: &Ran, f: &Fixture) {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // Flex
 

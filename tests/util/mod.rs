@@ -203,3 +203,22 @@ pub fn wait_for_lines(p: &std::path::Path, n: usize, limit: Duration) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// `n` texts: "PREFIX 1" to "PREFIX n".
+pub fn texts(n: usize, prefix: &str) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix} {i}")).collect()
+}
+
+/// Every file under `dir`, in its subfolders too.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
