@@ -1,8 +1,5 @@
 //! Test support: a job folder in a temp dir, the promptmill binary run against the fake server.
 
-// Not every build uses all of it (the local-model tests are behind the `local` feature).
-#![allow(dead_code, unused_imports)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
