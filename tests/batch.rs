@@ -3,16 +3,11 @@
 //! while batches run, splitting, expiry, cancellation, failed lines, the batch price and the
 //! budget. Each test counts what the server billed against what the output kept.
 
-mod util;
-
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use util::*;
 
-fn texts(n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("item {i}")).collect()
-}
+use crate::util::*;
 
 /// A batch-mode job over `rows`; `batch` goes into a `[batch]` table.
 fn batch_job(f: &Fixture, s: &FakeServer, rows: &[String], batch: &str, run: &str) -> String {
@@ -71,7 +66,7 @@ fn echo_all(rows: &[String]) -> BTreeSet<String> {
 fn a_full_round_trip_submits_once_collects_every_row_at_the_batch_price() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let rows = texts(25);
+    let rows = texts(25, "item");
     let job = batch_job(&f, &s, &rows, "", "");
 
     let r = f.run(&["run", &job]);
@@ -179,7 +174,7 @@ fn a_kill_between_any_two_steps_loses_nothing_and_submits_nothing_twice() {
     ] {
         let s = spawn_background(Config::default());
         let f = Fixture::new();
-        let rows = texts(12);
+        let rows = texts(12, "item");
         let job = batch_job(&f, &s, &rows, "max_requests_per_file = 5", "");
         let kill_in_collect = step == "finished";
         if !kill_in_collect {
@@ -242,7 +237,7 @@ fn a_kill_between_any_two_steps_loses_nothing_and_submits_nothing_twice() {
 fn rows_are_split_within_the_configured_request_and_byte_limits() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let rows = texts(10);
+    let rows = texts(10, "item");
     let job = batch_job(&f, &s, &rows, "max_requests_per_file = 3", "");
     let dry = f.run(&["run", "--dry-run", &job]);
     ok(&dry);
@@ -312,7 +307,7 @@ fn an_expired_batch_keeps_what_it_finished_and_a_rerun_submits_only_the_rest() {
         ..Config::default()
     });
     let f = Fixture::new();
-    let rows = texts(10);
+    let rows = texts(10, "item");
     let job = batch_job(&f, &s, &rows, "", "");
     ok(&f.run(&["run", &job]));
     s.advance_batches(); // validating → in_progress
@@ -359,7 +354,7 @@ fn a_cancelled_batch_keeps_its_finished_rows_and_the_rest_stay_pending() {
         ..Config::default()
     });
     let f = Fixture::new();
-    let rows = texts(9);
+    let rows = texts(9, "item");
     let job = batch_job(&f, &s, &rows, "", "");
     ok(&f.run(&["run", &job]));
     s.advance_batches();
@@ -384,7 +379,7 @@ fn a_cancelled_batch_keeps_its_finished_rows_and_the_rest_stay_pending() {
 fn error_lines_fail_their_rows_until_retry_failed_which_can_send_them_online() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let mut rows = texts(6);
+    let mut rows = texts(6, "item");
     rows[2] = "bad FAULT:400".into();
     let job = batch_job(&f, &s, &rows, "", "");
     ok(&f.run(&["run", &job]));
@@ -435,7 +430,7 @@ fn a_batch_whose_every_line_failed_has_no_output_file_and_fails_every_row() {
 fn a_batch_that_fails_validation_shows_the_apis_errors_with_line_numbers() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let mut rows = texts(5);
+    let mut rows = texts(5, "item");
     rows[3] = "poison FAULT:batchinvalid".into();
     let job = batch_job(&f, &s, &rows, "", "");
     ok(&f.run(&["run", &job]));
@@ -465,7 +460,7 @@ fn a_batch_that_fails_validation_shows_the_apis_errors_with_line_numbers() {
 fn the_budget_is_checked_before_submitting_at_the_worst_case_of_everything_submitted() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let rows = texts(40);
+    let rows = texts(40, "item");
     // Each row's worst case at batch prices is about 26 prompt tokens and 20 output tokens:
     // about $0.0000080; a budget of $0.0001 fits some rows, not all 40.
     let job = batch_job(&f, &s, &rows, "", "max_cost_usd = 0.0001");
@@ -496,7 +491,7 @@ fn run_wait_submits_polls_and_collects_in_one_command() {
         ..Config::default()
     });
     let f = Fixture::new();
-    let rows = texts(8);
+    let rows = texts(8, "item");
     let job = batch_job(&f, &s, &rows, "max_requests_per_file = 5", "");
     let r = f.run(&["run", "--wait", &job]);
     ok(&r);
@@ -509,7 +504,7 @@ fn run_wait_submits_polls_and_collects_in_one_command() {
 fn an_online_run_never_sends_rows_a_running_batch_holds() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let rows = texts(5);
+    let rows = texts(5, "item");
     let job = batch_job(&f, &s, &rows, "", "");
     ok(&f.run(&["run", &job]));
     // More rows arrive; the online run sends only those.
@@ -533,7 +528,7 @@ fn an_online_run_never_sends_rows_a_running_batch_holds() {
 fn results_for_rows_that_left_the_input_are_kept_in_the_stale_file() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let rows = texts(6);
+    let rows = texts(6, "item");
     let job = batch_job(&f, &s, &rows, "", "");
     ok(&f.run(&["run", &job]));
     f.write("data.csv", csv_of(&rows[..4]));
@@ -557,7 +552,7 @@ fn the_key_never_reaches_the_batch_files_or_log() {
         ..Config::default()
     });
     let f = Fixture::new();
-    let job = batch_job(&f, &s, &texts(3), "", "");
+    let job = batch_job(&f, &s, &texts(3, "item"), "", "");
     ok(&f.run(&["run", &job]));
     s.complete_batches();
     ok(&f.run(&["batch", "collect", &job]));
@@ -571,19 +566,6 @@ fn the_key_never_reaches_the_batch_files_or_log() {
     }
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn azure_batches_go_to_the_resources_routes_with_the_deployment_as_each_lines_model() {
     let s = spawn_background(Config {
@@ -592,7 +574,7 @@ fn azure_batches_go_to_the_resources_routes_with_the_deployment_as_each_lines_mo
         ..Config::default()
     });
     let f = Fixture::new();
-    let rows = texts(4);
+    let rows = texts(4, "item");
     f.write("data.csv", csv_of(&rows));
     let job = f.write(
         "job.toml",

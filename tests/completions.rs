@@ -1,8 +1,6 @@
 //! `promptmill completions SHELL`: a script each shell accepts, naming every command.
 
-mod util;
-
-use util::*;
+use crate::util::*;
 
 #[test]
 fn completion_scripts_name_every_command_for_bash_zsh_and_fish() {

@@ -2,11 +2,10 @@
 //! conversations spliced from a row field, images as `image_url` parts (files as data URLs),
 //! their row errors, the dry run's image tokens, and text-only requests unchanged to the byte.
 
-mod util;
-
 use base64::Engine as _;
 use serde_json::{json, Value};
-use util::*;
+
+use crate::util::*;
 
 /// A 1×1 PNG, whole (signature, IHDR, IDAT, IEND).
 const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";

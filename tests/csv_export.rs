@@ -1,8 +1,7 @@
 //! The CSV export through the real binary: every input column, every row, no duplicate header,
 //! formula cells escaped on request.
 
-mod util;
-use util::*;
+use crate::util::*;
 
 /// The export's output columns, in order, when no input column clashes with them.
 const OUTPUT_COLUMNS: [&str; 7] = [

@@ -1,12 +1,10 @@
 //! `promptmill validate` on the project's own jobs: every example in jobs/ must pass, so a
 //! change that breaks one is caught, and a new job is covered by being put there.
 
-mod util;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use util::*;
+use crate::util::*;
 
 /// Every `jobs/*.toml`, listed now rather than named, so no job can be left out.
 fn repository_jobs() -> Vec<PathBuf> {

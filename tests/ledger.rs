@@ -3,17 +3,12 @@
 //! the budget is never passed. Each test counts what the server billed against what the
 //! output kept.
 
-mod util;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use util::*;
 
-fn texts(n: usize, prefix: &str) -> Vec<String> {
-    (1..=n).map(|i| format!("{prefix} {i}")).collect()
-}
+use crate::util::*;
 
 /// Rewrites one line of a job file the fixture wrote.
 fn set(job: &std::path::Path, from: &str, to: &str) {
@@ -384,18 +379,6 @@ fn term(child: &std::process::Child) {
     assert!(ok);
 }
 
-fn wait_for_records(p: &std::path::Path, n: usize, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while std::fs::read_to_string(p)
-        .map(|t| t.lines().count())
-        .unwrap_or(0)
-        < n
-    {
-        assert!(Instant::now() < deadline, "the run made no progress");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn sigterm_finishes_the_requests_in_flight_writes_them_and_exits_143() {
     let s = spawn_background(Config {
@@ -411,7 +394,7 @@ fn sigterm_finishes_the_requests_in_flight_writes_them_and_exits_143() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_records(&f.path("out/result.jsonl"), 4, Duration::from_secs(20));
+    wait_for_lines(&f.path("out/result.jsonl"), 4, Duration::from_secs(20));
     term(&child);
     let r = ran(child.wait_with_output().unwrap());
     assert_eq!(r.code, 143, "{}", r.stderr);
@@ -463,7 +446,7 @@ fn a_second_sigterm_cancels_the_requests_in_flight_and_keeps_what_arrived() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_records(&f.path("out/result.jsonl"), 6, Duration::from_secs(20));
+    wait_for_lines(&f.path("out/result.jsonl"), 6, Duration::from_secs(20));
     std::thread::sleep(Duration::from_millis(300));
     term(&child);
     std::thread::sleep(Duration::from_millis(300));
@@ -506,7 +489,7 @@ fn the_grace_period_ends_with_the_requests_in_flight_cancelled() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_records(&f.path("out/result.jsonl"), 1, Duration::from_secs(20));
+    wait_for_lines(&f.path("out/result.jsonl"), 1, Duration::from_secs(20));
     term(&child);
     let r = ran(child.wait_with_output().unwrap());
     assert_eq!(r.code, 143, "{}", r.stderr);

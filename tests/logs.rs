@@ -1,8 +1,6 @@
 //! Logs where nobody sees colour: a run whose stderr is a pipe writes no ANSI escape codes.
 
-mod util;
-
-use util::*;
+use crate::util::*;
 
 #[test]
 fn logs_to_a_pipe_carry_no_colour_codes() {

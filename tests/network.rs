@@ -2,15 +2,13 @@
 //! requests and prices, Azure's URLs, key header and api-version, proxies from the
 //! environment, and TLS with a private CA made for each test. Everything stays on 127.0.0.1.
 
-mod util;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
-use util::*;
+use crate::util::*;
 
 /// Every variable that could route the binary's requests or change its trusted roots: each
 /// test sets only the ones it is about.
@@ -60,19 +58,6 @@ fn assert_no_key(r: &Ran, f: &Fixture) {
             entry.display()
         );
     }
-}
-
-fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

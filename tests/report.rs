@@ -4,12 +4,11 @@
 //! that it renders with no console errors and no network request, that the status filter and
 //! the search work, and that the injected script never ran.
 
-mod util;
-
 use std::path::PathBuf;
 
 use serde_json::Value;
-use util::*;
+
+use crate::util::*;
 
 /// What the hostile row says: run as HTML, it would set the title and a global.
 const HOSTILE: &str = r#"<script>document.title='pwned';window.__pwned=1</script>"><img src=x onerror="window.__pwned=2">"#;

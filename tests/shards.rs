@@ -3,16 +3,11 @@
 //! merged equal one run; merge refuses other jobs' outputs and reports missing rows; export →
 //! another engine's batch run (the fake server's batch endpoint) → import completes the job.
 
-mod util;
-
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
-use util::*;
 
-fn texts(n: usize) -> Vec<String> {
-    (1..=n).map(|i| format!("item {i}")).collect()
-}
+use crate::util::*;
 
 /// The user texts of the request lines in an exported file.
 fn exported_texts(path: &std::path::Path) -> BTreeSet<String> {
@@ -36,7 +31,7 @@ fn exported_texts(path: &std::path::Path) -> BTreeSet<String> {
 #[test]
 fn every_row_is_in_exactly_one_shard_whatever_the_inputs_order() {
     let f = Fixture::new();
-    let rows = texts(60);
+    let rows = texts(60, "item");
     f.write("data.csv", csv_of(&rows));
     let job = f.job("data.csv", "{{ text }}", "", "", "http://127.0.0.1:9/v1");
     let job = job.to_str().unwrap();
@@ -112,7 +107,7 @@ fn every_row_is_in_exactly_one_shard_whatever_the_inputs_order() {
 fn shards_run_side_by_side_then_merge_equals_one_run() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let rows = texts(90);
+    let rows = texts(90, "item");
     f.write("data.csv", csv_of(&rows));
     let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
     let job = job.to_str().unwrap().to_string();
@@ -188,7 +183,7 @@ fn shards_run_side_by_side_then_merge_equals_one_run() {
 fn shards_from_job_completion_index_and_status_counts_each_shard() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let rows = texts(40);
+    let rows = texts(40, "item");
     f.write("data.csv", csv_of(&rows));
     let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
     let job = job.to_str().unwrap().to_string();
@@ -247,7 +242,7 @@ fn shards_from_job_completion_index_and_status_counts_each_shard() {
 fn merge_refuses_outputs_of_different_jobs_and_keeps_one_record_per_row() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    f.write("data.csv", csv_of(&texts(20)));
+    f.write("data.csv", csv_of(&texts(20, "item")));
     let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
     let job = job.to_str().unwrap().to_string();
     ok(&f.run(&["run", "--quiet", &job, "--shard", "1/2"]));
@@ -339,7 +334,7 @@ fn run_elsewhere(s: &FakeServer, requests: &std::path::Path) -> Vec<u8> {
 fn export_then_another_engines_results_then_import_completes_the_job() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let mut rows = texts(12);
+    let mut rows = texts(12, "item");
     rows[4] = "bad FAULT:400".into();
     f.write("data.csv", csv_of(&rows));
     let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());

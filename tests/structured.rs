@@ -3,10 +3,9 @@
 //! again (and paid for), checks on plain text, refusals, variants, and time to first token.
 //! Every test counts what the server billed against what the output kept.
 
-mod util;
-
 use serde_json::Value;
-use util::*;
+
+use crate::util::*;
 
 const SCHEMA: &str = r#"{
   "type": "object",

@@ -1,10 +1,8 @@
 //! Test support: a job folder in a temp dir, the promptmill binary run against the fake server.
 
-// Each test binary uses a part of this module.
-#![allow(dead_code, unused_imports)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 pub use fake_openai::{spawn_background, spawn_background_on, Config, FakeServer};
 
@@ -167,4 +165,57 @@ pub fn csv_of(texts: &[String]) -> String {
 /// The run exited 0; otherwise its output is shown.
 pub fn ok(r: &Ran) {
     assert_eq!(r.code, 0, "stdout:\n{}\nstderr:\n{}", r.stdout, r.stderr);
+}
+
+/// The fake server, with its defaults.
+pub fn server() -> FakeServer {
+    spawn_background(Config::default())
+}
+
+/// A server answering after `latency_ms` and a job of `rows` rows on it: slow enough that a
+/// test can act on the run while it goes.
+pub fn slow_job(latency_ms: u64, rows: usize) -> (FakeServer, Fixture, std::path::PathBuf) {
+    let s = spawn_background(Config {
+        latency_ms,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(rows));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    (s, f, job)
+}
+
+/// How many lines a file has so far, a torn last one included (0 before it exists).
+pub fn read_jsonl_lenient(p: &std::path::Path) -> usize {
+    std::fs::read_to_string(p)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Waits until a running job has written `n` lines, so a test can kill it mid-run.
+pub fn wait_for_lines(p: &std::path::Path, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while read_jsonl_lenient(p) < n {
+        assert!(Instant::now() < deadline, "the run made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `n` texts: "PREFIX 1" to "PREFIX n".
+pub fn texts(n: usize, prefix: &str) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix} {i}")).collect()
+}
+
+/// Every file under `dir`, in its subfolders too.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

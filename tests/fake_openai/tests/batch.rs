@@ -3,11 +3,10 @@
 
 use std::collections::HashMap;
 
-mod common;
-
-use common::{body, jsonl, Api, KEY};
 use fake_openai::{Config, FakeServer};
 use serde_json::{json, Value};
+
+use crate::common::{body, jsonl, Api, KEY};
 
 fn line(custom_id: &str, content: &str) -> Value {
     json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body(content)})

@@ -2,13 +2,11 @@
 
 use std::time::Duration;
 
-mod common;
-
-use common::{body, post};
-
 use fake_openai::{spawn_background, spawn_background_on, Config, FakeServer};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{body, post};
 
 #[tokio::test]
 async fn normal_completion() {

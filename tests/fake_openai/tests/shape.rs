@@ -3,11 +3,10 @@
 //! and `:n`), `n` choices (plain, structured, streamed), image parts, and a batch line with
 //! a schema.
 
-mod common;
-
-use common::{body, parse_jsonl, post, Api};
 use fake_openai::{Config, FakeServer};
 use serde_json::{json, Value};
+
+use crate::common::{body, parse_jsonl, post, Api};
 
 /// An ad: the README's worked example, with a nested `$defs` object and an enum.
 fn ad_schema() -> Value {

@@ -1,6 +1,5 @@
 //! What the fake server's HTTP tests share: a chat body, a POST to the chat endpoint, and a
 //! client for the Files and Batches endpoints.
-#![allow(dead_code)] // each test file uses its own part of it
 
 use fake_openai::FakeServer;
 use reqwest::multipart::{Form, Part};

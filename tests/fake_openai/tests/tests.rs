@@ -1,0 +1,8 @@
+//! The fake server's tests over real HTTP, one test binary (as promptmill's own): a module
+//! per part of the server, beside this file.
+
+mod common;
+
+mod batch;
+mod server;
+mod shape;
