@@ -1,18 +1,12 @@
 //! The quiet paths where a row could be lost, paid twice or leaked: each through the real
 //! binary, counting what the fake server billed against what the output kept.
 
-mod util;
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use util::*;
-
-fn server() -> FakeServer {
-    spawn_background(Config::default())
-}
+use crate::util::*;
 
 #[test]
 fn a_dry_run_with_retry_failed_counts_the_rows_the_run_would_send_again() {

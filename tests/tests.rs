@@ -23,6 +23,7 @@ mod local_model;
 mod logs;
 mod network;
 mod pacing;
+mod quiet_paths;
 mod report;
 mod resume;
 mod retry;
