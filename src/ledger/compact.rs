@@ -97,172 +97,266 @@ pub fn compact(
     keying: Keying,
     side: &Sidecars,
 ) -> Result<Compacted, Error> {
-    let mut ix = Index::load(output, keying)?.with_stale(&side.stale, keying)?;
-    let mut report = Compacted::default();
-    // The stale file, read only for a restored row's copy.
-    let mut stale_src: Option<(BufReader<File>, u64)> = None;
-    let tmp = crate::ledger::files::sibling(output, ".compact");
-    let mut out =
-        BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
-    let mut src = match File::open(output) {
-        Ok(f) => Some(BufReader::with_capacity(256 * 1024, f)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io_err(output, e)),
-    };
-    let mut pos = 0u64; // where `src` stands
-    let mut expect = 0u64; // the offset a verbatim copy of the file would read next
-    let mut in_place = true;
-    let mut buf = Vec::new();
-    let wr = |out: &mut BufWriter<File>, b: &[u8]| out.write_all(b).map_err(|e| io_err(&tmp, e));
+    let mut c = Compactor::open(output, keying, side)?;
+    c.follow(spool)?;
+    let stale = c.leftovers(complete)?;
+    c.finish(stale)
+}
 
-    let spool_file = File::open(spool).map_err(|e| io_err(spool, e))?;
-    let mut line = String::new();
-    let mut spool_rdr = BufReader::with_capacity(256 * 1024, spool_file);
-    let mut spool_line = 0u64;
-    loop {
-        line.clear();
-        if spool_rdr
-            .read_line(&mut line)
-            .map_err(|e| io_err(spool, e))?
-            == 0
-        {
-            break;
+/// One compaction: the index, the rewritten output being written beside the output, the
+/// output read back by offset, and whether the result is the output byte for byte.
+struct Compactor<'a> {
+    output: &'a Path,
+    side: &'a Sidecars,
+    ix: Index,
+    report: Compacted,
+    /// The compacted output, written to `tmp` beside the output.
+    tmp: PathBuf,
+    out: BufWriter<File>,
+    /// The output, when there is one; `pos` is where it stands.
+    src: Option<BufReader<File>>,
+    pos: u64,
+    /// The stale file, read only for a restored row's copy, and where it stands.
+    stale_src: Option<(BufReader<File>, u64)>,
+    /// The offset a verbatim copy of the output would read next.
+    expect: u64,
+    /// Nothing moved, changed or left out so far: the output needs no rewrite.
+    in_place: bool,
+    /// The line last read.
+    buf: Vec<u8>,
+}
+
+impl<'a> Compactor<'a> {
+    fn open(output: &'a Path, keying: Keying, side: &'a Sidecars) -> Result<Compactor<'a>, Error> {
+        let ix = Index::load(output, keying)?.with_stale(&side.stale, keying)?;
+        let tmp = crate::ledger::files::sibling(output, ".compact");
+        let out =
+            BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
+        let src = match File::open(output) {
+            Ok(f) => Some(BufReader::with_capacity(256 * 1024, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err(output, e)),
+        };
+        Ok(Compactor {
+            output,
+            side,
+            ix,
+            report: Compacted::default(),
+            tmp,
+            out,
+            src,
+            pos: 0,
+            stale_src: None,
+            expect: 0,
+            in_place: true,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Walks the plan spool: each line is one input row, in input order.
+    fn follow(&mut self, spool: &Path) -> Result<(), Error> {
+        let spool_file = File::open(spool).map_err(|e| io_err(spool, e))?;
+        let mut line = String::new();
+        let mut spool_rdr = BufReader::with_capacity(256 * 1024, spool_file);
+        let mut spool_line = 0u64;
+        loop {
+            line.clear();
+            if spool_rdr
+                .read_line(&mut line)
+                .map_err(|e| io_err(spool, e))?
+                == 0
+            {
+                return Ok(());
+            }
+            spool_line += 1;
+            let p: Planned = serde_json::from_str(&line).map_err(|e| Error::Input {
+                path: spool.to_path_buf(),
+                message: format!("line {spool_line}: {e}"),
+            })?;
+            let fp = fingerprint_bytes(&p.fp).ok_or_else(|| Error::Input {
+                path: spool.to_path_buf(),
+                message: format!("line {spool_line}: bad key"),
+            })?;
+            self.row(p, &fp)?;
         }
-        spool_line += 1;
-        let p: Planned = serde_json::from_str(&line).map_err(|e| Error::Input {
-            path: spool.to_path_buf(),
-            message: format!("line {spool_line}: {e}"),
-        })?;
-        let fp = fingerprint_bytes(&p.fp).ok_or_else(|| Error::Input {
-            path: spool.to_path_buf(),
-            message: format!("line {spool_line}: bad key"),
-        })?;
-        // The row's own record, unless an earlier row already took it; else a copy of the
-        // same request's record.
-        let (i, copy) = match ix.position(&fp, p.idh) {
+    }
+
+    /// One row's record: its own, unless an earlier row already took it; else a copy of the
+    /// same request's record, from the output or else from the stale file; else it is pending.
+    fn row(&mut self, p: Planned, fp: &[u8; 16]) -> Result<(), Error> {
+        let ix = &self.ix;
+        let (i, copy) = match ix.position(fp, p.idh) {
             Some(i) if ix.entries[i].flags & REFERENCED == 0 => (i, false),
             Some(i) => (i, true),
-            None => match ix.source_index(&fp, false) {
+            None => match ix.source_index(fp, false) {
                 Some(i) => (i, true),
-                None => {
-                    in_place = false;
-                    let from_stale = ix
-                        .stale
-                        .as_ref()
-                        .and_then(|st| st.source_index(&fp, true).map(|i| st.entries[i].offset));
-                    let Some(offset) = from_stale else {
-                        report.pending += 1;
-                        continue;
-                    };
-                    if stale_src.is_none() {
-                        let f = File::open(&side.stale).map_err(|e| io_err(&side.stale, e))?;
-                        stale_src = Some((BufReader::new(f), 0));
-                    }
-                    let (rdr, at) = stale_src.as_mut().expect("opened above");
-                    read_line_at(rdr, at, offset, &mut buf).map_err(|e| io_err(&side.stale, e))?;
-                    let r = rewrite(&buf, p, Some(None), &side.stale, offset)?;
-                    wr(&mut out, &r)?;
-                    report.copies += 1;
-                    report.rows += 1;
-                    continue;
-                }
+                None => return self.copy_from_stale(p, fp),
             },
         };
         let e = ix.entries[i];
-        let Some(rdr) = src.as_mut() else {
+        let Some(rdr) = self.src.as_mut() else {
             unreachable!("an index entry implies an output file")
         };
-        read_line_at(rdr, &mut pos, e.offset, &mut buf).map_err(|err| io_err(output, err))?;
+        read_line_at(rdr, &mut self.pos, e.offset, &mut self.buf)
+            .map_err(|err| io_err(self.output, err))?;
         if !copy {
-            ix.entries[i].flags |= REFERENCED;
-            ix.entries[i].first_row = p.row.min(u32::MAX as u64) as u32;
+            self.ix.entries[i].flags |= REFERENCED;
+            self.ix.entries[i].first_row = p.row.min(u32::MAX as u64) as u32;
         }
         let verbatim = !copy && p.input.is_none() && e.ident != 0;
         if verbatim {
-            if e.offset != expect {
-                in_place = false;
-            }
-            expect = e.offset + buf.len() as u64;
-            wr(&mut out, &buf)?;
+            self.keep_verbatim(e.offset)?;
         } else {
-            in_place = false;
+            self.in_place = false;
             let from = copy.then(|| {
                 (e.flags & REFERENCED != 0 && e.first_row > 0).then_some(e.first_row as u64)
             });
             if copy {
-                report.copies += 1;
+                self.report.copies += 1;
             }
-            let r = rewrite(&buf, p, from, output, e.offset)?;
-            wr(&mut out, &r)?;
+            let r = rewrite(&self.buf, p, from, self.output, e.offset)?;
+            write_out(&mut self.out, &self.tmp, &r)?;
         }
-        report.rows += 1;
+        self.report.rows += 1;
+        Ok(())
     }
 
-    // What no row took: stale when the whole input was read, else kept for the rows to come.
-    let mut leftover: Vec<(u64, bool)> = ix
-        .entries
-        .iter()
-        .filter(|e| e.flags & REFERENCED == 0)
-        .map(|e| (e.offset, e.outcome() == Outcome::Input))
-        .collect();
-    leftover.sort_unstable();
-    let mut stale: Vec<u64> = ix.superseded_paid.clone();
-    for (offset, input_error) in &leftover {
-        if complete {
-            if !input_error {
-                stale.push(*offset);
-            }
-        } else if let Some(rdr) = src.as_mut() {
-            read_line_at(rdr, &mut pos, *offset, &mut buf).map_err(|e| io_err(output, e))?;
-            if *offset != expect {
-                in_place = false;
-            }
-            expect = offset + buf.len() as u64;
-            wr(&mut out, &buf)?;
+    /// A row whose request no record in the output answers: a copy of the stale file's
+    /// record if it has one (a row put back), else the row is pending.
+    fn copy_from_stale(&mut self, p: Planned, fp: &[u8; 16]) -> Result<(), Error> {
+        self.in_place = false;
+        let from_stale = self
+            .ix
+            .stale
+            .as_ref()
+            .and_then(|st| st.source_index(fp, true).map(|i| st.entries[i].offset));
+        let Some(offset) = from_stale else {
+            self.report.pending += 1;
+            return Ok(());
+        };
+        let stale = &self.side.stale;
+        if self.stale_src.is_none() {
+            let f = File::open(stale).map_err(|e| io_err(stale, e))?;
+            self.stale_src = Some((BufReader::new(f), 0));
         }
+        let (rdr, at) = self.stale_src.as_mut().expect("opened above");
+        read_line_at(rdr, at, offset, &mut self.buf).map_err(|e| io_err(stale, e))?;
+        let r = rewrite(&self.buf, p, Some(None), stale, offset)?;
+        write_out(&mut self.out, &self.tmp, &r)?;
+        self.report.copies += 1;
+        self.report.rows += 1;
+        Ok(())
     }
-    if complete && !leftover.is_empty() {
-        in_place = false;
+
+    /// Writes the line just read from the output (at `offset`) as it is; the output is no
+    /// longer in place unless the line follows the one kept before it.
+    fn keep_verbatim(&mut self, offset: u64) -> Result<(), Error> {
+        if offset != self.expect {
+            self.in_place = false;
+        }
+        self.expect = offset + self.buf.len() as u64;
+        write_out(&mut self.out, &self.tmp, &self.buf)
     }
-    if !ix.superseded_paid.is_empty() || !ix.unreadable.is_empty() {
-        in_place = false;
+
+    /// What no row took: stale when the whole input was read (returned, with the superseded
+    /// records that were paid for), else kept at the end for the rows to come.
+    fn leftovers(&mut self, complete: bool) -> Result<Vec<u64>, Error> {
+        let mut leftover: Vec<(u64, bool)> = self
+            .ix
+            .entries
+            .iter()
+            .filter(|e| e.flags & REFERENCED == 0)
+            .map(|e| (e.offset, e.outcome() == Outcome::Input))
+            .collect();
+        leftover.sort_unstable();
+        let mut stale: Vec<u64> = self.ix.superseded_paid.clone();
+        for (offset, input_error) in &leftover {
+            if complete {
+                if !input_error {
+                    stale.push(*offset);
+                }
+            } else if let Some(rdr) = self.src.as_mut() {
+                read_line_at(rdr, &mut self.pos, *offset, &mut self.buf)
+                    .map_err(|e| io_err(self.output, e))?;
+                self.keep_verbatim(*offset)?;
+            }
+        }
+        if complete && !leftover.is_empty() {
+            self.in_place = false;
+        }
+        if !self.ix.superseded_paid.is_empty() || !self.ix.unreadable.is_empty() {
+            self.in_place = false;
+        }
+        let file_len = std::fs::metadata(self.output).map(|m| m.len()).unwrap_or(0);
+        // Superseded lines that cost nothing are dropped: they too make the file change.
+        if self.expect != file_len {
+            self.in_place = false;
+        }
+        Ok(stale)
     }
-    let file_len = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    // Superseded lines that cost nothing are dropped: they too make the file change.
-    if expect != file_len {
-        in_place = false;
-    }
-    let out = out.into_inner().map_err(|e| io_err(&tmp, e.into_error()))?;
-    if in_place {
+
+    /// Leaves the output as it is when nothing changed; else moves the `stale` lines and the
+    /// lines that are not records aside, then puts the compacted file in the output's place.
+    fn finish(mut self, mut stale: Vec<u64>) -> Result<Compacted, Error> {
+        let out = self
+            .out
+            .into_inner()
+            .map_err(|e| io_err(&self.tmp, e.into_error()))?;
+        if self.in_place {
+            drop(out);
+            let _ = std::fs::remove_file(&self.tmp);
+            return Ok(self.report);
+        }
+        out.sync_all().map_err(|e| io_err(&self.tmp, e))?;
         drop(out);
-        let _ = std::fs::remove_file(&tmp);
-        return Ok(report);
-    }
-    out.sync_all().map_err(|e| io_err(&tmp, e))?;
-    drop(out);
 
-    // Move aside first, then replace: a crash in between leaves a line twice, never none.
-    stale.sort_unstable();
-    if let Some(rdr) = src.as_mut() {
-        report.stale = append_lines(rdr, &mut pos, &stale, &side.stale, output)?;
-        let rejected: Vec<u64> = ix.unreadable.iter().map(|&(_, o)| o).collect();
-        report.rejected = append_lines(rdr, &mut pos, &rejected, &side.rejected, output)?;
+        // Move aside first, then replace: a crash in between leaves a line twice, never none.
+        stale.sort_unstable();
+        if let Some(rdr) = self.src.as_mut() {
+            (self.report.stale, self.report.rejected) = move_aside(
+                rdr,
+                &mut self.pos,
+                self.output,
+                &stale,
+                &self.ix.unreadable,
+                self.side,
+            )?;
+        }
+        crate::ledger::files::rename_durably(&self.tmp, self.output)?;
+        self.report.rewritten = true;
+        Ok(self.report)
     }
-    if report.stale > 0 {
+}
+
+/// Appends the `stale` lines of the output (read through `rdr`, standing at `pos`) to the
+/// stale file and the `unreadable` ones (line number, offset) to the rejected file, each
+/// synced, and says so. Returns how many of each.
+fn move_aside(
+    rdr: &mut BufReader<File>,
+    pos: &mut u64,
+    output: &Path,
+    stale: &[u64],
+    unreadable: &[(u64, u64)],
+    side: &Sidecars,
+) -> Result<(u64, u64), Error> {
+    let moved = append_lines(rdr, pos, stale, &side.stale, output)?;
+    let offsets: Vec<u64> = unreadable.iter().map(|&(_, o)| o).collect();
+    let rejected = append_lines(rdr, pos, &offsets, &side.rejected, output)?;
+    if moved > 0 {
         tracing::info!(
             "{}: {} records of rows no longer in the input moved to {}",
             output.display(),
-            report.stale,
+            moved,
             side.stale.display()
         );
     }
-    if report.rejected > 0 {
+    if rejected > 0 {
         tracing::warn!(
             "{}: {} lines that are not records moved to {} (line numbers: {})",
             output.display(),
-            report.rejected,
+            rejected,
             side.rejected.display(),
-            ix.unreadable
+            unreadable
                 .iter()
                 .take(10)
                 .map(|(n, _)| n.to_string())
@@ -270,9 +364,12 @@ pub fn compact(
                 .join(", ")
         );
     }
-    std::fs::rename(&tmp, output).map_err(|e| io_err(output, e))?;
-    report.rewritten = true;
-    Ok(report)
+    Ok((moved, rejected))
+}
+
+/// Writes `b` to the compacted file `tmp`.
+fn write_out(out: &mut BufWriter<File>, tmp: &Path, b: &[u8]) -> Result<(), Error> {
+    out.write_all(b).map_err(|e| io_err(tmp, e))
 }
 
 /// The record `line` (at `offset` in `path`) rewritten for the row `p` names: its number, id,
