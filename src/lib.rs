@@ -24,7 +24,8 @@
 //! content    a row field's own messages array (`from`), image files and URLs → parts
 //! backend    the one assembler: a job → provider, token counter, wire, price, identity
 //! input      rows: CSV | JSONL, streamed on a thread → Row { number, id, fields } or RowError
-//! job        the job file: TOML → validated Job (paths, params, limits; keys refused); stamp
+//! job        the job file: raw (serde) → validated Job through messages, model, run, output
+//!            (paths, params, limits; keys refused); stamp
 //! ledger     the output's files: journal (append, repair, lock), record, index (done by
 //!            request), compact, spend, stamp, files (every companion path; atomic replace)
 //! shape      what a completion must look like: schema, checks, judging
