@@ -171,17 +171,28 @@ pub struct Pending {
     tmp: PathBuf,
     w: Option<BufWriter<File>>,
     synced: bool,
+    /// Bytes given to `write_all` since the disk was last asked to start on them.
+    unstarted: usize,
 }
+
+/// How much `write_all` takes before it asks the disk to start writing.
+const WRITEBACK_EVERY: usize = 8 << 20;
 
 impl Pending {
     pub fn create(path: &Path) -> Result<Pending, Error> {
-        let tmp = sibling(path, ".tmp");
+        Pending::create_as(path, ".tmp")
+    }
+
+    /// With the temporary file `PATH` + `suffix` (a second replacement of the same file).
+    pub fn create_as(path: &Path, suffix: &str) -> Result<Pending, Error> {
+        let tmp = sibling(path, suffix);
         let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         Ok(Pending {
             path: path.to_path_buf(),
             tmp,
             w: Some(BufWriter::with_capacity(256 * 1024, f)),
             synced: false,
+            unstarted: 0,
         })
     }
 
@@ -190,9 +201,26 @@ impl Pending {
         self.w.as_mut().expect("written before commit")
     }
 
-    /// The temporary file's path (for errors).
+    /// The temporary file's path.
     pub fn tmp(&self) -> &Path {
         &self.tmp
+    }
+
+    /// Writes `bytes`; every few megabytes the disk is asked to start writing what it has
+    /// (Linux), so the `sync` at the end has little left to wait for.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.put(bytes).map_err(|e| io_err(&self.tmp, e))
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let w = self.w.as_mut().expect("written before commit");
+        w.write_all(bytes)?;
+        self.unstarted += bytes.len();
+        if self.unstarted >= WRITEBACK_EVERY {
+            self.unstarted = 0;
+            start_writeback(w.get_ref());
+        }
+        Ok(())
     }
 
     /// Everything written is on disk (not yet in place).
@@ -215,6 +243,33 @@ impl Pending {
             let _ = std::fs::remove_file(&self.tmp);
         }
         r
+    }
+}
+
+/// Asks the kernel to start writing the file's dirty pages, without waiting for them.
+fn start_writeback(f: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a syscall on a descriptor `f` holds open, with no memory passed; the flag
+        // only starts the write-out of pages already written (a hint: its result is moot).
+        unsafe {
+            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
+}
+
+/// Writes go through `write_all` (and its early write-out).
+impl Write for Pending {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.put(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer().flush()
     }
 }
 
