@@ -87,8 +87,9 @@ pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Me
             output.display()
         )));
     }
-    let job = one_job(inputs)?;
+    // First: a shard a run is writing may have no stamp yet.
     let _locks = lock_all(inputs, output)?;
+    let job = one_job(inputs)?;
     let csv = csv
         .map(Path::to_path_buf)
         .or_else(|| job.stamp.csv_beside(&inputs[0]));
