@@ -59,11 +59,49 @@ pub fn export_csv(
             message: format!("line {n}: not an output record: {e}"),
         };
         match parse_line(bytes).map_err(bad)? {
-            Some(l) => w.add(&l).map_err(bad),
+            Some(l) => w.add(&CsvRecord::from(&l)).map_err(bad),
             None => Ok(()),
         }
     })?;
     w.finish()
+}
+
+/// What the CSV takes of a record: its parts as JSON text, as the line has them, and its
+/// figures. From a parsed line (`From<&Line>`), or from a line's byte ranges.
+#[derive(Debug, Default)]
+pub struct CsvRecord<'a> {
+    /// JSON: an object, or null.
+    pub input: Option<&'a str>,
+    /// JSON: a string, or null.
+    pub completion: Option<&'a str>,
+    /// JSON: any value (only an object's members have columns).
+    pub data: Option<&'a str>,
+    /// JSON: an array of choices, or null.
+    pub variants: Option<&'a str>,
+    /// Prompt, completion and total tokens.
+    pub usage: Option<[u64; 3]>,
+    pub cost_usd: Option<f64>,
+    pub ok: bool,
+    /// The error's message (text, not JSON).
+    pub error: Option<&'a str>,
+}
+
+impl<'a> From<&'a Line<'_>> for CsvRecord<'a> {
+    fn from(l: &'a Line<'_>) -> CsvRecord<'a> {
+        CsvRecord {
+            input: l.input.map(RawValue::get),
+            completion: l.completion.map(RawValue::get),
+            data: l.data.map(RawValue::get),
+            variants: l.variants.map(RawValue::get),
+            usage: l
+                .usage
+                .as_ref()
+                .map(|u| [u.prompt_tokens, u.completion_tokens, u.total_tokens]),
+            cost_usd: l.cost_usd,
+            ok: l.status == Status::Ok,
+            error: l.error.as_ref().map(|e| e.message.as_ref()),
+        }
+    }
 }
 
 /// The CSV of records given one at a time, in output order (see the module doc).
@@ -144,7 +182,7 @@ impl CsvWriter {
 
     /// One record's line (or one line per variant). `Err`: why the record cannot be read, or
     /// a write that failed.
-    pub fn add(&mut self, l: &Line) -> Result<(), String> {
+    pub fn add(&mut self, l: &CsvRecord) -> Result<(), String> {
         let inputs = match l.input {
             Some(raw) => Pairs::of(raw)?,
             None => Pairs::default(),
@@ -153,7 +191,7 @@ impl CsvWriter {
         let data = Pairs::of_object(l.data)?;
         self.data.learn(&data);
         let variants: Vec<VariantCells> = match l.variants {
-            Some(raw) => serde_json::from_str::<Option<_>>(raw.get())
+            Some(raw) => serde_json::from_str::<Option<_>>(raw)
                 .map_err(|e| format!("variants: {e}"))?
                 .unwrap_or_default(),
             None => Vec::new(),
@@ -178,7 +216,7 @@ impl CsvWriter {
             self.put(l, &inputs, None, &completion, &data)
         } else {
             for (i, v) in variants.iter().enumerate() {
-                let data = Pairs::of_object(v.data)?;
+                let data = Pairs::of_object(v.data.map(RawValue::get))?;
                 self.put(l, &inputs, Some(i), &v.completion, &data)?;
             }
             Ok(())
@@ -191,7 +229,7 @@ impl CsvWriter {
     /// first variant's line only, so the column sums to what was paid.
     fn put(
         &mut self,
-        l: &Line,
+        l: &CsvRecord,
         inputs: &Pairs,
         variant: Option<usize>,
         completion: &str,
@@ -212,21 +250,17 @@ impl CsvWriter {
             field(w, s, data.text(c)?.as_bytes(), esc).map_err(io)?;
         }
         let first = variant.is_none_or(|i| i == 0);
-        let usage = l.usage.as_ref().filter(|_| first);
-        number(w, usage.map(|u| u.prompt_tokens)).map_err(io)?;
-        number(w, usage.map(|u| u.completion_tokens)).map_err(io)?;
-        number(w, usage.map(|u| u.total_tokens)).map_err(io)?;
+        let usage = l.usage.filter(|_| first);
+        for i in 0..3 {
+            number(w, usage.map(|u| u[i])).map_err(io)?;
+        }
         match l.cost_usd.filter(|_| first) {
             Some(c) => w.write_field(self.cost.text(c)).map_err(io)?,
             None => w.write_field(b"").map_err(io)?,
         }
-        w.write_field(match l.status {
-            Status::Ok => "ok",
-            Status::Error => "error",
-        })
-        .map_err(io)?;
-        let error = l.error.as_ref().map(|e| e.message.as_ref()).unwrap_or("");
-        field(w, s, error.as_bytes(), esc).map_err(io)?;
+        w.write_field(if l.ok { "ok" } else { "error" })
+            .map_err(io)?;
+        field(w, s, l.error.unwrap_or("").as_bytes(), esc).map_err(io)?;
         self.body.end_line().map_err(io)
     }
 
@@ -396,18 +430,20 @@ impl Columns {
 
 /// A JSON object's members as written, borrowed from the line.
 #[derive(Default)]
-struct Pairs<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct Pairs<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
 impl<'a> Pairs<'a> {
-    fn of(raw: &'a RawValue) -> Result<Pairs<'a>, String> {
-        serde_json::from_str(raw.get()).map_err(|e| format!("input: {e}"))
+    fn of(raw: &'a str) -> Result<Pairs<'a>, String> {
+        serde_json::from_str::<Option<Pairs>>(raw)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| format!("input: {e}"))
     }
 
     /// `data`'s members; none when it is not an object.
-    fn of_object(raw: Option<&'a RawValue>) -> Result<Pairs<'a>, String> {
+    fn of_object(raw: Option<&'a str>) -> Result<Pairs<'a>, String> {
         match raw {
-            Some(r) if r.get().trim_start().starts_with('{') => {
-                serde_json::from_str(r.get()).map_err(|e| format!("data: {e}"))
+            Some(r) if r.trim_start().starts_with('{') => {
+                serde_json::from_str(r).map_err(|e| format!("data: {e}"))
             }
             _ => Ok(Pairs::default()),
         }
@@ -433,7 +469,7 @@ impl<'de> Deserialize<'de> for Pairs<'de> {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Pairs<'de>, A::Error> {
                 let mut v = Vec::new();
                 while let Some((Text(k), raw)) = m.next_entry::<Text<'de>, &'de RawValue>()? {
-                    v.push((k, raw));
+                    v.push((k, raw.get()));
                 }
                 Ok(Pairs(v))
             }
@@ -447,8 +483,8 @@ impl<'de> Deserialize<'de> for Pairs<'de> {
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// A value's cell: a string's text, nothing for null, any other value as compact JSON.
-fn text(raw: &RawValue) -> Result<Cow<'_, str>, String> {
-    let t = raw.get().trim_start();
+fn text(raw: &str) -> Result<Cow<'_, str>, String> {
+    let t = raw.trim_start();
     let bad = |e: serde_json::Error| e.to_string();
     match t.as_bytes().first() {
         Some(b'"') => serde_json::from_str::<Text>(t).map(|s| s.0).map_err(bad),

@@ -11,7 +11,7 @@ use crate::error::Error;
 use crate::ledger::files::{Files, Pending};
 use crate::ledger::journal::{io_err, parse_line, Lock};
 use crate::ledger::stamp::Stamp;
-use crate::output::csv::{CsvOptions, CsvWriter};
+use crate::output::csv::{CsvOptions, CsvRecord, CsvWriter};
 use crate::report::Stats;
 
 /// The outputs named on the command line: paths, or glob patterns (quoted, so the shell
@@ -339,8 +339,8 @@ impl Counts {
     }
 }
 
-/// Merged lines on their way to the thread that reads them for the summary and the CSV: a
-/// block of whole lines, and where each came from (for an error naming its file and line).
+/// Merged lines on their way from the merge to the thread that reads them: a block of whole
+/// lines, and where each came from (for an error naming its file and line).
 #[derive(Default)]
 struct Block {
     bytes: Vec<u8>,
@@ -351,10 +351,18 @@ struct Block {
 /// A block's size when it is sent: a few of them in flight keep memory flat.
 const BLOCK: usize = 256 * 1024;
 
-enum Msg {
-    Lines(Block),
+/// What goes from one thread of the pass to the next.
+enum Msg<T> {
+    Lines(T),
     /// Every line was sent: the CSV can be finished.
     Done,
+}
+
+/// Why a thread of the pass stopped before the end.
+enum Stop {
+    Failed(Error),
+    /// The thread it hands lines to stopped: that one's error is the one to report.
+    Next,
 }
 
 /// What the one pass made, none of it in place yet.
@@ -365,9 +373,10 @@ struct Passed {
     csv: Option<(Pending, u64)>,
 }
 
-/// The one pass, in two threads side by side: this one merges the shards' lines into the
-/// JSONL, the other reads each merged line once for the summary and the CSV. A refusal or an
-/// error on either side leaves nothing in place.
+/// The one pass, in three threads side by side: this one merges the shards' lines into the
+/// JSONL; the next parses each merged line once, for the summary and for where its CSV cells
+/// are; the last writes the CSV from those. A refusal or an error in any of them leaves
+/// nothing in place.
 fn pass(
     mut shards: Shards,
     mut jsonl: Pending,
@@ -375,21 +384,33 @@ fn pass(
     input_rows: Option<u64>,
 ) -> Result<Passed, Error> {
     let paths: Vec<PathBuf> = shards.heads.iter().map(|h| h.path.clone()).collect();
+    let paths = &paths;
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(2);
-        let reader = scope.spawn(|| read_merged(rx, csv, &paths));
-        let merged = merge_into(&mut shards, &mut jsonl, &tx, input_rows);
+        let (to_reader, from_merge) = std::sync::mpsc::sync_channel::<Msg<Block>>(2);
+        let (to_csv, from_reader) = std::sync::mpsc::sync_channel::<Msg<Parsed>>(2);
+        let writer = csv.map(|w| scope.spawn(move || write_csv(from_reader, w, paths)));
+        let to_csv = writer.is_some().then_some(to_csv);
+        let reader = scope.spawn(move || read_merged(from_merge, to_csv, paths));
+        let merged = merge_into(&mut shards, &mut jsonl, &to_reader, input_rows);
         if merged.is_ok() {
-            let _ = tx.send(Msg::Done);
+            let _ = to_reader.send(Msg::Done);
         }
-        drop(tx);
-        // On disk while the reader finishes the CSV.
-        let merged = merged.and_then(|c| jsonl.sync().map(|()| c));
-        let read = reader.join().expect("the merge's reader thread never panics");
-        // The reader's error first: the merge only stops for it (its lines go nowhere).
-        let (stats, csv) = read?;
+        drop(to_reader);
+        // On disk while the others finish.
+        let merged = merged.and_then(|c| jsonl.sync().map(|()| c).map_err(Stop::Failed));
+        let stats = reader.join().expect("the merge's reader never panics");
+        let csv = match writer {
+            Some(w) => w.join().expect("the merge's CSV writer never panics")?,
+            None => None,
+        };
+        // The last thread's error first: the ones before it stopped for it.
+        let failed = |s: Stop| match s {
+            Stop::Failed(e) => e,
+            Stop::Next => Error::Other("merge: stopped".into()),
+        };
+        let stats = stats.map_err(failed)?;
         Ok(Passed {
-            counts: merged?,
+            counts: merged.map_err(failed)?,
             stats,
             jsonl,
             csv,
@@ -401,13 +422,12 @@ fn pass(
 fn merge_into(
     shards: &mut Shards,
     jsonl: &mut Pending,
-    tx: &std::sync::mpsc::SyncSender<Msg>,
+    tx: &std::sync::mpsc::SyncSender<Msg<Block>>,
     input_rows: Option<u64>,
-) -> Result<Counts, Error> {
+) -> Result<Counts, Stop> {
     let mut c = Counts::default();
     let mut last: Option<u64> = None;
     let mut block = Block::default();
-    let gone = || Error::Other("merge: the reader stopped".into());
     while let Some(Reverse((row, i))) = shards.heap.pop() {
         if last == Some(row) {
             c.overlapping += 1;
@@ -422,54 +442,158 @@ fn merge_into(
             }
             block.lines.push((block.bytes.len(), i, h.number));
             if block.bytes.len() >= BLOCK {
-                jsonl.write_all(&block.bytes)?;
-                tx.send(Msg::Lines(std::mem::take(&mut block))).map_err(|_| gone())?;
+                jsonl.write_all(&block.bytes).map_err(Stop::Failed)?;
+                let full = std::mem::take(&mut block);
+                tx.send(Msg::Lines(full)).map_err(|_| Stop::Next)?;
             }
         }
-        shards.advance(i)?;
+        shards.advance(i).map_err(Stop::Failed)?;
     }
-    jsonl.write_all(&block.bytes)?;
-    tx.send(Msg::Lines(block)).map_err(|_| gone())?;
+    jsonl.write_all(&block.bytes).map_err(Stop::Failed)?;
+    tx.send(Msg::Lines(block)).map_err(|_| Stop::Next)?;
     if let Some(total) = input_rows {
         c.missing(last.map_or(1, |l| l + 1)..total + 1);
     }
     Ok(c)
 }
 
-/// The reader's side: every merged line parsed once, counted for the summary and written to
-/// the CSV, which is finished (not put in place) when the merge says it is done.
+/// A block, parsed: where each line's CSV parts are.
+struct Parsed {
+    block: Block,
+    parts: Vec<Parts>,
+}
+
+/// The reader: every merged line parsed once, counted for the summary and, when there is a
+/// CSV, its parts located for the CSV writer.
 fn read_merged(
-    rx: std::sync::mpsc::Receiver<Msg>,
-    mut csv: Option<CsvWriter>,
+    rx: std::sync::mpsc::Receiver<Msg<Block>>,
+    tx: Option<std::sync::mpsc::SyncSender<Msg<Parsed>>>,
     paths: &[PathBuf],
-) -> Result<(Stats, Option<(Pending, u64)>), Error> {
+) -> Result<Stats, Stop> {
     let mut stats = Stats::default();
     while let Ok(msg) = rx.recv() {
-        let block = match msg {
-            Msg::Lines(b) => b,
-            Msg::Done => {
-                let csv = csv.map(CsvWriter::prepare).transpose()?;
-                return Ok((stats, csv));
+        let Msg::Lines(block) = msg else {
+            if let Some(tx) = &tx {
+                tx.send(Msg::Done).map_err(|_| Stop::Next)?;
             }
+            return Ok(stats);
         };
+        let mut parts = Vec::with_capacity(tx.as_ref().map_or(0, |_| block.lines.len()));
         let mut start = 0;
         for &(end, shard, number) in &block.lines {
-            let bad = |why: String| Error::Input {
-                path: paths[shard].clone(),
-                message: format!("line {number}: not an output record: {why}"),
-            };
+            let bad = |why: String| Stop::Failed(not_a_record(&paths[shard], number, &why));
             let line = parse_line(&block.bytes[start..end])
                 .map_err(bad)?
                 .ok_or_else(|| bad("a blank line".into()))?;
             stats.add_line(&line);
-            if let Some(csv) = &mut csv {
-                csv.add(&line).map_err(bad)?;
+            if tx.is_some() {
+                parts.push(Parts::of(&CsvRecord::from(&line), &block.bytes));
             }
             start = end;
         }
+        if let Some(tx) = &tx {
+            let parsed = Parsed { block, parts };
+            tx.send(Msg::Lines(parsed)).map_err(|_| Stop::Next)?;
+        }
     }
     // The merge stopped before the end: its error is the one to report.
-    Ok((stats, None))
+    Ok(stats)
+}
+
+/// The CSV writer's thread: every merged line's cells, then (when the merge is done) the CSV
+/// finished, not yet in place.
+fn write_csv(
+    rx: std::sync::mpsc::Receiver<Msg<Parsed>>,
+    mut csv: CsvWriter,
+    paths: &[PathBuf],
+) -> Result<Option<(Pending, u64)>, Error> {
+    while let Ok(msg) = rx.recv() {
+        let Msg::Lines(p) = msg else {
+            return csv.prepare().map(Some);
+        };
+        // Each line was checked as UTF-8 when it was parsed.
+        let text = std::str::from_utf8(&p.block.bytes)
+            .map_err(|e| Error::Other(format!("merge: a merged block is not text: {e}")))?;
+        for (parts, &(_, shard, number)) in p.parts.iter().zip(&p.block.lines) {
+            csv.add(&parts.record(text))
+                .map_err(|why| not_a_record(&paths[shard], number, &why))?;
+        }
+    }
+    // The merge stopped before the end: an earlier thread's error is the one to report.
+    Ok(None)
+}
+
+fn not_a_record(path: &Path, number: u64, why: &str) -> Error {
+    Error::Input {
+        path: path.to_path_buf(),
+        message: format!("line {number}: not an output record: {why}"),
+    }
+}
+
+/// A merged line's CSV parts (a `CsvRecord`) as byte ranges of its block, so that the CSV
+/// thread can borrow them from the block as the parser did from the line.
+struct Parts {
+    input: Option<Piece>,
+    completion: Option<Piece>,
+    data: Option<Piece>,
+    variants: Option<Piece>,
+    error: Option<Piece>,
+    usage: Option<[u64; 3]>,
+    cost_usd: Option<f64>,
+    ok: bool,
+}
+
+/// Text in the block, or (an error message the parser had to unescape) of its own.
+enum Piece {
+    At(usize, usize),
+    Own(String),
+}
+
+impl Piece {
+    fn of(s: &str, block: &[u8]) -> Piece {
+        let start = (s.as_ptr() as usize).checked_sub(block.as_ptr() as usize);
+        match start {
+            Some(a) if a + s.len() <= block.len() => Piece::At(a, a + s.len()),
+            _ => Piece::Own(s.to_string()),
+        }
+    }
+
+    fn get<'a>(&'a self, text: &'a str) -> &'a str {
+        match self {
+            Piece::At(a, b) => &text[*a..*b],
+            Piece::Own(s) => s,
+        }
+    }
+}
+
+impl Parts {
+    fn of(r: &CsvRecord, block: &[u8]) -> Parts {
+        let piece = |s: Option<&str>| s.map(|s| Piece::of(s, block));
+        Parts {
+            input: piece(r.input),
+            completion: piece(r.completion),
+            data: piece(r.data),
+            variants: piece(r.variants),
+            error: piece(r.error),
+            usage: r.usage,
+            cost_usd: r.cost_usd,
+            ok: r.ok,
+        }
+    }
+
+    fn record<'a>(&'a self, text: &'a str) -> CsvRecord<'a> {
+        let get = |p: &'a Option<Piece>| p.as_ref().map(|p| p.get(text));
+        CsvRecord {
+            input: get(&self.input),
+            completion: get(&self.completion),
+            data: get(&self.data),
+            variants: get(&self.variants),
+            usage: self.usage,
+            cost_usd: self.cost_usd,
+            ok: self.ok,
+            error: get(&self.error),
+        }
+    }
 }
 
 /// `out/x.shard-2-of-8.jsonl` → `out/x.jsonl`: where `merge` writes by default.
@@ -488,6 +612,125 @@ pub fn unsharded(p: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stamp(k: u32) -> Stamp {
+        Stamp {
+            job: "j.toml".into(),
+            model: "m".into(),
+            params: "p".into(),
+            messages: "q".into(),
+            shard: crate::shard::Shard::new(k, 2),
+            input_rows: Some(6),
+            rows: None,
+            csv: Some("x.csv".into()),
+            csv_escape_formulas: true,
+            csv_input_columns: None,
+            csv_data_columns: None,
+        }
+    }
+
+    fn rec(row: u64, input: &str, extra: &str) -> String {
+        format!(
+            r#"{{"row":{row},"id":"{row}","status":"ok","input":{input},"completion":"c{row}","usage":{{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}},"cost_usd":0.5,"attempts":1,"latency_ms":7,"fingerprint":"f{row}"{extra}}}"#
+        )
+    }
+
+    /// Two shard outputs in `dir` (`x.shard-K-of-2.jsonl`), with their stamps.
+    fn shards(dir: &Path, one: &[String], two: &[String]) -> Vec<PathBuf> {
+        [one, two]
+            .iter()
+            .enumerate()
+            .map(|(i, lines)| {
+                let p = dir.join(format!("x.shard-{}-of-2.jsonl", i + 1));
+                std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+                stamp(i as u32 + 1).write(&Files::new(&p).stamp()).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_merged_csv_is_the_export_of_the_merged_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = r#","status":"error","error":{"kind":"bad_request","status":400,"message":"=\"x\" \u00e9"}"#;
+        let one = [
+            rec(1, r#"{"a":"=1"}"#, ""),
+            // Written by another tool: spaces, `row` not first, an escaped error message.
+            format!(
+                "  {{\"id\": \"3\", \"row\": 3, \"input\": {{\"b\": 2}}, \"attempts\": 1{}}}\r",
+                err.replace(r#","status":"error""#, r#", "status": "error""#)
+            ),
+            rec(5, r#"{"a":"5","c":null}"#, r#","data":{"d":"-d","e":[1,2]}"#),
+        ];
+        let two = [
+            rec(2, r#"{"b":"two"}"#, r#","variants":[{"completion":"+v1","finish_reason":"stop"},{"completion":"v2","finish_reason":"stop","data":{"d":"x"}}]"#),
+            rec(4, r#"{"a":"4"}"#, ""),
+            rec(6, r#"{"a":"6"}"#, ""),
+        ];
+        let inputs = shards(dir.path(), &one, &two);
+        let out = dir.path().join("x.jsonl");
+        let m = merge(&inputs, &out, None).unwrap();
+        assert_eq!((m.rows, m.missing, m.overlapping), (6, 0, 0));
+        let csv = dir.path().join("x.csv");
+        assert_eq!(m.csv, Some((csv.clone(), 6)), "to the stamp's CSV");
+        let again = dir.path().join("again.csv");
+        let opts = CsvOptions {
+            escape_formulas: true,
+            data_columns: None,
+        };
+        assert_eq!(crate::output::csv::export_csv(&out, &again, None, &opts).unwrap(), 6);
+        let merged = std::fs::read_to_string(&csv).unwrap();
+        assert_eq!(merged, std::fs::read_to_string(&again).unwrap());
+        assert!(merged.contains("'=\"\"x\"\" é"), "{merged}");
+        assert!(merged.contains("'+v1"), "{merged}");
+        assert_eq!(merged.lines().count(), 1 + 7, "a line per variant");
+        let rows: Vec<u64> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| parse_line(l.as_bytes()).unwrap().unwrap().row)
+            .collect();
+        assert_eq!(rows, [1, 2, 3, 4, 5, 6]);
+        assert_eq!((m.summary.rows_ok, m.summary.rows_failed), (5, 1));
+    }
+
+    #[test]
+    fn a_line_that_is_not_a_record_stops_the_merge_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = [rec(1, "{}", ""), r#"{"row":3,"id":"3","status":"#.to_string()];
+        let two = [rec(2, "{}", ""), rec(4, "{}", "")];
+        let inputs = shards(dir.path(), &one, &two);
+        let out = dir.path().join("x.jsonl");
+        std::fs::write(&out, "old\n").unwrap();
+        let Err(e) = merge(&inputs, &out, None) else {
+            panic!("merged a line that is not a record");
+        };
+        let e = e.to_string();
+        assert!(e.contains("x.shard-1-of-2.jsonl: line 2: not an output record"), "{e}");
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "old\n");
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.ends_with(".lock") && !n.ends_with(".job.json"))
+            .collect();
+        left.sort();
+        assert_eq!(left, ["x.jsonl", "x.shard-1-of-2.jsonl", "x.shard-2-of-2.jsonl"]);
+    }
+
+    #[test]
+    fn the_row_is_read_from_a_canonical_line_only() {
+        assert_eq!(row_of(br#"{"row":42,"id":"x"}"#), Some(42));
+        assert_eq!(row_of(br#"{"row":7}"#), Some(7));
+        for l in [
+            &br#"{"id":"x","row":42}"#[..],
+            br#"{"row":-1,"#,
+            br#"{"row":1.5,"#,
+            br#"{"row":,"#,
+            br#"{"row":99999999999999999999,"#,
+            b" {\"row\":1,",
+        ] {
+            assert_eq!(row_of(l), None, "{}", String::from_utf8_lossy(l));
+        }
+    }
 
     #[test]
     fn a_shard_output_merges_into_the_unsharded_name() {
