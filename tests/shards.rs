@@ -459,7 +459,10 @@ fn merge_over_an_existing_output_keeps_it_in_prev() {
     let whole = std::fs::read(f.path("out/result.jsonl")).unwrap();
     assert_eq!(f.records().len(), 20);
     // A .prev from an earlier --fresh: appended to, not replaced.
-    let older = format!("{}\n", String::from_utf8_lossy(&whole).lines().next().unwrap());
+    let older = format!(
+        "{}\n",
+        String::from_utf8_lossy(&whole).lines().next().unwrap()
+    );
     f.write("out/result.prev.jsonl", &older);
     for k in 1..=2 {
         ok(&f.run(&["run", "--quiet", &job, "--shard", &format!("{k}/2")]));
@@ -472,7 +475,11 @@ fn merge_over_an_existing_output_keeps_it_in_prev() {
         r.stderr
     );
     let prev = std::fs::read(f.path("out/result.prev.jsonl")).unwrap();
-    assert_eq!(prev, [older.as_bytes(), &whole].concat(), "old .prev, then the old output");
+    assert_eq!(
+        prev,
+        [older.as_bytes(), &whole].concat(),
+        "old .prev, then the old output"
+    );
     let merged = f.records();
     assert_eq!(rows_of(&merged), (1..=20).collect::<Vec<_>>());
     let shard_fps: BTreeSet<String> = (1..=2)
@@ -483,7 +490,10 @@ fn merge_over_an_existing_output_keeps_it_in_prev() {
         .iter()
         .map(|r| r["fingerprint"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(merged_fps, shard_fps, "the merged output is the shards' records");
+    assert_eq!(
+        merged_fps, shard_fps,
+        "the merged output is the shards' records"
+    );
     let csv = csv_cells(&f.path("out/result.csv"));
     assert_eq!(csv.len() - 1, merged.len(), "a CSV line per merged record");
     // Billed: the whole run and the shards, 40 answers; kept: the output and the old one.
@@ -496,7 +506,10 @@ fn merge_over_an_existing_output_keeps_it_in_prev() {
     ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
     let prev = std::fs::read(f.path("out/result.prev.jsonl")).unwrap();
     assert_eq!(prev, [older.as_bytes(), &whole, &first_merge].concat());
-    assert_eq!(std::fs::read(f.path("out/result.jsonl")).unwrap(), first_merge);
+    assert_eq!(
+        std::fs::read(f.path("out/result.jsonl")).unwrap(),
+        first_merge
+    );
 }
 
 #[test]
@@ -527,13 +540,23 @@ fn merge_refuses_a_shard_a_live_run_holds_and_a_locked_target() {
     let start = std::time::Instant::now();
     while !std::fs::read_to_string(&lock).is_ok_and(|t| t.starts_with(&pid)) {
         assert!(child.try_wait().unwrap().is_none(), "the run ended first");
-        assert!(start.elapsed().as_secs() < 30, "the run never took its lock");
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the run never took its lock"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
-    assert!(child.try_wait().unwrap().is_none(), "the run was still going");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run was still going"
+    );
     assert_eq!(r.code, 2, "{}", r.stderr);
-    for part in ["out/result.shard-2-of-2.jsonl", "result.shard-2-of-2.jsonl.lock", &pid] {
+    for part in [
+        "out/result.shard-2-of-2.jsonl",
+        "result.shard-2-of-2.jsonl.lock",
+        &pid,
+    ] {
         assert!(r.stderr.contains(part), "{part}: {}", r.stderr);
     }
     assert!(!f.path("out/result.jsonl").exists(), "nothing merged");
@@ -589,7 +612,11 @@ fn merge_refuses_a_shard_out_of_row_order_and_leaves_the_target() {
 
     let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    for part in ["out/result.shard-1-of-2.jsonl", "line 2:", "not in row order"] {
+    for part in [
+        "out/result.shard-1-of-2.jsonl",
+        "line 2:",
+        "not in row order",
+    ] {
         assert!(r.stderr.contains(part), "{part}: {}", r.stderr);
     }
     assert_eq!(std::fs::read(f.path("out/result.jsonl")).unwrap(), target);
@@ -603,7 +630,10 @@ fn merge_refuses_a_shard_out_of_row_order_and_leaves_the_target() {
     assert_eq!(s.stats().requests, sent, "nothing sent again");
     ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
     assert_eq!(std::fs::read(f.path("out/result.jsonl")).unwrap(), target);
-    assert_eq!(std::fs::read(f.path("out/result.prev.jsonl")).unwrap(), target);
+    assert_eq!(
+        std::fs::read(f.path("out/result.prev.jsonl")).unwrap(),
+        target
+    );
     assert_eq!(s.stats().requests, 20);
     billed_equals_kept(&s, &[f.path("out/result.jsonl")]);
 }
@@ -641,14 +671,20 @@ fn merged_csv_is_the_jobs_csv_escaped_as_the_job_says_without_csv_given() {
     for k in 1..=2 {
         ok(&f.run(&["run", "--quiet", &job, "--shard", &format!("{k}/2")]));
     }
-    assert!(!f.path("out/result.csv").exists(), "the shards write their own CSVs");
+    assert!(
+        !f.path("out/result.csv").exists(),
+        "the shards write their own CSVs"
+    );
     let stamp_path = |k: u32| f.path(&format!("out/result.shard-{k}-of-2.jsonl.job.json"));
     let stamp: Value =
         serde_json::from_str(&std::fs::read_to_string(stamp_path(1)).unwrap()).unwrap();
     assert_eq!(stamp["csv"], "result.csv");
     assert_eq!(stamp["csv_escape_formulas"], true);
     assert_eq!(stamp["csv_input_columns"], serde_json::json!(["n", "text"]));
-    assert_eq!(stamp["csv_data_columns"], serde_json::json!(["verdict", "note"]));
+    assert_eq!(
+        stamp["csv_data_columns"],
+        serde_json::json!(["verdict", "note"])
+    );
 
     let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
     ok(&r);
@@ -694,7 +730,12 @@ fn merged_csv_is_the_jobs_csv_escaped_as_the_job_says_without_csv_given() {
     for k in 1..=2 {
         let text = std::fs::read_to_string(stamp_path(k)).unwrap();
         let mut st: Value = serde_json::from_str(&text).unwrap();
-        for key in ["csv", "csv_escape_formulas", "csv_input_columns", "csv_data_columns"] {
+        for key in [
+            "csv",
+            "csv_escape_formulas",
+            "csv_input_columns",
+            "csv_data_columns",
+        ] {
             st.as_object_mut().unwrap().remove(key);
         }
         std::fs::write(stamp_path(k), st.to_string()).unwrap();
@@ -706,7 +747,10 @@ fn merged_csv_is_the_jobs_csv_escaped_as_the_job_says_without_csv_given() {
     let rows = csv_cells(&f.path("out/old.csv"));
     assert_eq!(rows.len() - 1, 20);
     let at = |name: &str| rows[0].iter().position(|h| h == name).unwrap();
-    assert!(rows[1..].iter().any(|r| r[at("text")] == "=1+1 5"), "{rows:?}");
+    assert!(
+        rows[1..].iter().any(|r| r[at("text")] == "=1+1 5"),
+        "{rows:?}"
+    );
     assert_eq!(s.stats().requests, 20);
     billed_equals_kept(&s, &[f.path("out/result.jsonl")]);
 }

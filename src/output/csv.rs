@@ -466,7 +466,10 @@ impl<'de> Deserialize<'de> for Pairs<'de> {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("an object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Pairs<'de>, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Pairs<'de>, A::Error> {
                 let mut v = Vec::new();
                 while let Some((Text(k), raw)) = m.next_entry::<Text<'de>, &'de RawValue>()? {
                     v.push((k, raw.get()));
@@ -775,7 +778,10 @@ mod tests {
     #[test]
     fn columns_first_seen_late_and_variants_pad_the_lines_before_them() {
         let mut with_data = ok(2, json!({"a": "2", "b": "=b"}), "c2");
-        with_data = with_data.replace("\"error\":null", "\"error\":null,\"data\":{\"x\":1,\"y\":\"-y\"}");
+        with_data = with_data.replace(
+            "\"error\":null",
+            "\"error\":null,\"data\":{\"x\":1,\"y\":\"-y\"}",
+        );
         let variants = json!({
             "row": 3, "id": "3", "status": "ok", "input": {"a": "3"}, "completion": "v1",
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
@@ -790,22 +796,71 @@ mod tests {
         let (n, rows) = export(&lines, None, true).unwrap();
         assert_eq!(n, 3, "records, not lines");
         let head = strings(&[
-            "a", "b", "variant", "completion", "x", "y", "prompt_tokens", "completion_tokens",
-            "total_tokens", "cost_usd", "status", "error",
+            "a",
+            "b",
+            "variant",
+            "completion",
+            "x",
+            "y",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost_usd",
+            "status",
+            "error",
         ]);
         assert_eq!(rows[0], head);
         let row = |v: &[&str]| strings(v);
         assert_eq!(
             rows[1],
-            row(&["1", "", "1", "c1", "", "", "3", "2", "5", "0.25000000", "ok", ""])
+            row(&[
+                "1",
+                "",
+                "1",
+                "c1",
+                "",
+                "",
+                "3",
+                "2",
+                "5",
+                "0.25000000",
+                "ok",
+                ""
+            ])
         );
         assert_eq!(
             rows[2],
-            row(&["2", "'=b", "1", "c2", "1", "'-y", "3", "2", "5", "0.25000000", "ok", ""])
+            row(&[
+                "2",
+                "'=b",
+                "1",
+                "c2",
+                "1",
+                "'-y",
+                "3",
+                "2",
+                "5",
+                "0.25000000",
+                "ok",
+                ""
+            ])
         );
         assert_eq!(
             rows[3],
-            row(&["3", "", "1", "v1", "3", "", "3", "2", "5", "0.50000000", "ok", ""])
+            row(&[
+                "3",
+                "",
+                "1",
+                "v1",
+                "3",
+                "",
+                "3",
+                "2",
+                "5",
+                "0.50000000",
+                "ok",
+                ""
+            ])
         );
         assert_eq!(
             rows[4],
@@ -820,7 +875,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("out.jsonl");
         let csv_path = dir.path().join("out.csv");
-        for (text, works) in [(ok(1, json!({"a": "1"}), "x") + "\n", true), ("{\n".into(), false)] {
+        for (text, works) in [
+            (ok(1, json!({"a": "1"}), "x") + "\n", true),
+            ("{\n".into(), false),
+        ] {
             std::fs::write(&jsonl, text).unwrap();
             let r = export_csv(&jsonl, &csv_path, None, &CsvOptions::default());
             assert_eq!(r.is_ok(), works, "{r:?}");

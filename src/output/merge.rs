@@ -103,7 +103,12 @@ pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Me
     let columns = job.stamp.csv_input_columns.as_deref();
     let writer = csv.as_deref().map(|c| CsvWriter::create(c, columns, &opts));
     let jsonl = Pending::create(output)?;
-    let p = pass(Shards::open(inputs)?, jsonl, writer.transpose()?, job.input_rows)?;
+    let p = pass(
+        Shards::open(inputs)?,
+        jsonl,
+        writer.transpose()?,
+        job.input_rows,
+    )?;
     // In place: the CSV, the output that was at the target moved to its `.prev` file
     // (appended), then the merged JSONL over the target.
     let csv_rows = p.csv.map(|(w, n)| w.commit().map(|()| n)).transpose()?;
@@ -120,9 +125,9 @@ pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Me
     stamp.input_rows = job.input_rows;
     stamp.rows = job.input_rows;
     stamp.csv_escape_formulas = job.escape;
-    stamp.csv = csv.as_deref().map(|c| {
-        crate::ledger::files::relative_to(c, output.parent().unwrap_or(Path::new("")))
-    });
+    stamp.csv = csv
+        .as_deref()
+        .map(|c| crate::ledger::files::relative_to(c, output.parent().unwrap_or(Path::new(""))));
     stamp.write(&files.stamp())?;
     Ok(Merged {
         rows: counts.rows,
@@ -660,10 +665,18 @@ mod tests {
                 "  {{\"id\": \"3\", \"row\": 3, \"input\": {{\"b\": 2}}, \"attempts\": 1{}}}\r",
                 err.replace(r#","status":"error""#, r#", "status": "error""#)
             ),
-            rec(5, r#"{"a":"5","c":null}"#, r#","data":{"d":"-d","e":[1,2]}"#),
+            rec(
+                5,
+                r#"{"a":"5","c":null}"#,
+                r#","data":{"d":"-d","e":[1,2]}"#,
+            ),
         ];
         let two = [
-            rec(2, r#"{"b":"two"}"#, r#","variants":[{"completion":"+v1","finish_reason":"stop"},{"completion":"v2","finish_reason":"stop","data":{"d":"x"}}]"#),
+            rec(
+                2,
+                r#"{"b":"two"}"#,
+                r#","variants":[{"completion":"+v1","finish_reason":"stop"},{"completion":"v2","finish_reason":"stop","data":{"d":"x"}}]"#,
+            ),
             rec(4, r#"{"a":"4"}"#, ""),
             rec(6, r#"{"a":"6"}"#, ""),
         ];
@@ -678,7 +691,10 @@ mod tests {
             escape_formulas: true,
             data_columns: None,
         };
-        assert_eq!(crate::output::csv::export_csv(&out, &again, None, &opts).unwrap(), 6);
+        assert_eq!(
+            crate::output::csv::export_csv(&out, &again, None, &opts).unwrap(),
+            6
+        );
         let merged = std::fs::read_to_string(&csv).unwrap();
         assert_eq!(merged, std::fs::read_to_string(&again).unwrap());
         assert!(merged.contains("'=\"\"x\"\" é"), "{merged}");
@@ -696,7 +712,10 @@ mod tests {
     #[test]
     fn a_line_that_is_not_a_record_stops_the_merge_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let one = [rec(1, "{}", ""), r#"{"row":3,"id":"3","status":"#.to_string()];
+        let one = [
+            rec(1, "{}", ""),
+            r#"{"row":3,"id":"3","status":"#.to_string(),
+        ];
         let two = [rec(2, "{}", ""), rec(4, "{}", "")];
         let inputs = shards(dir.path(), &one, &two);
         let out = dir.path().join("x.jsonl");
@@ -705,7 +724,10 @@ mod tests {
             panic!("merged a line that is not a record");
         };
         let e = e.to_string();
-        assert!(e.contains("x.shard-1-of-2.jsonl: line 2: not an output record"), "{e}");
+        assert!(
+            e.contains("x.shard-1-of-2.jsonl: line 2: not an output record"),
+            "{e}"
+        );
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "old\n");
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -713,7 +735,10 @@ mod tests {
             .filter(|n| !n.ends_with(".lock") && !n.ends_with(".job.json"))
             .collect();
         left.sort();
-        assert_eq!(left, ["x.jsonl", "x.shard-1-of-2.jsonl", "x.shard-2-of-2.jsonl"]);
+        assert_eq!(
+            left,
+            ["x.jsonl", "x.shard-1-of-2.jsonl", "x.shard-2-of-2.jsonl"]
+        );
     }
 
     #[test]
