@@ -689,6 +689,13 @@ fn merged_csv_is_the_jobs_csv_escaped_as_the_job_says_without_csv_given() {
     let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
     ok(&r);
     assert!(r.stderr.contains("out/result.csv"), "{}", r.stderr);
+    let merged_stamp: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.path("out/result.jsonl.job.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(merged_stamp["shard"], Value::Null);
+    assert_eq!(merged_stamp["csv"], "result.csv");
+    assert_eq!(merged_stamp["csv_escape_formulas"], true);
     let merged = f.records();
     assert_eq!(merged.len(), 20);
     let rows = csv_cells(&f.path("out/result.csv"));

@@ -87,7 +87,11 @@ pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Me
             output.display()
         )));
     }
-    // First: a shard a run is writing may have no stamp yet.
+    for p in inputs {
+        // Before its lock is made beside it.
+        std::fs::metadata(p).map_err(|e| io_err(p, e))?;
+    }
+    // Then the locks: a shard a run is writing may have no stamp yet.
     let _locks = lock_all(inputs, output)?;
     let job = one_job(inputs)?;
     let csv = csv
@@ -120,15 +124,7 @@ pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Me
     let mut summary = stats.summary(None);
     summary.rows_pending = counts.missing;
     summary.write(&files.summary())?;
-    let mut stamp = job.stamp;
-    stamp.shard = None;
-    stamp.input_rows = job.input_rows;
-    stamp.rows = job.input_rows;
-    stamp.csv_escape_formulas = job.escape;
-    stamp.csv = csv
-        .as_deref()
-        .map(|c| crate::ledger::files::relative_to(c, output.parent().unwrap_or(Path::new(""))));
-    stamp.write(&files.stamp())?;
+    job.merged(output, csv.as_deref()).write(&files.stamp())?;
     Ok(Merged {
         rows: counts.rows,
         overlapping: counts.overlapping,
@@ -147,6 +143,21 @@ struct JobOf {
     input_rows: Option<u64>,
     /// Any shard's job escapes formulas: the merged CSV does.
     escape: bool,
+}
+
+impl JobOf {
+    /// The merged output's stamp: the job's, unsharded, naming the CSV written with it.
+    fn merged(self, output: &Path, csv: Option<&Path>) -> Stamp {
+        let dir = output.parent().unwrap_or(Path::new(""));
+        Stamp {
+            shard: None,
+            input_rows: self.input_rows,
+            rows: self.input_rows,
+            csv: csv.map(|c| crate::ledger::files::relative_to(c, dir)),
+            csv_escape_formulas: self.escape,
+            ..self.stamp
+        }
+    }
 }
 
 /// The shards' job: the same for every shard, or a refusal that says what differs.
@@ -739,6 +750,17 @@ mod tests {
             left,
             ["x.jsonl", "x.shard-1-of-2.jsonl", "x.shard-2-of-2.jsonl"]
         );
+    }
+
+    #[test]
+    fn an_input_that_is_not_there_is_an_error_and_gets_no_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let typo = dir.path().join("x.shard-1-of-2.jsonl");
+        let Err(e) = merge(&[typo.clone()], &dir.path().join("x.jsonl"), None) else {
+            panic!("merged an output that is not there");
+        };
+        assert!(e.to_string().contains("x.shard-1-of-2.jsonl"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
