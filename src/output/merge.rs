@@ -756,7 +756,11 @@ mod tests {
     fn an_input_that_is_not_there_is_an_error_and_gets_no_lock() {
         let dir = tempfile::tempdir().unwrap();
         let typo = dir.path().join("x.shard-1-of-2.jsonl");
-        let Err(e) = merge(&[typo.clone()], &dir.path().join("x.jsonl"), None) else {
+        let Err(e) = merge(
+            std::slice::from_ref(&typo),
+            &dir.path().join("x.jsonl"),
+            None,
+        ) else {
             panic!("merged an output that is not there");
         };
         assert!(e.to_string().contains("x.shard-1-of-2.jsonl"), "{e}");
