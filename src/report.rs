@@ -86,19 +86,55 @@ impl Default for Stats {
 
 impl Stats {
     pub fn add(&mut self, r: &Record, retries: u32, rate_limited: u32, billed: bool) {
+        self.retries += retries as u64;
+        self.rate_limited += rate_limited as u64;
+        self.count(&Counted {
+            status: r.status,
+            error: r.error.as_ref().map(|e| e.kind),
+            usage: r.usage,
+            cost_usd: r.cost_usd,
+            sent: r.fingerprint.is_some(),
+            latency_ms: r.latency_ms,
+            ttft_ms: r.ttft_ms,
+            billed,
+        });
+    }
+
+    /// `add` from a journal line as the one parser reads it: what `merge` counts, its retries
+    /// the attempts after the first.
+    pub fn add_line(&mut self, l: &crate::ledger::journal::Line) {
+        self.retries += u64::from(l.attempts.unwrap_or(0).saturating_sub(1));
+        self.count(&Counted {
+            status: l.status,
+            error: l.error.as_ref().map(|e| e.kind),
+            usage: l.usage.as_ref().map(|u| crate::chat::Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+                total_tokens: u.total_tokens,
+                cached_tokens: u.cached_tokens,
+                reasoning_tokens: u.reasoning_tokens,
+                estimated: u.estimated,
+            }),
+            cost_usd: l.cost_usd,
+            sent: l.fingerprint.is_some(),
+            latency_ms: l.latency_ms.unwrap_or(0),
+            ttft_ms: l.ttft_ms,
+            billed: true,
+        });
+    }
+
+    fn count(&mut self, r: &Counted) {
         match r.status {
             Status::Ok => self.ok += 1,
             Status::Error => {
                 self.failed += 1;
-                if r.error.as_ref().is_some_and(|e| {
-                    crate::ledger::error_outcome(e.kind) == crate::ledger::Outcome::FailedTransient
+                if r.error.is_some_and(|k| {
+                    crate::ledger::error_outcome(k) == crate::ledger::Outcome::FailedTransient
                 }) {
                     self.failed_transient += 1;
                 }
             }
         }
-        self.retries += retries as u64;
-        self.rate_limited += rate_limited as u64;
         if let Some(u) = &r.usage {
             if u.estimated {
                 self.estimated_usage += 1;
@@ -109,11 +145,11 @@ impl Stats {
             self.reasoning_tokens += u.reasoning_tokens.unwrap_or(0);
             match r.cost_usd {
                 Some(c) => self.cost_usd += c,
-                None if billed => self.unpriced_rows += 1,
+                None if r.billed => self.unpriced_rows += 1,
                 None => {}
             }
         }
-        if r.fingerprint.is_some() {
+        if r.sent {
             let _ = self.latency.record(r.latency_ms.max(1));
         }
         if let Some(t) = r.ttft_ms {
@@ -171,6 +207,20 @@ impl Stats {
             stopped,
         }
     }
+}
+
+/// What `Stats` counts of a record, from a `Record` or a journal line.
+struct Counted {
+    status: Status,
+    error: Option<crate::provider::ErrorKind>,
+    usage: Option<crate::chat::Usage>,
+    cost_usd: Option<f64>,
+    /// It has a fingerprint: a request was made, so its latency counts.
+    sent: bool,
+    latency_ms: u64,
+    ttft_ms: Option<u64>,
+    /// A missing cost on a record with usage is an unknown price, not zero.
+    billed: bool,
 }
 
 fn count_lines(path: &Path) -> std::io::Result<u64> {

@@ -76,6 +76,20 @@ impl Shard {
         };
         p.with_file_name(name)
     }
+
+    /// `out/x.shard-2-of-8.csv` → `out/x.csv`: the name `path` was given (a name without
+    /// this shard's tag is returned as it is).
+    pub fn whole(&self, p: &Path) -> PathBuf {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tag = format!(".shard-{}-of-{}", self.k, self.n);
+        match name.rfind(&tag) {
+            Some(i) => p.with_file_name(format!("{}{}", &name[..i], &name[i + tag.len()..])),
+            None => p.to_path_buf(),
+        }
+    }
 }
 
 fn first8(bytes: &[u8]) -> u64 {
@@ -113,6 +127,11 @@ mod tests {
             s.path(Path::new("out/x.jsonl")),
             PathBuf::from("out/x.shard-2-of-8.jsonl")
         );
+        for p in ["out/x.csv", "out/x", "out/.x", "out/a.b.csv"] {
+            let p = Path::new(p);
+            assert_eq!(s.whole(&s.path(p)), p, "whole undoes path");
+        }
+        assert_eq!(s.whole(Path::new("out/x.csv")), PathBuf::from("out/x.csv"));
         assert!(Shard::parse("0/8").is_err());
         assert!(Shard::parse("9/8").is_err());
         assert!(Shard::parse("1").is_err());

@@ -390,3 +390,369 @@ fn export_then_another_engines_results_then_import_completes_the_job() {
     assert_eq!(r.code, 1);
     assert_eq!(s.stats().requests, before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// merge keeps its promises: the old output kept, live shards refused, the order checked, the
+// job's CSV. Self-contained (these helpers are used only here).
+
+/// The prompt and completion tokens of every record in `outputs`.
+fn kept_tokens(outputs: &[std::path::PathBuf]) -> (u64, u64) {
+    outputs
+        .iter()
+        .flat_map(|p| read_jsonl(p))
+        .fold((0, 0), |(p, c), r| {
+            (
+                p + r["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                c + r["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// What the server billed equals what `outputs` kept.
+fn billed_equals_kept(s: &FakeServer, outputs: &[std::path::PathBuf]) {
+    let st = s.stats();
+    assert_eq!(
+        (st.billed_prompt_tokens, st.billed_completion_tokens),
+        kept_tokens(outputs),
+        "billed vs kept"
+    );
+}
+
+/// A CSV as rows of cells, the header first.
+fn csv_cells(p: &std::path::Path) -> Vec<Vec<String>> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(p)
+        .unwrap()
+        .records()
+        .map(|r| r.unwrap().iter().map(String::from).collect())
+        .collect()
+}
+
+fn rows_of(recs: &[Value]) -> Vec<u64> {
+    recs.iter().map(|r| r["row"].as_u64().unwrap()).collect()
+}
+
+/// Files left in `out/` whose name says they are temporary.
+fn temporaries(f: &Fixture) -> Vec<String> {
+    std::fs::read_dir(f.path("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp") || n.contains(".tmp."))
+        .collect()
+}
+
+#[test]
+fn merge_over_an_existing_output_keeps_it_in_prev() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(20, "item")));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap().to_string();
+    // The whole job once, then the same job in two shards: their merge lands on that output.
+    ok(&f.run(&["run", "--quiet", &job]));
+    let whole = std::fs::read(f.path("out/result.jsonl")).unwrap();
+    assert_eq!(f.records().len(), 20);
+    // A .prev from an earlier --fresh: appended to, not replaced.
+    let older = format!(
+        "{}\n",
+        String::from_utf8_lossy(&whole).lines().next().unwrap()
+    );
+    f.write("out/result.prev.jsonl", &older);
+    for k in 1..=2 {
+        ok(&f.run(&["run", "--quiet", &job, "--shard", &format!("{k}/2")]));
+    }
+    let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+    ok(&r);
+    assert!(
+        r.stderr.contains("out/result.prev.jsonl") && r.stderr.contains("moved"),
+        "{}",
+        r.stderr
+    );
+    let prev = std::fs::read(f.path("out/result.prev.jsonl")).unwrap();
+    assert_eq!(
+        prev,
+        [older.as_bytes(), &whole].concat(),
+        "old .prev, then the old output"
+    );
+    let merged = f.records();
+    assert_eq!(rows_of(&merged), (1..=20).collect::<Vec<_>>());
+    let shard_fps: BTreeSet<String> = (1..=2)
+        .flat_map(|k| read_jsonl(&f.path(&format!("out/result.shard-{k}-of-2.jsonl"))))
+        .map(|r| r["fingerprint"].as_str().unwrap().to_string())
+        .collect();
+    let merged_fps: BTreeSet<String> = merged
+        .iter()
+        .map(|r| r["fingerprint"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        merged_fps, shard_fps,
+        "the merged output is the shards' records"
+    );
+    let csv = csv_cells(&f.path("out/result.csv"));
+    assert_eq!(csv.len() - 1, merged.len(), "a CSV line per merged record");
+    // Billed: the whole run and the shards, 40 answers; kept: the output and the old one.
+    assert_eq!(s.stats().requests, 40);
+    let whole_file = f.write("whole-copy.jsonl", &whole);
+    billed_equals_kept(&s, &[f.path("out/result.jsonl"), whole_file]);
+
+    // Merging again keeps the merged output as well.
+    let first_merge = std::fs::read(f.path("out/result.jsonl")).unwrap();
+    ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
+    let prev = std::fs::read(f.path("out/result.prev.jsonl")).unwrap();
+    assert_eq!(prev, [older.as_bytes(), &whole, &first_merge].concat());
+    assert_eq!(
+        std::fs::read(f.path("out/result.jsonl")).unwrap(),
+        first_merge
+    );
+}
+
+#[test]
+fn merge_refuses_a_shard_a_live_run_holds_and_a_locked_target() {
+    // Slow answers: the second shard's run is still going when the merge starts.
+    let s = spawn_background(Config {
+        latency_ms: 300,
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(40, "item")));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap().to_string();
+    ok(&f.run(&["run", "--quiet", &job, "--shard", "1/2"]));
+    // Shard 2 begun earlier (so it has its stamp and some records), now resumed.
+    ok(&f.run(&["run", "--quiet", &job, "--shard", "2/2", "--limit", "10"]));
+    let begun = read_jsonl(&f.path("out/result.shard-2-of-2.jsonl")).len();
+    assert!((1..20).contains(&begun), "{begun}");
+    assert!(f.path("out/result.shard-2-of-2.jsonl.job.json").exists());
+    let mut child = f
+        .cmd(&["run", "--quiet", &job, "--shard", "2/2"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held once the run has written its pid into the lock (Lock::acquire).
+    let lock = f.path("out/result.shard-2-of-2.jsonl.lock");
+    let pid = format!("pid {}", child.id());
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock).is_ok_and(|t| t.starts_with(&pid)) {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended first");
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the run never took its lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run was still going"
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    for part in [
+        "out/result.shard-2-of-2.jsonl",
+        "result.shard-2-of-2.jsonl.lock",
+        &pid,
+    ] {
+        assert!(r.stderr.contains(part), "{part}: {}", r.stderr);
+    }
+    assert!(!f.path("out/result.jsonl").exists(), "nothing merged");
+    assert!(!f.path("out/result.csv").exists());
+    assert!(temporaries(&f).is_empty(), "{:?}", temporaries(&f));
+    assert!(child.wait().unwrap().success());
+
+    // The target's lock held, as a run holds it: refused too, naming it.
+    {
+        let held = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(f.path("out/result.jsonl.lock"))
+            .unwrap();
+        held.lock().unwrap();
+        let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains("out/result.jsonl.lock"), "{}", r.stderr);
+        assert!(!f.path("out/result.jsonl").exists());
+    }
+    // Both free: the merge has every row.
+    ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
+    let merged = f.records();
+    assert_eq!(rows_of(&merged), (1..=40).collect::<Vec<_>>());
+    assert_eq!(csv_cells(&f.path("out/result.csv")).len() - 1, 40);
+    assert_eq!(s.stats().requests, 40, "each row sent once");
+    billed_equals_kept(&s, &[f.path("out/result.jsonl")]);
+}
+
+#[test]
+fn merge_refuses_a_shard_out_of_row_order_and_leaves_the_target() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(20, "item")));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap().to_string();
+    for k in 1..=2 {
+        ok(&f.run(&["run", "--quiet", &job, "--shard", &format!("{k}/2")]));
+    }
+    ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
+    let target = std::fs::read(f.path("out/result.jsonl")).unwrap();
+    let csv = std::fs::read(f.path("out/result.csv")).unwrap();
+    // Shard 1 edited by hand: its last record moved to the front.
+    let shard = f.path("out/result.shard-1-of-2.jsonl");
+    let text = std::fs::read_to_string(&shard).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 3, "{text}");
+    let last = lines.pop().unwrap();
+    lines.insert(0, last);
+    std::fs::write(&shard, lines.join("\n") + "\n").unwrap();
+
+    let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    for part in [
+        "out/result.shard-1-of-2.jsonl",
+        "line 2:",
+        "not in row order",
+    ] {
+        assert!(r.stderr.contains(part), "{part}: {}", r.stderr);
+    }
+    assert_eq!(std::fs::read(f.path("out/result.jsonl")).unwrap(), target);
+    assert_eq!(std::fs::read(f.path("out/result.csv")).unwrap(), csv);
+    assert!(!f.path("out/result.prev.jsonl").exists(), "nothing moved");
+    assert!(temporaries(&f).is_empty(), "{:?}", temporaries(&f));
+
+    // A run of the shard puts it back in order, sending nothing; then it merges.
+    let sent = s.stats().requests;
+    ok(&f.run(&["run", "--quiet", &job, "--shard", "1/2"]));
+    assert_eq!(s.stats().requests, sent, "nothing sent again");
+    ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
+    assert_eq!(std::fs::read(f.path("out/result.jsonl")).unwrap(), target);
+    assert_eq!(
+        std::fs::read(f.path("out/result.prev.jsonl")).unwrap(),
+        target
+    );
+    assert_eq!(s.stats().requests, 20);
+    billed_equals_kept(&s, &[f.path("out/result.jsonl")]);
+}
+
+#[test]
+fn merged_csv_is_the_jobs_csv_escaped_as_the_job_says_without_csv_given() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let looks = ["=1+1", "+cmd", "-2", "@SUM(A1)", "plain"];
+    let mut data = String::from("n,text\n");
+    for i in 1..=20 {
+        // Each text its own request (identical ones would be sent once and copied).
+        data.push_str(&format!("{i},{} {i}\n", looks[i % looks.len()]));
+    }
+    f.write("data.csv", &data);
+    // The fake server answers a schema's `enum` with its first value: a formula.
+    f.write(
+        "schemas/v.json",
+        r#"{"type": "object", "properties": {
+              "verdict": {"type": "string", "enum": ["=HYPERLINK(\"http://x\")"]},
+              "note": {"type": "string", "maxLength": 40}},
+            "required": ["verdict", "note"], "additionalProperties": false}"#,
+    );
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("max_tokens = 20", "max_tokens = 200");
+    // `[output]` is the job file's last table: appended keys land in it.
+    std::fs::write(
+        &job,
+        text + "schema = \"schemas/v.json\"\ncsv_escape_formulas = true\n",
+    )
+    .unwrap();
+    let job = job.to_str().unwrap().to_string();
+    for k in 1..=2 {
+        ok(&f.run(&["run", "--quiet", &job, "--shard", &format!("{k}/2")]));
+    }
+    assert!(
+        !f.path("out/result.csv").exists(),
+        "the shards write their own CSVs"
+    );
+    let stamp_path = |k: u32| f.path(&format!("out/result.shard-{k}-of-2.jsonl.job.json"));
+    let stamp: Value =
+        serde_json::from_str(&std::fs::read_to_string(stamp_path(1)).unwrap()).unwrap();
+    assert_eq!(stamp["csv"], "result.csv");
+    assert_eq!(stamp["csv_escape_formulas"], true);
+    assert_eq!(stamp["csv_input_columns"], serde_json::json!(["n", "text"]));
+    assert_eq!(
+        stamp["csv_data_columns"],
+        serde_json::json!(["verdict", "note"])
+    );
+
+    let r = f.run(&["merge", "out/result.shard-*.jsonl"]);
+    ok(&r);
+    assert!(r.stderr.contains("out/result.csv"), "{}", r.stderr);
+    let merged_stamp: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.path("out/result.jsonl.job.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(merged_stamp["shard"], Value::Null);
+    assert_eq!(merged_stamp["csv"], "result.csv");
+    assert_eq!(merged_stamp["csv_escape_formulas"], true);
+    let merged = f.records();
+    assert_eq!(merged.len(), 20);
+    let rows = csv_cells(&f.path("out/result.csv"));
+    assert_eq!(rows.len() - 1, merged.len(), "a CSV line per merged record");
+    let header = &rows[0];
+    assert_eq!(header[..5], ["n", "text", "completion", "verdict", "note"]);
+    let at = |name: &str| header.iter().position(|h| h == name).unwrap();
+    for (row, rec) in rows[1..].iter().zip(&merged) {
+        let input = rec["input"]["text"].as_str().unwrap();
+        let want = if input.starts_with(['=', '+', '-', '@']) {
+            format!("'{input}")
+        } else {
+            input.to_string()
+        };
+        assert_eq!(row[at("text")], want, "input cell of row {}", rec["row"]);
+        assert_eq!(row[at("verdict")], "'=HYPERLINK(\"http://x\")");
+        assert_eq!(row[at("n")], rec["row"].to_string(), "in row order");
+    }
+    // The same lines as the shards' own CSVs (the runs' CSV writer, the same options).
+    let mut shard_lines: Vec<Vec<String>> = (1..=2)
+        .flat_map(|k| csv_cells(&f.path(&format!("out/result.shard-{k}-of-2.csv"))).split_off(1))
+        .collect();
+    shard_lines.sort_by_key(|l| l[0].parse::<u64>().unwrap());
+    assert_eq!(rows[1..], shard_lines[..]);
+
+    // The data columns are the stamp's: reversed there, reversed in the merged CSV.
+    for k in 1..=2 {
+        let text = std::fs::read_to_string(stamp_path(k)).unwrap();
+        let mut st: Value = serde_json::from_str(&text).unwrap();
+        st["csv_data_columns"] = serde_json::json!(["note", "verdict"]);
+        std::fs::write(stamp_path(k), st.to_string()).unwrap();
+    }
+    ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
+    let rows = csv_cells(&f.path("out/result.csv"));
+    assert_eq!(rows[0][..5], ["n", "text", "completion", "note", "verdict"]);
+
+    // A stamp from before these fields still reads: no CSV named, so none without --csv, and
+    // no escaping known, so none in the one asked for.
+    for k in 1..=2 {
+        let text = std::fs::read_to_string(stamp_path(k)).unwrap();
+        let mut st: Value = serde_json::from_str(&text).unwrap();
+        for key in [
+            "csv",
+            "csv_escape_formulas",
+            "csv_input_columns",
+            "csv_data_columns",
+        ] {
+            st.as_object_mut().unwrap().remove(key);
+        }
+        std::fs::write(stamp_path(k), st.to_string()).unwrap();
+    }
+    std::fs::remove_file(f.path("out/result.csv")).unwrap();
+    ok(&f.run(&["merge", "out/result.shard-*.jsonl"]));
+    assert!(!f.path("out/result.csv").exists());
+    ok(&f.run(&["merge", "out/result.shard-*.jsonl", "--csv", "out/old.csv"]));
+    let rows = csv_cells(&f.path("out/old.csv"));
+    assert_eq!(rows.len() - 1, 20);
+    let at = |name: &str| rows[0].iter().position(|h| h == name).unwrap();
+    assert!(
+        rows[1..].iter().any(|r| r[at("text")] == "=1+1 5"),
+        "{rows:?}"
+    );
+    assert_eq!(s.stats().requests, 20);
+    billed_equals_kept(&s, &[f.path("out/result.jsonl")]);
+}

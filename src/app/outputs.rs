@@ -56,6 +56,16 @@ pub(super) fn merge(
     if !quiet {
         eprint!("{}", m.summary.table());
     }
+    if let Some(prev) = &m.kept {
+        eprintln!(
+            "{} was there already: its records were moved to {} (appended), not lost",
+            output.display(),
+            prev.display()
+        );
+    }
+    if let Some((csv, n)) = &m.csv {
+        eprintln!("CSV of {n} records written to {}", csv.display());
+    }
     eprintln!(
         "merged {} outputs: {} rows into {}{}",
         inputs.len(),

@@ -100,12 +100,7 @@ fn write_csv(job: &Job, header: Option<&[String]>) -> Result<(), Error> {
     };
     let opts = CsvOptions {
         escape_formulas: job.csv_escape_formulas,
-        // The schema's top-level properties, in its order.
-        data_columns: job.shape.schema.as_ref().and_then(|(_, v)| {
-            v.get("properties")
-                .and_then(serde_json::Value::as_object)
-                .map(|p| p.keys().cloned().collect())
-        }),
+        data_columns: crate::job::stamp::csv_data_columns(job),
     };
     crate::output::csv::export_csv(&job.output, csv, header, &opts).map(|_| ())
 }

@@ -184,7 +184,7 @@ pub async fn run(
     .await?;
     submit_batches(&mut pass, &mut end, &stopper, &signals, submits).await;
     let collected_all = seen.complete && end.failed.is_none() && opts.limit.is_none();
-    write_stamp(&job, &seen);
+    write_stamp(&job, &seen, header.as_deref());
     let (summary, code) = finish::finish(
         job,
         budget,
@@ -300,11 +300,12 @@ async fn submit_batches(
 }
 
 /// Which job wrote this output, for `merge` (and how many rows the whole input has).
-fn write_stamp(job: &Job, seen: &dispatch::Dispatched) {
+fn write_stamp(job: &Job, seen: &dispatch::Dispatched, header: Option<&[String]>) {
     let stamp = crate::job::stamp::stamp(
         job,
         seen.complete.then_some(seen.read),
         seen.complete.then_some(seen.owned),
+        header,
     );
     let path = Files::new(&job.output).stamp();
     if let Err(e) = stamp.write(&path) {

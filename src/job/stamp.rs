@@ -6,8 +6,13 @@ use sha2::{Digest, Sha256};
 use super::{Job, MessageSource};
 use crate::ledger::stamp::Stamp;
 
-/// The stamp of the output this job writes.
-pub fn stamp(job: &Job, input_rows: Option<u64>, rows: Option<u64>) -> Stamp {
+/// The stamp of the output this job writes; `input_columns`: a CSV input's header.
+pub fn stamp(
+    job: &Job,
+    input_rows: Option<u64>,
+    rows: Option<u64>,
+    input_columns: Option<&[String]>,
+) -> Stamp {
     let mut params = Sha256::new();
     params.update(serde_json::to_vec(&job.params).expect("serializes"));
     params.update(serde_json::to_vec(&job.params.extra).expect("serializes"));
@@ -45,7 +50,24 @@ pub fn stamp(job: &Job, input_rows: Option<u64>, rows: Option<u64>) -> Stamp {
         shard: job.shard,
         input_rows,
         rows,
+        csv: job.csv.as_ref().map(|c| {
+            let whole = job.shard.map_or_else(|| c.clone(), |s| s.whole(c));
+            let dir = job.output.parent().unwrap_or(std::path::Path::new(""));
+            crate::ledger::files::relative_to(&whole, dir)
+        }),
+        csv_escape_formulas: job.csv_escape_formulas,
+        csv_input_columns: input_columns.map(<[String]>::to_vec),
+        csv_data_columns: csv_data_columns(job),
     }
+}
+
+/// The CSV's data columns: the schema's top-level properties, in its order.
+pub fn csv_data_columns(job: &Job) -> Option<Vec<String>> {
+    job.shape.schema.as_ref().and_then(|(_, v)| {
+        v.get("properties")
+            .and_then(serde_json::Value::as_object)
+            .map(|p| p.keys().cloned().collect())
+    })
 }
 
 fn digest16(h: Sha256) -> String {

@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::error::Error;
 use crate::ledger::journal::io_err;
@@ -112,24 +112,174 @@ pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `path` as seen from the folder `dir`, both made absolute against the working folder and
+/// their `..` taken lexically: `out/x.csv` from `out` is `x.csv`, from `runs/a` it is
+/// `../../out/x.csv`. A path with no root in common with `dir` comes back absolute.
+pub fn relative_to(path: &Path, dir: &Path) -> PathBuf {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let (Ok(p), Ok(d)) = (std::path::absolute(path), std::path::absolute(dir)) else {
+        return path.to_path_buf();
+    };
+    let (p, d) = (normal(&p), normal(&d));
+    let common = p.iter().zip(&d).take_while(|(a, b)| a == b).count();
+    if common == 0 {
+        return p.iter().collect();
+    }
+    let mut out: PathBuf = d[common..].iter().map(|_| Component::ParentDir).collect();
+    out.extend(&p[common..]);
+    out
+}
+
+/// The components of an absolute path, `.` left out and `..` taken off what it follows.
+fn normal(p: &Path) -> Vec<Component<'_>> {
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Replaces `path` with what `write` writes, atomically (see the module doc). The temporary
 /// file is `PATH.tmp`; on an error it is removed and `path` is untouched.
 pub fn replace<F>(path: &Path, write: F) -> Result<(), Error>
 where
     F: FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 {
-    let tmp = sibling(path, ".tmp");
-    let result = (|| {
-        let mut w = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
-        write(&mut w)?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&tmp, e));
+    let mut p = Pending::create(path)?;
+    let tmp = p.tmp.clone();
+    write(p.writer()).map_err(|e| io_err(&tmp, e))?;
+    p.commit()
+}
+
+/// A replacement of `path` being written, for writers that cannot be one closure (several
+/// files written in one pass): the same steps as `replace`, one at a time. Written to
+/// `PATH.tmp`; `sync` flushes and fsyncs it, `commit` (which syncs first if need be) renames it
+/// over `path` and fsyncs the folder. Dropped before `commit`, the temporary file is removed
+/// and `path` is untouched.
+pub struct Pending {
+    path: PathBuf,
+    tmp: PathBuf,
+    w: Option<BufWriter<File>>,
+    synced: bool,
+    /// Bytes given to `write_all` since the disk was last asked to start on them.
+    unstarted: usize,
+}
+
+/// How much `write_all` takes before it asks the disk to start writing.
+const WRITEBACK_EVERY: usize = 8 << 20;
+
+impl Pending {
+    pub fn create(path: &Path) -> Result<Pending, Error> {
+        Pending::create_as(path, ".tmp")
     }
-    rename_durably(&tmp, path)
+
+    /// With the temporary file `PATH` + `suffix` (a second replacement of the same file).
+    pub fn create_as(path: &Path, suffix: &str) -> Result<Pending, Error> {
+        let tmp = sibling(path, suffix);
+        let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+        Ok(Pending {
+            path: path.to_path_buf(),
+            tmp,
+            w: Some(BufWriter::with_capacity(256 * 1024, f)),
+            synced: false,
+            unstarted: 0,
+        })
+    }
+
+    /// The temporary file's writer.
+    pub fn writer(&mut self) -> &mut BufWriter<File> {
+        self.w.as_mut().expect("written before commit")
+    }
+
+    /// The temporary file's path.
+    pub fn tmp(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Writes `bytes`; every few megabytes the disk is asked to start writing what it has
+    /// (Linux), so the `sync` at the end has little left to wait for.
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.put(bytes).map_err(|e| io_err(&self.tmp, e))
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let w = self.w.as_mut().expect("written before commit");
+        w.write_all(bytes)?;
+        self.unstarted += bytes.len();
+        if self.unstarted >= WRITEBACK_EVERY {
+            self.unstarted = 0;
+            start_writeback(w.get_ref());
+        }
+        Ok(())
+    }
+
+    /// Everything written is on disk (not yet in place).
+    pub fn sync(&mut self) -> Result<(), Error> {
+        if !self.synced {
+            let w = self.w.as_mut().expect("synced before commit");
+            w.flush().map_err(|e| io_err(&self.tmp, e))?;
+            w.get_ref().sync_all().map_err(|e| io_err(&self.tmp, e))?;
+            self.synced = true;
+        }
+        Ok(())
+    }
+
+    /// Puts the file in place of `path`, durably.
+    pub fn commit(mut self) -> Result<(), Error> {
+        self.sync()?;
+        drop(self.w.take());
+        let r = rename_durably(&self.tmp, &self.path);
+        if r.is_err() && self.tmp.exists() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        r
+    }
+}
+
+/// Asks the kernel to start writing the file's dirty pages, without waiting for them.
+fn start_writeback(f: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a syscall on a descriptor `f` holds open, with no memory passed; the flag
+        // only starts the write-out of pages already written (a hint: its result is moot).
+        unsafe {
+            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = f;
+}
+
+/// Writes go through `write_all` (and its early write-out).
+impl Write for Pending {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.put(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.writer().flush()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.w.take().is_some() {
+            // Not committed: the temporary file is litter (an error says what went wrong).
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// `replace` with bytes already in memory.
@@ -176,6 +326,34 @@ mod tests {
         assert_eq!(f.rejected(), PathBuf::from("out/x.rejected.txt"));
         assert_eq!(f.lock(), PathBuf::from("out/x.jsonl.lock"));
         assert_eq!(f.report(), PathBuf::from("out/x.jsonl.report.html"));
+    }
+
+    #[test]
+    fn a_path_relative_to_a_folder() {
+        let r = |p: &str, d: &str| relative_to(Path::new(p), Path::new(d));
+        assert_eq!(r("out/x.csv", "out"), PathBuf::from("x.csv"));
+        assert_eq!(r("x.csv", ""), PathBuf::from("x.csv"));
+        assert_eq!(r("out/x.csv", "runs/a"), PathBuf::from("../../out/x.csv"));
+        assert_eq!(r("csv/x.csv", "out/../out"), PathBuf::from("../csv/x.csv"));
+        assert_eq!(r("/data/x.csv", "/data/out"), PathBuf::from("../x.csv"));
+    }
+
+    #[test]
+    fn a_pending_replacement_dropped_before_commit_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.jsonl");
+        std::fs::write(&p, b"old").unwrap();
+        let mut w = Pending::create(&p).unwrap();
+        w.writer().write_all(b"new").unwrap();
+        w.sync().unwrap();
+        drop(w);
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        assert!(!sibling(&p, ".tmp").exists());
+        let mut w = Pending::create(&p).unwrap();
+        w.writer().write_all(b"new").unwrap();
+        w.commit().unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert!(!sibling(&p, ".tmp").exists());
     }
 
     #[test]

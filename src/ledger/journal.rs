@@ -45,6 +45,15 @@ pub struct Line<'a> {
     pub latency_ms: Option<u64>,
     #[serde(borrow, default)]
     pub finished_at: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub ttft_ms: Option<u64>,
+    // For the CSV: kept as written, read only by what needs them.
+    #[serde(borrow, default)]
+    pub completion: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub variants: Option<&'a RawValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +71,14 @@ pub struct LineUsage {
     pub prompt_tokens: u64,
     #[serde(default)]
     pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
+    #[serde(default)]
+    pub estimated: bool,
 }
 
 /// Parses one line (without its line ending). `Ok(None)` for a blank line; `Err` with the
@@ -71,7 +88,9 @@ pub fn parse_line(bytes: &[u8]) -> Result<Option<Line<'_>>, String> {
     if text.is_empty() {
         return Ok(None);
     }
-    let line: Line = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    // UTF-8 checked once for the line, not string by string.
+    let text = std::str::from_utf8(text).map_err(|e| format!("not UTF-8 text: {e}"))?;
+    let line: Line = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if line.status == Status::Ok && line.fingerprint.is_none() {
         return Err("an ok record without a fingerprint".into());
     }

@@ -1,7 +1,7 @@
 //! What wrote an output, kept beside it (`OUTPUT.job.json`): `merge` joins only outputs of one
 //! job, and `status` knows how many rows a shard had.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -24,12 +24,30 @@ pub struct Stamp {
     /// Of those, this shard's.
     #[serde(default)]
     pub rows: Option<u64>,
+    /// What the CSV of the merged output needs (stamps written before these read as none):
+    /// the job's `[output] csv` without the shard's tag, relative to this output's folder.
+    #[serde(default)]
+    pub csv: Option<PathBuf>,
+    #[serde(default)]
+    pub csv_escape_formulas: bool,
+    /// The CSV input's header, in order (`None`: a JSONL input, whose columns are the records').
+    #[serde(default)]
+    pub csv_input_columns: Option<Vec<String>>,
+    /// The schema's top-level properties, in order (`None`: the records' `data` keys).
+    #[serde(default)]
+    pub csv_data_columns: Option<Vec<String>>,
 }
 
 impl Stamp {
     pub fn write(&self, path: &Path) -> Result<(), Error> {
         let text = serde_json::to_vec_pretty(self).expect("serializes");
         super::files::replace_bytes(path, &text)
+    }
+
+    /// Where the stamp's `csv` is, for an output at `output`.
+    pub fn csv_beside(&self, output: &Path) -> Option<PathBuf> {
+        let dir = output.parent().unwrap_or(Path::new(""));
+        self.csv.as_ref().map(|c| dir.join(c))
     }
 
     pub fn read(path: &Path) -> Result<Option<Stamp>, Error> {

@@ -1,16 +1,25 @@
 //! The CSV export: one line per record of the compacted JSONL output, in its order, under a
 //! header that names every input column and never the same column twice.
+//!
+//! One pass over the records, whoever has them (`export_csv` reads the output; `merge` hands
+//! over each record as it merges): each record's cells go to a spool beside the CSV, with the
+//! columns known so far; `finish` then writes the header (which only every record together
+//! decides: a JSONL input's columns, the data's keys, whether any record has variants) and the
+//! spooled lines under it, padded to the final columns, into the CSV by the atomic replace.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::chat::Usage;
 use crate::error::Error;
-use crate::ledger::record::{Record, Status};
+use crate::ledger::files::Pending;
+use crate::ledger::journal::{io_err, parse_line, Line};
+use crate::ledger::record::Status;
 
 /// How the cells are written.
 #[derive(Debug, Clone, Default)]
@@ -42,178 +51,498 @@ pub fn export_csv(
     input_columns: Option<&[String]>,
     opts: &CsvOptions,
 ) -> Result<u64, Error> {
-    let union;
-    let inputs = match input_columns {
-        Some(cols) => cols,
-        None => {
-            union = input_union(jsonl)?;
-            &union[..]
+    std::fs::metadata(jsonl).map_err(|e| io_err(jsonl, e))?;
+    let mut w = CsvWriter::create(csv_path, input_columns, opts)?;
+    crate::ledger::journal::for_each_line(jsonl, |_, n, bytes| {
+        let bad = |e: String| Error::Input {
+            path: jsonl.to_path_buf(),
+            message: format!("line {n}: not an output record: {e}"),
+        };
+        match parse_line(bytes).map_err(bad)? {
+            Some(l) => w.add(&CsvRecord::from(&l)).map_err(bad),
+            None => Ok(()),
         }
-    };
-    let (data_union, variants) = shape_of(jsonl)?;
-    let data = opts.data_columns.clone().unwrap_or(data_union);
-    let mut names: Vec<&str> = Vec::new();
-    if variants {
-        names.push("variant");
-    }
-    names.push("completion");
-    names.extend(data.iter().map(String::as_str));
-    names.extend(OUTPUT_COLUMNS);
-    let mut header = inputs.to_vec();
-    header.extend(output_columns(inputs, &names));
-    let layout = Layout {
-        inputs,
-        data: &data,
-        variants,
-    };
-    if let Some(dir) = csv_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        })?;
-    }
-    // Written beside and renamed over, so a failure never leaves half a CSV in place of a good one.
-    let tmp = crate::ledger::files::sibling(csv_path, ".tmp");
-    match write_csv(jsonl, &tmp, csv_path, &header, &layout, opts) {
-        Ok(n) => {
-            crate::ledger::files::rename_durably(&tmp, csv_path)?;
-            Ok(n)
-        }
-        Err(e) => {
-            // The error that matters is `e`; a temp file we cannot remove is only litter.
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
+    })?;
+    w.finish()
+}
+
+/// What the CSV takes of a record: its parts as JSON text, as the line has them, and its
+/// figures. From a parsed line (`From<&Line>`), or from a line's byte ranges.
+#[derive(Debug, Default)]
+pub struct CsvRecord<'a> {
+    /// JSON: an object, or null.
+    pub input: Option<&'a str>,
+    /// JSON: a string, or null.
+    pub completion: Option<&'a str>,
+    /// JSON: any value (only an object's members have columns).
+    pub data: Option<&'a str>,
+    /// JSON: an array of choices, or null.
+    pub variants: Option<&'a str>,
+    /// Prompt, completion and total tokens.
+    pub usage: Option<[u64; 3]>,
+    pub cost_usd: Option<f64>,
+    pub ok: bool,
+    /// The error's message (text, not JSON).
+    pub error: Option<&'a str>,
+}
+
+impl<'a> From<&'a Line<'_>> for CsvRecord<'a> {
+    fn from(l: &'a Line<'_>) -> CsvRecord<'a> {
+        CsvRecord {
+            input: l.input.map(RawValue::get),
+            completion: l.completion.map(RawValue::get),
+            data: l.data.map(RawValue::get),
+            variants: l.variants.map(RawValue::get),
+            usage: l
+                .usage
+                .as_ref()
+                .map(|u| [u.prompt_tokens, u.completion_tokens, u.total_tokens]),
+            cost_usd: l.cost_usd,
+            ok: l.status == Status::Ok,
+            error: l.error.as_ref().map(|e| e.message.as_ref()),
         }
     }
 }
 
-/// Which columns a line has.
-struct Layout<'a> {
-    inputs: &'a [String],
-    data: &'a [String],
-    /// One line per variant, with a `variant` column.
+/// The CSV of records given one at a time, in output order (see the module doc).
+pub struct CsvWriter {
+    path: PathBuf,
+    escape: bool,
+    inputs: Columns,
+    data: Columns,
+    /// Some record has variants: a `variant` column, one line per variant.
+    variants: bool,
+    body: Body,
+    /// The columns the body's lines have, from the line where they changed on.
+    layouts: Vec<(u64, Layout)>,
+    records: u64,
+    scratch: Vec<u8>,
+    cost: Cost,
+}
+
+/// The last cost cell written: rows with the same usage cost the same, and formatting a
+/// float to 8 places is the dearest part of a line.
+#[derive(Default)]
+struct Cost {
+    bits: Option<u64>,
+    text: String,
+}
+
+impl Cost {
+    fn text(&mut self, c: f64) -> &str {
+        if self.bits != Some(c.to_bits()) {
+            self.text.clear();
+            let _ = std::fmt::Write::write_fmt(&mut self.text, format_args!("{c:.8}"));
+            self.bits = Some(c.to_bits());
+        }
+        &self.text
+    }
+}
+
+/// Which columns a body line has: inputs, then a `variant` column or not, the completion,
+/// data, and the output columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    inputs: usize,
+    data: usize,
     variants: bool,
 }
 
-fn write_csv(
-    jsonl: &Path,
-    tmp: &Path,
-    csv_path: &Path,
-    header: &[String],
-    layout: &Layout,
-    opts: &CsvOptions,
-) -> Result<u64, Error> {
-    let io = |e: std::io::Error| Error::Io {
-        path: csv_path.to_path_buf(),
-        source: e,
-    };
-    let mut w = csv::Writer::from_writer(File::create(tmp).map_err(io)?);
-    w.write_record(header).map_err(|e| io(e.into()))?;
-    let mut n = 0;
-    for r in Records::open(jsonl)? {
-        let r = r?;
-        match (&r.variants, layout.variants) {
-            (Some(vs), true) if !vs.is_empty() => {
-                for (i, v) in vs.iter().enumerate() {
-                    w.write_record(cells(&r, Some((i, v)), layout, opts))
-                        .map_err(|e| io(e.into()))?;
-                }
-            }
-            _ => w
-                .write_record(cells(&r, None, layout, opts))
-                .map_err(|e| io(e.into()))?,
+impl CsvWriter {
+    /// `input_columns` and the data columns as `export_csv` takes them.
+    pub fn create(
+        csv_path: &Path,
+        input_columns: Option<&[String]>,
+        opts: &CsvOptions,
+    ) -> Result<CsvWriter, Error> {
+        if let Some(dir) = csv_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         }
-        n += 1;
-    }
-    w.flush().map_err(io)?;
-    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-    // Durable before the rename, as the compacted JSONL is.
-    file.sync_all().map_err(io)?;
-    Ok(n)
-}
-
-/// A record's CSV line (or one variant's): its input cells in `inputs` order, then the output
-/// columns. Usage and cost are the request's: on the first variant's line only, so the
-/// column sums to what was paid.
-fn cells(
-    r: &Record,
-    variant: Option<(usize, &crate::ledger::record::Variant)>,
-    layout: &Layout,
-    opts: &CsvOptions,
-) -> Vec<String> {
-    let inputs = layout.inputs;
-    let text = |s: String| {
-        if opts.escape_formulas {
-            escape_formula(s)
-        } else {
-            s
-        }
-    };
-    let mut cells: Vec<String> = inputs
-        .iter()
-        .map(|c| {
-            text(match r.input.get(c) {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Null) | None => String::new(),
-                Some(v) => v.to_string(),
-            })
+        Ok(CsvWriter {
+            path: csv_path.to_path_buf(),
+            escape: opts.escape_formulas,
+            inputs: Columns::new(input_columns),
+            data: Columns::new(opts.data_columns.as_deref()),
+            variants: false,
+            body: Body::create(csv_path)?,
+            layouts: Vec::new(),
+            records: 0,
+            scratch: Vec::new(),
+            cost: Cost::default(),
         })
-        .collect();
-    let first = variant.is_none_or(|(i, _)| i == 0);
-    let tokens = |count: fn(&Usage) -> u64| {
-        r.usage
-            .as_ref()
-            .filter(|_| first)
-            .map(|u| count(u).to_string())
-            .unwrap_or_default()
-    };
-    if layout.variants {
-        cells.push(variant.map_or_else(|| "1".into(), |(i, _)| (i + 1).to_string()));
     }
-    let (completion, data) = match variant {
-        Some((_, v)) => (Some(v.completion.clone()), v.data.as_ref()),
-        None => (r.completion.clone(), r.data.as_ref()),
-    };
-    cells.push(text(completion.unwrap_or_default()));
-    for col in layout.data {
-        cells.push(text(match data.and_then(|d| d.get(col)) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) | None => String::new(),
-            Some(v) => v.to_string(),
-        }));
-    }
-    cells.push(tokens(|u| u.prompt_tokens));
-    cells.push(tokens(|u| u.completion_tokens));
-    cells.push(tokens(|u| u.total_tokens));
-    cells.push(
-        r.cost_usd
-            .filter(|_| first)
-            .map(|c| format!("{c:.8}"))
-            .unwrap_or_default(),
-    );
-    cells.push(
-        match r.status {
-            Status::Ok => "ok",
-            Status::Error => "error",
+
+    fn layout(&self) -> Layout {
+        Layout {
+            inputs: self.inputs.names.len(),
+            data: self.data.names.len(),
+            variants: self.variants,
         }
-        .into(),
-    );
-    cells.push(text(
-        r.error
-            .as_ref()
-            .map(|e| e.message.clone())
-            .unwrap_or_default(),
-    ));
-    cells
+    }
+
+    /// One record's line (or one line per variant). `Err`: why the record cannot be read, or
+    /// a write that failed.
+    pub fn add(&mut self, l: &CsvRecord) -> Result<(), String> {
+        let inputs = match l.input {
+            Some(raw) => Pairs::of(raw)?,
+            None => Pairs::default(),
+        };
+        self.inputs.learn(&inputs);
+        let data = Pairs::of_object(l.data)?;
+        self.data.learn(&data);
+        let variants: Vec<VariantCells> = match l.variants {
+            Some(raw) => serde_json::from_str::<Option<_>>(raw)
+                .map_err(|e| format!("variants: {e}"))?
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        self.variants |= !variants.is_empty();
+        if !self.body.headed {
+            let header = self.header();
+            let path = &self.path;
+            self.body
+                .header(&header)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        }
+        let layout = self.layout();
+        if self.layouts.last().is_none_or(|(_, last)| *last != layout) {
+            self.layouts.push((self.body.lines, layout));
+        }
+        if variants.is_empty() {
+            let completion = match l.completion {
+                Some(raw) => text(raw)?,
+                None => Cow::Borrowed(""),
+            };
+            self.put(l, &inputs, None, &completion, &data)
+        } else {
+            for (i, v) in variants.iter().enumerate() {
+                let data = Pairs::of_object(v.data.map(RawValue::get))?;
+                self.put(l, &inputs, Some(i), &v.completion, &data)?;
+            }
+            Ok(())
+        }?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// A CSV line, with the columns known so far. Usage and cost are the request's: on the
+    /// first variant's line only, so the column sums to what was paid.
+    fn put(
+        &mut self,
+        l: &CsvRecord,
+        inputs: &Pairs,
+        variant: Option<usize>,
+        completion: &str,
+        data: &Pairs,
+    ) -> Result<(), String> {
+        let (esc, s) = (self.escape, &mut self.scratch);
+        let w = &mut self.body.w;
+        let path = &self.path;
+        let io = |e: csv::Error| format!("writing {}: {e}", path.display());
+        for c in &self.inputs.names {
+            field(w, s, inputs.text(c)?.as_bytes(), esc).map_err(io)?;
+        }
+        if self.variants {
+            number(w, Some(variant.unwrap_or(0) as u64 + 1)).map_err(io)?;
+        }
+        field(w, s, completion.as_bytes(), esc).map_err(io)?;
+        for c in &self.data.names {
+            field(w, s, data.text(c)?.as_bytes(), esc).map_err(io)?;
+        }
+        let first = variant.is_none_or(|i| i == 0);
+        let usage = l.usage.filter(|_| first);
+        for i in 0..3 {
+            number(w, usage.map(|u| u[i])).map_err(io)?;
+        }
+        match l.cost_usd.filter(|_| first) {
+            Some(c) => w.write_field(self.cost.text(c)).map_err(io)?,
+            None => w.write_field(b"").map_err(io)?,
+        }
+        w.write_field(if l.ok { "ok" } else { "error" })
+            .map_err(io)?;
+        field(w, s, l.error.unwrap_or("").as_bytes(), esc).map_err(io)?;
+        self.body.end_line().map_err(io)
+    }
+
+    /// The header as the columns known so far make it.
+    fn header(&self) -> Vec<String> {
+        let mut names: Vec<&str> = Vec::new();
+        if self.variants {
+            names.push("variant");
+        }
+        names.push("completion");
+        names.extend(self.data.names.iter().map(String::as_str));
+        names.extend(OUTPUT_COLUMNS);
+        let mut header = self.inputs.names.clone();
+        header.extend(output_columns(&self.inputs.names, &names));
+        header
+    }
+
+    /// The CSV in place (atomically). Returns the records.
+    pub fn finish(self) -> Result<u64, Error> {
+        let (csv, records) = self.prepare()?;
+        csv.commit()?;
+        Ok(records)
+    }
+
+    /// `finish` but for its last step: the CSV written and on disk, to be put in place by
+    /// the `Pending`'s `commit` (when what goes with it is ready too). The lines are already
+    /// there under the header the first record gave, unless later records brought columns:
+    /// then they are laid out again, under the final header, into a second file.
+    pub fn prepare(mut self) -> Result<(Pending, u64), Error> {
+        let last = self.layout();
+        let io = |e: csv::Error| io_err(&self.path, e.into());
+        if !self.body.headed {
+            let header = self.header();
+            self.body.header(&header).map_err(io)?;
+        }
+        let header = self.header();
+        let mut file = self.body.into_file(&self.path)?;
+        if self.layouts.iter().any(|(_, l)| *l != last) {
+            let mut again = Pending::create_as(&self.path, ".columns.tmp")?;
+            let mut w = csv::Writer::from_writer(&mut again);
+            w.write_record(&header).map_err(io)?;
+            file.flush().map_err(|e| io_err(file.tmp(), e))?;
+            relayout(file.tmp(), &mut w, &self.layouts, last)?;
+            w.flush().map_err(|e| io_err(&self.path, e))?;
+            drop(w);
+            file = again;
+        }
+        file.sync()?;
+        Ok((file, self.records))
+    }
 }
 
-/// A cell a spreadsheet would evaluate (`=`, `+`, `-`, `@`, tab, CR first) is made text by a
-/// leading `'`.
-fn escape_formula(s: String) -> String {
-    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{s}")
+/// The lines of the CSV at `path` (under the first record's header) written before the last
+/// columns were known, padded to them.
+fn relayout<W: Write>(
+    path: &Path,
+    w: &mut csv::Writer<W>,
+    layouts: &[(u64, Layout)],
+    last: Layout,
+) -> Result<(), Error> {
+    let bad = |e: csv::Error| io_err(path, e.into());
+    let mut r = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .buffer_capacity(256 * 1024)
+        .from_path(path)
+        .map_err(bad)?;
+    let mut rec = csv::ByteRecord::new();
+    let (mut line, mut at) = (0u64, 0usize);
+    while r.read_byte_record(&mut rec).map_err(bad)? {
+        while layouts.get(at + 1).is_some_and(|(from, _)| *from <= line) {
+            at += 1;
+        }
+        let l = layouts[at].1;
+        let f = |i: usize| rec.get(i).unwrap_or(b"");
+        let mut fields: Vec<&[u8]> = (0..l.inputs).map(f).collect();
+        fields.resize(last.inputs, b"");
+        let mut i = l.inputs;
+        if last.variants {
+            fields.push(if l.variants { f(i) } else { b"1" });
+        }
+        i += usize::from(l.variants);
+        fields.push(f(i));
+        fields.extend((i + 1..i + 1 + l.data).map(f));
+        fields.resize(fields.len() + last.data - l.data, b"");
+        fields.extend((i + 1 + l.data..rec.len()).map(f));
+        w.write_record(&fields).map_err(bad)?;
+        line += 1;
+    }
+    Ok(())
+}
+
+/// A text cell; escaped (`escape`), one a spreadsheet would evaluate (`=`, `+`, `-`, `@`, tab
+/// or CR first) is made text by a leading `'`.
+fn field<W: Write>(
+    w: &mut csv::Writer<W>,
+    scratch: &mut Vec<u8>,
+    s: &[u8],
+    escape: bool,
+) -> csv::Result<()> {
+    if escape && matches!(s.first(), Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r')) {
+        scratch.clear();
+        scratch.push(b'\'');
+        scratch.extend_from_slice(s);
+        w.write_field(&*scratch)
     } else {
-        s
+        w.write_field(s)
+    }
+}
+
+/// A number cell (empty for none): never escaped.
+fn number<W: Write>(w: &mut csv::Writer<W>, n: Option<u64>) -> csv::Result<()> {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    if let Some(mut n) = n {
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    w.write_field(&digits[at..])
+}
+
+/// Input or data columns: given (the CSV input's header, the schema's properties), or the
+/// union of the records' keys in first-seen order, growing as records come.
+struct Columns {
+    names: Vec<String>,
+    seen: Option<HashSet<String>>,
+}
+
+impl Columns {
+    fn new(given: Option<&[String]>) -> Columns {
+        match given {
+            Some(names) => Columns {
+                names: names.to_vec(),
+                seen: None,
+            },
+            None => Columns {
+                names: Vec::new(),
+                seen: Some(HashSet::new()),
+            },
+        }
+    }
+
+    fn learn(&mut self, pairs: &Pairs) {
+        let Some(seen) = &mut self.seen else {
+            return;
+        };
+        // Most records have the columns of the one before, in its order.
+        let known = pairs.0.len() <= self.names.len()
+            && pairs.0.iter().zip(&self.names).all(|((k, _), n)| k == n);
+        if known {
+            return;
+        }
+        for (k, _) in &pairs.0 {
+            if !seen.contains(k.as_ref()) {
+                seen.insert(k.to_string());
+                self.names.push(k.to_string());
+            }
+        }
+    }
+}
+
+/// A JSON object's members as written, borrowed from the line.
+#[derive(Default)]
+struct Pairs<'a>(Vec<(Cow<'a, str>, &'a str)>);
+
+impl<'a> Pairs<'a> {
+    fn of(raw: &'a str) -> Result<Pairs<'a>, String> {
+        serde_json::from_str::<Option<Pairs>>(raw)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| format!("input: {e}"))
+    }
+
+    /// `data`'s members; none when it is not an object.
+    fn of_object(raw: Option<&'a str>) -> Result<Pairs<'a>, String> {
+        match raw {
+            Some(r) if r.trim_start().starts_with('{') => {
+                serde_json::from_str(r).map_err(|e| format!("data: {e}"))
+            }
+            _ => Ok(Pairs::default()),
+        }
+    }
+
+    /// The cell of member `key` (the last, if the object names it twice, as a JSON map keeps).
+    fn text(&self, key: &str) -> Result<Cow<'a, str>, String> {
+        match self.0.iter().rev().find(|(k, _)| k == key) {
+            Some((_, v)) => text(v),
+            None => Ok(Cow::Borrowed("")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Pairs<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Pairs<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Pairs<'de>, A::Error> {
+                let mut v = Vec::new();
+                while let Some((Text(k), raw)) = m.next_entry::<Text<'de>, &'de RawValue>()? {
+                    v.push((k, raw.get()));
+                }
+                Ok(Pairs(v))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// A JSON string, borrowed when it has no escapes.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// A value's cell: a string's text, nothing for null, any other value as compact JSON.
+fn text(raw: &str) -> Result<Cow<'_, str>, String> {
+    let t = raw.trim_start();
+    let bad = |e: serde_json::Error| e.to_string();
+    match t.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<Text>(t).map(|s| s.0).map_err(bad),
+        Some(b'n') => Ok(Cow::Borrowed("")),
+        _ => Ok(Cow::Owned(
+            serde_json::from_str::<Value>(t).map_err(bad)?.to_string(),
+        )),
+    }
+}
+
+/// One choice of a record, as the CSV needs it.
+#[derive(Deserialize)]
+struct VariantCells<'a> {
+    #[serde(borrow)]
+    completion: Cow<'a, str>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+/// The CSV being written: the header the first record gave, then its lines, into the
+/// replacement of the CSV.
+struct Body {
+    w: csv::Writer<Pending>,
+    /// The lines written, the header not counted.
+    lines: u64,
+    headed: bool,
+}
+
+impl Body {
+    fn create(path: &Path) -> Result<Body, Error> {
+        Ok(Body {
+            w: csv::WriterBuilder::new()
+                .flexible(true)
+                .buffer_capacity(256 * 1024)
+                .from_writer(Pending::create(path)?),
+            lines: 0,
+            headed: false,
+        })
+    }
+
+    fn header(&mut self, header: &[String]) -> csv::Result<()> {
+        self.w.write_record(header)?;
+        self.headed = true;
+        Ok(())
+    }
+
+    fn end_line(&mut self) -> csv::Result<()> {
+        self.w.write_record(None::<&[u8]>)?;
+        self.lines += 1;
+        Ok(())
+    }
+
+    /// The file, everything written to it.
+    fn into_file(self, csv: &Path) -> Result<Pending, Error> {
+        self.w.into_inner().map_err(|e| io_err(csv, e.into_error()))
     }
 }
 
@@ -241,95 +570,6 @@ fn output_columns(inputs: &[String], names: &[&str]) -> Vec<String> {
         out.push(chosen);
     }
     out
-}
-
-/// The keys of the records' `data` in first-seen order, and whether any record has variants.
-fn shape_of(jsonl: &Path) -> Result<(Vec<String>, bool), Error> {
-    let mut seen = HashSet::new();
-    let mut columns = Vec::new();
-    let mut variants = false;
-    for r in Records::open(jsonl)? {
-        let r = r?;
-        variants |= r.variants.as_ref().is_some_and(|v| !v.is_empty());
-        if let Some(Value::Object(d)) = &r.data {
-            for key in d.keys() {
-                if seen.insert(key.clone()) {
-                    columns.push(key.clone());
-                }
-            }
-        }
-    }
-    Ok((columns, variants))
-}
-
-/// Every input key of every record, in first-seen order: one streaming pass, so a record
-/// without input (an unreadable row) cannot hide a column, and memory grows with the columns,
-/// not the rows.
-fn input_union(jsonl: &Path) -> Result<Vec<String>, Error> {
-    let mut seen = HashSet::new();
-    let mut columns = Vec::new();
-    for r in Records::open(jsonl)? {
-        for key in r?.input.keys() {
-            if !seen.contains(key) {
-                seen.insert(key.clone());
-                columns.push(key.clone());
-            }
-        }
-    }
-    Ok(columns)
-}
-
-/// The records of a JSONL output, streamed; a line that is not a record is an error naming
-/// the file and its 1-based line.
-struct Records {
-    path: PathBuf,
-    reader: BufReader<File>,
-    line: u64,
-    buf: Vec<u8>,
-}
-
-impl Records {
-    fn open(path: &Path) -> Result<Records, Error> {
-        let f = File::open(path).map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        Ok(Records {
-            path: path.to_path_buf(),
-            reader: BufReader::with_capacity(64 * 1024, f),
-            line: 0,
-            buf: Vec::new(),
-        })
-    }
-}
-
-impl Iterator for Records {
-    type Item = Result<Record, Error>;
-
-    fn next(&mut self) -> Option<Result<Record, Error>> {
-        loop {
-            self.buf.clear();
-            match self.reader.read_until(b'\n', &mut self.buf) {
-                Ok(0) => return None,
-                Ok(_) => {}
-                Err(e) => {
-                    return Some(Err(Error::Io {
-                        path: self.path.clone(),
-                        source: e,
-                    }))
-                }
-            }
-            self.line += 1;
-            let text = self.buf.trim_ascii();
-            if text.is_empty() {
-                continue;
-            }
-            return Some(serde_json::from_slice(text).map_err(|e| Error::Input {
-                path: self.path.clone(),
-                message: format!("line {}: not an output record: {e}", self.line),
-            }));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -532,6 +772,122 @@ mod tests {
             let text = e.to_string();
             assert!(matches!(e, Error::Input { .. }), "{text}");
             assert!(text.contains("out.jsonl: line 3: "), "{text}");
+        }
+    }
+
+    #[test]
+    fn columns_first_seen_late_and_variants_pad_the_lines_before_them() {
+        let mut with_data = ok(2, json!({"a": "2", "b": "=b"}), "c2");
+        with_data = with_data.replace(
+            "\"error\":null",
+            "\"error\":null,\"data\":{\"x\":1,\"y\":\"-y\"}",
+        );
+        let variants = json!({
+            "row": 3, "id": "3", "status": "ok", "input": {"a": "3"}, "completion": "v1",
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            "cost_usd": 0.5, "attempts": 1, "latency_ms": 7, "fingerprint": "f", "error": null,
+            "data": {"x": 3}, "variants": [
+                {"completion": "v1", "finish_reason": "stop", "data": {"x": 3}},
+                {"completion": "=v2", "finish_reason": "stop", "data": {"y": "w"}}
+            ]
+        })
+        .to_string();
+        let lines = [ok(1, json!({"a": "1"}), "c1"), with_data, variants];
+        let (n, rows) = export(&lines, None, true).unwrap();
+        assert_eq!(n, 3, "records, not lines");
+        let head = strings(&[
+            "a",
+            "b",
+            "variant",
+            "completion",
+            "x",
+            "y",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "cost_usd",
+            "status",
+            "error",
+        ]);
+        assert_eq!(rows[0], head);
+        let row = |v: &[&str]| strings(v);
+        assert_eq!(
+            rows[1],
+            row(&[
+                "1",
+                "",
+                "1",
+                "c1",
+                "",
+                "",
+                "3",
+                "2",
+                "5",
+                "0.25000000",
+                "ok",
+                ""
+            ])
+        );
+        assert_eq!(
+            rows[2],
+            row(&[
+                "2",
+                "'=b",
+                "1",
+                "c2",
+                "1",
+                "'-y",
+                "3",
+                "2",
+                "5",
+                "0.25000000",
+                "ok",
+                ""
+            ])
+        );
+        assert_eq!(
+            rows[3],
+            row(&[
+                "3",
+                "",
+                "1",
+                "v1",
+                "3",
+                "",
+                "3",
+                "2",
+                "5",
+                "0.50000000",
+                "ok",
+                ""
+            ])
+        );
+        assert_eq!(
+            rows[4],
+            row(&["3", "", "2", "'=v2", "", "w", "", "", "", "", "ok", ""]),
+            "usage and cost on the first variant's line only"
+        );
+        assert_eq!(rows.len(), 5);
+    }
+
+    #[test]
+    fn the_spool_is_gone_after_an_export_that_worked_or_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("out.jsonl");
+        let csv_path = dir.path().join("out.csv");
+        for (text, works) in [
+            (ok(1, json!({"a": "1"}), "x") + "\n", true),
+            ("{\n".into(), false),
+        ] {
+            std::fs::write(&jsonl, text).unwrap();
+            let r = export_csv(&jsonl, &csv_path, None, &CsvOptions::default());
+            assert_eq!(r.is_ok(), works, "{r:?}");
+            let left: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n != "out.jsonl" && n != "out.csv")
+                .collect();
+            assert!(left.is_empty(), "{left:?}");
         }
     }
 
