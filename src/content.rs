@@ -290,6 +290,20 @@ pub(crate) mod tests {
     use super::*;
     use serde_json::{json, Map};
 
+    #[test]
+    fn an_image_file_over_the_api_limit_is_refused_before_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.png");
+        // Sparse: the size says 20 MB and one byte, nothing is written.
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_IMAGE_BYTES + 1)
+            .unwrap();
+        let e = image("big.png", dir.path(), None).unwrap_err();
+        assert!(e.contains("over the limit"), "{e}");
+        assert!(e.contains("big.png"), "{e}");
+    }
+
     fn row(pairs: &[(&str, Value)]) -> Map<String, Value> {
         pairs
             .iter()

@@ -501,6 +501,51 @@ fn run_wait_submits_polls_and_collects_in_one_command() {
 }
 
 #[test]
+fn run_wait_on_stdin_reads_it_once_and_every_pass_sees_its_rows() {
+    use std::io::Write;
+    let s = spawn_background(Config {
+        batch_auto_advance: true,
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(12, "item");
+    let job = batch_job(&f, &s, &rows, "max_requests_per_file = 5", "");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "path = \"data.csv\"",
+        "path = \"data.csv\"\nformat = \"csv\"",
+    );
+    std::fs::write(&job, text).unwrap();
+    let mut child = f
+        .cmd(&["run", "--wait", "--input", "-", &job])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(csv_of(&rows).as_bytes())
+        .unwrap();
+    let r = ran(child.wait_with_output().unwrap());
+    ok(&r);
+    // Every pass after the first read the kept copy, not an empty stdin: all rows collected,
+    // none moved to the stale file, and the copy gone once the passes end.
+    assert_eq!(ok_completions(&f), echo_all(&rows));
+    // Matched to their rows, not written as answers no row asked for: each keeps its input.
+    let inputs: std::collections::BTreeSet<String> = f
+        .records()
+        .iter()
+        .filter_map(|r| r["input"]["text"].as_str().map(String::from))
+        .collect();
+    assert_eq!(inputs, rows.iter().cloned().collect());
+    assert!(!f.path("out/result.stale.jsonl").exists());
+    assert!(!f.path("out/result.jsonl.input.csv").exists());
+    billed_equals_kept(&s, &f);
+}
+
+#[test]
 fn an_online_run_never_sends_rows_a_running_batch_holds() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();

@@ -135,24 +135,22 @@ fn a_dot_env_in_a_parent_folder_is_not_read() {
         .unwrap()
         .replace("path = \"job/data.csv\"", "path = \"data.csv\"");
     std::fs::write(&moved, text).unwrap();
-    let r = ran(f
-        .cmd(&["run", "job.toml"])
-        .current_dir(f.path("job"))
-        .env_remove("PM_PARENT_KEY")
-        .output()
-        .unwrap());
+    let run_in_job_folder = || {
+        ran(f
+            .cmd(&["run", "job.toml"])
+            .current_dir(f.path("job"))
+            .env_remove("PM_PARENT_KEY")
+            .output()
+            .unwrap())
+    };
+    let r = run_in_job_folder();
     // On loopback no key is needed to try, so the request goes out without one and is refused:
     // the parent's key was never read.
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(!r.stderr.contains("from-the-parent"));
     // The same file in the working folder is read.
     f.write("job/.env", "PM_PARENT_KEY=from-the-parent\n");
-    let r = ran(f
-        .cmd(&["run", "job.toml"])
-        .current_dir(f.path("job"))
-        .env_remove("PM_PARENT_KEY")
-        .output()
-        .unwrap());
+    let r = run_in_job_folder();
     assert_eq!(r.code, 0, "{}", r.stderr);
 }
 

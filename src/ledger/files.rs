@@ -287,14 +287,6 @@ pub fn replace_bytes(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     replace(path, |w| w.write_all(bytes))
 }
 
-/// Fsyncs a file written by other means, then renames it over `to` durably.
-pub fn sync_and_rename(from: &Path, to: &Path) -> Result<(), Error> {
-    File::open(from)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io_err(from, e))?;
-    rename_durably(from, to)
-}
-
 /// Renames `from` over `to` and fsyncs the folder, so the rename itself survives a crash.
 pub fn rename_durably(from: &Path, to: &Path) -> Result<(), Error> {
     std::fs::rename(from, to).map_err(|e| io_err(to, e))?;

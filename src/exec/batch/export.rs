@@ -3,11 +3,12 @@
 //! batch console). `import` reads their results back (see `Pass::open`).
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::backend::Backend;
 use crate::error::Error;
 use crate::job::Job;
+use crate::ledger::files::Pending;
 use crate::ledger::journal::io_err;
 use crate::plan::{Decision, Planner};
 use crate::render::Renderer;
@@ -25,14 +26,21 @@ pub fn export(
     let mut planner = Planner::for_job(job, false)?;
     let builder = Builder::new(job, backend);
     let stdout = out.as_os_str() == "-";
-    let tmp = crate::ledger::files::sibling(out, ".part");
-    let mut w: Box<dyn Write> = if stdout {
-        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+    // A file is replaced whole, through the ledger's one atomic replace.
+    let mut file = if stdout {
+        None
     } else {
-        let f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
+        Some(Pending::create_as(out, ".part")?)
     };
-    let target: &Path = if stdout { Path::new("(stdout)") } else { &tmp };
+    let target: PathBuf = match &file {
+        Some(p) => p.tmp().to_path_buf(),
+        None => PathBuf::from("(stdout)"),
+    };
+    let mut console = std::io::BufWriter::new(std::io::stdout().lock());
+    let w: &mut dyn Write = match file.as_mut() {
+        Some(p) => p,
+        None => &mut console,
+    };
     let stream = job.params.stream.unwrap_or(false);
     let mut line = Vec::with_capacity(4096);
     let mut written = 0u64;
@@ -44,13 +52,12 @@ pub fn export(
             continue;
         }
         super::write_openai_line(&mut line, &p, idh, stream);
-        w.write_all(&line).map_err(|e| io_err(target, e))?;
+        w.write_all(&line).map_err(|e| io_err(&target, e))?;
         written += 1;
     }
-    w.flush().map_err(|e| io_err(target, e))?;
-    drop(w);
-    if !stdout {
-        crate::ledger::files::sync_and_rename(&tmp, out)?;
+    w.flush().map_err(|e| io_err(&target, e))?;
+    if let Some(p) = file {
+        p.commit()?;
     }
     Ok(written)
 }

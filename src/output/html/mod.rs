@@ -23,6 +23,7 @@ use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use crate::error::Error;
+use crate::ledger::files::Files;
 use crate::ledger::journal::{self, io_err};
 use crate::report::Summary;
 use page::Page;
@@ -58,10 +59,9 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
     }
     let summary = match &opts.summary {
         Some(s) => Some(s.clone()),
-        None => read_summary(&crate::ledger::files::sibling(output, ".summary.json")),
+        None => read_summary(&Files::new(output).summary()),
     };
     let spool_path = crate::ledger::files::sibling(target, ".rows.tmp");
-    let tmp = crate::ledger::files::sibling(target, ".tmp");
     let result = (|| {
         let spool = std::fs::OpenOptions::new()
             .read(true)
@@ -92,7 +92,7 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
                 std::io::Error::new(err.kind(), err.to_string()),
             )
         })?;
-        let stale = count_records(&crate::ledger::files::companion(output, "stale"))?;
+        let stale = count_records(&Files::new(output).stale())?;
         let page = Page {
             output,
             tally: &tally,
@@ -101,38 +101,26 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
             table_rows,
             table_cap: opts.rows,
         };
-        write_page(&tmp, &page, &mut spool, &spool_path)?;
-        crate::ledger::files::sync_and_rename(&tmp, target)?;
+        write_page(target, &page, &mut spool)?;
         Ok(Written {
             records: tally.records,
             table_rows,
         })
     })();
     let _ = std::fs::remove_file(&spool_path);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     result
 }
 
-/// The page into `tmp`: its head, the table's rows from the spool, its tail; on disk before
-/// it is renamed into place.
-fn write_page(tmp: &Path, page: &Page, spool: &mut File, spool_path: &Path) -> Result<(), Error> {
-    let f = File::create(tmp).map_err(|e| io_err(tmp, e))?;
-    let mut w = BufWriter::with_capacity(256 * 1024, f);
-    let io = |e| io_err(tmp, e);
-    w.write_all(page.head().as_bytes()).map_err(io)?;
+/// The page in place of `target`, through the ledger's one atomic replace: its head, the
+/// table's rows from the spool, its tail.
+fn write_page(target: &Path, page: &Page, spool: &mut File) -> Result<(), Error> {
     use std::io::Seek;
-    spool
-        .seek(std::io::SeekFrom::Start(0))
-        .map_err(|e| io_err(spool_path, e))?;
-    std::io::copy(spool, &mut w).map_err(io)?;
-    w.write_all(page.tail().as_bytes()).map_err(io)?;
-    w.into_inner()
-        .map_err(|e| io(std::io::Error::other(e.to_string())))?
-        .sync_data()
-        .map_err(io)?;
-    Ok(())
+    crate::ledger::files::replace(target, |w| {
+        w.write_all(page.head().as_bytes())?;
+        spool.seek(std::io::SeekFrom::Start(0))?;
+        std::io::copy(spool, w)?;
+        w.write_all(page.tail().as_bytes())
+    })
 }
 
 fn read_summary(path: &Path) -> Option<Summary> {
