@@ -677,3 +677,72 @@ path = "out/result.jsonl"
     assert!(f.records().iter().all(|r| r["mode"] == "batch"));
     billed_equals_kept(&s, &f);
 }
+
+#[test]
+fn a_create_whose_answer_is_lost_is_looked_up_and_never_made_twice() {
+    // Every one of the three creates makes its batch and loses the answer.
+    let s = spawn_background(Config {
+        batch_auto_advance: true,
+        batch_create_answers_lost: 3,
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(60, "item");
+    let job = batch_job(&f, &s, &rows, "max_requests_per_file = 20", "");
+    let r = f.run(&["run", "--wait", &job]);
+    ok(&r);
+    let st = s.stats();
+    assert_eq!(st.batches_created, 3, "60 rows in files of 20, each once");
+    assert_eq!(st.batch_requests_billed, 60, "every row billed once");
+    assert_eq!(ok_completions(&f), echo_all(&rows));
+    assert_eq!(f.records().len(), 60);
+    billed_equals_kept(&s, &f);
+}
+
+#[test]
+fn a_part_left_creating_is_known_to_status_cancel_and_fresh() {
+    let s = spawn_background(Config {
+        batch_lines_per_step: Some(2),
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(6, "item");
+    let job = batch_job(&f, &s, &rows, "", "");
+    // Killed after the server made the batch, before its id was on record.
+    let r = f
+        .cmd(&["run", &job])
+        .env("PROMPTMILL_FAILPOINT", "batch:create-done")
+        .output()
+        .unwrap();
+    assert!(!r.status.success(), "the failpoint killed it");
+    assert_eq!(s.stats().batches_created, 1);
+
+    let r = f.run(&["batch", "status", &job]);
+    ok(&r);
+    assert!(r.stdout.contains("batch_1"), "status finds it: {}", r.stdout);
+    assert!(r.stdout.contains("answer was lost"), "{}", r.stdout);
+
+    // --fresh would forget rows the server may be running.
+    let r = f.run(&["run", "--fresh", &job]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("still open"), "{}", r.stderr);
+    assert_eq!(s.stats().batches_created, 1);
+
+    s.advance_batches();
+    s.advance_batches(); // two of six lines answered
+    let r = f.run(&["batch", "cancel", &job]);
+    ok(&r);
+    assert!(r.stdout.contains("batch_1: cancelling"), "{}", r.stdout);
+    assert_eq!(s.stats().batches_cancelled, 1);
+    s.advance_batches(); // cancelling → cancelled
+    ok(&f.run(&["batch", "collect", &job]));
+    billed_equals_kept(&s, &f);
+    // The rows the cancel left go in the next submission; none is billed twice.
+    ok(&f.run(&["run", &job]));
+    s.complete_batches();
+    ok(&f.run(&["batch", "collect", &job]));
+    assert_eq!(ok_completions(&f), echo_all(&rows));
+    assert_eq!(s.stats().batches_created, 2);
+    assert_eq!(s.stats().batch_requests_billed, 6);
+    billed_equals_kept(&s, &f);
+}

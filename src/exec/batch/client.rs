@@ -107,6 +107,43 @@ struct List<T> {
     last_id: Option<String>,
 }
 
+/// A create that failed. `maybe_made`: the request may have reached the server and made the
+/// batch (a timeout, a reset, a 5xx, an answer that did not parse); a refused connection, a
+/// 4xx or a 429 made nothing.
+#[derive(Debug)]
+pub struct CreateFailed {
+    pub error: Error,
+    pub maybe_made: bool,
+    /// The failure as the retry policy judges it; None: not to be retried.
+    pub retry: Option<ProviderError>,
+}
+
+impl CreateFailed {
+    fn before(error: Error) -> CreateFailed {
+        CreateFailed {
+            error,
+            maybe_made: false,
+            retry: None,
+        }
+    }
+
+    fn of(what: &str, e: ProviderError) -> CreateFailed {
+        let maybe_made = !e.unreachable
+            && matches!(
+                e.kind,
+                ErrorKind::Server
+                    | ErrorKind::Timeout
+                    | ErrorKind::Connection
+                    | ErrorKind::InvalidResponse
+            );
+        CreateFailed {
+            error: failed(what, &e),
+            maybe_made,
+            retry: Some(e),
+        }
+    }
+}
+
 pub struct Client {
     http: reqwest::Client,
     endpoint: Endpoint,
@@ -144,7 +181,22 @@ impl Client {
         self.endpoint.api_url(path).map_err(Error::Other)
     }
 
+    /// One attempt: the response if it succeeded, else the failure as the error table
+    /// classifies it.
+    async fn attempt(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
+        match req.send().await {
+            Ok(resp) if resp.status().is_success() => Ok(resp),
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp.bytes().await.unwrap_or_default();
+                Err(status_error(self.endpoint.key(), status, &body, None, None))
+            }
+            Err(e) => Err(transport_error(self.endpoint.key(), e)),
+        }
+    }
+
     /// Sends what `make` builds until it succeeds, or fails in a way retrying cannot fix.
+    /// Only for calls that are safe to repeat: a create is not (see `create`).
     async fn call<F, Fut>(&self, what: &str, make: F) -> Result<reqwest::Response, Error>
     where
         F: Fn() -> Fut,
@@ -152,14 +204,9 @@ impl Client {
     {
         let mut retrier = self.retry.start();
         loop {
-            let err = match make().await?.send().await {
-                Ok(resp) if resp.status().is_success() => return Ok(resp),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let body = resp.bytes().await.unwrap_or_default();
-                    status_error(self.endpoint.key(), status, &body, None, None)
-                }
-                Err(e) => transport_error(self.endpoint.key(), e),
+            let err = match self.attempt(make().await?).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
             };
             match retrier.next_delay(&err) {
                 Some(d) => {
@@ -242,12 +289,15 @@ impl Client {
         Ok(())
     }
 
-    pub async fn create(
+    /// Asks for a batch once. Creating one is not idempotent, so this never retries: the
+    /// caller looks the batch up by its metadata after a failure that may have made it
+    /// (`CreateFailed::maybe_made`) before it asks again.
+    pub async fn create_once(
         &self,
         file_id: &str,
         metadata: &serde_json::Map<String, Value>,
-    ) -> Result<Batch, Error> {
-        let url = self.url("batches")?;
+    ) -> Result<Batch, CreateFailed> {
+        let url = self.url("batches").map_err(CreateFailed::before)?;
         let body = serde_json::json!({
             "input_file_id": file_id,
             "endpoint": self.endpoint.batch_line_url(),
@@ -256,11 +306,20 @@ impl Client {
         });
         let what = format!("creating a batch from {file_id}");
         let resp = self
-            .call(&what, || async {
-                Ok(self.http.post(url.clone()).json(&body))
-            })
-            .await?;
-        self.json(&what, resp).await
+            .attempt(self.http.post(url).json(&body))
+            .await
+            .map_err(|e| CreateFailed::of(&what, e))?;
+        // A 200 whose body is lost or garbled: the batch was made.
+        self.json(&what, resp).await.map_err(|error| CreateFailed {
+            error,
+            maybe_made: true,
+            retry: None,
+        })
+    }
+
+    /// The retry policy for the create loop, which retries by hand (see `create_once`).
+    pub fn retrier(&self) -> crate::exec::retry::Retrier {
+        self.retry.start()
     }
 
     pub async fn retrieve(&self, id: &str) -> Result<Batch, Error> {

@@ -47,7 +47,10 @@ pub enum Route {
 pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
     let log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
     let open: Vec<BatchPart> = log.open_parts().cloned().collect();
-    let client = if open.iter().any(|p| p.batch_id.is_some()) {
+    let client = if open
+        .iter()
+        .any(|p| p.batch_id.is_some() || p.stage == Stage::Creating)
+    {
         Some(Client::for_job(job)?)
     } else {
         None
@@ -60,16 +63,35 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
         .filter(|p| p.stage == Stage::Collected)
         .count();
     for p in &open {
-        let Some(id) = &p.batch_id else {
-            lines.push(format!(
-                "{}: {} requests, not submitted yet (the next run submits them)",
-                p.file, p.requests
-            ));
+        // A create whose answer was lost: the server may hold the batch; look, change nothing.
+        let found = match (&client, p.stage) {
+            (Some(c), Stage::Creating) => c.find_batch(&p.id, p.creating_at).await?,
+            _ => None,
+        };
+        let Some(id) = p.batch_id.clone().or_else(|| found.as_ref().map(|b| b.id.clone()))
+        else {
+            lines.push(if p.stage == Stage::Creating {
+                format!(
+                    "{}: {} requests, being created when the last run stopped; the server \
+                     holds no batch of it (the next run looks again, then submits its rows)",
+                    p.file, p.requests
+                )
+            } else {
+                format!(
+                    "{}: {} requests, not submitted yet (the next run submits them)",
+                    p.file, p.requests
+                )
+            });
             continue;
         };
-        let (status, counts, expires) = match (&client, p.stage) {
-            (Some(c), Stage::Created) => {
-                let b = c.retrieve(id).await?;
+        let (status, counts, expires) = match (&client, p.stage, found) {
+            (_, Stage::Creating, Some(b)) => (
+                format!("{} (its create answer was lost; the next run follows it)", b.status),
+                b.request_counts.unwrap_or_default(),
+                b.expires_at,
+            ),
+            (Some(c), Stage::Created, _) => {
+                let b = c.retrieve(&id).await?;
                 (
                     b.status.clone(),
                     b.request_counts.unwrap_or_default(),
@@ -119,18 +141,30 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
         &crate::ledger::files::Files::new(&job.output).lock(),
     )?;
     let mut log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
-    let running: Vec<BatchPart> = log
+    let open: Vec<BatchPart> = log
         .open_parts()
-        .filter(|p| p.stage == Stage::Created)
+        .filter(|p| matches!(p.stage, Stage::Created | Stage::Creating))
         .cloned()
         .collect();
-    if running.is_empty() {
+    if open.is_empty() {
         return Ok(vec!["no batches running".into()]);
     }
     let client = Client::for_job(job)?;
     let mut lines = Vec::new();
-    for p in running {
-        let id = p.batch_id.clone().expect("created");
+    for p in open {
+        let id = match &p.batch_id {
+            Some(id) => id.clone(),
+            None => match adopt_or_abandon(job, &client, &mut log, &p).await? {
+                Some(id) => id,
+                None => {
+                    lines.push(format!(
+                        "{}: no batch was made of it; its rows are pending",
+                        p.file
+                    ));
+                    continue;
+                }
+            },
+        };
         log.record(Event::CancelRequested {
             part: p.id.clone(),
             at: now(),
@@ -141,6 +175,39 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
         }
     }
     Ok(lines)
+}
+
+/// A part whose create answer was lost, settled under the lock: the batch the server made
+/// of it goes on record, or, if there is none, the part is given up (its rows pending).
+async fn adopt_or_abandon(
+    job: &Job,
+    client: &Client,
+    log: &mut Log,
+    p: &BatchPart,
+) -> Result<Option<String>, Error> {
+    match client.find_batch(&p.id, p.creating_at).await? {
+        Some(b) => {
+            log.record(Event::Created {
+                part: p.id.clone(),
+                batch_id: b.id.clone(),
+                at: b.created_at.unwrap_or_else(now),
+            })?;
+            Ok(Some(b.id))
+        }
+        None => {
+            log.record(Event::Abandoned {
+                part: p.id.clone(),
+                why: "no batch was created before the run stopped".into(),
+                at: now(),
+            })?;
+            let dir = crate::ledger::files::Files::new(&job.output).batch_dir();
+            let _ = std::fs::remove_file(dir.join(&p.file));
+            if let Some(f) = &p.file_id {
+                let _ = client.delete_file(f).await;
+            }
+            Ok(None)
+        }
+    }
 }
 
 fn hms(s: u64) -> String {

@@ -169,9 +169,13 @@ pub struct BatchPart {
 }
 
 impl BatchPart {
-    /// Submitted and not yet collected: its rows must not be sent again.
+    /// Submitted (or perhaps submitted: a create whose answer was lost) and not yet
+    /// collected: its rows must not be sent again.
     pub fn pins_rows(&self) -> bool {
-        matches!(self.stage, Stage::Created | Stage::Finished)
+        matches!(
+            self.stage,
+            Stage::Creating | Stage::Created | Stage::Finished
+        )
     }
 }
 

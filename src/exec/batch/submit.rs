@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use super::client::{Batch, CreateFailed};
 use super::pass::NewPart;
 use super::state::{now, Event};
 use super::*;
@@ -71,12 +72,12 @@ impl Pass {
             file_id: file_id.clone(),
             at: now(),
         })?;
+        let since = now();
         self.log.record(Event::Creating {
             part: p.id.clone(),
-            at: now(),
+            at: since,
         })?;
-        let client = self.client.as_ref().expect("a client in batch mode");
-        match client.create(&file_id, &self.metadata(&p.id)).await {
+        match self.create_batch(&p.id, &file_id, since).await {
             Ok(b) => {
                 state::failpoint("batch:create-done");
                 self.log.record(Event::Created {
@@ -92,9 +93,59 @@ impl Pass {
                 );
                 Ok(())
             }
-            Err(e) => {
-                let _ = client.delete_file(&file_id).await;
-                Err(self.give_up(&p.id, e))
+            // The batch may exist and no lookup found it: the part stays `creating`, its rows
+            // pinned, and the next run (or `batch status`/`cancel`) looks it up again.
+            Err(f) if f.maybe_made => Err(f.error),
+            Err(f) => {
+                let _ = self.client().delete_file(&file_id).await;
+                Err(self.give_up(&p.id, f.error))
+            }
+        }
+    }
+
+    /// Creates the part's batch exactly once. A create is not idempotent, so after a failure
+    /// that may have made the batch it is looked up by its metadata, and asked for again only
+    /// when the server holds none.
+    async fn create_batch(
+        &self,
+        part: &str,
+        file_id: &str,
+        since: u64,
+    ) -> Result<Batch, CreateFailed> {
+        let client = self.client();
+        let meta = self.metadata(part);
+        let mut retrier = client.retrier();
+        loop {
+            let f = match client.create_once(file_id, &meta).await {
+                Ok(b) => return Ok(b),
+                Err(f) => f,
+            };
+            if f.maybe_made {
+                let found = client.find_batch(part, since).await.map_err(|error| {
+                    CreateFailed {
+                        error,
+                        maybe_made: true,
+                        retry: None,
+                    }
+                })?;
+                if let Some(b) = found {
+                    tracing::info!("batch {} was created though its answer was lost", b.id);
+                    return Ok(b);
+                }
+            }
+            let delay = f.retry.as_ref().and_then(|e| retrier.next_delay(e));
+            match delay {
+                Some(d) => {
+                    tracing::debug!("creating a batch: retrying in {d:?}: {}", f.error);
+                    tokio::time::sleep(d).await;
+                }
+                // Looked up and not there: nothing was made, so the part can be given up.
+                None => {
+                    return Err(CreateFailed {
+                        maybe_made: false,
+                        ..f
+                    })
+                }
             }
         }
     }

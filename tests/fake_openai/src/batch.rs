@@ -48,6 +48,8 @@ pub(crate) struct State {
     last_batch: u64,
     /// Input lines as executed, for `FakeServer::batch_requests` (if `record_bodies`).
     executed: Vec<Value>,
+    /// Creates whose answer was dropped so far (`Config::batch_create_answers_lost`).
+    creates_lost: u64,
 }
 
 struct StoredFile {
@@ -847,7 +849,24 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
                 None => not_found("File", id),
             }
         }
-        (&Method::POST, ["batches"]) => create(shared, req, azure).await,
+        (&Method::POST, ["batches"]) => {
+            let kill = req.extensions().get::<crate::ConnKill>().cloned();
+            let resp = create(shared, req, azure).await;
+            let lose = resp.status().is_success() && {
+                let mut st = shared.batch.lock().unwrap();
+                let lose = st.creates_lost < shared.config.batch_create_answers_lost;
+                st.creates_lost += u64::from(lose);
+                lose
+            };
+            match kill {
+                Some(k) if lose => {
+                    // The batch is made; its answer never leaves (as with `FAULT:reset`).
+                    k.0.notify_one();
+                    std::future::pending::<Response<Body>>().await
+                }
+                _ => resp,
+            }
+        }
         (&Method::GET, ["batches"]) => list_batches(shared, query),
         (&Method::GET, ["batches", id]) => {
             let mut st = shared.batch.lock().unwrap();

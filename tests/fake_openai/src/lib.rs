@@ -68,6 +68,10 @@ pub struct Config {
     /// whose `api-version` query is this one (404 "Resource not found" otherwise, as Azure does
     /// for a missing or unknown version). None: any version, or none, is taken.
     pub azure_api_version: Option<String>,
+    /// The first this many `POST /v1/batches` make their batch and then lose the answer: the
+    /// connection is dropped with no response, as when a proxy or the network fails after the
+    /// server acted. A client that creates again makes a second batch of the same lines.
+    pub batch_create_answers_lost: u64,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             batch_lines_per_step: None,
             tls: None,
             azure_api_version: None,
+            batch_create_answers_lost: 0,
         }
     }
 }

@@ -884,3 +884,34 @@ fn stepping_from_a_plain_thread_outside_any_runtime() {
     );
     assert_eq!(out["empty"]["response"]["body"]["choices"], json!([]));
 }
+
+#[tokio::test]
+async fn a_lost_create_answer_still_makes_the_batch() {
+    let server = FakeServer::start(Config {
+        batch_create_answers_lost: 1,
+        ..Config::default()
+    })
+    .await;
+    let api = Api::openai(&server);
+    let f = api.upload(&jsonl(&[line("x", "y")])).await;
+    let body = json!({
+        "input_file_id": f["id"],
+        "endpoint": "/v1/chat/completions",
+        "completion_window": "24h",
+        "metadata": {"part": "p1"},
+    });
+    // The first create's connection is dropped with no answer …
+    let lost = api
+        .req(reqwest::Method::POST, "/batches")
+        .json(&body)
+        .send()
+        .await;
+    assert!(lost.is_err(), "the first create must lose its answer");
+    // … yet the batch exists, with its metadata, and the next create is answered.
+    let (_, list) = api.get("/batches").await;
+    let data = list["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    assert_eq!(data[0]["metadata"]["part"], "p1");
+    assert_eq!(api.create_raw(&body).await.status(), 200);
+    assert_eq!(server.stats().batches_created, 2);
+}
