@@ -377,3 +377,116 @@ fn batch_answers_are_judged_too_and_one_that_breaks_the_schema_fails_its_row() {
     assert_eq!(recs[1]["mode"], "batch");
     billed_equals_kept(&s, &f);
 }
+
+/// Usage over every record the output keeps: its own and the stale file's.
+fn kept_with_stale(f: &Fixture) -> (u64, u64) {
+    let stale = read_jsonl(&f.path("out/result.stale.jsonl"));
+    f.records()
+        .iter()
+        .chain(&stale)
+        .fold((0, 0), |(p, c), r| {
+            (
+                p + r["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+                c + r["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+#[test]
+fn a_stop_before_the_re_ask_keeps_the_paid_first_answer_on_record() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    // The first row's answer breaks the schema and comes late; the second stops the job (401)
+    // while the first is still out.
+    let j = job(
+        &f,
+        &s,
+        &["Acme FAULT:schemabreak:1 FAULT:slow=800", "Zed FAULT:401"],
+        "",
+        "schema = \"schemas/ad.json\"",
+    );
+    let r = f.run(&["run", "--quiet", "--concurrency", "2", &j]);
+    assert_eq!(r.code, 2, "the auth stop: {}", r.stderr);
+    assert_eq!(s.stats().requests, 2, "no re-ask after the stop");
+    let st = s.stats();
+    assert!(st.billed_prompt_tokens > 0);
+    let acme = f
+        .records()
+        .into_iter()
+        .find(|r| r["input"]["name"] == "Acme FAULT:schemabreak:1 FAULT:slow=800")
+        .expect("the paid row has a record");
+    assert_eq!(acme["status"], "error");
+    assert_eq!(acme["error"]["kind"], "interrupted");
+    assert!(acme["cost_usd"].as_f64().unwrap() > 0.0);
+    assert_eq!(acme["invalid_attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        (st.billed_prompt_tokens, st.billed_completion_tokens),
+        kept_with_stale(&f),
+        "billed vs kept"
+    );
+    // The budget saw it: the summary's spend is the record's.
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(f.path("out/result.jsonl.summary.json")).unwrap())
+            .unwrap();
+    let spent = summary["cost_usd"].as_f64().unwrap();
+    assert!((spent - acme["cost_usd"].as_f64().unwrap()).abs() < 1e-12, "{summary}");
+
+    // A plain rerun asks the interrupted row again; the paid record is kept (as stale).
+    let text = std::fs::read_to_string(f.path("data.csv"))
+        .unwrap()
+        .replace("Zed FAULT:401", "Zed");
+    f.write("data.csv", text);
+    ok(&f.run(&["run", "--quiet", &j]));
+    let recs = f.records();
+    assert_eq!(recs.len(), 2);
+    assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
+    let st = s.stats();
+    assert_eq!(
+        (st.billed_prompt_tokens, st.billed_completion_tokens),
+        kept_with_stale(&f),
+        "billed vs kept after the rerun"
+    );
+}
+
+#[test]
+fn ctrl_c_twice_during_a_re_ask_keeps_the_paid_first_answer_on_record() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = job(
+        &f,
+        &s,
+        &["Acme FAULT:schemabreak:1 FAULT:slow=1500"],
+        "",
+        "schema = \"schemas/ad.json\"",
+    );
+    let child = f
+        .cmd(&["run", "--quiet", &j])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.stats().requests < 2 {
+        assert!(std::time::Instant::now() < deadline, "the re-ask never came");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let paid = s.stats();
+    for _ in 0..2 {
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let r = ran(child.wait_with_output().unwrap());
+    assert_eq!(r.code, 130, "{}", r.stderr);
+    let recs = f.records();
+    assert_eq!(recs.len(), 1, "{}", r.stderr);
+    assert_eq!(recs[0]["error"]["kind"], "interrupted");
+    // The first answer's usage is on record; the aborted re-ask is carried at its worst case.
+    assert_eq!(
+        (paid.billed_prompt_tokens, paid.billed_completion_tokens),
+        kept_with_stale(&f)
+    );
+    assert!(recs[0]["unconfirmed_usd"].as_f64().unwrap() > 0.0, "{}", recs[0]);
+}

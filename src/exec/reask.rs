@@ -45,7 +45,7 @@ pub(super) fn add_usage(a: &mut Usage, b: &Usage) {
 /// Judges every choice against the job's shape and asks again for those that break it, up to
 /// `max_invalid` times, each time for only the failing choices (with `n` set to how many).
 /// Every attempt's tokens are counted; a regeneration that the budget has no room for is not
-/// sent. `None`: the row stays pending.
+/// sent. A stop during a re-ask ends the row as `Interrupted`, with every paid attempt's usage.
 pub(super) async fn shape_up(
     sh: &Arc<Shared>,
     shape: &Shape,
@@ -54,7 +54,7 @@ pub(super) async fn shape_up(
     reservation: &mut Reservation,
     started: Instant,
     st: &mut Sending,
-) -> Option<(Shaped, Completion)> {
+) -> (Shaped, Completion) {
     let choices = first.all_choices();
     let mut s = Shaped {
         data: vec![None; choices.len()],
@@ -69,10 +69,10 @@ pub(super) async fn shape_up(
         let (failing, refused) = s.judge(shape, attempt, &p.row.fields);
         if let Some(r) = refused {
             s.failure = Some((ErrorKind::Refusal, format!("the model refused: {r}")));
-            return Some((s, last));
+            return (s, last);
         }
         if failing.is_empty() {
-            return Some((s, last));
+            return (s, last);
         }
         if attempt > shape.max_invalid {
             s.failure = Some((
@@ -83,7 +83,7 @@ pub(super) async fn shape_up(
                     s.problems(attempt, true)
                 ),
             ));
-            return Some((s, last));
+            return (s, last);
         }
         // Ask again, for the failing choices only, within the budget.
         let k = failing.len() as u64;
@@ -99,7 +99,7 @@ pub(super) async fn shape_up(
                     s.problems(attempt, false)
                 ),
             ));
-            return Some((s, last));
+            return (s, last);
         }
         attempt += 1;
         let again = Request {
@@ -109,12 +109,31 @@ pub(super) async fn shape_up(
                 .wire
                 .with_choices(&p.request.body, k, sh.job.params.n.is_some()),
         };
-        let c = match send(sh, p.row.number, &again, k, started, st).await? {
-            Ok(c) => c,
-            Err(e) => {
+        // A re-ask is a new request: after a stop it is not sent.
+        let answer = if sh.stopper.signals.stop.is_cancelled() {
+            None
+        } else {
+            send(sh, p.row.number, &again, k, started, st).await
+        };
+        let c = match answer {
+            Some(Ok(c)) => c,
+            // Stopped before the re-ask was answered: what was paid goes on record now (the
+            // next step may never come), and the rerun asks again.
+            None => {
+                s.failure = Some((
+                    ErrorKind::Interrupted,
+                    format!(
+                        "the run stopped before this row was asked again; what its {} \
+                         answered attempt(s) cost is on this record, and a rerun sends it again",
+                        attempt - 1
+                    ),
+                ));
+                return (s, last);
+            }
+            Some(Err(e)) => {
                 // The row's request failed outright this time: it fails as such.
                 s.failure = Some((e.kind, e.message));
-                return Some((s, last));
+                return (s, last);
             }
         };
         add_usage(&mut s.usage, &usage_of(sh, &again.messages, &c));

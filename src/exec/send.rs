@@ -42,10 +42,8 @@ pub(super) async fn process(
     };
     let shaped = match (outcome, sh.shape.as_ref()) {
         (Ok(c), Some(shape)) => {
-            match shape_up(sh, shape, &p, c, &mut reservation, started, &mut st).await {
-                Some((s, c)) => Ok((c, Some(s))),
-                None => return pending(reservation, st.unconfirmed),
-            }
+            let (s, c) = shape_up(sh, shape, &p, c, &mut reservation, started, &mut st).await;
+            Ok((c, Some(s)))
         }
         (Ok(c), None) => Ok((c, None)),
         (Err(e), _) => Err(e),

@@ -120,6 +120,10 @@ pub enum ErrorKind {
     InvalidOutput,
     /// The model refused (`message.refusal`).
     Refusal,
+    /// The run stopped (a signal, an auth or quota stop, the circuit breaker) after the row
+    /// was paid for and before it was finished (a re-ask): the record keeps what was paid, and
+    /// a rerun sends the row again.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +153,8 @@ impl ErrorKind {
             | ErrorKind::Server
             | ErrorKind::Timeout
             | ErrorKind::Connection
-            | ErrorKind::InvalidResponse => Disposition::Retry,
+            | ErrorKind::InvalidResponse
+            | ErrorKind::Interrupted => Disposition::Retry,
             ErrorKind::BadRequest
             | ErrorKind::Input
             | ErrorKind::Model
