@@ -113,6 +113,60 @@ fn a_jsonl_input_that_starts_with_a_byte_order_mark_reads_its_first_row() {
 }
 
 #[test]
+fn a_journal_saved_without_its_last_newline_keeps_its_last_record() {
+    let s = server();
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(4, "row")));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap();
+    ok(&f.run(&["run", job]));
+    // Saved by an editor that drops the final newline.
+    let out = f.path("out/result.jsonl");
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::write(&out, text.trim_end_matches('\n')).unwrap();
+    ok(&f.run(&["run", job]));
+    assert_eq!(s.stats().requests, 4, "no row paid twice");
+    assert_eq!(f.records().len(), 4);
+    assert!(!f.path("out/result.stale.jsonl").exists());
+}
+
+#[test]
+fn a_record_another_tool_trimmed_still_counts_as_done_and_compacts() {
+    let s = server();
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(3, "row")));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap();
+    ok(&f.run(&["run", job]));
+    // A tool rewrote every record without `attempts`, `latency_ms` and `total_tokens`.
+    let out = f.path("out/result.jsonl");
+    let trimmed: String = f
+        .records()
+        .into_iter()
+        .map(|mut r| {
+            let o = r.as_object_mut().unwrap();
+            o.remove("attempts");
+            o.remove("latency_ms");
+            o["usage"].as_object_mut().unwrap().remove("total_tokens");
+            format!("{}\n", serde_json::to_string(&r).unwrap())
+        })
+        .collect();
+    std::fs::write(&out, trimmed).unwrap();
+    // A new first row renumbers the others: the rerun rewrites every record it keeps.
+    let mut rows = vec!["first".to_string()];
+    rows.extend(texts(3, "row"));
+    f.write("data.csv", csv_of(&rows));
+    let r = f.run(&["run", job]);
+    ok(&r);
+    assert_eq!(s.stats().requests, 4, "only the new row was sent");
+    let recs = f.records();
+    assert_eq!(recs.len(), 4, "{}", r.stderr);
+    assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
+    assert_eq!(recs[1]["row"], 2, "renumbered");
+    assert_eq!(recs[1]["attempts"], 0, "a missing count reads as 0");
+}
+
+#[test]
 fn a_dot_env_in_a_parent_folder_is_not_read() {
     let s = spawn_background(Config {
         require_key: Some("from-the-parent".into()),

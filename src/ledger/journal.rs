@@ -94,6 +94,9 @@ pub fn parse_line(bytes: &[u8]) -> Result<Option<Line<'_>>, String> {
     if line.status == Status::Ok && line.fingerprint.is_none() {
         return Err("an ok record without a fingerprint".into());
     }
+    if line.input.is_some_and(|i| !i.get().starts_with('{')) {
+        return Err("`input` is not an object".into());
+    }
     Ok(Some(line))
 }
 
@@ -138,8 +141,9 @@ pub fn io_err(path: &Path, source: std::io::Error) -> Error {
     }
 }
 
-/// Cuts a torn last line (a kill mid-write) so the next append starts on a fresh line.
-/// Returns the number of bytes removed.
+/// Cuts a torn last line (a kill mid-write) so the next append starts on a fresh line; a
+/// last line that is a whole record and only lacks its newline gets one instead. Returns the
+/// number of bytes removed.
 pub fn repair(path: &Path) -> Result<u64, Error> {
     let io = |e| io_err(path, e);
     let mut f = match OpenOptions::new().read(true).write(true).open(path) {
@@ -167,11 +171,23 @@ pub fn repair(path: &Path) -> Result<u64, Error> {
         }
         end = start;
     };
-    if keep < len {
-        f.set_len(keep).map_err(io)?;
-        f.sync_all().map_err(io)?;
+    if keep == len {
+        return Ok(0);
     }
-    Ok(len - keep)
+    // A last line without its newline (an editor, another tool) that is a whole record is
+    // kept: only what does not parse is cut.
+    let mut tail = Vec::with_capacity((len - keep) as usize);
+    f.seek(SeekFrom::Start(keep)).map_err(io)?;
+    (&mut f).take(len - keep).read_to_end(&mut tail).map_err(io)?;
+    let whole = matches!(parse_line(&tail), Ok(Some(_)));
+    if whole {
+        f.seek(SeekFrom::End(0)).map_err(io)?;
+        f.write_all(b"\n").map_err(io)?;
+    } else {
+        f.set_len(keep).map_err(io)?;
+    }
+    f.sync_all().map_err(io)?;
+    Ok(if whole { 0 } else { len - keep })
 }
 
 /// The appender: the one writer of the output during a run. Records are buffered and written
@@ -294,6 +310,43 @@ impl Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_last_record_without_its_newline_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.jsonl");
+        let last = r#"{"row":2,"id":"2","status":"error","error":{"kind":"server"}}"#;
+        std::fs::write(&p, format!("{{\"row\":1}}\n{last}")).unwrap();
+        assert_eq!(repair(&p).unwrap(), 0);
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("{{\"row\":1}}\n{last}\n")
+        );
+        assert_eq!(repair(&p).unwrap(), 0);
+    }
+
+    /// Every line the journal's parser takes, compaction's full parse takes too: a line
+    /// another tool edited (no attempts, latency, input or usage counts) is never read as done
+    /// and then refused by the next compaction.
+    #[test]
+    fn what_the_parser_takes_the_full_record_takes() {
+        let fp = "0".repeat(32);
+        let lines = [
+            format!(r#"{{"row":1,"id":"1","status":"ok","fingerprint":"{fp}"}}"#),
+            format!(
+                r#"{{"status":"ok","id":"a","row":3,"fingerprint":"{fp}","usage":{{"prompt_tokens":4}},"completion":"x"}}"#
+            ),
+            r#"{"row":2,"id":"2","status":"error","error":{"kind":"server"},"input":{}}"#.into(),
+        ];
+        for l in &lines {
+            assert!(matches!(parse_line(l.as_bytes()), Ok(Some(_))), "{l}");
+            let r: Record = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+            assert_eq!(r.attempts, 0);
+        }
+        let not_object = format!(r#"{{"row":1,"id":"1","status":"ok","fingerprint":"{fp}","input":5}}"#);
+        assert!(parse_line(not_object.as_bytes()).is_err());
+        assert!(serde_json::from_str::<Record>(&not_object).is_err());
+    }
 
     #[test]
     fn torn_last_line_is_cut() {

@@ -17,6 +17,7 @@ pub enum Status {
 pub struct RecordError {
     pub kind: ErrorKind,
     pub status: Option<u16>,
+    #[serde(default)]
     pub message: String,
 }
 
@@ -51,13 +52,19 @@ pub struct Record {
     pub row: u64,
     pub id: String,
     pub status: Status,
+    // What may be missing from a line another tool wrote is defaulted, exactly as the
+    // journal's parser (`journal::parse_line`) defaults it: one idea of what a record holds.
+    #[serde(default)]
     pub input: Map<String, Value>,
     pub completion: Option<String>,
     pub finish_reason: Option<String>,
     pub model: Option<String>,
+    #[serde(default, deserialize_with = "usage_as_written")]
     pub usage: Option<Usage>,
     pub cost_usd: Option<f64>,
+    #[serde(default)]
     pub attempts: u32,
+    #[serde(default)]
     pub latency_ms: u64,
     /// Hash of the request's identity (`request` module); `None` when the row never got as
     /// far as a request.
@@ -97,6 +104,33 @@ pub struct Record {
     /// Fields another tool added to the line: kept as they are.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A record's usage with every count defaulted to 0, as the journal's parser reads it.
+fn usage_as_written<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Usage>, D::Error> {
+    #[derive(Deserialize)]
+    struct AsWritten {
+        #[serde(default)]
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: u64,
+        #[serde(default)]
+        total_tokens: u64,
+        #[serde(default)]
+        cached_tokens: Option<u64>,
+        #[serde(default)]
+        reasoning_tokens: Option<u64>,
+        #[serde(default)]
+        estimated: bool,
+    }
+    Ok(Option::<AsWritten>::deserialize(d)?.map(|u| Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens,
+        cached_tokens: u.cached_tokens,
+        reasoning_tokens: u.reasoning_tokens,
+        estimated: u.estimated,
+    }))
 }
 
 impl Record {
