@@ -116,9 +116,13 @@ pub enum Command {
         /// Write the report here instead of OUTPUT.report.html.
         #[arg(short = 'o', long = "out", value_name = "FILE")]
         out: Option<PathBuf>,
-        /// The table's first N rows; every failed row is added to them.
+        /// The table's first N rows.
         #[arg(long, value_name = "N", default_value_t = crate::job::DEFAULT_REPORT_ROWS)]
         rows: usize,
+        /// Failed rows past the first N that the table holds too (the page says how many
+        /// more there are).
+        #[arg(long, value_name = "N", default_value_t = crate::job::DEFAULT_REPORT_FAILED_ROWS)]
+        failed_rows: usize,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {

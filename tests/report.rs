@@ -238,6 +238,72 @@ fn report_false_writes_none_and_a_report_that_cannot_be_written_keeps_the_exit_c
 }
 
 #[test]
+fn failed_rows_past_their_cap_are_counted_not_shown() {
+    let s = spawn_background(Config::default());
+    let (f, r) = run_job(&s, "report_rows = 1\nreport_failed_rows = 1");
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let html = std::fs::read_to_string(report_path(&f)).unwrap();
+    // Row 1, then row 2 (the first failed); row 6 fails too and is only counted.
+    assert_eq!(table_rows(&html, "ok"), 1);
+    assert_eq!(table_rows(&html, "failed"), 1);
+    assert!(!html.contains("FAULT:400 epsilon"));
+    assert!(
+        html.contains("<strong>1 more failed rows are not in the table</strong>"),
+        "{html}"
+    );
+    assert_eq!(report_data(&html)["failed_left"], 1);
+    // The command's --failed-rows raises the cap.
+    let r = f.run(&[
+        "report",
+        "out/result.jsonl",
+        "--rows",
+        "1",
+        "--failed-rows",
+        "5",
+        "-o",
+        "all.html",
+    ]);
+    ok(&r);
+    let html = std::fs::read_to_string(f.path("all.html")).unwrap();
+    assert_eq!(table_rows(&html, "failed"), 2);
+    assert_eq!(report_data(&html)["failed_left"], 0);
+    // No failed row past the first: the command says how many it left out.
+    let r = f.run(&[
+        "report",
+        "out/result.jsonl",
+        "--rows",
+        "0",
+        "--failed-rows",
+        "0",
+        "-o",
+        "none.html",
+    ]);
+    ok(&r);
+    assert!(r.stderr.contains("2 more failed rows left out"), "{}", r.stderr);
+}
+
+#[test]
+fn twenty_thousand_failed_rows_make_a_page_of_the_caps_size() {
+    let f = Fixture::new();
+    let mut out = String::new();
+    for i in 1..=20_000 {
+        out.push_str(&format!(
+            "{{\"row\":{i},\"id\":\"{i}\",\"status\":\"error\",\"input\":{{\"text\":\"row {i} with some words to show\"}},\"error\":{{\"kind\":\"bad_request\",\"status\":400,\"message\":\"This model's maximum context length is 128000 tokens.\"}},\"attempts\":1,\"latency_ms\":5}}\n"
+        ));
+    }
+    f.write("out/result.jsonl", out);
+    let r = f.run(&["report", "out/result.jsonl", "-o", "big.html"]);
+    ok(&r);
+    let html = std::fs::read_to_string(f.path("big.html")).unwrap();
+    // The first 1,000 rows and 1,000 failed ones after them.
+    assert_eq!(table_rows(&html, "failed"), 2000);
+    let data = report_data(&html);
+    assert_eq!(data["failed_left"], 18_000);
+    assert_eq!(data["records"], 20_000);
+    assert!(html.len() < 2_000_000, "{} bytes", html.len());
+}
+
+#[test]
 fn report_rows_in_the_job_sets_the_table_size() {
     let s = spawn_background(Config::default());
     let (f, r) = run_job(&s, "report_rows = 0");
@@ -255,6 +321,12 @@ fn report_rows_in_the_job_sets_the_table_size() {
 #[test]
 fn the_report_renders_filters_and_never_runs_the_injected_script_in_chromium() {
     let Some(chromium) = browser::find() else {
+        // In CI a missing browser is a failure: .ci/run installs it.
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI=true and no Chromium at /usr/bin/chromium (or $PROMPTMILL_CHROMIUM): \
+             scripts/setup-debian.sh --test installs Debian's `chromium`"
+        );
         eprintln!(
             "SKIPPED the_report_renders_filters_and_never_runs_the_injected_script_in_chromium: \
              no Chromium at /usr/bin/chromium (or $PROMPTMILL_CHROMIUM); install Debian's \

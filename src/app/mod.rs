@@ -110,7 +110,12 @@ pub(super) fn dispatch(cli: Cli) -> Result<i32, Error> {
             println!("{}", p.display());
             Ok(EXIT_OK)
         }
-        Command::Report { output, out, rows } => report(&output, out, rows, quiet),
+        Command::Report {
+            output,
+            out,
+            rows,
+            failed_rows,
+        } => report(&output, out, (rows, failed_rows), quiet),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(

@@ -14,18 +14,24 @@ use super::job_overrides;
 pub(super) fn report(
     output: &Path,
     out: Option<std::path::PathBuf>,
-    rows: usize,
+    (rows, failed_rows): (usize, usize),
     quiet: bool,
 ) -> Result<i32, Error> {
     let target = out.unwrap_or_else(|| crate::ledger::files::report_path(output));
     let opts = crate::output::html::Options {
         rows,
+        failed_rows,
         summary: None,
     };
     let w = crate::output::html::write(output, &target, &opts)?;
     if !quiet {
+        let left = if w.failed_left > 0 {
+            format!(" ({} more failed rows left out: --failed-rows N)", w.failed_left)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "{} records, {} of them in the table",
+            "{} records, {} of them in the table{left}",
             w.records, w.table_rows
         );
     }

@@ -22,6 +22,7 @@ pub(super) fn run_report(
     }
     let opts = crate::output::html::Options {
         rows: job.rows,
+        failed_rows: job.failed_rows,
         summary: Some(summary.clone()),
     };
     match crate::output::html::write(&job.output, &job.path, &opts) {
@@ -40,6 +41,7 @@ pub(super) struct RunReport {
     output: std::path::PathBuf,
     path: std::path::PathBuf,
     rows: usize,
+    failed_rows: usize,
 }
 
 pub(super) fn run(args: RunArgs, quiet: bool, json_logs: bool) -> Result<i32, Error> {
@@ -207,6 +209,7 @@ fn one_pass(
         output: job.output.clone(),
         path: files.report(),
         rows: job.report_rows,
+        failed_rows: job.report_failed_rows,
     };
     let quiet = opts.quiet;
     let pass_opts = RunOptions {

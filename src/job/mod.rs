@@ -31,6 +31,9 @@ pub const ASSUMED_MAX_OUTPUT: u64 = 4096;
 
 /// The rows the HTML report's table holds by default, besides every failed row.
 pub const DEFAULT_REPORT_ROWS: usize = 1000;
+/// Failed rows the report's table holds past its first rows (a run where everything fails
+/// would otherwise make a page as large as its output).
+pub const DEFAULT_REPORT_FAILED_ROWS: usize = 1000;
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 /// The input file's format.
@@ -78,8 +81,10 @@ pub struct Job {
     pub csv_escape_formulas: bool,
     /// Write the HTML report after each run.
     pub report: bool,
-    /// The report table's first rows (every failed row is added).
+    /// The report table's first rows (failed rows past them are added, up to
+    /// `report_failed_rows`).
     pub report_rows: usize,
+    pub report_failed_rows: usize,
     pub pricing: Option<Pricing>,
     pub mode: Mode,
     pub batch: BatchLimits,
@@ -158,6 +163,10 @@ impl Job {
             csv_escape_formulas: raw.output.csv_escape_formulas.unwrap_or(false),
             report: raw.output.report.unwrap_or(true),
             report_rows: raw.output.report_rows.unwrap_or(DEFAULT_REPORT_ROWS),
+            report_failed_rows: raw
+                .output
+                .report_failed_rows
+                .unwrap_or(DEFAULT_REPORT_FAILED_ROWS),
             pricing: raw.pricing,
             mode,
             batch,

@@ -163,8 +163,10 @@ pub struct RawOutput {
     pub csv_escape_formulas: Option<bool>,
     /// Write `OUTPUT.report.html` after each run (default true).
     pub report: Option<bool>,
-    /// Rows the report's table holds besides every failed row (default 1,000).
+    /// Rows the report's table holds first (default 1,000).
     pub report_rows: Option<usize>,
+    /// Failed rows the report's table holds past its first rows (default 1,000).
+    pub report_failed_rows: Option<usize>,
     /// A JSON Schema the completion must follow: a file (relative to the job file) or an
     /// inline table. Sent as `response_format` json_schema (strict).
     pub schema: Option<toml::Value>,

@@ -33,8 +33,10 @@ use tally::Tally;
 /// What the report is made with.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// The table's first rows; every failed row is added whatever this is.
+    /// The table's first rows.
     pub rows: usize,
+    /// Failed rows past the first `rows` the table holds too; the page says how many more.
+    pub failed_rows: usize,
     /// The last run's summary; `None`: read `OUTPUT.summary.json` if there is one.
     pub summary: Option<Summary>,
 }
@@ -44,6 +46,8 @@ pub struct Options {
 pub struct Written {
     pub records: u64,
     pub table_rows: u64,
+    /// Failed rows past both caps, left out of the table.
+    pub failed_left: u64,
 }
 
 /// Writes the report of the output `output` to `target` (through a temporary file, renamed
@@ -70,7 +74,11 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
             .truncate(true)
             .open(&spool_path)
             .map_err(|e| io_err(&spool_path, e))?;
-        let mut table = Table::new(BufWriter::with_capacity(256 * 1024, spool), opts.rows);
+        let mut table = Table::new(
+            BufWriter::with_capacity(256 * 1024, spool),
+            opts.rows,
+            opts.failed_rows,
+        );
         let mut tally = Tally::default();
         journal::for_each_line(output, |_, _, bytes| {
             let Ok(Some(line)) = journal::parse_line(bytes) else {
@@ -84,7 +92,7 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
                 .offer(&line, bytes)
                 .map_err(|e| io_err(&spool_path, e))
         })?;
-        let table_rows = table.rows;
+        let (table_rows, failed_left) = (table.rows, table.failed_left);
         let mut spool = table.out.into_inner().map_err(|e| {
             let err = e.error();
             io_err(
@@ -100,11 +108,13 @@ pub fn write(output: &Path, target: &Path, opts: &Options) -> Result<Written, Er
             stale,
             table_rows,
             table_cap: opts.rows,
+            failed_left,
         };
         write_page(target, &page, &mut spool)?;
         Ok(Written {
             records: tally.records,
             table_rows,
+            failed_left,
         })
     })();
     let _ = std::fs::remove_file(&spool_path);

@@ -21,6 +21,8 @@ pub(crate) struct Page<'a> {
     pub(crate) stale: u64,
     pub(crate) table_rows: u64,
     pub(crate) table_cap: usize,
+    /// Failed rows the table leaves out (past `[output] report_failed_rows`).
+    pub(crate) failed_left: u64,
 }
 
 impl Page<'_> {
@@ -309,7 +311,16 @@ impl Page<'_> {
 
     fn table_open(&self, o: &mut String) {
         let t = self.tally;
-        let note = if self.table_rows < t.records {
+        let note = if self.failed_left > 0 {
+            format!(
+                "The table holds the first {} records and the first {} failed ones after them: {} of {}. <strong>{} more failed rows are not in the table</strong> (the output file has them all). The charts cover all of them; <code>promptmill report --rows N --failed-rows N</code> (or <code>[output] report_rows</code>, <code>report_failed_rows</code>) holds more.",
+                group(self.table_cap as u64),
+                group(self.table_rows.saturating_sub(self.table_cap as u64)),
+                group(self.table_rows),
+                group(t.records),
+                group(self.failed_left)
+            )
+        } else if self.table_rows < t.records {
             format!(
                 "The table holds the first {} records and every failed one: {} of {}. The charts cover all of them; <code>promptmill report --rows N</code> (or <code>[output] report_rows</code>) holds more.",
                 group(self.table_cap as u64),
@@ -342,6 +353,7 @@ impl Page<'_> {
             "stale": self.stale,
             "table_rows": self.table_rows,
             "table_cap": self.table_cap,
+            "failed_left": self.failed_left,
             "summary": self.summary,
         });
         let mut o = String::with_capacity(4096);

@@ -15,27 +15,41 @@ use crate::ledger::record::Status;
 pub(crate) struct Table<W: Write> {
     pub(crate) out: W,
     cap: usize,
+    failed_cap: usize,
     seen: u64,
+    failed_past_cap: u64,
     pub(crate) rows: u64,
+    /// Failed rows past both caps: counted, not shown.
+    pub(crate) failed_left: u64,
     buf: String,
 }
 
 impl<W: Write> Table<W> {
-    pub(crate) fn new(out: W, cap: usize) -> Self {
+    pub(crate) fn new(out: W, cap: usize, failed_cap: usize) -> Self {
         Table {
             out,
             cap,
+            failed_cap,
             seen: 0,
+            failed_past_cap: 0,
             rows: 0,
+            failed_left: 0,
             buf: String::with_capacity(4096),
         }
     }
 
-    /// The first `cap` records, and every failed one after them.
+    /// The first `cap` records, and the first `failed_cap` failed ones after them.
     pub(crate) fn offer(&mut self, l: &journal::Line, bytes: &[u8]) -> std::io::Result<()> {
         self.seen += 1;
-        if self.seen > self.cap as u64 && l.status != Status::Error {
-            return Ok(());
+        if self.seen > self.cap as u64 {
+            if l.status != Status::Error {
+                return Ok(());
+            }
+            self.failed_past_cap += 1;
+            if self.failed_past_cap > self.failed_cap as u64 {
+                self.failed_left += 1;
+                return Ok(());
+            }
         }
         let Ok(rec) = serde_json::from_slice::<Map<String, Value>>(bytes.trim_ascii()) else {
             return Ok(());
