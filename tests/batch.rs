@@ -27,7 +27,7 @@ fn batch_job(f: &Fixture, s: &FakeServer, rows: &[String], batch: &str, run: &st
 
 /// Usage summed over the output's records (and the stale file's).
 fn kept_tokens(f: &Fixture) -> (u64, u64) {
-    let stale = read_jsonl(&f.path("out/result.stale.jsonl"));
+    let stale = read_jsonl_if_there(&f.path("out/result.stale.jsonl"));
     f.records()
         .iter()
         .chain(&stale)
@@ -474,7 +474,8 @@ fn the_budget_is_checked_before_submitting_at_the_worst_case_of_everything_submi
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert_eq!(s.stats().batches_created, 1);
     s.complete_batches();
-    let _ = f.run(&["batch", "collect", &job]);
+    let r = f.run(&["batch", "collect", &job]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
     let spent: f64 = f
         .records()
         .iter()
@@ -580,7 +581,7 @@ fn results_for_rows_that_left_the_input_are_kept_in_the_stale_file() {
     s.complete_batches();
     ok(&f.run(&["batch", "collect", &job]));
     assert_eq!(f.records().len(), 4);
-    let stale = read_jsonl(&f.path("out/result.stale.jsonl"));
+    let stale = read_jsonl_if_there(&f.path("out/result.stale.jsonl"));
     assert_eq!(stale.len(), 2);
     billed_equals_kept(&s, &f);
     // Put back: copied from the stale file, not submitted again.
@@ -719,7 +720,11 @@ fn a_part_left_creating_is_known_to_status_cancel_and_fresh() {
 
     let r = f.run(&["batch", "status", &job]);
     ok(&r);
-    assert!(r.stdout.contains("batch_1"), "status finds it: {}", r.stdout);
+    assert!(
+        r.stdout.contains("batch_1"),
+        "status finds it: {}",
+        r.stdout
+    );
     assert!(r.stdout.contains("answer was lost"), "{}", r.stdout);
 
     // --fresh would forget rows the server may be running.

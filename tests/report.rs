@@ -279,7 +279,11 @@ fn failed_rows_past_their_cap_are_counted_not_shown() {
         "none.html",
     ]);
     ok(&r);
-    assert!(r.stderr.contains("2 more failed rows left out"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("2 more failed rows left out"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

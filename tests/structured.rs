@@ -164,8 +164,13 @@ fn a_completion_wrong_every_time_fails_as_invalid_output_quoting_path_and_rule()
     assert_eq!(rec["invalid_attempts"].as_array().unwrap().len(), 3);
     billed_equals_kept(&s, &f);
     // A verdict: a plain rerun leaves it, --retry-failed asks again.
-    let _ = f.run(&["run", "--quiet", &j]);
+    let r = f.run(&["run", "--quiet", &j]);
+    assert_eq!(r.code, 1, "the row is still failed: {}", r.stderr);
     assert_eq!(s.stats().requests, 3);
+    let r = f.run(&["run", "--quiet", "--retry-failed", &j]);
+    assert_eq!(r.code, 1, "wrong again: {}", r.stderr);
+    assert_eq!(s.stats().requests, 6, "asked again, with its re-asks");
+    billed_equals_kept_with_stale(&s, &f);
 }
 
 #[test]
@@ -380,16 +385,13 @@ fn batch_answers_are_judged_too_and_one_that_breaks_the_schema_fails_its_row() {
 
 /// Usage over every record the output keeps: its own and the stale file's.
 fn kept_with_stale(f: &Fixture) -> (u64, u64) {
-    let stale = read_jsonl(&f.path("out/result.stale.jsonl"));
-    f.records()
-        .iter()
-        .chain(&stale)
-        .fold((0, 0), |(p, c), r| {
-            (
-                p + r["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
-                c + r["usage"]["completion_tokens"].as_u64().unwrap_or(0),
-            )
-        })
+    let stale = read_jsonl_if_there(&f.path("out/result.stale.jsonl"));
+    f.records().iter().chain(&stale).fold((0, 0), |(p, c), r| {
+        (
+            p + r["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+            c + r["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+        )
+    })
 }
 
 #[test]
@@ -425,11 +427,15 @@ fn a_stop_before_the_re_ask_keeps_the_paid_first_answer_on_record() {
         "billed vs kept"
     );
     // The budget saw it: the summary's spend is the record's.
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(f.path("out/result.jsonl.summary.json")).unwrap())
-            .unwrap();
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.path("out/result.jsonl.summary.json")).unwrap(),
+    )
+    .unwrap();
     let spent = summary["cost_usd"].as_f64().unwrap();
-    assert!((spent - acme["cost_usd"].as_f64().unwrap()).abs() < 1e-12, "{summary}");
+    assert!(
+        (spent - acme["cost_usd"].as_f64().unwrap()).abs() < 1e-12,
+        "{summary}"
+    );
 
     // A plain rerun asks the interrupted row again; the paid record is kept (as stale).
     let text = std::fs::read_to_string(f.path("data.csv"))
@@ -466,7 +472,10 @@ fn ctrl_c_twice_during_a_re_ask_keeps_the_paid_first_answer_on_record() {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while s.stats().requests < 2 {
-        assert!(std::time::Instant::now() < deadline, "the re-ask never came");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the re-ask never came"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let paid = s.stats();
@@ -488,5 +497,76 @@ fn ctrl_c_twice_during_a_re_ask_keeps_the_paid_first_answer_on_record() {
         (paid.billed_prompt_tokens, paid.billed_completion_tokens),
         kept_with_stale(&f)
     );
-    assert!(recs[0]["unconfirmed_usd"].as_f64().unwrap() > 0.0, "{}", recs[0]);
+    assert!(
+        recs[0]["unconfirmed_usd"].as_f64().unwrap() > 0.0,
+        "{}",
+        recs[0]
+    );
+}
+
+/// The worst case each part of a batch job put on record, per request.
+fn batch_worst_per_request(f: &Fixture) -> f64 {
+    let log = read_jsonl(&f.path("out/result.jsonl.batches.jsonl"));
+    let (usd, n) =
+        log.iter()
+            .filter(|e| e["worst_usd"].is_number())
+            .fold((0.0, 0u64), |(u, n), e| {
+                (
+                    u + e["worst_usd"].as_f64().unwrap(),
+                    n + e["requests"].as_u64().unwrap(),
+                )
+            });
+    assert!(n > 0, "no part on record: {log:?}");
+    usd / n as f64
+}
+
+#[test]
+fn a_batch_jobs_budget_counts_the_schemas_tokens_as_online_does() {
+    let s = spawn_background(Config::default());
+    let per_request = |schema: bool| {
+        let f = Fixture::new();
+        let output = if schema {
+            "schema = \"schemas/ad.json\""
+        } else {
+            ""
+        };
+        let j = job(&f, &s, &["Acme", "Zed"], "", output);
+        let text = std::fs::read_to_string(&j)
+            .unwrap()
+            .replace("[run]\n", "[run]\nmode = \"batch\"\nmax_cost_usd = 1\n");
+        std::fs::write(&j, text).unwrap();
+        ok(&f.run(&["run", "--quiet", &j]));
+        let schema_tokens = f
+            .run(&["estimate", &j])
+            .stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("of which schema"))
+            .map(|rest| {
+                rest.split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<f64>()
+                    .unwrap()
+            });
+        (batch_worst_per_request(&f), schema_tokens)
+    };
+    let (plain, none) = per_request(false);
+    let (with_schema, tokens) = per_request(true);
+    assert_eq!(none, None);
+    let tokens = tokens.expect("the estimate names the schema's tokens");
+    // gpt-4o-mini at batch prices: $0.075 per million prompt tokens.
+    let want = tokens * 0.075 / 1e6;
+    assert!(
+        ((with_schema - plain) - want).abs() < 1e-12,
+        "the schema adds {tokens} prompt tokens to each request's worst case: {plain} → {with_schema}"
+    );
+}
+
+fn billed_equals_kept_with_stale(s: &FakeServer, f: &Fixture) {
+    let st = s.stats();
+    assert_eq!(
+        (st.billed_prompt_tokens, st.billed_completion_tokens),
+        kept_with_stale(f),
+        "billed vs kept"
+    );
 }

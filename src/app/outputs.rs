@@ -26,7 +26,10 @@ pub(super) fn report(
     let w = crate::output::html::write(output, &target, &opts)?;
     if !quiet {
         let left = if w.failed_left > 0 {
-            format!(" ({} more failed rows left out: --failed-rows N)", w.failed_left)
+            format!(
+                " ({} more failed rows left out: --failed-rows N)",
+                w.failed_left
+            )
         } else {
             String::new()
         };

@@ -33,8 +33,7 @@ pub(super) async fn send(
     let signals = &sh.stopper.signals;
     // The worst case of one attempt that may have been billed without an answer.
     let worst = |prompt_tokens: &mut Option<u64>| -> f64 {
-        let n = *prompt_tokens
-            .get_or_insert_with(|| sh.backend.counter.count_prompt(&request.messages));
+        let n = *prompt_tokens.get_or_insert_with(|| sh.prompt_tokens(&request.messages));
         let out = sh
             .job
             .params
@@ -128,7 +127,7 @@ impl Shared {
         }
         if st.prompt_tokens.is_none() && self.pacer.paces_tokens() {
             // A token limit was learned since this row was dispatched.
-            let n = self.backend.counter.count_prompt(&request.messages);
+            let n = self.prompt_tokens(&request.messages);
             st.pace_tokens += n;
             st.prompt_tokens = Some(n);
         }

@@ -364,7 +364,7 @@ fn add_to_batch(
 ) -> Result<Option<Msg>, ()> {
     let job = &shared.job;
     let bound = if job.max_cost_usd.is_some() {
-        let n = shared.backend.counter.count_prompt(&p.request.messages);
+        let n = shared.prompt_tokens(&p.request.messages);
         let max_output = job.params.max_output_tokens().unwrap_or(0);
         shared.bound(n, max_output, job.params.choices())
     } else {

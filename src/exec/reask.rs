@@ -89,7 +89,7 @@ pub(super) async fn shape_up(
         let k = failing.len() as u64;
         let n = st
             .prompt_tokens
-            .get_or_insert_with(|| sh.backend.counter.count_prompt(&p.request.messages));
+            .get_or_insert_with(|| sh.prompt_tokens(&p.request.messages));
         let out = sh.job.params.max_output_tokens().unwrap_or(0);
         if !reservation.grow(sh.bound(*n, out, k)) {
             s.failure = Some((

@@ -217,7 +217,7 @@ pub(super) fn usage_of(sh: &Shared, messages: &[crate::chat::Message], c: &Compl
             sh.job.base_url
         );
     }
-    let prompt = sh.backend.counter.count_prompt(messages);
+    let prompt = sh.prompt_tokens(messages);
     let completion = sh.backend.counter.count_text(&c.text);
     Usage {
         prompt_tokens: prompt,

@@ -178,7 +178,10 @@ pub fn repair(path: &Path) -> Result<u64, Error> {
     // kept: only what does not parse is cut.
     let mut tail = Vec::with_capacity((len - keep) as usize);
     f.seek(SeekFrom::Start(keep)).map_err(io)?;
-    (&mut f).take(len - keep).read_to_end(&mut tail).map_err(io)?;
+    (&mut f)
+        .take(len - keep)
+        .read_to_end(&mut tail)
+        .map_err(io)?;
     let whole = matches!(parse_line(&tail), Ok(Some(_)));
     if whole {
         f.seek(SeekFrom::End(0)).map_err(io)?;
@@ -343,7 +346,8 @@ mod tests {
             let r: Record = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}"));
             assert_eq!(r.attempts, 0);
         }
-        let not_object = format!(r#"{{"row":1,"id":"1","status":"ok","fingerprint":"{fp}","input":5}}"#);
+        let not_object =
+            format!(r#"{{"row":1,"id":"1","status":"ok","fingerprint":"{fp}","input":5}}"#);
         assert!(parse_line(not_object.as_bytes()).is_err());
         assert!(serde_json::from_str::<Record>(&not_object).is_err());
     }

@@ -116,14 +116,23 @@ pub fn ran(o: Output) -> Ran {
     }
 }
 
+/// The records of a JSONL file that must be there: a missing file is a failure, never an
+/// empty list (a "no records" assertion must not pass on a file never written).
 pub fn read_jsonl(p: &Path) -> Vec<serde_json::Value> {
-    match std::fs::read_to_string(p) {
-        Ok(t) => t
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect(),
-        Err(_) => Vec::new(),
+    let t = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    t.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The records of a file that a run writes only when it has some (the stale file): none if
+/// it is not there.
+pub fn read_jsonl_if_there(p: &Path) -> Vec<serde_json::Value> {
+    if p.exists() {
+        read_jsonl(p)
+    } else {
+        Vec::new()
     }
 }
 

@@ -183,7 +183,10 @@ impl Client {
 
     /// One attempt: the response if it succeeded, else the failure as the error table
     /// classifies it.
-    async fn attempt(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
+    async fn attempt(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
         match req.send().await {
             Ok(resp) if resp.status().is_success() => Ok(resp),
             Ok(resp) => {

@@ -68,7 +68,10 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
             (Some(c), Stage::Creating) => c.find_batch(&p.id, p.creating_at).await?,
             _ => None,
         };
-        let Some(id) = p.batch_id.clone().or_else(|| found.as_ref().map(|b| b.id.clone()))
+        let Some(id) = p
+            .batch_id
+            .clone()
+            .or_else(|| found.as_ref().map(|b| b.id.clone()))
         else {
             lines.push(if p.stage == Stage::Creating {
                 format!(
@@ -86,7 +89,10 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
         };
         let (status, counts, expires) = match (&client, p.stage, found) {
             (_, Stage::Creating, Some(b)) => (
-                format!("{} (its create answer was lost; the next run follows it)", b.status),
+                format!(
+                    "{} (its create answer was lost; the next run follows it)",
+                    b.status
+                ),
                 b.request_counts.unwrap_or_default(),
                 b.expires_at,
             ),

@@ -121,13 +121,14 @@ impl Pass {
                 Err(f) => f,
             };
             if f.maybe_made {
-                let found = client.find_batch(part, since).await.map_err(|error| {
-                    CreateFailed {
+                let found = client
+                    .find_batch(part, since)
+                    .await
+                    .map_err(|error| CreateFailed {
                         error,
                         maybe_made: true,
                         retry: None,
-                    }
-                })?;
+                    })?;
                 if let Some(b) = found {
                     tracing::info!("batch {} was created though its answer was lost", b.id);
                     return Ok(b);
