@@ -48,7 +48,7 @@ impl Backend {
                             .map_err(Error::Other)?,
                     )
                 } else {
-                    Arc::new(NoProvider)
+                    Arc::new(NoProvider { billed: true })
                 };
                 Ok(Backend {
                     provider,
@@ -59,7 +59,7 @@ impl Backend {
                     identity: provider_identity(job, None),
                 })
             }
-            ProviderKind::Local => local_backend(job, pricing, tier),
+            ProviderKind::Local => local_backend(job, pricing, tier, need_provider),
         }
     }
 
@@ -128,7 +128,12 @@ pub fn local_model_path(job: &Job) -> Result<PathBuf, Error> {
 }
 
 #[cfg(feature = "local")]
-fn local_backend(job: &Job, pricing: Option<Pricing>, tier: Tier) -> Result<Backend, Error> {
+fn local_backend(
+    job: &Job,
+    pricing: Option<Pricing>,
+    tier: Tier,
+    need_provider: bool,
+) -> Result<Backend, Error> {
     use crate::provider::local;
     let path = local_model_path(job)?;
     let name = if job.model.is_empty() {
@@ -140,7 +145,22 @@ fn local_backend(job: &Job, pricing: Option<Pricing>, tier: Tier) -> Result<Back
     };
     // The file's checksum is part of every row's fingerprint: another file is another model.
     crate::models::check_model_file(&path)?;
-    let sha = crate::models::sha256_file(&path)?;
+    let sha = crate::models::sha256_cached(&path)?;
+    let identity = provider_identity(job, Some(&sha));
+    // The engine reads the messages; the body is the OpenAI spelling, so that outputs
+    // written before rows were keyed by request identity are still recognised.
+    let wire = Arc::new(OpenAiWire);
+    if !need_provider {
+        // Counting prompts needs the vocabulary, not the weights.
+        return Ok(Backend {
+            provider: Arc::new(NoProvider { billed: false }),
+            counter: Arc::new(local::Tokenizer::load(&path)?),
+            wire,
+            pricing,
+            tier,
+            identity,
+        });
+    }
     let model = local::LocalModel::load(
         &path,
         &name,
@@ -154,17 +174,20 @@ fn local_backend(job: &Job, pricing: Option<Pricing>, tier: Tier) -> Result<Back
     Ok(Backend {
         provider: model.clone(),
         counter: model,
-        // The engine reads the messages; the body is the OpenAI spelling, so that outputs
-        // written before rows were keyed by request identity are still recognised.
-        wire: Arc::new(OpenAiWire),
+        wire,
         pricing,
         tier,
-        identity: provider_identity(job, Some(&sha)),
+        identity,
     })
 }
 
 #[cfg(not(feature = "local"))]
-fn local_backend(job: &Job, _pricing: Option<Pricing>, _tier: Tier) -> Result<Backend, Error> {
+fn local_backend(
+    job: &Job,
+    _pricing: Option<Pricing>,
+    _tier: Tier,
+    _need_provider: bool,
+) -> Result<Backend, Error> {
     Err(Error::Job {
         path: job.file.clone(),
         field: "model.provider".into(),
@@ -185,8 +208,11 @@ pub fn tier(job: &Job) -> Tier {
     }
 }
 
-/// Stands in for the provider where nothing is sent (estimate, render).
-struct NoProvider;
+/// Stands in for the provider where nothing is sent (estimate, render); `billed` as the
+/// provider it stands for (a local model costs nothing).
+struct NoProvider {
+    billed: bool,
+}
 
 impl Provider for NoProvider {
     fn complete<'a>(
@@ -199,6 +225,10 @@ impl Provider for NoProvider {
                 "nothing is sent in this mode",
             ))
         })
+    }
+
+    fn is_billed(&self) -> bool {
+        self.billed
     }
 }
 

@@ -138,6 +138,85 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
     Ok(crate::fingerprint::hex(&hasher.finalize()))
 }
 
+/// The sha256 of a model file, from the checksum cache when the file is the one it was
+/// computed from (same length, modification time and inode), else computed and cached. A
+/// model of gigabytes is then hashed once, not by every `estimate`, `status` or run. The
+/// cache is `MODEL_DIR/checksums/`; without a cache folder the file is hashed each time.
+pub fn sha256_cached(path: &Path) -> Result<String, Error> {
+    let stamp = FileStamp::of(path)?;
+    let entry = model_dir().map(|d| {
+        let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let key = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+        d.join("checksums")
+            .join(format!("{}.json", &crate::fingerprint::hex(&key)[..32]))
+    });
+    if let Some(e) = &entry {
+        let cached = std::fs::read(e)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CachedSum>(&b).ok())
+            .filter(|c| c.stamp == stamp && c.sha256.len() == 64);
+        if let Some(c) = cached {
+            tracing::debug!("checksum of {} from the cache", path.display());
+            return Ok(c.sha256);
+        }
+    }
+    let sha256 = sha256_file(path)?;
+    if let Some(e) = &entry {
+        // Best effort: a cache that cannot be written only means hashing again next time.
+        let c = CachedSum {
+            stamp,
+            sha256: sha256.clone(),
+        };
+        let tmp = e.with_extension(format!("json.{}.tmp", std::process::id()));
+        let wrote = e
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&c).expect("serializes")))
+            .and_then(|()| std::fs::rename(&tmp, e));
+        if let Err(err) = wrote {
+            tracing::debug!("cannot cache the checksum in {}: {err}", e.display());
+        }
+    }
+    Ok(sha256)
+}
+
+/// What identifies a file's content without reading it.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct FileStamp {
+    len: u64,
+    modified_ns: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<FileStamp, Error> {
+        let m = std::fs::metadata(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let modified_ns = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(&m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Ok(FileStamp {
+            len: m.len(),
+            modified_ns,
+            inode,
+        })
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedSum {
+    stamp: FileStamp,
+    sha256: String,
+}
+
 /// Admits a downloaded file: its size and sha256 must be the ones the catalogue pins.
 /// `what` names the file in the error (the model's name).
 pub fn verify(path: &Path, what: &str, size: u64, sha256: &str) -> Result<(), Error> {

@@ -322,3 +322,80 @@ fn a_missing_model_file_says_how_to_get_one() {
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("promptmill fetch-model"), "{}", r.stderr);
 }
+
+#[test]
+fn estimate_render_and_status_read_the_vocabulary_and_a_cached_checksum_only() {
+    let f = Fixture::new();
+    // A model folder of the test's own, so the checksum cache starts empty.
+    let models = f.path("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let model = f.path("models/model.gguf");
+    let default = default_model();
+    std::fs::copy(&default, &model).unwrap();
+    let job = local_job(&f, 2, "");
+    let job = job.to_str().unwrap();
+    let run = |args: &[&str]| {
+        ran(f
+            .cmd(args)
+            .env("PROMPTMILL_MODEL_DIR", &models)
+            .env("PROMPTMILL_LOG", "promptmill=debug")
+            .output()
+            .unwrap())
+    };
+    // The job names the default file; point it at the copy.
+    let text = std::fs::read_to_string(f.path(job)).unwrap().replace(
+        "provider = \"local\"",
+        &format!("provider = \"local\"\npath = \"{}\"", model.display()),
+    );
+    std::fs::write(f.path(job), text).unwrap();
+
+    let r = run(&["run", job]);
+    ok(&r);
+    assert!(r.stderr.contains("local model loaded"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("checksum of"),
+        "hashed the first time: {}",
+        r.stderr
+    );
+    let recs = f.records();
+    for cmd in ["estimate", "render", "status"] {
+        let r = run(&[cmd, job]);
+        ok(&r);
+        assert!(
+            !r.stderr.contains("local model loaded"),
+            "{cmd}: {}",
+            r.stderr
+        );
+        assert!(r.stderr.contains("checksum of"), "{cmd}: {}", r.stderr);
+    }
+    let r = run(&["estimate", job]);
+    assert!(r.stderr.contains("vocabulary only"), "{}", r.stderr);
+    // Nothing is left to send: the same fingerprints as the run's.
+    assert!(r.stdout.contains("rows to send      0"), "{}", r.stdout);
+    // A changed file is hashed again, and is another model: every row is to send again.
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes.extend_from_slice(&[0u8; 32]);
+    std::fs::write(&model, bytes).unwrap();
+    let r = run(&["estimate", job]);
+    ok(&r);
+    assert!(!r.stderr.contains("checksum of"), "{}", r.stderr);
+    assert!(r.stdout.contains("rows to send      2"), "{}", r.stdout);
+    assert_eq!(recs.len(), 2);
+}
+
+/// The default model as `promptmill fetch-model` caches it.
+fn default_model() -> std::path::PathBuf {
+    let dir = std::env::var_os("PROMPTMILL_MODEL_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(std::path::PathBuf::from)
+                .filter(|p| p.is_absolute())
+                .map(|c| c.join("promptmill/models"))
+        })
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
+                .join(".cache/promptmill/models")
+        });
+    dir.join("smollm2-135m-instruct-q4_1.gguf")
+}

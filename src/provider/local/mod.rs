@@ -46,6 +46,8 @@ use crate::tokens::TokenCounter;
 use engine::{Job, PrefixReuse};
 use sampling::{Draws, Sampling};
 
+pub use prompt::Tokenizer;
+
 /// Completion cap when the job sets neither `max_tokens` nor `max_completion_tokens`.
 pub const DEFAULT_MAX_TOKENS: u64 = 256;
 /// Context per sequence when the job does not set one.

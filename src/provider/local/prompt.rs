@@ -2,54 +2,116 @@
 //! template engine), or a plain "role: content" transcript when the model has none or the
 //! template rejects the messages; and that prompt's tokens.
 
-use llama_cpp_2::model::LlamaChatMessage;
+use std::path::Path;
+
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use super::LocalModel;
 use crate::chat::Message;
 use crate::chat::Role;
+use crate::error::Error;
+use crate::tokens::TokenCounter;
 
 impl LocalModel {
     /// The prompt text the model sees for these messages.
     pub fn render_prompt(&self, messages: &[Message]) -> String {
-        let Some(tmpl) = &self.template else {
-            return plain_prompt(messages);
-        };
-        let apply = |msgs: &[(String, String)]| -> Option<String> {
-            let chat: Vec<LlamaChatMessage> = msgs
-                .iter()
-                .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
-                .collect::<Result<_, _>>()
-                .ok()?;
-            self.model.apply_chat_template(tmpl, &chat, true).ok()
-        };
-        let msgs: Vec<(String, String)> = messages
-            .iter()
-            .map(|m| (chat_role(m.role).to_string(), m.content.text().into_owned()))
-            .collect();
-        if let Some(p) = apply(&msgs) {
-            return p;
-        }
-        // Some templates (Gemma's, in some versions) refuse the system role: fold it into the
-        // first user message and try again.
-        if let Some(p) = apply(&fold_system(&msgs)) {
-            return p;
-        }
-        plain_prompt(messages)
+        render(&self.model, self.template.as_ref(), messages)
     }
 
     /// The prompt's tokens, BOS included once.
     pub(super) fn tokenize_prompt(&self, messages: &[Message]) -> Vec<LlamaToken> {
-        let prompt = self.render_prompt(messages);
-        let vocab = self.model.vocab();
-        let mut tokens = vocab.tokenize(prompt.as_bytes(), true, true);
-        // A template that writes `<bos>` itself plus add_special would give two.
-        let bos = vocab.bos();
-        if tokens.len() >= 2 && tokens[0] == bos && tokens[1] == bos {
-            tokens.remove(0);
-        }
-        tokens
+        tokenize(&self.model, self.template.as_ref(), messages)
     }
+}
+
+/// The model's vocabulary and chat template alone (llama.cpp's `vocab_only`: no weights, no
+/// context): what counting a prompt needs where nothing is generated (estimate, render,
+/// status, export). It counts exactly as the loaded model does.
+pub struct Tokenizer {
+    model: LlamaModel,
+    template: Option<LlamaChatTemplate>,
+}
+
+impl Tokenizer {
+    pub fn load(path: &Path) -> Result<Tokenizer, Error> {
+        let model_err = |message: String| Error::Model {
+            path: path.to_path_buf(),
+            message,
+        };
+        crate::models::check_model_file(path)?;
+        let backend =
+            super::backend().map_err(|e| model_err(format!("cannot start llama.cpp: {e}")))?;
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let model = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| model_err(format!("llama.cpp could not read the model: {e}")))?;
+        let template = model.chat_template(None).ok();
+        tracing::debug!(path = %path.display(), "local model's vocabulary loaded (vocabulary only)");
+        Ok(Tokenizer { model, template })
+    }
+}
+
+impl TokenCounter for Tokenizer {
+    fn count_prompt(&self, messages: &[Message]) -> u64 {
+        tokenize(&self.model, self.template.as_ref(), messages).len() as u64
+    }
+
+    fn count_text(&self, text: &str) -> u64 {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, false)
+            .len() as u64
+    }
+}
+
+/// The prompt text `model` sees for these messages, through its template if it has one.
+fn render(
+    model: &LlamaModel,
+    template: Option<&LlamaChatTemplate>,
+    messages: &[Message],
+) -> String {
+    let Some(tmpl) = template else {
+        return plain_prompt(messages);
+    };
+    let apply = |msgs: &[(String, String)]| -> Option<String> {
+        let chat: Vec<LlamaChatMessage> = msgs
+            .iter()
+            .map(|(r, c)| LlamaChatMessage::new(r.clone(), c.clone()))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        model.apply_chat_template(tmpl, &chat, true).ok()
+    };
+    let msgs: Vec<(String, String)> = messages
+        .iter()
+        .map(|m| (chat_role(m.role).to_string(), m.content.text().into_owned()))
+        .collect();
+    if let Some(p) = apply(&msgs) {
+        return p;
+    }
+    // Some templates (Gemma's, in some versions) refuse the system role: fold it into the
+    // first user message and try again.
+    if let Some(p) = apply(&fold_system(&msgs)) {
+        return p;
+    }
+    plain_prompt(messages)
+}
+
+/// The prompt's tokens, BOS included once.
+fn tokenize(
+    model: &LlamaModel,
+    template: Option<&LlamaChatTemplate>,
+    messages: &[Message],
+) -> Vec<LlamaToken> {
+    let prompt = render(model, template, messages);
+    let vocab = model.vocab();
+    let mut tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+    // A template that writes `<bos>` itself plus add_special would give two.
+    let bos = vocab.bos();
+    if tokens.len() >= 2 && tokens[0] == bos && tokens[1] == bos {
+        tokens.remove(0);
+    }
+    tokens
 }
 
 fn chat_role(role: Role) -> &'static str {
