@@ -359,3 +359,25 @@ fn status_of_a_sharded_job_finds_the_shard_outputs_beside_the_output() {
         "done + pending is every row: {total}"
     );
 }
+
+#[test]
+fn a_row_task_that_panics_stops_the_run_never_exit_0_and_the_rerun_pays_nothing_twice() {
+    let s = server();
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(6, "row")));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap();
+    let r = ran(f
+        .cmd(&["run", job])
+        .env("PROMPTMILL_FAILPOINT", "row:panic:3")
+        .output()
+        .unwrap());
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("a row task panicked"), "{}", r.stderr);
+    let recs = f.records();
+    assert!(recs.iter().all(|r| r["row"] != 3), "the row stays pending");
+    assert_eq!(recs.len() as u64, s.stats().requests, "every paid row kept");
+    ok(&f.run(&["run", job]));
+    assert_eq!(f.records().len(), 6);
+    assert_eq!(s.stats().requests, 6, "no row paid twice");
+}
