@@ -36,16 +36,21 @@ impl Backend {
     pub fn for_job(job: &Job, need_provider: bool) -> Result<Backend, Error> {
         let pricing = job.pricing;
         let tier = tier(job);
-        match job.provider {
+        match job.served.provider {
             // Azure OpenAI too: `Endpoint` knows its URL layout and key header.
             ProviderKind::Openai => {
-                let counter = Arc::new(crate::tokens::Tiktoken::new(&job.model));
+                let counter = Arc::new(crate::tokens::Tiktoken::new(&job.served.model));
                 let provider: Arc<dyn Provider> = if need_provider {
                     let endpoint = endpoint(job)?;
                     let stream = job.params.stream.unwrap_or(false);
                     Arc::new(
-                        OpenAi::new(&endpoint, job.timeout, job.concurrency, stream)
-                            .map_err(Error::Other)?,
+                        OpenAi::new(
+                            &endpoint,
+                            job.limits.timeout,
+                            job.limits.concurrency,
+                            stream,
+                        )
+                        .map_err(Error::Other)?,
                     )
                 } else {
                     Arc::new(NoProvider { billed: true })
@@ -90,15 +95,15 @@ impl Backend {
 /// The job's endpoint and its key from the environment. A remote server needs a key; a
 /// server on this machine (llama.cpp, Ollama, vLLM) usually does not.
 pub fn endpoint(job: &Job) -> Result<Endpoint, Error> {
-    let key = std::env::var(&job.api_key_env)
+    let key = std::env::var(&job.served.api_key_env)
         .ok()
         .filter(|k| !k.trim().is_empty());
-    if key.is_none() && !crate::provider::endpoint::is_loopback(&job.base_url) {
+    if key.is_none() && !crate::provider::endpoint::is_loopback(&job.served.base_url) {
         return Err(Error::MissingKey {
-            var: job.api_key_env.clone(),
+            var: job.served.api_key_env.clone(),
         });
     }
-    let extra_roots = match &job.ca_file {
+    let extra_roots = match &job.served.ca_file {
         Some(p) => read_ca_file(p).map_err(|message| Error::Job {
             path: job.file.clone(),
             field: "model.ca_file".into(),
@@ -107,10 +112,10 @@ pub fn endpoint(job: &Job) -> Result<Endpoint, Error> {
         None => Vec::new(),
     };
     Ok(Endpoint::new(
-        &job.base_url,
-        job.deployment.clone(),
-        job.api_version.clone(),
-        job.auth,
+        &job.served.base_url,
+        job.served.deployment.clone(),
+        job.served.api_version.clone(),
+        job.served.auth,
         key,
         extra_roots,
     ))
@@ -118,7 +123,8 @@ pub fn endpoint(job: &Job) -> Result<Endpoint, Error> {
 
 /// The local model file: the job's `path`, else the fetched default.
 pub fn local_model_path(job: &Job) -> Result<PathBuf, Error> {
-    job.model_path
+    job.served
+        .model_path
         .clone()
         .or_else(crate::models::default_model_path)
         .ok_or_else(|| Error::Model {
@@ -136,12 +142,12 @@ fn local_backend(
 ) -> Result<Backend, Error> {
     use crate::provider::local;
     let path = local_model_path(job)?;
-    let name = if job.model.is_empty() {
+    let name = if job.served.model.is_empty() {
         path.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     } else {
-        job.model.clone()
+        job.served.model.clone()
     };
     // The file's checksum is part of every row's fingerprint: another file is another model.
     crate::models::check_model_file(&path)?;
@@ -165,10 +171,10 @@ fn local_backend(
         &path,
         &name,
         &job.params,
-        job.concurrency,
+        job.limits.concurrency,
         local::EngineSettings {
-            context_tokens: job.context_tokens,
-            cache_prompt: job.cache_prompt,
+            context_tokens: job.served.context_tokens,
+            cache_prompt: job.served.cache_prompt,
         },
     )?;
     Ok(Backend {
@@ -235,12 +241,13 @@ impl Provider for NoProvider {
 /// Who answers a job's requests, as far as it changes the completion: the HTTP endpoint's host
 /// (and port), or the local model's file checksum and context size.
 pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String {
-    match job.provider {
-        ProviderKind::Openai => format!("openai:{}", host_and_port(&job.base_url)),
+    match job.served.provider {
+        ProviderKind::Openai => format!("openai:{}", host_and_port(&job.served.base_url)),
         ProviderKind::Local => format!(
             "local:{}:ctx={}",
             local_model_sha256.unwrap_or("unknown"),
-            job.context_tokens
+            job.served
+                .context_tokens
                 .map_or("default".into(), |c| c.to_string())
         ),
     }

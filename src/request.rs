@@ -50,7 +50,7 @@ impl Builder {
         sort_keys(&mut extra);
         let constant = serde_json::json!({
             "provider": provider_identity,
-            "model": job.model,
+            "model": job.served.model,
             "params": sampling,
             "extra": extra,
         });
@@ -58,7 +58,7 @@ impl Builder {
         prefix.update(serde_json::to_vec(&constant).expect("the identity serializes"));
         prefix.update(b"\nmessages:");
         Builder {
-            model: job.model.clone(),
+            model: job.served.model.clone(),
             params: job.params.clone(),
             prefix,
             wire: backend.wire.clone(),
@@ -87,7 +87,11 @@ impl Builder {
         fingerprint.copy_from_slice(&h.finalize()[..16]);
         Ok(Prepared {
             row,
-            request: Request { messages, body },
+            request: Request {
+                messages,
+                choices: u32::try_from(self.params.choices()).unwrap_or(u32::MAX),
+                body,
+            },
             fingerprint,
         })
     }

@@ -53,7 +53,7 @@ pub(super) fn estimate(args: &JobArgs, ov: &Overrides, retry_failed: bool) -> Re
     print_cost(
         &job,
         &t,
-        backend.price_for(None, &job.model),
+        backend.price_for(None, &job.served.model),
         mean_completion,
     );
     Ok(EXIT_OK)
@@ -90,7 +90,7 @@ fn tally(
         let n = backend.counter.count_prompt(&p.request.messages) + schema_tokens;
         t.prompt += n;
         for img in p.request.messages.iter().flat_map(|m| m.content.images()) {
-            let it = crate::tokens::image_tokens(&job.model, img);
+            let it = crate::tokens::image_tokens(&job.served.model, img);
             t.images.count += 1;
             t.images.tokens += it.tokens;
             t.images.assumed += u64::from(it.assumed);
@@ -124,7 +124,7 @@ fn print_rows(job: &Job, t: &Tally, schema_tokens: u64) {
     println!("job               {}", job.file.display());
     println!(
         "model             {}{}",
-        job.model,
+        job.served.model,
         if batched {
             " (Batch API: batch prices)"
         } else {

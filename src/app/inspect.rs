@@ -130,17 +130,17 @@ pub(super) fn validate(path: &Path, input: Option<std::path::PathBuf>) -> Result
             }
         }
     }
-    if job.provider == ProviderKind::Openai
-        && std::env::var(&job.api_key_env).is_err()
-        && !is_loopback(&job.base_url)
+    if job.served.provider == ProviderKind::Openai
+        && std::env::var(&job.served.api_key_env).is_err()
+        && !is_loopback(&job.served.base_url)
     {
         problems.push(format!(
             "{}: the API key variable {} is not set (environment or .env)",
             path.display(),
-            job.api_key_env
+            job.served.api_key_env
         ));
     }
-    if job.provider == ProviderKind::Local {
+    if job.served.provider == ProviderKind::Local {
         if let Ok(p) = crate::backend::local_model_path(&job) {
             if !p.is_file() {
                 problems.push(format!(

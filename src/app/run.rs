@@ -116,7 +116,7 @@ pub(super) fn passes(
     loop {
         let job = Job::load(file, ov)?;
         if !listening {
-            let (s, grace) = (signals.clone(), job.shutdown_grace);
+            let (s, grace) = (signals.clone(), job.limits.shutdown_grace);
             rt.block_on(async move { listen_for_signals(&s, grace) })?;
             listening = true;
         }

@@ -105,12 +105,16 @@ impl Shared {
             self.stop(Halt::Job(job_stop_message(&self.job, e)));
             return false;
         }
-        let tripped = self.breaker.lock().unwrap().failure(e, self.job.outage);
+        let tripped = self
+            .breaker
+            .lock()
+            .unwrap()
+            .failure(e, self.job.limits.outage);
         if let Some(cause) = tripped {
             self.stop(Halt::Job(format!(
                 "{}: {cause}. Rows not done stay pending: run the same command again \
                  once the endpoint is back",
-                self.job.base_url
+                self.job.served.base_url
             )));
             return false;
         }

@@ -145,7 +145,7 @@ impl Drop for Reservation {
 /// does not publish how it is rendered). 0 without a schema, and for the local model, which
 /// is held to the schema by a grammar and never reads it.
 pub fn schema_tokens(job: &Job, counter: &dyn crate::tokens::TokenCounter) -> u64 {
-    if job.provider == crate::job::ProviderKind::Local {
+    if job.served.provider == crate::job::ProviderKind::Local {
         return 0;
     }
     job.shape

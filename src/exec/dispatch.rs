@@ -64,7 +64,7 @@ pub(super) struct Dispatch<'a> {
 /// Plans each row and sends those that need it.
 pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut mpsc::Receiver<RowResult>) -> Dispatched {
     let mut run = Running {
-        semaphore: Arc::new(Semaphore::new(d.shared.job.concurrency)),
+        semaphore: Arc::new(Semaphore::new(d.shared.job.limits.concurrency)),
         tasks: JoinSet::new(),
         keying: crate::plan::keying(&d.shared.job),
         d,
@@ -268,7 +268,7 @@ impl Running<'_> {
         // Counting with tiktoken is the dearest step of a row and runs here, in the one
         // dispatcher: do it only when something uses the count, a tokens-per-minute limit (the
         // job's or one learned from headers) or a budget.
-        let counted = job.max_cost_usd.is_some() || shared.pacer.paces_tokens();
+        let counted = job.limits.max_cost_usd.is_some() || shared.pacer.paces_tokens();
         let prompt_tokens = if counted {
             shared.prompt_tokens(&p.request.messages)
         } else {
@@ -363,7 +363,7 @@ fn add_to_batch(
     idh: u64,
 ) -> Result<Option<Msg>, ()> {
     let job = &shared.job;
-    let bound = if job.max_cost_usd.is_some() {
+    let bound = if job.limits.max_cost_usd.is_some() {
         let n = shared.prompt_tokens(&p.request.messages);
         let max_output = job.params.max_output_tokens().unwrap_or(0);
         shared.bound(n, max_output, job.params.choices())

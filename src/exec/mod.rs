@@ -103,7 +103,7 @@ impl Shared {
     }
 
     fn price(&self, returned: Option<&str>) -> Option<Price> {
-        let p = self.backend.price_for(returned, &self.job.model);
+        let p = self.backend.price_for(returned, &self.job.served.model);
         if p.is_none() && !self.unknown_price_warned.swap(true, Ordering::Relaxed) {
             let tier = match self.backend.tier {
                 crate::cost::Tier::Standard => "",
@@ -112,7 +112,7 @@ impl Shared {
             };
             tracing::warn!(
                 "no price known for model `{}`{tier}: cost is recorded as null; add a [pricing] table to the job to set one",
-                returned.unwrap_or(&self.job.model)
+                returned.unwrap_or(&self.job.served.model)
             );
         }
         p
@@ -130,7 +130,8 @@ pub async fn run(
     let keying = keying(&job);
     // The input opens before `--fresh` moves anything. A CSV input's header gives the CSV
     // export its columns in order, even those no readable row had.
-    let (header, mut rows) = crate::input::Source::of(&job).stream(job.concurrency * 2 + 16)?;
+    let (header, mut rows) =
+        crate::input::Source::of(&job).stream(job.limits.concurrency * 2 + 16)?;
     let header = (job.input_format == InputFormat::Csv).then_some(header);
     // The lock is held until the run ends.
     let open::Opened {
@@ -147,7 +148,7 @@ pub async fn run(
     let spool = Spool::create(&Files::new(&job.output).plan())?;
     let mut planner = Planner::new(index, keying, opts.retry_failed, Some(spool));
     let stopper = Arc::new(Stopper::new(signals.clone()));
-    let (tx, rx) = mpsc::channel::<Msg>(job.concurrency * 2 + 64);
+    let (tx, rx) = mpsc::channel::<Msg>(job.limits.concurrency * 2 + 64);
     let writer = writer::start(&job, &opts, &backend, rx, &stopper)?;
     let shared = Arc::new(Shared::new(
         job,
@@ -241,11 +242,11 @@ impl Shared {
         tx: mpsc::Sender<Msg>,
     ) -> Result<Shared, Error> {
         Ok(Shared {
-            pacer: Pacer::new(job.rpm, job.tpm),
-            retry: RetryPolicy::new(job.max_retries),
+            pacer: Pacer::new(job.limits.rpm, job.limits.tpm),
+            retry: RetryPolicy::new(job.limits.max_retries),
             stopper: stopper.clone(),
             budget: Mutex::new(Budget {
-                cap: job.max_cost_usd,
+                cap: job.limits.max_cost_usd,
                 before: spent_before,
                 batches: pass.open_worst_usd(),
                 ..Budget::default()

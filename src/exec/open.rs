@@ -28,13 +28,13 @@ pub(super) fn open_output(
 ) -> Result<Opened, Error> {
     let files = Files::new(&job.output);
     let lock = journal::Lock::acquire(&files.lock())?;
-    if job.max_cost_usd.is_some() && backend.price_for(None, &job.model).is_none() {
+    if job.limits.max_cost_usd.is_some() && backend.price_for(None, &job.served.model).is_none() {
         return Err(Error::Job {
             path: job.file.clone(),
             field: "run.max_cost_usd".into(),
             message: format!(
                 "the price of model `{}` is unknown, so a budget cannot be enforced; add [pricing]",
-                job.model
+                job.served.model
             ),
         });
     }

@@ -104,6 +104,7 @@ pub(super) async fn shape_up(
         attempt += 1;
         let again = Request {
             messages: p.request.messages.clone(),
+            choices: u32::try_from(k).unwrap_or(u32::MAX),
             body: sh
                 .backend
                 .wire

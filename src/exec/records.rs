@@ -87,7 +87,7 @@ pub(super) fn batch_record(
             };
             let cost = sh
                 .backend
-                .price_at(Tier::Batch, c.model.as_deref(), &sh.job.model)
+                .price_at(Tier::Batch, c.model.as_deref(), &sh.job.served.model)
                 .map(|pr| pr.cost(&usage));
             // A batch answer is judged like an online one; it cannot be asked again within
             // the batch, so one that breaks the shape fails its row (`--retry-failed` sends
@@ -214,7 +214,7 @@ pub(super) fn usage_of(sh: &Shared, messages: &[crate::chat::Message], c: &Compl
         tracing::warn!(
             "{} sent no `usage`: counting tokens with the tokenizer instead; those records say \
              \"estimated\": true",
-            sh.job.base_url
+            sh.job.served.base_url
         );
     }
     let prompt = sh.prompt_tokens(messages);

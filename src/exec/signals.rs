@@ -133,11 +133,11 @@ pub(super) fn job_stop_message(job: &Job, e: &ProviderError) -> String {
         ErrorKind::Quota => format!(
             "{} refused the request for lack of quota ({status} insufficient_quota: {}). \
              Check your plan and billing details, then run again: finished rows are kept",
-            job.base_url, e.message
+            job.served.base_url, e.message
         ),
         ErrorKind::Endpoint => format!(
             "{}{}: {}. No row was marked failed: the run after the fix sends them all",
-            job.base_url,
+            job.served.base_url,
             e.status
                 .map(|s| format!(" answered HTTP {s}"))
                 .unwrap_or_default(),
@@ -146,7 +146,7 @@ pub(super) fn job_stop_message(job: &Job, e: &ProviderError) -> String {
         _ => format!(
             "{} refused the API key ({status}: {}). Check or regenerate the key in {} \
              (environment or .env) and that it may use model `{}`; finished rows are kept",
-            job.base_url, e.message, job.api_key_env, job.model
+            job.served.base_url, e.message, job.served.api_key_env, job.served.model
         ),
     }
 }

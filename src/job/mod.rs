@@ -11,19 +11,18 @@ mod run;
 pub mod stamp;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::chat::{Mode, Params};
 use crate::cost::Pricing;
 use crate::error::Error;
-pub use crate::provider::endpoint::Auth;
 use crate::shape::OutputShape;
 pub use messages::{MessageSource, MessageSpec};
+pub use model::Served;
 pub use model::{ProviderKind, TEXT_ONLY_MODEL};
 pub use raw::{RawInput, RawJob};
-pub use run::BatchLimits;
+pub use run::{BatchLimits, Limits};
 
 /// The completion tokens a request is assumed to use where no cap is set (the dry run's
 /// bound; the worst case of an unconfirmed attempt). A budget requires a real cap.
@@ -52,29 +51,11 @@ pub struct Job {
     pub id_column: Option<String>,
     pub messages: Vec<MessageSpec>,
     pub template_dirs: Vec<PathBuf>,
-    pub provider: ProviderKind,
-    pub model: String,
-    pub model_path: Option<PathBuf>,
-    pub context_tokens: Option<u32>,
-    pub cache_prompt: bool,
-    pub base_url: String,
-    pub api_key_env: String,
-    /// Azure OpenAI's deployment: `Some` means Azure's URL layout (`provider = "azure"`).
-    pub deployment: Option<String>,
-    /// The `api-version` query parameter every request carries.
-    pub api_version: Option<String>,
-    pub auth: Auth,
-    /// Extra CA certificates (PEM) to trust, checked to hold at least one certificate.
-    pub ca_file: Option<PathBuf>,
+    /// Who answers: `[model]`'s provider, model and endpoint.
+    pub served: Served,
     pub params: Params,
-    pub concurrency: usize,
-    pub rpm: Option<u64>,
-    pub tpm: Option<u64>,
-    pub max_retries: u32,
-    pub timeout: Duration,
-    pub max_cost_usd: Option<f64>,
-    pub shutdown_grace: Duration,
-    pub outage: Duration,
+    /// `[run]`'s limits: concurrency, rates, retries, timeouts, budget.
+    pub limits: Limits,
     pub output: PathBuf,
     pub csv: Option<PathBuf>,
     /// Quote CSV cells that a spreadsheet would run as a formula (CSV injection).
@@ -138,26 +119,9 @@ impl Job {
             id_column: raw.input.id,
             messages,
             template_dirs,
-            provider: served.provider,
-            model: served.model,
-            model_path: served.model_path,
-            context_tokens: served.context_tokens,
-            cache_prompt: served.cache_prompt,
-            base_url: served.base_url,
-            api_key_env: served.api_key_env,
-            deployment: served.deployment,
-            api_version: served.api_version,
-            auth: served.auth,
-            ca_file: served.ca_file,
+            served,
             params,
-            concurrency: limits.concurrency,
-            rpm: limits.rpm,
-            tpm: limits.tpm,
-            max_retries: limits.max_retries,
-            timeout: limits.timeout,
-            max_cost_usd: limits.max_cost_usd,
-            shutdown_grace: limits.shutdown_grace,
-            outage: limits.outage,
+            limits,
             output,
             csv,
             csv_escape_formulas: raw.output.csv_escape_formulas.unwrap_or(false),

@@ -29,7 +29,8 @@ pub enum ProviderKind {
 }
 
 /// The validated model and its endpoint: `Job`'s fields of the same names.
-pub(super) struct Served {
+#[derive(Debug, Clone)]
+pub struct Served {
     pub provider: ProviderKind,
     pub model: String,
     pub model_path: Option<PathBuf>,
@@ -411,17 +412,17 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(j.provider, ProviderKind::Openai);
-        assert_eq!(j.base_url, "https://res.openai.azure.com");
-        assert_eq!(j.deployment.as_deref(), Some("mini-prod"));
-        assert_eq!(j.api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(j.served.provider, ProviderKind::Openai);
+        assert_eq!(j.served.base_url, "https://res.openai.azure.com");
+        assert_eq!(j.served.deployment.as_deref(), Some("mini-prod"));
+        assert_eq!(j.served.api_version.as_deref(), Some("2024-10-21"));
         assert_eq!(
-            j.auth,
+            j.served.auth,
             Auth::ApiKey,
             "Azure's keys go in the api-key header"
         );
-        assert_eq!(j.api_key_env, "AZURE_OPENAI_API_KEY");
-        assert_eq!(j.model, "gpt-4o-mini");
+        assert_eq!(j.served.api_key_env, "AZURE_OPENAI_API_KEY");
+        assert_eq!(j.served.model, "gpt-4o-mini");
 
         // Without `name`, the deployment stands for the model.
         let j = job(
@@ -430,11 +431,15 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(j.model, "gpt-4o-mini");
-        assert_eq!(j.auth, Auth::Bearer, "an Entra ID token is a bearer token");
+        assert_eq!(j.served.model, "gpt-4o-mini");
+        assert_eq!(
+            j.served.auth,
+            Auth::Bearer,
+            "an Entra ID token is a bearer token"
+        );
 
         // OpenAI's default stays bearer.
-        assert_eq!(job("name = \"m\"", "").unwrap().auth, Auth::Bearer);
+        assert_eq!(job("name = \"m\"", "").unwrap().served.auth, Auth::Bearer);
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub struct BatchLimits {
 }
 
 /// Validated `[run]` (but its mode): `Job`'s fields of the same names.
-pub(super) struct Limits {
+#[derive(Debug, Clone)]
+pub struct Limits {
     pub concurrency: usize,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
@@ -164,14 +165,14 @@ mod tests {
     fn flex_waits_fifteen_minutes_unless_the_job_says_otherwise() {
         let flex = "name = \"gpt-5-mini\"\nservice_tier = \"flex\"";
         let j = job(flex, "").unwrap();
-        assert_eq!(j.timeout, Duration::from_secs(900));
+        assert_eq!(j.limits.timeout, Duration::from_secs(900));
         assert_eq!(j.params.service_tier, Some(ServiceTier::Flex));
         assert_eq!(
-            job(flex, "timeout_s = 60").unwrap().timeout,
+            job(flex, "timeout_s = 60").unwrap().limits.timeout,
             Duration::from_secs(60)
         );
         assert_eq!(
-            job("name = \"gpt-5-mini\"", "").unwrap().timeout,
+            job("name = \"gpt-5-mini\"", "").unwrap().limits.timeout,
             Duration::from_secs(120)
         );
     }

@@ -16,7 +16,7 @@ pub fn stamp(
     let mut params = Sha256::new();
     params.update(serde_json::to_vec(&job.params).expect("serializes"));
     params.update(serde_json::to_vec(&job.params.extra).expect("serializes"));
-    params.update(job.model.as_bytes());
+    params.update(job.served.model.as_bytes());
     let mut messages = Sha256::new();
     for m in &job.messages {
         messages.update(format!("{:?}\0{:?}\0", m.role, m.name));
@@ -44,7 +44,7 @@ pub fn stamp(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        model: job.model.clone(),
+        model: job.served.model.clone(),
         params: digest16(params),
         messages: digest16(messages),
         shard: job.shard,

@@ -213,6 +213,9 @@ pub trait Provider: Send + Sync {
 #[derive(Debug)]
 pub struct Request {
     pub messages: Vec<Message>,
+    /// Choices asked for (the job's `n`; a re-ask's, the choices that broke its shape): what
+    /// a provider that does not read the body (the local model) generates.
+    pub choices: u32,
     /// The exact JSON body the HTTP provider posts.
     pub body: bytes::Bytes,
 }

@@ -170,7 +170,11 @@ impl Client {
 
     /// The job's endpoint, key, timeout and retries.
     pub fn for_job(job: &crate::job::Job) -> Result<Client, Error> {
-        Client::new(crate::backend::endpoint(job)?, job.timeout, job.max_retries)
+        Client::new(
+            crate::backend::endpoint(job)?,
+            job.limits.timeout,
+            job.limits.max_retries,
+        )
     }
 
     pub fn endpoint(&self) -> &Endpoint {

@@ -91,10 +91,10 @@ impl Pass {
         };
         let (line_url, line_model) = match &client {
             Some(c) => {
-                let m = c.endpoint().batch_line_model(&job.model);
+                let m = c.endpoint().batch_line_model(&job.served.model);
                 (
                     c.endpoint().batch_line_url(),
-                    (m != job.model).then(|| m.to_string()),
+                    (m != job.served.model).then(|| m.to_string()),
                 )
             }
             None => ("/v1/chat/completions", None),

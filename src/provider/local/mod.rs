@@ -242,7 +242,7 @@ impl Provider for LocalModel {
                 ));
             }
             // One sequence per choice, each with its own draw of the seed.
-            let n = sampling::choices_asked(&req.body);
+            let n = req.choices.max(1);
             let first = self.draws.take(&prompt, n);
             let mut replies = Vec::with_capacity(n as usize);
             let sent = match self.jobs.lock() {
@@ -308,6 +308,7 @@ mod testing {
     pub(super) fn request(messages: Vec<Message>) -> Request {
         Request {
             messages,
+            choices: 1,
             body: bytes::Bytes::new(),
         }
     }

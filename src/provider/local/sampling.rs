@@ -232,20 +232,6 @@ fn seed_for(seed: Option<u32>, draw: u32) -> u32 {
     }
 }
 
-/// Choices a request asks for: its body's `n` (the scheduler sets it per request: a re-ask is
-/// for the failing choices only), 1 when unset.
-pub(super) fn choices_asked(body: &[u8]) -> u32 {
-    #[derive(serde::Deserialize)]
-    struct Asked {
-        n: Option<u32>,
-    }
-    serde_json::from_slice::<Asked>(body)
-        .ok()
-        .and_then(|a| a.n)
-        .unwrap_or(1)
-        .max(1)
-}
-
 /// How many choices each prompt has drawn in this run, so a prompt asked again draws on.
 /// Bounded: two generations of at most [`Draws::GENERATION`] prompts each; a re-ask follows
 /// its first answer closely, long before its prompt ages out.
@@ -345,14 +331,6 @@ mod tests {
         assert_eq!(d.take(&b, 1), 1);
     }
 
-    #[test]
-    fn n_is_read_from_the_body() {
-        let body = |v: serde_json::Value| serde_json::to_vec(&v).unwrap();
-        assert_eq!(choices_asked(&body(json!({"model": "m", "n": 3}))), 3);
-        assert_eq!(choices_asked(&body(json!({"model": "m"}))), 1);
-        assert_eq!(choices_asked(b""), 1);
-    }
-
     #[tokio::test]
     async fn choices_are_gathered_with_the_prompt_counted_once() {
         let mut rxs = Vec::new();
@@ -390,7 +368,8 @@ mod tests {
                 name: None,
                 content: text.into(),
             }],
-            body: serde_json::to_vec(&json!({"n": n})).unwrap().into(),
+            choices: n,
+            body: bytes::Bytes::new(),
         }
     }
 
