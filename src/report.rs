@@ -107,14 +107,7 @@ impl Stats {
         self.count(&Counted {
             status: l.status,
             error: l.error.as_ref().map(|e| e.kind),
-            usage: l.usage.as_ref().map(|u| crate::chat::Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-                total_tokens: u.total_tokens,
-                cached_tokens: u.cached_tokens,
-                reasoning_tokens: u.reasoning_tokens,
-                estimated: u.estimated,
-            }),
+            usage: l.usage.as_ref().map(|u| u.usage()),
             cost_usd: l.cost_usd,
             sent: l.fingerprint.is_some(),
             latency_ms: l.latency_ms.unwrap_or(0),

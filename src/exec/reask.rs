@@ -102,38 +102,10 @@ pub(super) async fn shape_up(
             return (s, last);
         }
         attempt += 1;
-        let again = Request {
-            messages: p.request.messages.clone(),
-            choices: u32::try_from(k).unwrap_or(u32::MAX),
-            body: sh
-                .backend
-                .wire
-                .with_choices(&p.request.body, k, sh.job.params.n.is_some()),
-        };
-        // A re-ask is a new request: after a stop it is not sent.
-        let answer = if sh.stopper.signals.stop.is_cancelled() {
-            None
-        } else {
-            send(sh, p.row.number, &again, k, started, st).await
-        };
-        let c = match answer {
-            Some(Ok(c)) => c,
-            // Stopped before the re-ask was answered: what was paid goes on record now (the
-            // next step may never come), and the rerun asks again.
-            None => {
-                s.failure = Some((
-                    ErrorKind::Interrupted,
-                    format!(
-                        "the run stopped before this row was asked again; what its {} \
-                         answered attempt(s) cost is on this record, and a rerun sends it again",
-                        attempt - 1
-                    ),
-                ));
-                return (s, last);
-            }
-            Some(Err(e)) => {
-                // The row's request failed outright this time: it fails as such.
-                s.failure = Some((e.kind, e.message));
+        let (again, c) = match ask_again(sh, p, k, started, st, attempt - 1).await {
+            Ok(x) => x,
+            Err(failure) => {
+                s.failure = Some(failure);
                 return (s, last);
             }
         };
@@ -142,6 +114,44 @@ pub(super) async fn shape_up(
             s.choices[*slot] = new;
         }
         last = c;
+    }
+}
+
+/// Sends the row's request again for `k` choices. `Err`: the row ends with this failure:
+/// the request failed outright, or the run stopped first (`Interrupted`: what the `paid`
+/// attempts before it cost goes on record now, since the next step may never come, and the
+/// rerun asks again). A re-ask is a new request: after a stop it is not sent.
+async fn ask_again(
+    sh: &Arc<Shared>,
+    p: &Prepared,
+    k: u64,
+    started: Instant,
+    st: &mut Sending,
+    paid: u32,
+) -> Result<(Request, Completion), (ErrorKind, String)> {
+    let again = Request {
+        messages: p.request.messages.clone(),
+        choices: u32::try_from(k).unwrap_or(u32::MAX),
+        body: sh
+            .backend
+            .wire
+            .with_choices(&p.request.body, k, sh.job.params.n.is_some()),
+    };
+    let answer = if sh.stopper.signals.stop.is_cancelled() {
+        None
+    } else {
+        send(sh, p.row.number, &again, k, started, st).await
+    };
+    match answer {
+        Some(Ok(c)) => Ok((again, c)),
+        None => Err((
+            ErrorKind::Interrupted,
+            format!(
+                "the run stopped before this row was asked again; what its {paid} answered \
+                 attempt(s) cost is on this record, and a rerun sends it again"
+            ),
+        )),
+        Some(Err(e)) => Err((e.kind, e.message)),
     }
 }
 

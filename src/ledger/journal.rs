@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::Error;
-use crate::ledger::record::{Record, Status};
+use crate::ledger::record::{LineUsage, Record, Status};
 use crate::provider::ErrorKind;
 
 /// What the ledger needs of one journal line. Field order and spacing do not matter (a file
@@ -63,22 +63,6 @@ pub struct LineError<'a> {
     pub status: Option<u16>,
     #[serde(borrow, default)]
     pub message: Cow<'a, str>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct LineUsage {
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    #[serde(default)]
-    pub completion_tokens: u64,
-    #[serde(default)]
-    pub total_tokens: u64,
-    #[serde(default)]
-    pub cached_tokens: Option<u64>,
-    #[serde(default)]
-    pub reasoning_tokens: Option<u64>,
-    #[serde(default)]
-    pub estimated: bool,
 }
 
 /// Parses one line (without its line ending). `Ok(None)` for a blank line; `Err` with the

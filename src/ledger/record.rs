@@ -106,31 +106,39 @@ pub struct Record {
     pub extra: Map<String, Value>,
 }
 
+/// A line's usage, every count defaulted to 0 (a line another tool trimmed still reads).
+#[derive(Debug, Deserialize)]
+pub struct LineUsage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+    #[serde(default)]
+    pub cached_tokens: Option<u64>,
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
+    #[serde(default)]
+    pub estimated: bool,
+}
+
+impl LineUsage {
+    pub fn usage(&self) -> crate::chat::Usage {
+        crate::chat::Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cached_tokens: self.cached_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            estimated: self.estimated,
+        }
+    }
+}
+
 /// A record's usage with every count defaulted to 0, as the journal's parser reads it.
 fn usage_as_written<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Usage>, D::Error> {
-    #[derive(Deserialize)]
-    struct AsWritten {
-        #[serde(default)]
-        prompt_tokens: u64,
-        #[serde(default)]
-        completion_tokens: u64,
-        #[serde(default)]
-        total_tokens: u64,
-        #[serde(default)]
-        cached_tokens: Option<u64>,
-        #[serde(default)]
-        reasoning_tokens: Option<u64>,
-        #[serde(default)]
-        estimated: bool,
-    }
-    Ok(Option::<AsWritten>::deserialize(d)?.map(|u| Usage {
-        prompt_tokens: u.prompt_tokens,
-        completion_tokens: u.completion_tokens,
-        total_tokens: u.total_tokens,
-        cached_tokens: u.cached_tokens,
-        reasoning_tokens: u.reasoning_tokens,
-        estimated: u.estimated,
-    }))
+    Ok(Option::<LineUsage>::deserialize(d)?.map(|u| u.usage()))
 }
 
 impl Record {

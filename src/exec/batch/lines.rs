@@ -1,9 +1,6 @@
-//! Batch input lines: one row's request in the Batch API's line format, and the split of
-//! lines into files within the limits.
+//! The split of batch input lines into files within the limits (the lines themselves are
+//! each vendor's: `BatchApi::write_line`).
 
-use serde_json::Value;
-
-use super::*;
 use crate::job::BatchLimits;
 
 /// Splits lines into files within the limits: requests per file and bytes per file.
@@ -47,54 +44,4 @@ impl Splitter {
         f.1 += len;
         new
     }
-}
-
-/// A row's request as OpenAI's Batch API reads it, and engines that read the same files
-/// (vLLM's `run-batch`): OpenAI's route, the job's own model.
-pub fn write_openai_line(out: &mut Vec<u8>, p: &crate::request::Prepared, idh: u64, stream: bool) {
-    write_line(
-        out,
-        "/v1/chat/completions",
-        None,
-        p.row.number,
-        &p.fingerprint,
-        idh,
-        &p.request.body,
-        stream,
-    );
-}
-
-/// One Batch API input line: `{"custom_id", "method", "url", "body"}`. The body is the online
-/// request's, without streaming (the Batch API answers whole) and, where the service wants
-/// it, naming the deployment.
-#[allow(clippy::too_many_arguments)]
-pub fn write_line(
-    out: &mut Vec<u8>,
-    url: &str,
-    model: Option<&str>,
-    row: u64,
-    fp: &[u8; 16],
-    idh: u64,
-    body: &[u8],
-    stream: bool,
-) {
-    out.clear();
-    out.extend_from_slice(b"{\"custom_id\":");
-    serde_json::to_writer(&mut *out, &results::custom_id(row, fp, idh)).expect("serializes");
-    out.extend_from_slice(b",\"method\":\"POST\",\"url\":");
-    serde_json::to_writer(&mut *out, url).expect("a string serializes");
-    out.extend_from_slice(b",\"body\":");
-    if !stream && model.is_none() {
-        out.extend_from_slice(body);
-    } else {
-        let mut v: serde_json::Map<String, Value> =
-            serde_json::from_slice(body).expect("our own body parses");
-        v.remove("stream");
-        v.remove("stream_options");
-        if let Some(m) = model {
-            v.insert("model".into(), Value::String(m.to_string()));
-        }
-        serde_json::to_writer(&mut *out, &v).expect("serializes");
-    }
-    out.extend_from_slice(b"}\n");
 }

@@ -13,21 +13,24 @@
 //! so a run killed between two steps redoes or looks up the step it was in, and no row is
 //! submitted while an earlier batch holds it.
 
-pub mod client;
+pub mod api;
 pub mod export;
 mod lines;
+pub mod openai;
 mod pass;
 pub mod results;
 pub mod state;
 mod submit;
+mod vendor;
 
 use crate::error::Error;
 use crate::job::Job;
-use client::Client;
+use api::BatchApi;
 use results::{Answer, Answerer};
 use state::{now, BatchPart, Event, Log, Stage};
 
-pub use lines::{write_line, write_openai_line, Splitter};
+pub use lines::Splitter;
+pub use openai::write_openai_line;
 pub use pass::{Pass, Submitted};
 
 /// The metadata key that names a batch's part: how a batch created by a killed run is found.
@@ -51,7 +54,7 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
         .iter()
         .any(|p| p.batch_id.is_some() || p.stage == Stage::Creating)
     {
-        Some(Client::for_job(job)?)
+        Some(vendor::for_job(job)?)
     } else {
         None
     };
@@ -63,73 +66,7 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
         .filter(|p| p.stage == Stage::Collected)
         .count();
     for p in &open {
-        // A create whose answer was lost: the server may hold the batch; look, change nothing.
-        let found = match (&client, p.stage) {
-            (Some(c), Stage::Creating) => c.find_batch(&p.id, p.creating_at).await?,
-            _ => None,
-        };
-        let Some(id) = p
-            .batch_id
-            .clone()
-            .or_else(|| found.as_ref().map(|b| b.id.clone()))
-        else {
-            lines.push(if p.stage == Stage::Creating {
-                format!(
-                    "{}: {} requests, being created when the last run stopped; the server \
-                     holds no batch of it (the next run looks again, then submits its rows)",
-                    p.file, p.requests
-                )
-            } else {
-                format!(
-                    "{}: {} requests, not submitted yet (the next run submits them)",
-                    p.file, p.requests
-                )
-            });
-            continue;
-        };
-        let (status, counts, expires) = match (&client, p.stage, found) {
-            (_, Stage::Creating, Some(b)) => (
-                format!(
-                    "{} (its create answer was lost; the next run follows it)",
-                    b.status
-                ),
-                b.request_counts.unwrap_or_default(),
-                b.expires_at,
-            ),
-            (Some(c), Stage::Created, _) => {
-                let b = c.retrieve(&id).await?;
-                (
-                    b.status.clone(),
-                    b.request_counts.unwrap_or_default(),
-                    b.expires_at,
-                )
-            }
-            _ => (
-                format!(
-                    "{} (results downloaded; the next run or `batch collect` writes them)",
-                    p.status.clone().unwrap_or_default()
-                ),
-                p.counts,
-                None,
-            ),
-        };
-        let age = t.saturating_sub(p.created_at);
-        let left = expires
-            .map(|e| format!(", {} left", hms(e.saturating_sub(t))))
-            .unwrap_or_default();
-        lines.push(format!(
-            "{id}  {status}  {}/{} done, {} failed  ({} requests, age {}{left}){}",
-            counts.completed,
-            counts.total.max(p.requests),
-            counts.failed,
-            p.requests,
-            hms(age),
-            if p.cancel_requested {
-                "  cancel requested"
-            } else {
-                ""
-            }
-        ));
+        lines.push(part_status(client.as_deref(), p, t).await?);
     }
     if open.is_empty() {
         lines.push("no batches in flight".into());
@@ -138,6 +75,80 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
         lines.push(format!("{collected} earlier batch(es) collected"));
     }
     Ok(lines)
+}
+
+/// `batch status`'s line for one open part, asking the server where it has to.
+async fn part_status(
+    client: Option<&dyn BatchApi>,
+    p: &BatchPart,
+    t: u64,
+) -> Result<String, Error> {
+    // A create whose answer was lost: the server may hold the batch; look, change nothing.
+    let found = match (client, p.stage) {
+        (Some(c), Stage::Creating) => c.find_batch(&p.id, p.creating_at).await?,
+        _ => None,
+    };
+    let Some(id) = p
+        .batch_id
+        .clone()
+        .or_else(|| found.as_ref().map(|b| b.id.clone()))
+    else {
+        return Ok(if p.stage == Stage::Creating {
+            format!(
+                "{}: {} requests, being created when the last run stopped; the server \
+                 holds no batch of it (the next run looks again, then submits its rows)",
+                p.file, p.requests
+            )
+        } else {
+            format!(
+                "{}: {} requests, not submitted yet (the next run submits them)",
+                p.file, p.requests
+            )
+        });
+    };
+    let (status, counts, expires) = match (client, p.stage, found) {
+        (_, Stage::Creating, Some(b)) => (
+            format!(
+                "{} (its create answer was lost; the next run follows it)",
+                b.status
+            ),
+            b.request_counts.unwrap_or_default(),
+            b.expires_at,
+        ),
+        (Some(c), Stage::Created, _) => {
+            let b = c.retrieve(&id).await?;
+            (
+                b.status.clone(),
+                b.request_counts.unwrap_or_default(),
+                b.expires_at,
+            )
+        }
+        _ => (
+            format!(
+                "{} (results downloaded; the next run or `batch collect` writes them)",
+                p.status.clone().unwrap_or_default()
+            ),
+            p.counts,
+            None,
+        ),
+    };
+    let age = t.saturating_sub(p.created_at);
+    let left = expires
+        .map(|e| format!(", {} left", hms(e.saturating_sub(t))))
+        .unwrap_or_default();
+    let cancel = if p.cancel_requested {
+        "  cancel requested"
+    } else {
+        ""
+    };
+    Ok(format!(
+        "{id}  {status}  {}/{} done, {} failed  ({} requests, age {}{left}){cancel}",
+        counts.completed,
+        counts.total.max(p.requests),
+        counts.failed,
+        p.requests,
+        hms(age),
+    ))
 }
 
 /// Asks the server to cancel every batch still running; what they finished is kept and
@@ -155,12 +166,12 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
     if open.is_empty() {
         return Ok(vec!["no batches running".into()]);
     }
-    let client = Client::for_job(job)?;
+    let client = vendor::for_job(job)?;
     let mut lines = Vec::new();
     for p in open {
         let id = match &p.batch_id {
             Some(id) => id.clone(),
-            None => match adopt_or_abandon(job, &client, &mut log, &p).await? {
+            None => match adopt_or_abandon(job, client.as_ref(), &mut log, &p).await? {
                 Some(id) => id,
                 None => {
                     lines.push(format!(
@@ -187,7 +198,7 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
 /// of it goes on record, or, if there is none, the part is given up (its rows pending).
 async fn adopt_or_abandon(
     job: &Job,
-    client: &Client,
+    client: &dyn BatchApi,
     log: &mut Log,
     p: &BatchPart,
 ) -> Result<Option<String>, Error> {
@@ -209,7 +220,7 @@ async fn adopt_or_abandon(
             let dir = crate::ledger::files::Files::new(&job.output).batch_dir();
             let _ = std::fs::remove_file(dir.join(&p.file));
             if let Some(f) = &p.file_id {
-                let _ = client.delete_file(f).await;
+                let _ = client.unstage(f).await;
             }
             Ok(None)
         }
@@ -237,7 +248,7 @@ pub async fn wait_any(
     if running.is_empty() {
         return Ok(true);
     }
-    let client = Client::for_job(job)?;
+    let client = vendor::for_job(job)?;
     let bar = crate::report::spinner(quiet);
     let mut delay = std::time::Duration::from_secs(2).min(job.batch.poll);
     let mut last_log = std::time::Instant::now();

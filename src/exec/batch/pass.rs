@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::client::{Batch, Client};
+use super::api::{Batch, BatchApi};
 use super::results::{Answer, Answerer, Results, Unmatched};
 use super::state::{now, BatchPart, Event, Log, Stage};
 use super::*;
@@ -50,16 +50,13 @@ pub struct Submitted {
 pub struct Pass {
     pub(super) log: Log,
     pub(super) dir: PathBuf,
-    pub(super) client: Option<Client>,
+    pub(super) client: Option<Box<dyn BatchApi>>,
     pub(super) results: Results,
     /// Keys of rows in batches still running, sorted.
     pub(super) in_flight: Vec<([u8; 16], u64)>,
     /// Parts whose results this run collects.
     pub(super) finishing: Vec<String>,
     pub(super) splitter: Splitter,
-    pub(super) line_url: &'static str,
-    /// The model each line's body must name, when it is not the job's (Azure: the deployment).
-    pub(super) line_model: Option<String>,
     pub(super) new_parts: Vec<NewPart>,
     pub(super) run_tag: String,
     pub(super) job_name: String,
@@ -85,20 +82,14 @@ impl Pass {
         let dir = crate::ledger::files::Files::new(&job.output).batch_dir();
         let has_open = log.open_parts().next().is_some();
         let client = if has_open || need_client {
-            Some(Client::for_job(job)?)
+            Some(super::vendor::for_job(job)?)
         } else {
             None
         };
-        let (line_url, line_model) = match &client {
-            Some(c) => {
-                let m = c.endpoint().batch_line_model(&job.served.model);
-                (
-                    c.endpoint().batch_line_url(),
-                    (m != job.served.model).then(|| m.to_string()),
-                )
-            }
-            None => ("/v1/chat/completions", None),
-        };
+        // Results imported from another engine are in OpenAI's format, as `export` wrote.
+        let parse = client
+            .as_ref()
+            .map_or(openai::outcome as fn(&[u8]) -> Answer, |c| c.outcome());
         let name = |p: &Path| {
             p.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -108,12 +99,10 @@ impl Pass {
             log,
             dir,
             client,
-            results: Results::default(),
+            results: Results::new(parse),
             in_flight: Vec::new(),
             finishing: Vec::new(),
             splitter: Splitter::new(job.batch.clone()),
-            line_url,
-            line_model,
             new_parts: Vec::new(),
             run_tag: format!("{:x}-{:x}", now(), std::process::id()),
             job_name: name(&job.file),
@@ -162,9 +151,9 @@ impl Pass {
         }
     }
 
-    pub(super) fn client(&self) -> &Client {
+    pub(super) fn client(&self) -> &dyn BatchApi {
         self.client
-            .as_ref()
+            .as_deref()
             .expect("a client when batches are open")
     }
 
@@ -180,12 +169,12 @@ impl Pass {
                     let file_id = match (&part.file_id, part.stage) {
                         (Some(id), _) => Some(id.clone()),
                         (None, Stage::Uploading) => {
-                            self.client().find_file(&part.file).await.ok().flatten()
+                            self.client().find_staged(&part.file).await.ok().flatten()
                         }
                         _ => None,
                     };
                     if let Some(id) = file_id {
-                        let _ = self.client().delete_file(&id).await;
+                        let _ = self.client().unstage(&id).await;
                     }
                     self.abandon(&part, "the run stopped before it was submitted")?;
                 }
@@ -206,7 +195,7 @@ impl Pass {
                         }
                         None => {
                             if let Some(id) = &part.file_id {
-                                let _ = self.client().delete_file(id).await;
+                                let _ = self.client().unstage(id).await;
                             }
                             self.abandon(&part, "no batch was created before the run stopped")?;
                         }
@@ -434,16 +423,8 @@ impl Pass {
         worst_usd: f64,
     ) -> Result<Result<(), String>, Error> {
         let mut line = std::mem::take(&mut self.line);
-        write_line(
-            &mut line,
-            self.line_url,
-            self.line_model.as_deref(),
-            row,
-            fp,
-            idh,
-            body,
-            stream,
-        );
+        let id = results::custom_id(row, fp, idh);
+        self.client().write_line(&mut line, &id, body, stream);
         let r = self.add_line(&line, worst_usd);
         self.line = line;
         r
@@ -492,7 +473,7 @@ impl Pass {
     /// Frees the result index and the in-flight keys once every row is routed: compaction,
     /// which comes next, needs the memory (40 bytes a result line).
     pub fn release_index(&mut self) {
-        self.results = Results::default();
+        self.results = Results::new(openai::outcome);
         self.in_flight = Vec::new();
     }
 

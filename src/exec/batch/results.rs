@@ -7,11 +7,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::error::Error;
 use crate::ledger::journal::io_err;
-use crate::provider::openai::{parse_completion, status_error};
 use crate::provider::{Completion, ErrorKind};
 
 /// A result no row of the input matched.
@@ -74,29 +72,6 @@ struct Head<'a> {
     custom_id: &'a str,
 }
 
-#[derive(Deserialize)]
-struct ResultLine<'a> {
-    #[serde(borrow, default)]
-    response: Option<Response<'a>>,
-    #[serde(default)]
-    error: Option<LineError>,
-}
-
-#[derive(Deserialize)]
-struct Response<'a> {
-    status_code: u16,
-    #[serde(borrow)]
-    body: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct LineError {
-    #[serde(default)]
-    code: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-}
-
 /// The batch a result came from, and how long it took from submission to its end.
 #[derive(Debug, Clone, Default)]
 pub struct Answerer {
@@ -105,13 +80,22 @@ pub struct Answerer {
 }
 
 /// Every downloaded line of the batches being collected.
-#[derive(Default)]
 pub struct Results {
     files: Vec<(PathBuf, File, Answerer)>,
     entries: Vec<ResultEntry>,
+    /// The vendor's reading of one result line (`BatchApi::outcome`).
+    parse: fn(&[u8]) -> Answer,
 }
 
 impl Results {
+    pub fn new(parse: fn(&[u8]) -> Answer) -> Results {
+        Results {
+            files: Vec::new(),
+            entries: Vec::new(),
+            parse,
+        }
+    }
+
     /// Indexes one downloaded file of batch `batch_id`. Lines that are not ours are reported
     /// and skipped.
     pub fn add_file(&mut self, path: &Path, from: Answerer) -> Result<(), Error> {
@@ -213,7 +197,7 @@ impl Results {
         Ok(Unmatched {
             row,
             fp: e.fp,
-            outcome: outcome(&buf),
+            outcome: (self.parse)(&buf),
             from: self.files[e.file as usize].2.clone(),
         })
     }
@@ -230,58 +214,7 @@ impl Results {
     fn read(&self, i: usize) -> Result<(Answer, Answerer), Error> {
         let buf = self.bytes(i)?;
         let from = self.files[self.entries[i].file as usize].2.clone();
-        Ok((outcome(&buf), from))
-    }
-}
-
-/// Reads one result line. A line whose `response.status_code` is not 2xx fails its row with
-/// the API's message, whether or not `error` is set.
-pub fn outcome(line: &[u8]) -> Answer {
-    let parsed: ResultLine = match serde_json::from_slice(line) {
-        Ok(l) => l,
-        Err(e) => {
-            return Answer::Failed {
-                status: None,
-                message: format!("unreadable result line ({e})"),
-            }
-        }
-    };
-    match (parsed.response, parsed.error) {
-        (Some(r), _) if (200..300).contains(&r.status_code) => {
-            let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"null");
-            match parse_completion(body) {
-                Ok(c) => Answer::Answered(Box::new(c)),
-                Err(e) => Answer::Failed {
-                    status: Some(r.status_code),
-                    message: format!("the answer is not a chat completion: {}", e.message),
-                },
-            }
-        }
-        (Some(r), _) => {
-            let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"");
-            let e = status_error(None, r.status_code, body, None, None);
-            Answer::Failed {
-                status: Some(r.status_code),
-                message: e.message,
-            }
-        }
-        (None, Some(e))
-            if matches!(e.code.as_deref(), Some("batch_expired" | "batch_cancelled")) =>
-        {
-            Answer::NotRun
-        }
-        (None, Some(e)) => Answer::Failed {
-            status: None,
-            message: format!(
-                "{}{}",
-                e.message.as_deref().unwrap_or("the request failed"),
-                e.code.map(|c| format!(" [{c}]")).unwrap_or_default()
-            ),
-        },
-        (None, None) => Answer::Failed {
-            status: None,
-            message: "a result line with neither a response nor an error".into(),
-        },
+        Ok(((self.parse)(&buf), from))
     }
 }
 
@@ -303,31 +236,5 @@ mod tests {
         );
         assert_eq!(parse_custom_id("request-1"), None);
         assert_eq!(parse_custom_id("r1-zz"), None);
-    }
-
-    #[test]
-    fn a_non_2xx_line_fails_with_the_apis_message_even_when_error_is_null() {
-        let line = br#"{"id":"b1","custom_id":"r1-x","response":{"status_code":400,"request_id":"q","body":{"error":{"message":"bad max_tokens","type":"invalid_request_error","code":"invalid_value"}}},"error":null}"#;
-        match outcome(line) {
-            Answer::Failed { status, message } => {
-                assert_eq!(status, Some(400));
-                assert!(message.contains("bad max_tokens"), "{message}");
-            }
-            o => panic!("{o:?}"),
-        }
-    }
-
-    #[test]
-    fn expired_lines_are_not_run_and_answers_parse() {
-        let line = br#"{"custom_id":"r1-x","response":null,"error":{"code":"batch_expired","message":"expired"}}"#;
-        assert!(matches!(outcome(line), Answer::NotRun));
-        let line = br#"{"custom_id":"r1-x","response":{"status_code":200,"body":{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}},"error":null}"#;
-        match outcome(line) {
-            Answer::Answered(c) => {
-                assert_eq!(c.text, "hi");
-                assert_eq!(c.usage.unwrap().prompt_tokens, 3);
-            }
-            o => panic!("{o:?}"),
-        }
     }
 }

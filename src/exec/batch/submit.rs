@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use super::client::{Batch, CreateFailed};
+use super::api::{Batch, CreateFailed};
 use super::pass::NewPart;
 use super::state::{now, Event};
 use super::*;
@@ -59,8 +59,7 @@ impl Pass {
             part: p.id.clone(),
             at: now(),
         })?;
-        let client = self.client.as_ref().expect("a client in batch mode");
-        let file_id = match client.upload(&p.path, &file).await {
+        let file_id = match self.client().stage(&p.path, &file).await {
             Ok(id) => {
                 state::failpoint("batch:upload-done");
                 id
@@ -97,7 +96,7 @@ impl Pass {
             // pinned, and the next run (or `batch status`/`cancel`) looks it up again.
             Err(f) if f.maybe_made => Err(f.error),
             Err(f) => {
-                let _ = self.client().delete_file(&file_id).await;
+                let _ = self.client().unstage(&file_id).await;
                 Err(self.give_up(&p.id, f.error))
             }
         }

@@ -1,93 +1,25 @@
-//! The Files and Batches endpoints: upload, create, retrieve, cancel, list, download. Every
-//! call is retried like a chat request (429, 5xx, connection) and classified by the same
-//! error table; the key never appears in what it reports.
+//! OpenAI's Batch API (and Azure OpenAI's, the same on its own routes): the input line
+//! (`{custom_id, method, url, body}`), the result line, and the Files and Batches endpoints
+//! (upload, create, retrieve, cancel, list, download). Every call but a create is retried like
+//! a chat request (429, 5xx, connection) and classified by the same error table; the key never
+//! appears in what it reports. The first vendor behind [`BatchApi`].
 
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use super::state::LineCounts;
+use super::api::{Batch, BatchApi, CreateFailed, Fut};
+use super::results::Answer;
 use crate::error::Error;
 use crate::exec::retry::RetryPolicy;
 use crate::ledger::journal::io_err;
 use crate::provider::endpoint::Endpoint;
-use crate::provider::openai::{status_error, transport_error};
+use crate::provider::openai::{parse_completion, status_error, transport_error};
 use crate::provider::{ErrorKind, ProviderError};
-
-/// A batch as the API describes it.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Batch {
-    pub id: String,
-    pub status: String,
-    #[serde(default)]
-    pub output_file_id: Option<String>,
-    #[serde(default)]
-    pub error_file_id: Option<String>,
-    #[serde(default)]
-    pub request_counts: Option<LineCounts>,
-    #[serde(default)]
-    pub created_at: Option<u64>,
-    #[serde(default)]
-    pub expires_at: Option<u64>,
-    #[serde(default)]
-    pub errors: Option<BatchErrors>,
-    #[serde(default)]
-    pub metadata: Option<serde_json::Map<String, Value>>,
-    #[serde(flatten)]
-    pub times: serde_json::Map<String, Value>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct BatchErrors {
-    #[serde(default)]
-    pub data: Vec<BatchError>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct BatchError {
-    #[serde(default)]
-    pub code: Option<String>,
-    #[serde(default)]
-    pub message: Option<String>,
-    #[serde(default)]
-    pub line: Option<u64>,
-}
-
-impl Batch {
-    pub fn is_final(&self) -> bool {
-        matches!(
-            self.status.as_str(),
-            "completed" | "failed" | "expired" | "cancelled"
-        )
-    }
-
-    /// When it reached its final status (seconds since the epoch), if the API says.
-    pub fn ended_at(&self) -> Option<u64> {
-        ["completed_at", "failed_at", "expired_at", "cancelled_at"]
-            .iter()
-            .find_map(|k| self.times.get(*k).and_then(Value::as_u64))
-    }
-
-    /// A failed batch's validation errors, each with its line number.
-    pub fn problems(&self) -> Vec<String> {
-        self.errors
-            .iter()
-            .flat_map(|e| &e.data)
-            .map(|e| {
-                let line = e.line.map(|l| format!("line {l}: ")).unwrap_or_default();
-                let code = e
-                    .code
-                    .as_deref()
-                    .map(|c| format!(" [{c}]"))
-                    .unwrap_or_default();
-                format!("{line}{}{code}", e.message.as_deref().unwrap_or("invalid"))
-            })
-            .collect()
-    }
-}
 
 #[derive(Deserialize)]
 struct FileObject {
@@ -107,47 +39,15 @@ struct List<T> {
     last_id: Option<String>,
 }
 
-/// A create that failed. `maybe_made`: the request may have reached the server and made the
-/// batch (a timeout, a reset, a 5xx, an answer that did not parse); a refused connection, a
-/// 4xx or a 429 made nothing.
-#[derive(Debug)]
-pub struct CreateFailed {
-    pub error: Error,
-    pub maybe_made: bool,
-    /// The failure as the retry policy judges it; None: not to be retried.
-    pub retry: Option<ProviderError>,
-}
-
-impl CreateFailed {
-    fn before(error: Error) -> CreateFailed {
-        CreateFailed {
-            error,
-            maybe_made: false,
-            retry: None,
-        }
-    }
-
-    fn of(what: &str, e: ProviderError) -> CreateFailed {
-        let maybe_made = !e.unreachable
-            && matches!(
-                e.kind,
-                ErrorKind::Server
-                    | ErrorKind::Timeout
-                    | ErrorKind::Connection
-                    | ErrorKind::InvalidResponse
-            );
-        CreateFailed {
-            error: failed(what, &e),
-            maybe_made,
-            retry: Some(e),
-        }
-    }
-}
-
-pub struct Client {
+/// OpenAI's (or Azure's) Files and Batches endpoints for one job.
+pub struct OpenAiBatches {
     http: reqwest::Client,
     endpoint: Endpoint,
     retry: RetryPolicy,
+    /// The route each line names, and the model its body must name when it is not the job's
+    /// (Azure: the deployment).
+    line_url: &'static str,
+    line_model: Option<String>,
 }
 
 /// A call that failed after its retries, as the user reads it.
@@ -155,30 +55,35 @@ fn failed(what: &str, e: &ProviderError) -> Error {
     Error::Other(format!("{what}: {e}"))
 }
 
-impl Client {
-    pub fn new(endpoint: Endpoint, timeout: Duration, max_retries: u32) -> Result<Client, Error> {
+impl OpenAiBatches {
+    pub fn new(
+        endpoint: Endpoint,
+        timeout: Duration,
+        max_retries: u32,
+    ) -> Result<OpenAiBatches, Error> {
         // Uploads are up to 200 MB: give them time, and never less than the job's timeout.
         let http = endpoint
             .client(timeout.max(Duration::from_secs(600)), 2)
             .map_err(Error::Other)?;
-        Ok(Client {
+        Ok(OpenAiBatches {
             http,
+            line_url: endpoint.batch_line_url(),
+            line_model: None,
             endpoint,
             retry: RetryPolicy::new(max_retries),
         })
     }
 
     /// The job's endpoint, key, timeout and retries.
-    pub fn for_job(job: &crate::job::Job) -> Result<Client, Error> {
-        Client::new(
+    pub fn for_job(job: &crate::job::Job) -> Result<OpenAiBatches, Error> {
+        let mut b = OpenAiBatches::new(
             crate::backend::endpoint(job)?,
             job.limits.timeout,
             job.limits.max_retries,
-        )
-    }
-
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+        )?;
+        let m = b.endpoint.batch_line_model(&job.served.model);
+        b.line_model = (m != job.served.model).then(|| m.to_string());
+        Ok(b)
     }
 
     fn url(&self, path: &str) -> Result<reqwest::Url, Error> {
@@ -315,18 +220,13 @@ impl Client {
         let resp = self
             .attempt(self.http.post(url).json(&body))
             .await
-            .map_err(|e| CreateFailed::of(&what, e))?;
+            .map_err(|e| CreateFailed::of(failed(&what, &e), e))?;
         // A 200 whose body is lost or garbled: the batch was made.
         self.json(&what, resp).await.map_err(|error| CreateFailed {
             error,
             maybe_made: true,
             retry: None,
         })
-    }
-
-    /// The retry policy for the create loop, which retries by hand (see `create_once`).
-    pub fn retrier(&self) -> crate::exec::retry::Retrier {
-        self.retry.start()
     }
 
     pub async fn retrieve(&self, id: &str) -> Result<Batch, Error> {
@@ -410,5 +310,218 @@ impl Client {
             .await
             .map_err(|e| io_err(dest, e))?;
         crate::ledger::files::sync_dir(dest)
+    }
+}
+
+impl BatchApi for OpenAiBatches {
+    fn write_line(&self, out: &mut Vec<u8>, custom_id: &str, body: &[u8], stream: bool) {
+        write_line(
+            out,
+            self.line_url,
+            self.line_model.as_deref(),
+            custom_id,
+            body,
+            stream,
+        );
+    }
+
+    fn outcome(&self) -> fn(&[u8]) -> Answer {
+        outcome
+    }
+
+    fn stage<'a>(&'a self, path: &'a Path, name: &'a str) -> Fut<'a, Result<String, Error>> {
+        Box::pin(self.upload(path, name))
+    }
+
+    fn find_staged<'a>(&'a self, name: &'a str) -> Fut<'a, Result<Option<String>, Error>> {
+        Box::pin(self.find_file(name))
+    }
+
+    fn unstage<'a>(&'a self, handle: &'a str) -> Fut<'a, Result<(), Error>> {
+        Box::pin(self.delete_file(handle))
+    }
+
+    fn create_once<'a>(
+        &'a self,
+        staged: &'a str,
+        metadata: &'a serde_json::Map<String, Value>,
+    ) -> Fut<'a, Result<Batch, CreateFailed>> {
+        Box::pin(OpenAiBatches::create_once(self, staged, metadata))
+    }
+
+    fn find_batch<'a>(
+        &'a self,
+        part: &'a str,
+        since: u64,
+    ) -> Fut<'a, Result<Option<Batch>, Error>> {
+        Box::pin(OpenAiBatches::find_batch(self, part, since))
+    }
+
+    fn retrieve<'a>(&'a self, id: &'a str) -> Fut<'a, Result<Batch, Error>> {
+        Box::pin(OpenAiBatches::retrieve(self, id))
+    }
+
+    fn cancel<'a>(&'a self, id: &'a str) -> Fut<'a, Result<Batch, Error>> {
+        Box::pin(OpenAiBatches::cancel(self, id))
+    }
+
+    fn download<'a>(&'a self, file: &'a str, dest: &'a Path) -> Fut<'a, Result<(), Error>> {
+        Box::pin(OpenAiBatches::download(self, file, dest))
+    }
+
+    fn retrier(&self) -> crate::exec::retry::Retrier {
+        self.retry.start()
+    }
+}
+
+/// A row's request as OpenAI's Batch API reads it, and engines that read the same files
+/// (vLLM's `run-batch`): OpenAI's route, the job's own model. What `export` writes and the
+/// dry run sizes.
+pub fn write_openai_line(out: &mut Vec<u8>, p: &crate::request::Prepared, idh: u64, stream: bool) {
+    let id = super::results::custom_id(p.row.number, &p.fingerprint, idh);
+    write_line(
+        out,
+        "/v1/chat/completions",
+        None,
+        &id,
+        &p.request.body,
+        stream,
+    );
+}
+
+/// One Batch API input line: `{"custom_id", "method", "url", "body"}`. The body is the online
+/// request's, without streaming (the Batch API answers whole) and, where the service wants
+/// it, naming the deployment.
+fn write_line(
+    out: &mut Vec<u8>,
+    url: &str,
+    model: Option<&str>,
+    custom_id: &str,
+    body: &[u8],
+    stream: bool,
+) {
+    out.clear();
+    out.extend_from_slice(b"{\"custom_id\":");
+    serde_json::to_writer(&mut *out, custom_id).expect("a string serializes");
+    out.extend_from_slice(b",\"method\":\"POST\",\"url\":");
+    serde_json::to_writer(&mut *out, url).expect("a string serializes");
+    out.extend_from_slice(b",\"body\":");
+    if !stream && model.is_none() {
+        out.extend_from_slice(body);
+    } else {
+        let mut v: serde_json::Map<String, Value> =
+            serde_json::from_slice(body).expect("our own body parses");
+        v.remove("stream");
+        v.remove("stream_options");
+        if let Some(m) = model {
+            v.insert("model".into(), Value::String(m.to_string()));
+        }
+        serde_json::to_writer(&mut *out, &v).expect("serializes");
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+#[derive(Deserialize)]
+struct ResultLine<'a> {
+    #[serde(borrow, default)]
+    response: Option<Response<'a>>,
+    #[serde(default)]
+    error: Option<LineError>,
+}
+
+#[derive(Deserialize)]
+struct Response<'a> {
+    status_code: u16,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct LineError {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// Reads one result line. A line whose `response.status_code` is not 2xx fails its row with
+/// the API's message, whether or not `error` is set.
+pub fn outcome(line: &[u8]) -> Answer {
+    let parsed: ResultLine = match serde_json::from_slice(line) {
+        Ok(l) => l,
+        Err(e) => {
+            return Answer::Failed {
+                status: None,
+                message: format!("unreadable result line ({e})"),
+            }
+        }
+    };
+    match (parsed.response, parsed.error) {
+        (Some(r), _) if (200..300).contains(&r.status_code) => {
+            let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"null");
+            match parse_completion(body) {
+                Ok(c) => Answer::Answered(Box::new(c)),
+                Err(e) => Answer::Failed {
+                    status: Some(r.status_code),
+                    message: format!("the answer is not a chat completion: {}", e.message),
+                },
+            }
+        }
+        (Some(r), _) => {
+            let body = r.body.map(|b| b.get().as_bytes()).unwrap_or(b"");
+            let e = status_error(None, r.status_code, body, None, None);
+            Answer::Failed {
+                status: Some(r.status_code),
+                message: e.message,
+            }
+        }
+        (None, Some(e))
+            if matches!(e.code.as_deref(), Some("batch_expired" | "batch_cancelled")) =>
+        {
+            Answer::NotRun
+        }
+        (None, Some(e)) => Answer::Failed {
+            status: None,
+            message: format!(
+                "{}{}",
+                e.message.as_deref().unwrap_or("the request failed"),
+                e.code.map(|c| format!(" [{c}]")).unwrap_or_default()
+            ),
+        },
+        (None, None) => Answer::Failed {
+            status: None,
+            message: "a result line with neither a response nor an error".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_2xx_line_fails_with_the_apis_message_even_when_error_is_null() {
+        let line = br#"{"id":"b1","custom_id":"r1-x","response":{"status_code":400,"request_id":"q","body":{"error":{"message":"bad max_tokens","type":"invalid_request_error","code":"invalid_value"}}},"error":null}"#;
+        match outcome(line) {
+            Answer::Failed { status, message } => {
+                assert_eq!(status, Some(400));
+                assert!(message.contains("bad max_tokens"), "{message}");
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn expired_lines_are_not_run_and_answers_parse() {
+        let line = br#"{"custom_id":"r1-x","response":null,"error":{"code":"batch_expired","message":"expired"}}"#;
+        assert!(matches!(outcome(line), Answer::NotRun));
+        let line = br#"{"custom_id":"r1-x","response":{"status_code":200,"body":{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}},"error":null}"#;
+        match outcome(line) {
+            Answer::Answered(c) => {
+                assert_eq!(c.text, "hi");
+                assert_eq!(c.usage.unwrap().prompt_tokens, 3);
+            }
+            o => panic!("{o:?}"),
+        }
     }
 }
