@@ -41,6 +41,7 @@ async fn main() {
                 name: None,
                 content: p.to_string().into(),
             }],
+            choices: 1,
             body: Default::default(),
         })
         .collect();
