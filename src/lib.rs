@@ -13,8 +13,9 @@
 //!            pacing) → send (retries, circuit breaker, re-asking) → writer (the one task that
 //!            appends) → finish (compaction, CSV, summary, exit code); pace, retry, signals,
 //!            budget, breaker, records
-//!   batch    the batch executor over the same plan and writer: lines, pass (the log's use),
-//!            submit, results, state (the step log), client (OpenAI's Files and Batches)
+//!   batch    the batch executor over the same plan and writer, speaking the `api` trait:
+//!            openai (the first vendor), vendor (which one a job uses), lines, pass (the
+//!            log's use), submit, results, state (the step log), export
 //! plan       per row: done, copy, send, input error, another shard's
 //! output     what is made from records: csv, merge, html (the report: tally, table, page,
 //!            svg charts, text)
