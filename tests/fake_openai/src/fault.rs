@@ -12,7 +12,8 @@
 /// What a marker asks the server to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum FaultKind {
-    /// Plain HTTP error statuses: 400, 401, 403, 404, 422, 429, 500, 503.
+    /// Plain HTTP error statuses: 400, 401, 403, 404, 413, 422, 429, 500, 503, 529 (413 and
+    /// 529 are Anthropic's; OpenAI's route answers them as a 400).
     Status(u16),
     Quota,
     /// `flex429`: flex processing's 429 "resource unavailable" (code `resource_unavailable`),
@@ -67,7 +68,7 @@ fn parse_token(token: &str) -> Option<Marker> {
         None => (token, None),
     };
     let kind = match kind_s {
-        "400" | "401" | "403" | "404" | "422" | "429" | "500" | "503" => {
+        "400" | "401" | "403" | "404" | "413" | "422" | "429" | "500" | "503" | "529" => {
             FaultKind::Status(kind_s.parse().ok()?)
         }
         "quota" => FaultKind::Quota,

@@ -32,6 +32,7 @@ pub(crate) async fn route(
         (&Method::POST, p) if crate::azure::chat_deployment(p).is_some() => {
             crate::azure::chat(&shared, req).await
         }
+        (&Method::POST, "/v1/messages") => crate::anthropic::messages(&shared, req).await,
         (&Method::GET, "/v1/models" | "/models") => models(&shared),
         (&Method::GET, "/stats") => json_response(StatusCode::OK, &shared.stats().to_json()),
         (_, p) if crate::batch::is_batch_path(p) => crate::batch::route(&shared, req).await,
@@ -788,7 +789,7 @@ fn json_text(doc: &Value, bad: bool) -> String {
     s
 }
 
-async fn sleep_ms(ms: u64) {
+pub(crate) async fn sleep_ms(ms: u64) {
     if ms > 0 {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }

@@ -6,6 +6,7 @@
 //! endpoints, and the clock that moves batches, in `batch`; content parts (images),
 //! `response_format` and the JSON generated from a schema in `shape`.
 
+mod anthropic;
 mod azure;
 mod batch;
 mod fault;

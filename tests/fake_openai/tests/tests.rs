@@ -3,6 +3,7 @@
 
 mod common;
 
+mod anthropic;
 mod batch;
 mod server;
 mod shape;
