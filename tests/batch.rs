@@ -751,3 +751,34 @@ fn a_part_left_creating_is_known_to_status_cancel_and_fresh() {
     assert_eq!(s.stats().batch_requests_billed, 6);
     billed_equals_kept(&s, &f);
 }
+
+#[test]
+fn a_create_that_fails_every_try_stays_creating_and_the_rerun_submits_once() {
+    // Every create of the first run answers 500 (1 try and 1 retry): nothing is made.
+    let s = spawn_background(Config {
+        batch_auto_advance: true,
+        batch_create_failures: 2,
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(6, "item");
+    let job = batch_job(&f, &s, &rows, "", "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("max_retries = 4", "max_retries = 1");
+    std::fs::write(&job, text).unwrap();
+    let r = f.run(&["run", &job]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(s.stats().batches_created, 0);
+    // The part waits, creating: --fresh would forget rows a lagging server might hold.
+    assert_eq!(f.run(&["run", "--fresh", &job]).code, 2);
+    let r = f.run(&["batch", "status", &job]);
+    ok(&r);
+    assert!(r.stdout.contains("holds no batch of it"), "{}", r.stdout);
+    // The rerun looks, finds none, and submits the rows once.
+    ok(&f.run(&["run", "--wait", &job]));
+    assert_eq!(s.stats().batches_created, 1);
+    assert_eq!(s.stats().batch_requests_billed, 6);
+    assert_eq!(ok_completions(&f), echo_all(&rows));
+    billed_equals_kept(&s, &f);
+}

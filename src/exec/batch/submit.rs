@@ -139,13 +139,10 @@ impl Pass {
                     tracing::debug!("creating a batch: retrying in {d:?}: {}", f.error);
                     tokio::time::sleep(d).await;
                 }
-                // Looked up and not there: nothing was made, so the part can be given up.
-                None => {
-                    return Err(CreateFailed {
-                        maybe_made: false,
-                        ..f
-                    })
-                }
+                // Out of retries. After an ambiguous failure the part stays `creating` even
+                // though the lookup found nothing (a list can lag a create): the next run
+                // looks again before anything is submitted anew.
+                None => return Err(f),
             }
         }
     }

@@ -50,6 +50,8 @@ pub(crate) struct State {
     executed: Vec<Value>,
     /// Creates whose answer was dropped so far (`Config::batch_create_answers_lost`).
     creates_lost: u64,
+    /// Creates refused with a 500 so far (`Config::batch_create_failures`).
+    creates_failed: u64,
 }
 
 struct StoredFile {
@@ -850,6 +852,21 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
             }
         }
         (&Method::POST, ["batches"]) => {
+            let refuse = {
+                let mut st = shared.batch.lock().unwrap();
+                let refuse = st.creates_failed < shared.config.batch_create_failures;
+                st.creates_failed += u64::from(refuse);
+                refuse
+            };
+            if refuse {
+                return error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The server had an error while processing your request (injected by batch_create_failures).",
+                    "server_error",
+                    None,
+                    None,
+                );
+            }
             let kill = req.extensions().get::<crate::ConnKill>().cloned();
             let resp = create(shared, req, azure).await;
             let lose = resp.status().is_success() && {

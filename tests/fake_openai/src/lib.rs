@@ -73,6 +73,8 @@ pub struct Config {
     /// connection is dropped with no response, as when a proxy or the network fails after the
     /// server acted. A client that creates again makes a second batch of the same lines.
     pub batch_create_answers_lost: u64,
+    /// The first this many `POST /v1/batches` answer 500 and make nothing.
+    pub batch_create_failures: u64,
 }
 
 impl Default for Config {
@@ -93,6 +95,7 @@ impl Default for Config {
             tls: None,
             azure_api_version: None,
             batch_create_answers_lost: 0,
+            batch_create_failures: 0,
         }
     }
 }
