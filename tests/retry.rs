@@ -48,7 +48,13 @@ fn transient_faults_are_retried_until_they_succeed() {
 fn a_row_that_keeps_failing_is_recorded_with_its_error_after_max_retries() {
     let s = server();
     let f = Fixture::new();
-    f.write("data.jsonl", "{\"t\": \"FAULT:500\"}\n{\"t\": \"ok\"}\n");
+    // The other row answers while the first one is being retried, so the endpoint is known to
+    // be up (a success before the row began would look like the last one before an outage;
+    // on a loaded machine the second row's task can even finish before the first one starts).
+    f.write(
+        "data.jsonl",
+        "{\"t\": \"FAULT:500\"}\n{\"t\": \"ok FAULT:slow=1000\"}\n",
+    );
     let job = f.job("data.jsonl", "{{ t }}", "", "", &s.base_url());
     std::fs::write(
         &job,
