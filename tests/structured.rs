@@ -36,17 +36,12 @@ fn job(f: &Fixture, s: &FakeServer, texts: &[&str], model: &str, output: &str) -
     j.to_str().unwrap().to_string()
 }
 
+/// What the server billed equals what the output kept, its stale file's records included.
 fn billed_equals_kept(s: &FakeServer, f: &Fixture) {
     let st = s.stats();
-    let (p, c) = f.records().iter().fold((0, 0), |(p, c), r| {
-        (
-            p + r["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
-            c + r["usage"]["completion_tokens"].as_u64().unwrap_or(0),
-        )
-    });
     assert_eq!(
         (st.billed_prompt_tokens, st.billed_completion_tokens),
-        (p, c),
+        kept_with_stale(f),
         "billed vs kept"
     );
 }
@@ -170,7 +165,7 @@ fn a_completion_wrong_every_time_fails_as_invalid_output_quoting_path_and_rule()
     let r = f.run(&["run", "--quiet", "--retry-failed", &j]);
     assert_eq!(r.code, 1, "wrong again: {}", r.stderr);
     assert_eq!(s.stats().requests, 6, "asked again, with its re-asks");
-    billed_equals_kept_with_stale(&s, &f);
+    billed_equals_kept(&s, &f);
 }
 
 #[test]
@@ -421,7 +416,7 @@ fn a_stop_before_the_re_ask_keeps_the_paid_first_answer_on_record() {
     assert_eq!(acme["error"]["kind"], "interrupted");
     assert!(acme["cost_usd"].as_f64().unwrap() > 0.0);
     assert_eq!(acme["invalid_attempts"].as_array().unwrap().len(), 1);
-    billed_equals_kept_with_stale(&s, &f);
+    billed_equals_kept(&s, &f);
     // The budget saw it: the summary's spend is the record's.
     let summary: Value = serde_json::from_str(
         &std::fs::read_to_string(f.path("out/result.jsonl.summary.json")).unwrap(),
@@ -442,7 +437,7 @@ fn a_stop_before_the_re_ask_keeps_the_paid_first_answer_on_record() {
     let recs = f.records();
     assert_eq!(recs.len(), 2);
     assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
-    billed_equals_kept_with_stale(&s, &f);
+    billed_equals_kept(&s, &f);
 }
 
 #[test]
@@ -550,14 +545,5 @@ fn a_batch_jobs_budget_counts_the_schemas_tokens_as_online_does() {
     assert!(
         ((with_schema - plain) - want).abs() < 1e-12,
         "the schema adds {tokens} prompt tokens to each request's worst case: {plain} → {with_schema}"
-    );
-}
-
-fn billed_equals_kept_with_stale(s: &FakeServer, f: &Fixture) {
-    let st = s.stats();
-    assert_eq!(
-        (st.billed_prompt_tokens, st.billed_completion_tokens),
-        kept_with_stale(f),
-        "billed vs kept"
     );
 }

@@ -171,8 +171,15 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
     for p in open {
         let id = match &p.batch_id {
             Some(id) => id.clone(),
-            None => match adopt_or_abandon(job, client.as_ref(), &mut log, &p).await? {
-                Some(id) => id,
+            None => match settle_creating(
+                client.as_ref(),
+                &mut log,
+                &crate::ledger::files::Files::new(&job.output).batch_dir(),
+                &p,
+            )
+            .await?
+            {
+                Some(b) => b.id,
                 None => {
                     lines.push(format!(
                         "{}: no batch was made of it; its rows are pending",
@@ -194,14 +201,15 @@ pub async fn cancel(job: &Job) -> Result<Vec<String>, Error> {
     Ok(lines)
 }
 
-/// A part whose create answer was lost, settled under the lock: the batch the server made
-/// of it goes on record, or, if there is none, the part is given up (its rows pending).
-async fn adopt_or_abandon(
-    job: &Job,
+/// A part left `creating` (its create's answer was lost, or the run stopped), settled under
+/// the lock: the batch the server made of it goes on record and is returned, or, if there is
+/// none, the part is given up (its file removed here and on the server; its rows pending).
+async fn settle_creating(
     client: &dyn BatchApi,
     log: &mut Log,
+    dir: &std::path::Path,
     p: &BatchPart,
-) -> Result<Option<String>, Error> {
+) -> Result<Option<api::Batch>, Error> {
     match client.find_batch(&p.id, p.creating_at).await? {
         Some(b) => {
             log.record(Event::Created {
@@ -209,7 +217,7 @@ async fn adopt_or_abandon(
                 batch_id: b.id.clone(),
                 at: b.created_at.unwrap_or_else(now),
             })?;
-            Ok(Some(b.id))
+            Ok(Some(b))
         }
         None => {
             log.record(Event::Abandoned {
@@ -217,7 +225,6 @@ async fn adopt_or_abandon(
                 why: "no batch was created before the run stopped".into(),
                 at: now(),
             })?;
-            let dir = crate::ledger::files::Files::new(&job.output).batch_dir();
             let _ = std::fs::remove_file(dir.join(&p.file));
             if let Some(f) = &p.file_id {
                 let _ = client.unstage(f).await;

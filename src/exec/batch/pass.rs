@@ -179,26 +179,19 @@ impl Pass {
                     self.abandon(&part, "the run stopped before it was submitted")?;
                 }
                 Stage::Creating => {
-                    match self.client().find_batch(&part.id, part.creating_at).await? {
-                        Some(b) => {
-                            tracing::info!(
-                                "batch {} of {} was created before the last run stopped; following it",
-                                b.id,
-                                part.file
-                            );
-                            self.log.record(Event::Created {
-                                part: part.id.clone(),
-                                batch_id: b.id.clone(),
-                                at: b.created_at.unwrap_or_else(now),
-                            })?;
-                            self.check(&part.id, b).await?;
-                        }
-                        None => {
-                            if let Some(id) = &part.file_id {
-                                let _ = self.client().unstage(id).await;
-                            }
-                            self.abandon(&part, "no batch was created before the run stopped")?;
-                        }
+                    let client = self
+                        .client
+                        .as_deref()
+                        .expect("a client when batches are open");
+                    if let Some(b) =
+                        settle_creating(client, &mut self.log, &self.dir, &part).await?
+                    {
+                        tracing::info!(
+                            "batch {} of {} was created before the last run stopped; following it",
+                            b.id,
+                            part.file
+                        );
+                        self.check(&part.id, b).await?;
                     }
                 }
                 Stage::Created => {
@@ -473,7 +466,7 @@ impl Pass {
     /// Frees the result index and the in-flight keys once every row is routed: compaction,
     /// which comes next, needs the memory (40 bytes a result line).
     pub fn release_index(&mut self) {
-        self.results = Results::new(openai::outcome);
+        self.results = Results::new(self.results.parser());
         self.in_flight = Vec::new();
     }
 

@@ -40,7 +40,7 @@ impl Tokenizer {
             path: path.to_path_buf(),
             message,
         };
-        crate::models::check_model_file(path)?;
+        // The caller (`backend`) has checked the file, before hashing it.
         let backend =
             super::backend().map_err(|e| model_err(format!("cannot start llama.cpp: {e}")))?;
         let params = LlamaModelParams::default().with_vocab_only(true);
