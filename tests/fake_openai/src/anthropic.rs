@@ -3,13 +3,17 @@
 //! `max_tokens`, `stop_sequences`, content blocks), its answer (text blocks, `stop_reason`,
 //! usage with the cache fields) and its error shapes. The body is read as a chat request, so
 //! every `FAULT:` marker and answer shape works here as on the OpenAI route, and billing is
-//! counted in the same `Stats`. Not here yet (issue 18 adds them with the provider): the
-//! streamed events, the rpm/tpm limiter and its `anthropic-ratelimit-*` headers, tool use and
-//! Message Batches.
+//! counted in the same `Stats`. A `cache_control` breakpoint is served by a prompt cache: the
+//! text up to it, when at least [`MIN_CACHED_TOKENS`] long, is written the first time and read
+//! every time after, and usage says which. `"stream": true` is answered as Anthropic's events. A `tool_choice` that forces a tool is answered with a
+//! `tool_use` block whose input follows the tool's `input_schema` (structured outputs). Not
+//! here yet: the rpm/tpm limiter and its `anthropic-ratelimit-*` headers
+//! and Message Batches.
 
 use std::sync::atomic::Ordering;
 
 use axum::body::Body;
+use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
@@ -74,6 +78,8 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
         Ok(_) => return reject(400, "The request body must be a JSON object."),
         Err(e) => return reject(400, &format!("The request body is not valid JSON: {e}")),
     };
+    let forced_tool = forced_tool(&body);
+    let cache_prefix = cache_prefix(&body);
     let chat = match as_chat(&body) {
         Ok(c) => c,
         Err(msg) => return reject(400, &msg),
@@ -96,32 +102,183 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
     counters.ok.fetch_add(1, Ordering::Relaxed);
     let choice = &answer.choices[0];
     let (p, c, cached, _) = answer.usage;
-    let stop_reason = match (choice.refusal, choice.finish) {
+    let mut stop_reason = match (choice.refusal, choice.finish) {
         (Some(_), _) => "refusal",
         (None, "length") => "max_tokens",
         _ => "end_turn",
     };
     let text = choice.content.as_deref().unwrap_or_default();
+    let mut block = json!({"type": "text", "text": text});
+    if let Some(name) = &forced_tool {
+        // The schema-shaped answer as the tool's input; an answer that is not JSON (the
+        // `badjsonout` shape) stays text, as a model that ignored the tool would answer.
+        if let Ok(input @ Value::Object(_)) = serde_json::from_str::<Value>(text) {
+            block = json!({"type": "tool_use", "id": "toolu_fake", "name": name, "input": input});
+            stop_reason = "tool_use";
+        }
+    }
+    // Cache reads and writes are counted apart from the input tokens, as Anthropic does.
+    let (written, read) = match cache_prefix {
+        Some((hash, tokens)) if tokens <= p && cached == 0 => {
+            if shared.prompt_cache.lock().unwrap().insert(hash) {
+                (tokens, 0)
+            } else {
+                (0, tokens)
+            }
+        }
+        _ => (0, cached.min(p)),
+    };
     let mut msg = json!({
         "id": format!("msg_fake{:08}", shared.next_id.fetch_add(1, Ordering::Relaxed)),
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": text}],
+        "content": [block],
         "stop_reason": stop_reason,
         "stop_sequence": null,
-        // Anthropic counts cache reads apart from the input tokens.
         "usage": {
-            "input_tokens": p - cached.min(p),
+            "input_tokens": p - written - read,
             "output_tokens": c,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": read,
         },
     });
     if answer.omit_usage {
         msg.as_object_mut().unwrap().remove("usage");
     }
+    if body.get("stream") == Some(&Value::Bool(true)) {
+        return stream(msg, answer.cut);
+    }
     json_response(StatusCode::OK, &msg)
+}
+
+/// The message as Anthropic streams it: `message_start` (with the input usage), a `ping`, each
+/// block's start, deltas of four characters (`text_delta`, or `input_json_delta` for a tool's
+/// input) and stop, `message_delta` (stop reason, output usage) and `message_stop`. `cut`
+/// (`FAULT:cut`): half the deltas, then an `error` event (`overloaded_error`), as the API
+/// ends a stream it cannot finish.
+fn stream(msg: Value, cut: bool) -> Response<Body> {
+    let event = |name: &str, data: Value| Bytes::from(format!("event: {name}\ndata: {data}\n\n"));
+    let mut start = msg.clone();
+    start["content"] = json!([]);
+    start["stop_reason"] = Value::Null;
+    if let Some(u) = start.get_mut("usage") {
+        u["output_tokens"] = json!(1);
+    }
+    let mut events = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": start}),
+        ),
+        event("ping", json!({"type": "ping"})),
+    ];
+    let mut deltas = Vec::new();
+    for (i, block) in msg["content"].as_array().into_iter().flatten().enumerate() {
+        let (empty, text, kind, key) = if block["type"] == "tool_use" {
+            let mut b = block.clone();
+            b["input"] = json!({});
+            (
+                b,
+                block["input"].to_string(),
+                "input_json_delta",
+                "partial_json",
+            )
+        } else {
+            let text = block["text"].as_str().unwrap_or_default().to_string();
+            (
+                json!({"type": "text", "text": ""}),
+                text,
+                "text_delta",
+                "text",
+            )
+        };
+        deltas.push(event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": i, "content_block": empty}),
+        ));
+        let chars: Vec<char> = text.chars().collect();
+        for piece in chars.chunks(4) {
+            let piece: String = piece.iter().collect();
+            deltas.push(event(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": i,
+                       "delta": {"type": kind, key: piece}}),
+            ));
+        }
+        deltas.push(event(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": i}),
+        ));
+    }
+    if cut {
+        deltas.truncate(deltas.len().div_ceil(2));
+        events.extend(deltas);
+        events.push(event(
+            "error",
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ));
+    } else {
+        events.extend(deltas);
+        let mut delta = json!({"type": "message_delta",
+            "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": null}});
+        if let Some(out) = msg.pointer("/usage/output_tokens") {
+            delta["usage"] = json!({"output_tokens": out});
+        }
+        events.push(event("message_delta", delta));
+        events.push(event("message_stop", json!({"type": "message_stop"})));
+    }
+    let stream = futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    r
+}
+
+/// The shortest prefix the cache takes, in the server's token estimate (Claude Sonnet's
+/// minimum): a breakpoint on a shorter one is taken and nothing is cached, as the API does.
+pub const MIN_CACHED_TOKENS: u64 = 1024;
+
+/// The prompt up to the last `cache_control` breakpoint (system blocks, then every message's
+/// blocks in order): its hash and its length in the server's estimate (four characters a
+/// token, and three a message, as the chat route counts), when it is long enough to cache.
+fn cache_prefix(body: &Map<String, Value>) -> Option<(u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut blocks: Vec<(&Value, bool)> = Vec::new(); // (block, starts a message)
+    if let Some(Value::Array(sys)) = body.get("system") {
+        blocks.extend(sys.iter().enumerate().map(|(i, b)| (b, i == 0)));
+    }
+    for m in body.get("messages").and_then(Value::as_array)? {
+        if let Some(Value::Array(c)) = m.get("content") {
+            blocks.extend(c.iter().enumerate().map(|(i, b)| (b, i == 0)));
+        }
+    }
+    let last = blocks
+        .iter()
+        .rposition(|(b, _)| b.get("cache_control").is_some())?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let (mut chars, mut messages) = (0usize, 0u64);
+    for (b, starts) in &blocks[..=last] {
+        let text = b.get("text").and_then(Value::as_str).unwrap_or_default();
+        text.hash(&mut h);
+        chars += text.chars().count();
+        messages += u64::from(*starts);
+    }
+    let tokens = (chars.div_ceil(4) as u64) + 3 * messages;
+    (tokens >= MIN_CACHED_TOKENS).then(|| (h.finish(), tokens))
+}
+
+/// The tool a `tool_choice` of type `tool` forces, when the body declares it.
+fn forced_tool(body: &Map<String, Value>) -> Option<String> {
+    let choice = body.get("tool_choice")?;
+    if choice.get("type").and_then(Value::as_str) != Some("tool") {
+        return None;
+    }
+    let name = choice.get("name")?.as_str()?;
+    body.get("tools")?
+        .as_array()?
+        .iter()
+        .any(|t| t.get("name").and_then(Value::as_str) == Some(name))
+        .then(|| name.to_string())
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -161,6 +318,15 @@ fn as_chat(body: &Map<String, Value>) -> Result<Value, String> {
         "messages": out,
         "max_tokens": body["max_tokens"],
     });
+    // A forced tool is a structured output: the tool's input schema shapes the answer.
+    if let Some(name) = forced_tool(body) {
+        let tool = body["tools"]
+            .as_array()
+            .and_then(|t| t.iter().find(|t| t["name"] == name.as_str()))
+            .ok_or("tool_choice: the tool is not in `tools`")?;
+        chat["response_format"] = json!({"type": "json_schema", "json_schema": {
+            "name": name, "strict": true, "schema": tool["input_schema"]}});
+    }
     for (from, to) in [
         ("temperature", "temperature"),
         ("top_p", "top_p"),

@@ -215,6 +215,9 @@ pub(crate) struct Shared {
     pub batch: Mutex<batch::State>,
     /// Every request on an Azure route: what its URL and auth headers were.
     pub azure_hits: Mutex<Vec<AzureHit>>,
+    /// Anthropic's prompt cache: the hashes of the prefixes written so far (they never expire
+    /// here; a test run is shorter than the 5-minute lifetime).
+    pub prompt_cache: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Shared {
@@ -288,6 +291,7 @@ impl FakeServer {
             next_id: AtomicU64::new(1),
             batch: Mutex::new(batch::State::default()),
             azure_hits: Mutex::new(Vec::new()),
+            prompt_cache: Mutex::new(Default::default()),
         });
         let (tx, rx) = watch::channel(());
         tokio::spawn(accept_loop(listener, shared.clone(), rx, acceptor));
