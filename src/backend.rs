@@ -10,6 +10,7 @@ use crate::chat::{Mode, ServiceTier};
 use crate::cost::{Price, Pricing, Tier};
 use crate::error::Error;
 use crate::job::{Job, ProviderKind};
+use crate::provider::anthropic::{Anthropic, AnthropicWire};
 use crate::provider::endpoint::{read_ca_file, Endpoint};
 use crate::provider::openai::{OpenAi, OpenAiWire};
 use crate::provider::{Completion, ErrorKind, Provider, ProviderError, Request, Wire};
@@ -64,6 +65,35 @@ impl Backend {
                     identity: provider_identity(job, None),
                 })
             }
+            ProviderKind::Anthropic => {
+                let provider: Arc<dyn Provider> = if need_provider {
+                    let endpoint = endpoint(job)?;
+                    Arc::new(
+                        Anthropic::new(
+                            &endpoint,
+                            job.limits.timeout,
+                            job.limits.concurrency,
+                            job.params.stream.unwrap_or(false),
+                        )
+                        .map_err(Error::Other)?,
+                    )
+                } else {
+                    Arc::new(NoProvider { billed: true })
+                };
+                Ok(Backend {
+                    provider,
+                    // Claude's tokenizer is not public: OpenAI's o200k counts stand in, and
+                    // the server's usage is what is billed.
+                    counter: Arc::new(crate::tokens::Tiktoken::new("gpt-4o")),
+                    wire: Arc::new(AnthropicWire {
+                        cache: job.served.prompt_cache,
+                        shared_messages: shared_messages(job),
+                    }),
+                    pricing,
+                    tier,
+                    identity: provider_identity(job, None),
+                })
+            }
             ProviderKind::Local => local_backend(job, pricing, tier, need_provider),
         }
     }
@@ -77,11 +107,7 @@ impl Backend {
     /// rates, whatever mode the run that collects them is in.
     pub fn price_at(&self, tier: Tier, returned: Option<&str>, job_model: &str) -> Option<Price> {
         if !self.provider.is_billed() {
-            return Some(Price {
-                input: 0.0,
-                cached_input: 0.0,
-                output: 0.0,
-            });
+            return Some(Price::FREE);
         }
         if let Some(p) = &self.pricing {
             return Some(p.at(tier));
@@ -119,6 +145,27 @@ pub fn endpoint(job: &Job) -> Result<Endpoint, Error> {
         key,
         extra_roots,
     ))
+}
+
+/// How many of the job's first messages are the same for every row: plain text, inline or in a
+/// template file, with no Tera tag and no image. The prompt cache's breakpoint goes after them.
+pub fn shared_messages(job: &Job) -> usize {
+    use crate::job::MessageSource;
+    job.messages
+        .iter()
+        .take_while(|m| {
+            let text = match &m.source {
+                MessageSource::Inline(t) => Some(t.clone()),
+                MessageSource::Template(name) => job
+                    .template_dirs
+                    .iter()
+                    .find_map(|d| std::fs::read_to_string(d.join(name)).ok()),
+                MessageSource::Field(_) => None,
+            };
+            m.images.is_empty()
+                && text.is_some_and(|t| !t.contains("{{") && !t.contains("{%") && !t.contains("{#"))
+        })
+        .count()
 }
 
 /// The local model file: the job's `path`, else the fetched default.
@@ -243,6 +290,9 @@ impl Provider for NoProvider {
 pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String {
     match job.served.provider {
         ProviderKind::Openai => format!("openai:{}", host_and_port(&job.served.base_url)),
+        ProviderKind::Anthropic => {
+            format!("anthropic:{}", host_and_port(&job.served.base_url))
+        }
         ProviderKind::Local => format!(
             "local:{}:ctx={}",
             local_model_sha256.unwrap_or("unknown"),

@@ -1,5 +1,6 @@
-//! Prices × usage → USD. A built-in, dated table for OpenAI's chat models; dated snapshot names
-//! map to their family; the job's `[pricing]` overrides. Pure, so it is unit-tested.
+//! Prices × usage → USD. A built-in, dated table for OpenAI's chat models and Anthropic's Claude
+//! models; dated snapshot names map to their family; the job's `[pricing]` overrides. Pure, so
+//! it is unit-tested.
 
 use serde::{Deserialize, Serialize};
 
@@ -157,7 +158,74 @@ const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
         None,
         false,
     ),
+    // Anthropic's pricing page, read 2025-11-24: input, cache read, output; the Message
+    // Batches API at half of each. Cache writes are priced by rule ([`CLAUDE_CACHE_WRITE`]).
+    // Sonnet's prompts over 200,000 tokens (a 1M-context beta) bill higher: not in this table.
+    (
+        "claude-opus-4-5",
+        r(5.00, Some(0.50), 25.00),
+        Some(r(2.50, Some(0.25), 12.50)),
+        false,
+    ),
+    (
+        "claude-opus-4-1",
+        r(15.00, Some(1.50), 75.00),
+        Some(r(7.50, Some(0.75), 37.50)),
+        false,
+    ),
+    (
+        "claude-opus-4",
+        r(15.00, Some(1.50), 75.00),
+        Some(r(7.50, Some(0.75), 37.50)),
+        false,
+    ),
+    (
+        "claude-sonnet-4-5",
+        r(3.00, Some(0.30), 15.00),
+        Some(r(1.50, Some(0.15), 7.50)),
+        false,
+    ),
+    (
+        "claude-sonnet-4",
+        r(3.00, Some(0.30), 15.00),
+        Some(r(1.50, Some(0.15), 7.50)),
+        false,
+    ),
+    (
+        "claude-3-7-sonnet",
+        r(3.00, Some(0.30), 15.00),
+        Some(r(1.50, Some(0.15), 7.50)),
+        false,
+    ),
+    (
+        "claude-haiku-4-5",
+        r(1.00, Some(0.10), 5.00),
+        Some(r(0.50, Some(0.05), 2.50)),
+        false,
+    ),
+    (
+        "claude-3-5-haiku",
+        r(0.80, Some(0.08), 4.00),
+        Some(r(0.40, Some(0.04), 2.00)),
+        false,
+    ),
+    (
+        "claude-3-haiku",
+        r(0.25, Some(0.03), 1.25),
+        Some(r(0.125, Some(0.015), 0.625)),
+        false,
+    ),
+    (
+        "claude-3-opus",
+        r(15.00, Some(1.50), 75.00),
+        Some(r(7.50, Some(0.75), 37.50)),
+        false,
+    ),
 ];
+
+/// Anthropic bills a cache write at a multiple of the input rate of its tier (the batch
+/// discount applies to it too): 1.25× for the 5-minute cache, 2× for the 1-hour cache.
+const CLAUDE_CACHE_WRITE: (f64, f64) = (1.25, 2.0);
 
 /// (input, cached input, output); `None` cached: no cache discount.
 type Rates = (f64, Option<f64>, f64);
@@ -178,6 +246,16 @@ pub struct Pricing {
     pub batch_input: Option<f64>,
     pub batch_cached_input: Option<f64>,
     pub batch_output: Option<f64>,
+    /// Prompt-cache writes (Anthropic's 5-minute and 1-hour caches); without them a write is
+    /// priced at the tier's input rate.
+    #[serde(default)]
+    pub cache_write_input: Option<f64>,
+    #[serde(default)]
+    pub cache_write_1h_input: Option<f64>,
+    #[serde(default)]
+    pub batch_cache_write_input: Option<f64>,
+    #[serde(default)]
+    pub batch_cache_write_1h_input: Option<f64>,
 }
 
 /// Which of a model's prices applies.
@@ -203,20 +281,53 @@ const ALIASES: &[(&str, &str)] = &[
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Price {
     pub input: f64,
+    /// A prompt-cache read.
     pub cached_input: f64,
     pub output: f64,
+    /// A prompt-cache write: 5 minutes, and 1 hour.
+    pub cache_write: f64,
+    pub cache_write_1h: f64,
 }
 
 impl Price {
-    /// Cached prompt tokens at the cached rate, the rest at the input rate; reasoning tokens
-    /// are inside `completion_tokens` and are charged once, with them.
+    /// Rates that charge nothing (the local model).
+    pub const FREE: Price = Price {
+        input: 0.0,
+        cached_input: 0.0,
+        output: 0.0,
+        cache_write: 0.0,
+        cache_write_1h: 0.0,
+    };
+
+    /// Cache reads at the cached rate, cache writes at the write rates, the rest of the prompt
+    /// at the input rate; reasoning tokens are inside `completion_tokens` and are charged
+    /// once, with them.
     pub fn cost(&self, u: &Usage) -> f64 {
         let cached = u.cached_tokens.unwrap_or(0).min(u.prompt_tokens);
-        let fresh = u.prompt_tokens - cached;
+        let written = u
+            .cache_write_tokens
+            .unwrap_or(0)
+            .min(u.prompt_tokens - cached);
+        let written_1h = u.cache_write_1h_tokens.unwrap_or(0).min(written);
+        let fresh = u.prompt_tokens - cached - written;
         (fresh as f64 * self.input
             + cached as f64 * self.cached_input
+            + (written - written_1h) as f64 * self.cache_write
+            + written_1h as f64 * self.cache_write_1h
             + u.completion_tokens as f64 * self.output)
             / 1_000_000.0
+    }
+
+    /// What the prompt cache saved (or, when writes outweigh reads, cost) against the same
+    /// tokens at the input rate.
+    pub fn cache_saving(&self, u: &Usage) -> f64 {
+        let uncached = Usage {
+            cached_tokens: None,
+            cache_write_tokens: None,
+            cache_write_1h_tokens: None,
+            ..*u
+        };
+        self.cost(&uncached) - self.cost(u)
     }
 
     /// The most a request can cost: every prompt token at the input rate, every allowed
@@ -244,14 +355,26 @@ pub fn lookup_tier(model: &str, tier: Tier) -> Option<Price> {
             Tier::Flex if flex => batch?,
             Tier::Flex => return None,
         };
+        let (w5, w1h) = if name.starts_with("claude-") {
+            CLAUDE_CACHE_WRITE
+        } else {
+            (1.0, 1.0)
+        };
         Some(Price {
             input,
             cached_input: cached.unwrap_or(input),
             output,
+            cache_write: input * w5,
+            cache_write_1h: input * w1h,
         })
     };
     let model = model.trim().to_ascii_lowercase();
-    let model = model.strip_prefix("openai/").unwrap_or(&model);
+    let model = ["openai/", "anthropic/"]
+        .iter()
+        .find_map(|p| model.strip_prefix(p))
+        .unwrap_or(&model);
+    // Anthropic's moving aliases name the family's newest snapshot.
+    let model = model.strip_suffix("-latest").unwrap_or(model);
     if let Some(p) = find(model) {
         return Some(p);
     }
@@ -269,18 +392,25 @@ impl Pricing {
             input: self.input,
             cached_input: self.cached_input.unwrap_or(self.input),
             output: self.output,
+            cache_write: self.cache_write_input.unwrap_or(self.input),
+            cache_write_1h: self.cache_write_1h_input.unwrap_or(self.input),
         };
         match tier {
             Tier::Standard => online,
             Tier::Batch | Tier::Flex => {
                 let input = self.batch_input.unwrap_or(online.input);
+                let batch_or = |batch: Option<f64>, online: f64| {
+                    batch.or(self.batch_input.map(|_| input)).unwrap_or(online)
+                };
                 Price {
                     input,
-                    cached_input: self
-                        .batch_cached_input
-                        .or(self.batch_input.map(|_| input))
-                        .unwrap_or(online.cached_input),
+                    cached_input: batch_or(self.batch_cached_input, online.cached_input),
                     output: self.batch_output.unwrap_or(online.output),
+                    cache_write: batch_or(self.batch_cache_write_input, online.cache_write),
+                    cache_write_1h: batch_or(
+                        self.batch_cache_write_1h_input,
+                        online.cache_write_1h,
+                    ),
                 }
             }
         }
@@ -289,6 +419,13 @@ impl Pricing {
 
 fn strip_date(model: &str) -> &str {
     let b = model.as_bytes();
+    // -YYYYMMDD (Anthropic's snapshots: claude-sonnet-4-5-20250929)
+    if b.len() > 9 {
+        let tail = &model[model.len() - 9..];
+        if tail.starts_with('-') && tail[1..].bytes().all(|c| c.is_ascii_digit()) {
+            return &model[..model.len() - 9];
+        }
+    }
     // -YYYY-MM-DD
     if b.len() > 11 {
         let tail = &model[model.len() - 11..];
@@ -324,8 +461,56 @@ mod tests {
             total_tokens: p + c,
             cached_tokens: cached,
             reasoning_tokens: reasoning,
-            estimated: false,
+            ..Usage::default()
         }
+    }
+
+    fn no_cache_rates() -> Pricing {
+        Pricing {
+            input: 0.0,
+            cached_input: None,
+            output: 0.0,
+            batch_input: None,
+            batch_cached_input: None,
+            batch_output: None,
+            cache_write_input: None,
+            cache_write_1h_input: None,
+            batch_cache_write_input: None,
+            batch_cache_write_1h_input: None,
+        }
+    }
+
+    #[test]
+    fn claude_snapshots_and_cache_rates_stack_with_the_batch_discount() {
+        let p = lookup("claude-sonnet-4-5-20250929").unwrap();
+        assert_eq!(Some(p), lookup("anthropic/claude-sonnet-4-5"));
+        assert_eq!(
+            lookup("claude-3-5-haiku-latest"),
+            lookup("claude-3-5-haiku")
+        );
+        assert_eq!((p.input, p.cached_input, p.output), (3.0, 0.30, 15.0));
+        assert!((p.cache_write - 3.75).abs() < 1e-12 && (p.cache_write_1h - 6.0).abs() < 1e-12);
+        let b = lookup_tier("claude-sonnet-4-5", Tier::Batch).unwrap();
+        assert!((b.cache_write - 1.875).abs() < 1e-12, "{b:?}");
+        assert_eq!(b.cached_input, 0.15);
+        // 2,000 written (500 of them for an hour), 1,000 read, 100 fresh, 50 out.
+        let u = Usage {
+            prompt_tokens: 3100,
+            completion_tokens: 50,
+            total_tokens: 3150,
+            cached_tokens: Some(1000),
+            cache_write_tokens: Some(2000),
+            cache_write_1h_tokens: Some(500),
+            ..Usage::default()
+        };
+        let want = (100.0 * 3.0 + 1000.0 * 0.30 + 1500.0 * 3.75 + 500.0 * 6.0 + 50.0 * 15.0) / 1e6;
+        assert!(
+            (p.cost(&u) - want).abs() < 1e-12,
+            "{} != {want}",
+            p.cost(&u)
+        );
+        let saved = (3100.0 * 3.0 + 50.0 * 15.0) / 1e6 - want;
+        assert!((p.cache_saving(&u) - saved).abs() < 1e-12);
     }
 
     #[test]
@@ -389,6 +574,7 @@ mod tests {
             batch_input: None,
             batch_cached_input: None,
             batch_output: None,
+            ..no_cache_rates()
         };
         assert_eq!(p.at(Tier::Batch), p.at(Tier::Standard));
         p.batch_input = Some(0.4);
@@ -406,6 +592,7 @@ mod tests {
             batch_input: None,
             batch_cached_input: None,
             batch_output: None,
+            ..no_cache_rates()
         }
         .at(Tier::Standard);
         assert_eq!(p.cached_input, 1.0);

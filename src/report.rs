@@ -19,6 +19,9 @@ pub struct Stats {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
+    /// What the prompt cache saved against the same prompts at the input rate.
+    pub cache_saved_usd: f64,
     pub reasoning_tokens: u64,
     pub cost_usd: f64,
     /// Rows whose model had no known price: their cost is unknown, not zero.
@@ -61,6 +64,8 @@ impl Default for Stats {
             prompt_tokens: 0,
             completion_tokens: 0,
             cached_tokens: 0,
+            cache_write_tokens: 0,
+            cache_saved_usd: 0.0,
             reasoning_tokens: 0,
             cost_usd: 0.0,
             unpriced_rows: 0,
@@ -93,6 +98,7 @@ impl Stats {
             error: r.error.as_ref().map(|e| e.kind),
             usage: r.usage,
             cost_usd: r.cost_usd,
+            cache_saved_usd: r.cache_saved_usd,
             sent: r.fingerprint.is_some(),
             latency_ms: r.latency_ms,
             ttft_ms: r.ttft_ms,
@@ -109,6 +115,7 @@ impl Stats {
             error: l.error.as_ref().map(|e| e.kind),
             usage: l.usage.as_ref().map(|u| u.usage()),
             cost_usd: l.cost_usd,
+            cache_saved_usd: l.cache_saved_usd,
             sent: l.fingerprint.is_some(),
             latency_ms: l.latency_ms.unwrap_or(0),
             ttft_ms: l.ttft_ms,
@@ -135,6 +142,8 @@ impl Stats {
             self.prompt_tokens += u.prompt_tokens;
             self.completion_tokens += u.completion_tokens;
             self.cached_tokens += u.cached_tokens.unwrap_or(0);
+            self.cache_write_tokens += u.cache_write_tokens.unwrap_or(0);
+            self.cache_saved_usd += r.cache_saved_usd.unwrap_or(0.0);
             self.reasoning_tokens += u.reasoning_tokens.unwrap_or(0);
             match r.cost_usd {
                 Some(c) => self.cost_usd += c,
@@ -166,6 +175,9 @@ impl Stats {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             cached_tokens: self.cached_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            cache_saved_usd: (self.cached_tokens + self.cache_write_tokens > 0)
+                .then_some(self.cache_saved_usd),
             reasoning_tokens: self.reasoning_tokens,
             cost_usd: if self.unpriced_rows > 0 && self.cost_usd == 0.0 {
                 None
@@ -208,6 +220,7 @@ struct Counted {
     error: Option<crate::provider::ErrorKind>,
     usage: Option<crate::chat::Usage>,
     cost_usd: Option<f64>,
+    cache_saved_usd: Option<f64>,
     /// It has a fingerprint: a request was made, so its latency counts.
     sent: bool,
     latency_ms: u64,
@@ -242,7 +255,14 @@ pub struct Summary {
     pub rows_skipped_failed: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Prompt tokens read from the provider's prompt cache, and written to it (Anthropic).
     pub cached_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+    /// What the prompt cache saved, in USD, against the same prompts at the input rate;
+    /// absent when nothing was cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_saved_usd: Option<f64>,
     pub reasoning_tokens: u64,
     /// `null` when no row's model had a known price.
     pub cost_usd: Option<f64>,
@@ -325,7 +345,22 @@ impl BatchSummary {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Summary {
+    /// The prompt cache's part: the share of input tokens read from it, what was written, and
+    /// what it saved. `None` when nothing was cached.
+    pub fn cache_line(&self) -> Option<String> {
+        let saved = self.cache_saved_usd?;
+        let share = 100.0 * self.cached_tokens as f64 / self.prompt_tokens.max(1) as f64;
+        Some(format!(
+            "{} read ({share:.1}% of input), {} written, saved ${saved:.4}",
+            self.cached_tokens, self.cache_write_tokens
+        ))
+    }
+
     /// The summary as the end of a run prints it: one aligned line per figure.
     pub fn table(&self) -> String {
         let ms = |v: Option<u64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
@@ -341,6 +376,9 @@ impl Summary {
                     format!("{} / {}", self.cached_tokens, self.reasoning_tokens),
                 ),
             );
+        }
+        if let Some(line) = self.cache_line() {
+            rows.insert(5, ("prompt cache", line));
         }
         if self.ttft_p50_ms.is_some() {
             rows.push((

@@ -4,6 +4,7 @@
 
 mod util;
 
+mod anthropic;
 mod auth;
 mod batch;
 mod budget;

@@ -130,7 +130,7 @@ pub(super) fn validate(path: &Path, input: Option<std::path::PathBuf>) -> Result
             }
         }
     }
-    if job.served.provider == ProviderKind::Openai
+    if job.served.provider != ProviderKind::Local
         && std::env::var(&job.served.api_key_env).is_err()
         && !is_loopback(&job.served.base_url)
     {

@@ -31,14 +31,14 @@ pub(super) fn add_usage(a: &mut Usage, b: &Usage) {
     a.prompt_tokens += b.prompt_tokens;
     a.completion_tokens += b.completion_tokens;
     a.total_tokens += b.total_tokens;
-    a.cached_tokens = match (a.cached_tokens, b.cached_tokens) {
+    let sum = |x: Option<u64>, y: Option<u64>| match (x, y) {
         (None, None) => None,
         (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
     };
-    a.reasoning_tokens = match (a.reasoning_tokens, b.reasoning_tokens) {
-        (None, None) => None,
-        (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
-    };
+    a.cached_tokens = sum(a.cached_tokens, b.cached_tokens);
+    a.cache_write_tokens = sum(a.cache_write_tokens, b.cache_write_tokens);
+    a.cache_write_1h_tokens = sum(a.cache_write_1h_tokens, b.cache_write_1h_tokens);
+    a.reasoning_tokens = sum(a.reasoning_tokens, b.reasoning_tokens);
     a.estimated |= b.estimated;
 }
 

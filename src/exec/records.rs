@@ -11,7 +11,7 @@ use super::batch;
 use super::writer::Msg;
 use super::Shared;
 use crate::chat::{Mode, Usage};
-use crate::cost::Tier;
+use crate::cost::{Price, Tier};
 use crate::error::Error;
 use crate::ledger::record::{Record, RecordError, Status};
 use crate::provider::{Completion, ErrorKind};
@@ -85,10 +85,9 @@ pub(super) fn batch_record(
                     ..Usage::default()
                 },
             };
-            let cost = sh
+            let price = sh
                 .backend
-                .price_at(Tier::Batch, c.model.as_deref(), &sh.job.served.model)
-                .map(|pr| pr.cost(&usage));
+                .price_at(Tier::Batch, c.model.as_deref(), &sh.job.served.model);
             // A batch answer is judged like an online one; it cannot be asked again within
             // the batch, so one that breaks the shape fails its row (`--retry-failed` sends
             // it again).
@@ -98,8 +97,17 @@ pub(super) fn batch_record(
                 .as_ref()
                 .map(|shape| judge_once(shape, &choices, &input));
             let several = sh.job.params.choices() > 1 || choices.len() > 1;
-            let mut record =
-                answered_record(row, id, input, c, usage, cost, 1, from.took_ms, fingerprint);
+            let mut record = answered_record(
+                row,
+                id,
+                input,
+                c,
+                usage,
+                price,
+                1,
+                from.took_ms,
+                fingerprint,
+            );
             let data = match judged {
                 Some((data, invalid, failure)) => {
                     judged_wrong(&mut record, invalid, failure);
@@ -140,7 +148,7 @@ pub(super) fn answered_record(
     input: Map<String, serde_json::Value>,
     c: Completion,
     usage: Usage,
-    cost: Option<f64>,
+    price: Option<Price>,
     attempts: u32,
     latency_ms: u64,
     fingerprint: Option<String>,
@@ -149,8 +157,9 @@ pub(super) fn answered_record(
         completion: Some(c.text),
         finish_reason: c.finish_reason,
         model: c.model,
+        cost_usd: price.map(|p| p.cost(&usage)),
+        cache_saved_usd: price.map(|p| p.cache_saving(&usage)).filter(|&s| s != 0.0),
         usage: Some(usage),
-        cost_usd: cost,
         ..Record::new(
             row,
             id,
@@ -223,9 +232,8 @@ pub(super) fn usage_of(sh: &Shared, messages: &[crate::chat::Message], c: &Compl
         prompt_tokens: prompt,
         completion_tokens: completion,
         total_tokens: prompt + completion,
-        cached_tokens: None,
-        reasoning_tokens: None,
         estimated: true,
+        ..Usage::default()
     }
 }
 

@@ -122,7 +122,7 @@ fn answered(
         Some(s) => s.usage,
         None => usage_of(sh, &request.messages, &c),
     };
-    let cost = sh.price(c.model.as_deref()).map(|pr| pr.cost(&usage));
+    let price = sh.price(c.model.as_deref());
     let several = sh.job.params.choices() > 1 || !c.choices.is_empty();
     let ttft_ms = c.ttft_ms;
     // Plain text with several choices keeps them all; one choice needs no copy.
@@ -133,7 +133,7 @@ fn answered(
         row.fields,
         c,
         usage,
-        cost,
+        price,
         attempts,
         latency_ms,
         Some(crate::fingerprint::hex(&fingerprint)),

@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::provider::endpoint::Auth;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 
 /// Why a job or row with images cannot run on the embedded model.
 pub const TEXT_ONLY_MODEL: &str =
@@ -25,6 +26,8 @@ pub const TEXT_ONLY_MODEL: &str =
 pub enum ProviderKind {
     #[default]
     Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
     Local,
 }
 
@@ -42,6 +45,7 @@ pub struct Served {
     pub api_version: Option<String>,
     pub auth: Auth,
     pub ca_file: Option<PathBuf>,
+    pub prompt_cache: crate::provider::anthropic::PromptCache,
 }
 
 /// Keys never live in job files: `api_key` is there only to be refused with this message.
@@ -63,22 +67,34 @@ pub(super) fn served(jf: &JobFile, m: &RawModel) -> Result<Served, Error> {
     let azure = m.provider == RawProvider::Azure;
     let provider = match m.provider {
         RawProvider::Openai | RawProvider::Azure => ProviderKind::Openai,
+        RawProvider::Anthropic => ProviderKind::Anthropic,
         RawProvider::Local => ProviderKind::Local,
     };
+    if m.prompt_cache.is_some() && provider != ProviderKind::Anthropic {
+        return Err(jf.bad(
+            "model.prompt_cache",
+            "prompt_cache sets Anthropic's cache breakpoint; OpenAI and the local model cache \
+             shared prefixes by themselves"
+                .into(),
+        ));
+    }
     let deployment = deployment(jf, m, azure)?;
     let (model, model_path) = name_and_path(jf, m, deployment.as_deref())?;
     let base_url = base_url(jf, m, azure)?;
     let api_key_env = m.api_key_env.clone().unwrap_or_else(|| {
-        if azure {
-            "AZURE_OPENAI_API_KEY".into()
-        } else {
-            "OPENAI_API_KEY".into()
+        match m.provider {
+            RawProvider::Azure => "AZURE_OPENAI_API_KEY",
+            RawProvider::Anthropic => "ANTHROPIC_API_KEY",
+            RawProvider::Openai | RawProvider::Local => "OPENAI_API_KEY",
         }
+        .into()
     });
     let api_version = api_version(jf, m, azure)?;
-    let auth = m
-        .auth
-        .unwrap_or(if azure { Auth::ApiKey } else { Auth::Bearer });
+    let auth = m.auth.unwrap_or(match m.provider {
+        RawProvider::Azure => Auth::ApiKey,
+        RawProvider::Anthropic => Auth::XApiKey,
+        RawProvider::Openai | RawProvider::Local => Auth::Bearer,
+    });
     let ca_file = match &m.ca_file {
         Some(f) => {
             let p = expand_home(f).unwrap_or_else(|| jf.resolve(f));
@@ -99,6 +115,7 @@ pub(super) fn served(jf: &JobFile, m: &RawModel) -> Result<Served, Error> {
         api_version,
         auth,
         ca_file,
+        prompt_cache: m.prompt_cache.unwrap_or_default(),
     })
 }
 
@@ -149,7 +166,7 @@ fn name_and_path(
                 .unwrap_or_else(|| deployment.unwrap_or_default().to_string()),
             None,
         )),
-        RawProvider::Openai => {
+        RawProvider::Openai | RawProvider::Anthropic => {
             let name = m
                 .name
                 .clone()
@@ -179,6 +196,9 @@ fn base_url(jf: &JobFile, m: &RawModel, azure: bool) -> Result<String, Error> {
     let env = |var: &str| std::env::var(var).ok().filter(|s| !s.is_empty());
     let base_url = match (&m.base_url, azure) {
         (Some(u), _) => u.clone(),
+        (None, false) if m.provider == RawProvider::Anthropic => {
+            env("ANTHROPIC_BASE_URL").unwrap_or_else(|| ANTHROPIC_BASE_URL.to_string())
+        }
         (None, false) => env("OPENAI_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_string()),
         (None, true) => env("AZURE_OPENAI_ENDPOINT").ok_or_else(|| {
             jf.bad(
@@ -281,6 +301,40 @@ pub(super) fn params(
         &serde_json::Value::Object(p.extra.clone()),
     )?;
     Ok(params)
+}
+
+/// With `provider = "anthropic"`: the API has no default `max_tokens`, so the job must set
+/// one, and no `n` (several choices are several requests, not built yet).
+pub(super) fn refuse_what_anthropic_cannot_do(
+    jf: &JobFile,
+    provider: ProviderKind,
+    params: &Params,
+) -> Result<(), Error> {
+    if provider != ProviderKind::Anthropic {
+        return Ok(());
+    }
+    if params.max_output_tokens().is_none() {
+        return Err(jf.bad(
+            "model.max_tokens",
+            "Anthropic's Messages API requires max_tokens on every request; set it in [model]"
+                .into(),
+        ));
+    }
+    if params.n.is_some_and(|n| n > 1) {
+        return Err(jf.bad(
+            "model.n",
+            "Claude answers one choice a request; n > 1 is not supported with provider = \
+             \"anthropic\" yet"
+                .into(),
+        ));
+    }
+    if params.service_tier.is_some() {
+        return Err(jf.bad(
+            "model.service_tier",
+            "service_tier is OpenAI's; Anthropic has no such request field".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// With `provider = "local"`, what the embedded model cannot do is refused at load: images,

@@ -56,6 +56,7 @@ pub enum RawProvider {
     #[default]
     Openai,
     Azure,
+    Anthropic,
     Local,
 }
 
@@ -72,6 +73,8 @@ pub struct RawModel {
     /// Local model: may a row reuse the KV cells of a prompt prefix already decoded (default
     /// true, as llama.cpp's server's `cache_prompt`).
     pub cache_prompt: Option<bool>,
+    /// Anthropic: how long the prefix every row shares is cached (`5m`, `1h`, `off`).
+    pub prompt_cache: Option<crate::provider::anthropic::PromptCache>,
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     /// Azure OpenAI: the deployment that answers (`provider = "azure"` only).

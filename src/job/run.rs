@@ -119,6 +119,14 @@ pub(super) fn mode(
                 .into(),
         ));
     }
+    if mode == Mode::Batch && provider == ProviderKind::Anthropic {
+        return Err(jf.bad(
+            "run.mode",
+            "batch mode with provider = \"anthropic\" (the Message Batches API) is not built \
+             yet; run online"
+                .into(),
+        ));
+    }
     Ok(mode)
 }
 

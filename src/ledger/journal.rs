@@ -31,6 +31,8 @@ pub struct Line<'a> {
     #[serde(default)]
     pub cost_usd: Option<f64>,
     #[serde(default)]
+    pub cache_saved_usd: Option<f64>,
+    #[serde(default)]
     pub unconfirmed_usd: Option<f64>,
     #[serde(default)]
     pub copied_from: Option<serde::de::IgnoredAny>,

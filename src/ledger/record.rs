@@ -62,6 +62,10 @@ pub struct Record {
     #[serde(default, deserialize_with = "usage_as_written")]
     pub usage: Option<Usage>,
     pub cost_usd: Option<f64>,
+    /// What the prompt cache saved on this row against its prompt at the input rate (negative
+    /// when a cache write cost more than it saved); absent when nothing was cached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_saved_usd: Option<f64>,
     #[serde(default)]
     pub attempts: u32,
     #[serde(default)]
@@ -118,6 +122,10 @@ pub struct LineUsage {
     #[serde(default)]
     pub cached_tokens: Option<u64>,
     #[serde(default)]
+    pub cache_write_tokens: Option<u64>,
+    #[serde(default)]
+    pub cache_write_1h_tokens: Option<u64>,
+    #[serde(default)]
     pub reasoning_tokens: Option<u64>,
     #[serde(default)]
     pub estimated: bool,
@@ -130,6 +138,8 @@ impl LineUsage {
             completion_tokens: self.completion_tokens,
             total_tokens: self.total_tokens,
             cached_tokens: self.cached_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            cache_write_1h_tokens: self.cache_write_1h_tokens,
             reasoning_tokens: self.reasoning_tokens,
             estimated: self.estimated,
         }
@@ -162,6 +172,7 @@ impl Record {
             model: None,
             usage: None,
             cost_usd: None,
+            cache_saved_usd: None,
             attempts,
             latency_ms,
             fingerprint,

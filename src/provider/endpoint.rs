@@ -15,14 +15,20 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT
 use serde::Deserialize;
 
 /// How the key is sent: `Authorization: Bearer KEY` (OpenAI and most servers, and Azure with a
-/// Microsoft Entra ID token) or `api-key: KEY` (Azure OpenAI's keys).
+/// Microsoft Entra ID token), `api-key: KEY` (Azure OpenAI's keys) or `x-api-key: KEY` with
+/// the `anthropic-version` every request needs (Anthropic's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Auth {
     #[serde(rename = "bearer")]
     Bearer,
     #[serde(rename = "api-key")]
     ApiKey,
+    #[serde(rename = "x-api-key")]
+    XApiKey,
 }
+
+/// The Messages API version promptmill speaks (the one every current feature is under).
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// The API key, kept out of every `Debug` and `Display`.
 #[derive(Clone)]
@@ -60,6 +66,8 @@ pub struct Endpoint {
 
 /// Azure OpenAI's header for its keys.
 const API_KEY: HeaderName = HeaderName::from_static("api-key");
+/// Anthropic's.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 impl Endpoint {
     /// An endpoint from its parts (the assembler reads them from the job). `key` is the value of
@@ -91,10 +99,17 @@ impl Endpoint {
     fn default_headers(&self) -> Result<HeaderMap, String> {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if self.auth == Auth::XApiKey {
+            headers.insert(
+                HeaderName::from_static("anthropic-version"),
+                HeaderValue::from_static(ANTHROPIC_VERSION),
+            );
+        }
         if let Some(k) = &self.key {
             let (name, value) = match self.auth {
                 Auth::Bearer => (AUTHORIZATION, format!("Bearer {}", k.expose())),
                 Auth::ApiKey => (API_KEY, k.expose().to_string()),
+                Auth::XApiKey => (X_API_KEY, k.expose().to_string()),
             };
             let mut v = HeaderValue::from_str(&value).map_err(|_| {
                 "the API key contains characters not allowed in an HTTP header".to_string()
@@ -132,6 +147,12 @@ impl Endpoint {
             Some(d) => self.url(&format!("openai/deployments/{d}/chat/completions")),
             None => self.url("chat/completions"),
         }
+    }
+
+    /// Anthropic's Messages URL, `{base}/v1/messages` (the base is the host,
+    /// `https://api.anthropic.com`).
+    pub fn messages_url(&self) -> Result<reqwest::Url, String> {
+        self.url("v1/messages")
     }
 
     /// The URL of an API resource below the base: `files`, `files/ID/content`, `batches`,
@@ -350,6 +371,14 @@ mod tests {
         assert!(h.get(AUTHORIZATION).is_none());
         let shown = format!("{h:?}");
         assert!(!shown.contains("k-123"), "{shown}");
+
+        let h = endpoint("https://api.anthropic.com", None, None, Auth::XApiKey)
+            .default_headers()
+            .unwrap();
+        assert_eq!(h["x-api-key"], "k-123");
+        assert!(h["x-api-key"].is_sensitive());
+        assert_eq!(h["anthropic-version"], ANTHROPIC_VERSION);
+        assert!(h.get(AUTHORIZATION).is_none());
     }
 
     #[test]

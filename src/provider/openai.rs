@@ -346,13 +346,13 @@ impl From<ApiUsage> for Usage {
                 .unwrap_or(u.prompt_tokens + u.completion_tokens),
             cached_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens),
             reasoning_tokens: u.completion_tokens_details.and_then(|d| d.reasoning_tokens),
-            estimated: false,
+            ..Usage::default()
         }
     }
 }
 
 /// A 200 whose body is not a usable completion: the server may have billed it.
-fn invalid(msg: impl Into<String>) -> ProviderError {
+pub(crate) fn invalid(msg: impl Into<String>) -> ProviderError {
     let mut e = ProviderError::new(ErrorKind::InvalidResponse, msg);
     e.maybe_billed = true;
     e
@@ -506,12 +506,12 @@ impl StreamAcc {
     }
 }
 
-fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
 /// `retry-after-ms` (OpenAI's, precise) first, then `retry-after` in seconds.
-fn retry_after(h: &HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(h: &HeaderMap) -> Option<Duration> {
     if let Some(ms) = header_str(h, "retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
         if let Some(d) = super::server_wait(ms / 1000.0) {
             return Some(d);

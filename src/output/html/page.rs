@@ -140,6 +140,9 @@ impl Page<'_> {
                 format!("{} / {}", group(s.cached_tokens), group(s.reasoning_tokens)),
             ));
         }
+        if let Some(line) = self.summary.and_then(|s| s.cache_line()) {
+            tokens.push(("prompt cache (last run)", line));
+        }
         card(o, "Tokens", "in this output", &tokens);
     }
 

@@ -495,8 +495,7 @@ impl<'m> Engine<'m> {
                 completion_tokens: seq.generated,
                 total_tokens: prompt_tokens + seq.generated,
                 cached_tokens: (seq.reused > 0).then_some(seq.reused as u64),
-                reasoning_tokens: None,
-                estimated: false,
+                ..Usage::default()
             }),
             rate_limits: None,
             ..Completion::default()
