@@ -82,9 +82,12 @@ impl Backend {
                 };
                 Ok(Backend {
                     provider,
-                    // Claude's tokenizer is not public: OpenAI's o200k counts stand in, and
-                    // the server's usage is what is billed.
-                    counter: Arc::new(crate::tokens::Tiktoken::new("gpt-4o")),
+                    // Claude's tokenizer is not public: OpenAI's o200k counts with a margin
+                    // stand in, and the server's usage is what is billed.
+                    counter: Arc::new(crate::tokens::Scaled {
+                        inner: crate::tokens::Tiktoken::new("gpt-4o"),
+                        factor: crate::tokens::CLAUDE_MARGIN,
+                    }),
                     wire: Arc::new(AnthropicWire {
                         cache: job.served.prompt_cache,
                         shared_messages: shared_messages(job),

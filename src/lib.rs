@@ -32,7 +32,8 @@
 //! shape      what a completion must look like: schema, checks, judging
 //! shard      which shard owns a row
 //! provider   the contract (Provider, Wire, Request, Completion, ErrorKind, ProviderError,
-//!            RateLimits); openai (HTTP, plain or streamed), endpoint (URLs, keys, CAs),
+//!            RateLimits); openai (HTTP, plain or streamed), anthropic (Claude's Messages
+//!            API, plain or streamed), endpoint (URLs, keys, CAs),
 //!            local (llama.cpp, in process), grammar (JSON Schema → GBNF)
 //! cost       prices × usage → USD
 //! tokens     prompt tokens with the model's tiktoken encoding; the TokenCounter trait

@@ -449,3 +449,35 @@ fn a_streamed_claude_job_assembles_its_events_and_retries_a_stream_that_errors()
     assert!(recs[0]["data"]["headline"].is_string(), "{}", recs[0]);
     billed_equals_kept(&s, &f);
 }
+
+#[test]
+fn the_dry_run_marks_claudes_counts_as_estimates_and_says_what_caching_saves() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = claude_job(&f, &s, &["boots", "hats", "socks"], "", "");
+    let r = run(&f, &["estimate", &j]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("tokenizer is not public"), "{}", r.stdout);
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("shared prefix"))
+        .unwrap();
+    let prefix: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(prefix > 1024.0, "{line}");
+    // Sonnet at list prices: two reads save 2.7 a token per 1M, one write costs 0.75 more.
+    let want = (2.0 * (3.0 - 0.30) - 0.75) * prefix / 1e6;
+    assert!(
+        r.stdout.contains(&format!("should save ${want:.6}")),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(s.stats().requests, 0);
+    // A prefix under the model's minimum is said to be too short.
+    let text = std::fs::read_to_string(&j)
+        .unwrap()
+        .replace(&long_rules(), "Be brief.");
+    std::fs::write(&j, text).unwrap();
+    let r = run(&f, &["estimate", &j]);
+    assert!(r.stdout.contains("nothing cached"), "{}", r.stdout);
+}

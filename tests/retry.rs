@@ -51,9 +51,12 @@ fn a_row_that_keeps_failing_is_recorded_with_its_error_after_max_retries() {
     // The other row answers while the first one is being retried, so the endpoint is known to
     // be up (a success before the row began would look like the last one before an outage;
     // on a loaded machine the second row's task can even finish before the first one starts).
+    // It answers after 300 ms: within the least the two retry delays can add up to (250 ms +
+    // 500 ms with backoff's jitter), so the row's last failure never comes before the success
+    // and no outage probe adds an attempt.
     f.write(
         "data.jsonl",
-        "{\"t\": \"FAULT:500\"}\n{\"t\": \"ok FAULT:slow=1000\"}\n",
+        "{\"t\": \"FAULT:500\"}\n{\"t\": \"ok FAULT:slow=300\"}\n",
     );
     let job = f.job("data.jsonl", "{{ t }}", "", "", &s.base_url());
     std::fs::write(

@@ -6,6 +6,7 @@ use crate::error::{Error, EXIT_OK};
 use crate::exec::{self};
 use crate::job::{Job, Overrides, ASSUMED_MAX_OUTPUT};
 use crate::plan::{Decision, Planner};
+use crate::provider::anthropic::{min_cached_tokens, PromptCache};
 use crate::render::Renderer;
 use crate::request::{Builder, Rendered};
 
@@ -31,6 +32,8 @@ struct Tally {
     /// Batch mode: the files the run would write, split by the same rule.
     files: Vec<(u64, u64)>,
     too_big: u64,
+    /// The prompt tokens of the leading messages every row shares (first row's count).
+    prefix: Option<u64>,
 }
 
 pub(super) fn estimate(args: &JobArgs, ov: &Overrides, retry_failed: bool) -> Result<i32, Error> {
@@ -49,13 +52,10 @@ pub(super) fn estimate(args: &JobArgs, ov: &Overrides, retry_failed: bool) -> Re
         args.limit,
         schema_tokens,
     )?;
-    print_rows(&job, &t, schema_tokens);
-    print_cost(
-        &job,
-        &t,
-        backend.price_for(None, &job.served.model),
-        mean_completion,
-    );
+    print_rows(&job, &t, schema_tokens, backend.counter.is_estimate());
+    let price = backend.price_for(None, &job.served.model);
+    print_cost(&job, &t, price, mean_completion);
+    print_cache(&job, &t, price);
     Ok(EXIT_OK)
 }
 
@@ -88,6 +88,10 @@ fn tally(
             continue;
         }
         let n = backend.counter.count_prompt(&p.request.messages) + schema_tokens;
+        if t.prefix.is_none() {
+            let k = crate::backend::shared_messages(job).min(p.request.messages.len());
+            t.prefix = (k > 0).then(|| backend.counter.count_prompt(&p.request.messages[..k]));
+        }
         t.prompt += n;
         for img in p.request.messages.iter().flat_map(|m| m.content.images()) {
             let it = crate::tokens::image_tokens(&job.served.model, img);
@@ -119,7 +123,7 @@ fn tally(
 }
 
 /// What the rows are: read, done, copied, to send, and their prompt tokens.
-fn print_rows(job: &Job, t: &Tally, schema_tokens: u64) {
+fn print_rows(job: &Job, t: &Tally, schema_tokens: u64, estimated: bool) {
     let batched = job.mode == Mode::Batch;
     println!("job               {}", job.file.display());
     println!(
@@ -142,8 +146,19 @@ fn print_rows(job: &Job, t: &Tally, schema_tokens: u64) {
     );
     println!("rows to send      {}", t.to_send);
     println!(
-        "prompt tokens     {} (to send: {})",
-        t.prompt, t.prompt_todo
+        "prompt tokens     {} (to send: {}){}",
+        t.prompt,
+        t.prompt_todo,
+        if estimated {
+            format!(
+                "\n  estimated         the model's tokenizer is not public: OpenAI's o200k \
+                 counts × {}, which can be off by about a fifth either way; the bound and \
+                 the budget use these (over-)counts",
+                crate::tokens::CLAUDE_MARGIN
+            )
+        } else {
+            String::new()
+        }
     );
     if schema_tokens > 0 {
         println!(
@@ -228,4 +243,44 @@ fn print_cost(
             );
         }
     }
+}
+
+/// The prefix every row shares, and what the provider's prompt cache should save on it at list
+/// prices: the first row writes it (Claude: at the write rate), every other row to send reads it.
+fn print_cache(job: &Job, t: &Tally, price: Option<crate::cost::Price>) {
+    use crate::job::ProviderKind;
+    let Some(prefix) = t.prefix else {
+        println!("shared prefix     none (the first message reads the row)");
+        return;
+    };
+    let k = crate::backend::shared_messages(job);
+    println!("shared prefix     {prefix} tokens (the first {k} messages, the same for every row)");
+    let min = match job.served.provider {
+        ProviderKind::Anthropic if job.served.prompt_cache == PromptCache::Off => {
+            println!("prompt cache      off ([model] prompt_cache = \"off\")");
+            return;
+        }
+        ProviderKind::Anthropic => min_cached_tokens(&job.served.model),
+        // OpenAI caches prompts of 1,024 tokens and more by itself.
+        ProviderKind::Openai => 1024,
+        ProviderKind::Local => return,
+    };
+    if prefix < min {
+        println!("prompt cache      nothing cached: the prefix is under the {min} tokens the model caches");
+        return;
+    }
+    let (Some(p), Some(reads)) = (price, t.to_send.checked_sub(1)) else {
+        return;
+    };
+    let write_extra = match job.served.provider {
+        ProviderKind::Anthropic if job.served.prompt_cache == PromptCache::OneHour => {
+            p.cache_write_1h - p.input
+        }
+        ProviderKind::Anthropic => p.cache_write - p.input,
+        _ => 0.0,
+    };
+    let saved = (reads as f64 * (p.input - p.cached_input) - write_extra) * prefix as f64 / 1e6;
+    println!(
+        "prompt cache      should save ${saved:.6} at list prices (1 write, {reads} reads of the prefix)"
+    );
 }

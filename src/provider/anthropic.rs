@@ -27,6 +27,19 @@ pub enum PromptCache {
     Off,
 }
 
+/// The shortest prefix a Claude model caches, in its tokens (Anthropic's prompt-caching
+/// guide): shorter ones are sent uncached, at no extra cost.
+pub fn min_cached_tokens(model: &str) -> u64 {
+    let m = model.to_ascii_lowercase();
+    if m.contains("opus-4-5") || m.contains("haiku-4-5") {
+        4096
+    } else if m.contains("haiku") {
+        2048
+    } else {
+        1024
+    }
+}
+
 /// The name of the tool a job's schema goes out as.
 pub const SCHEMA_TOOL: &str = "record";
 
