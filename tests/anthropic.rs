@@ -60,6 +60,16 @@ csv = "out/result.csv"
     p.to_str().unwrap().to_string()
 }
 
+/// The schema the structured tests use: a short headline and a list of tags.
+fn write_ad_schema(f: &Fixture) {
+    f.write(
+        "schemas/ad.json",
+        r#"{"type": "object", "properties": {"headline": {"type": "string", "maxLength": 30},
+            "tags": {"type": "array", "items": {"type": "string"}}},
+            "required": ["headline", "tags"], "additionalProperties": false}"#,
+    );
+}
+
 fn run(f: &Fixture, args: &[&str]) -> Ran {
     ran(f
         .cmd(args)
@@ -286,12 +296,7 @@ fn a_wrong_key_or_a_forbidden_one_stops_the_job_and_a_rerun_finishes_once() {
 fn a_schema_goes_out_as_a_forced_tool_and_its_fields_become_columns() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    f.write(
-        "schemas/ad.json",
-        r#"{"type": "object", "properties": {"headline": {"type": "string", "maxLength": 30},
-            "tags": {"type": "array", "items": {"type": "string"}}},
-            "required": ["headline", "tags"], "additionalProperties": false}"#,
-    );
+    write_ad_schema(&f);
     let j = claude_job(
         &f,
         &s,
@@ -392,11 +397,6 @@ fn the_budget_holds_across_runs_at_claudes_prices() {
 fn a_streamed_claude_job_assembles_its_events_and_retries_a_stream_that_errors() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    f.write(
-        "schemas/ad.json",
-        r#"{"type": "object", "properties": {"headline": {"type": "string", "maxLength": 30}},
-            "required": ["headline"], "additionalProperties": false}"#,
-    );
     let j = claude_job(&f, &s, &["boots", "hats FAULT:cut:1"], "stream = true", "");
     let r = run(&f, &["run", "--quiet", &j]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -431,11 +431,7 @@ fn a_streamed_claude_job_assembles_its_events_and_retries_a_stream_that_errors()
     // A schema streams as the forced tool's partial JSON.
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    f.write(
-        "schemas/ad.json",
-        r#"{"type": "object", "properties": {"headline": {"type": "string", "maxLength": 30}},
-            "required": ["headline"], "additionalProperties": false}"#,
-    );
+    write_ad_schema(&f);
     let j = claude_job(
         &f,
         &s,
