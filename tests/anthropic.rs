@@ -477,3 +477,38 @@ fn the_dry_run_marks_claudes_counts_as_estimates_and_says_what_caching_saves() {
     let r = run(&f, &["estimate", &j]);
     assert!(r.stdout.contains("nothing cached"), "{}", r.stdout);
 }
+
+#[test]
+fn claudes_rate_limit_headers_pace_the_run_and_its_429s_are_retried() {
+    // 4 requests a 2-second window, 12 rows at concurrency 8: the limiter must refuse some.
+    let s = spawn_background(Config {
+        rpm: Some(120),
+        window_s: 2.0,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    let rows: Vec<String> = (0..12).map(|i| format!("row {i}")).collect();
+    let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
+    let j = claude_job(&f, &s, &rows, "", "");
+    let text = std::fs::read_to_string(&j).unwrap();
+    std::fs::write(
+        &j,
+        text.replace("concurrency = 1", "concurrency = 8")
+            .replace("max_retries = 4", "max_retries = 20"),
+    )
+    .unwrap();
+    let r = run(&f, &["run", "--quiet", &j]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let recs = read_jsonl(&f.path("out/result.jsonl"));
+    assert_eq!(recs.len(), 12);
+    assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
+    let st = s.stats();
+    // Every 429 was sent again, and nothing else was: requests = rows + 429s.
+    assert_eq!(st.requests, 12 + st.rate_limited, "{st:?}");
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.path("out/result.jsonl.summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["rate_limited"].as_u64(), Some(st.rate_limited));
+    billed_equals_kept(&s, &f);
+}

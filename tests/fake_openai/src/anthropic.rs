@@ -7,8 +7,9 @@
 //! text up to it, when at least [`MIN_CACHED_TOKENS`] long, is written the first time and read
 //! every time after, and usage says which. `"stream": true` is answered as Anthropic's events. A `tool_choice` that forces a tool is answered with a
 //! `tool_use` block whose input follows the tool's `input_schema` (structured outputs). Not
-//! here yet: the rpm/tpm limiter and its `anthropic-ratelimit-*` headers
-//! and Message Batches.
+//! here yet: Message Batches. The rpm/tpm limiter admits requests here as on the chat route, and
+//! its state goes out as `anthropic-ratelimit-*` headers (a 429 `rate_limit_error` with
+//! `retry-after` when it refuses).
 
 use std::sync::atomic::Ordering;
 
@@ -20,6 +21,7 @@ use serde_json::{json, Map, Value};
 
 use crate::fault::FaultKind;
 use crate::handler::{json_response, plan, sleep_ms, Outcome};
+use crate::limiter::Decision;
 use crate::{ConnKill, Shared};
 
 /// Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`.
@@ -89,6 +91,30 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
         Err((msg, _)) => return reject(400, &msg),
     };
     let model = plan.model.to_string();
+    // Admission on arrival, as on the chat route; the answer carries the limiter's headers.
+    let mut limits = Vec::new();
+    if let Some(l) = shared.limiter.as_ref() {
+        match l.check(plan.request_tokens) {
+            Decision::Admitted(snap) => limits = l.anthropic_headers(&snap),
+            Decision::Limited {
+                retry_after,
+                snapshot,
+                ..
+            } => {
+                counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                let mut r = error(
+                    429,
+                    "rate_limit_error",
+                    "Number of request tokens has exceeded your per-minute rate limit.",
+                );
+                let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                r.headers_mut()
+                    .insert("retry-after", secs.to_string().parse().unwrap());
+                add_headers(&mut r, l.anthropic_headers(&snapshot));
+                return r;
+            }
+        }
+    }
     let answer = match plan.outcome {
         Outcome::Answer(a) => a,
         Outcome::Fault(kind) => {
@@ -146,10 +172,24 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
     if answer.omit_usage {
         msg.as_object_mut().unwrap().remove("usage");
     }
-    if body.get("stream") == Some(&Value::Bool(true)) {
-        return stream(msg, answer.cut);
+    let mut r = if body.get("stream") == Some(&Value::Bool(true)) {
+        stream(msg, answer.cut)
+    } else {
+        json_response(StatusCode::OK, &msg)
+    };
+    add_headers(&mut r, limits);
+    r
+}
+
+fn add_headers(r: &mut Response<Body>, headers: Vec<(String, String)>) {
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(k.as_bytes()),
+            v.parse(),
+        ) {
+            r.headers_mut().insert(k, v);
+        }
     }
-    json_response(StatusCode::OK, &msg)
 }
 
 /// The message as Anthropic streams it: `message_start` (with the input usage), a `ping`, each

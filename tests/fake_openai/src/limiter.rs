@@ -170,6 +170,31 @@ impl Limiter {
         }
     }
 
+    /// Anthropic's `anthropic-ratelimit-*` headers for the limits that are configured: the
+    /// token limit as both `tokens-*` and `input-tokens-*`, resets as RFC 3339 times.
+    pub fn anthropic_headers(&self, s: &Snapshot) -> Vec<(String, String)> {
+        let at = |d: Duration| {
+            (time::OffsetDateTime::now_utc() + d)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        let mut h = Vec::with_capacity(9);
+        let mut push = |kind: &str, limit: u64, remaining: u64, reset: Duration| {
+            let name = |what: &str| format!("anthropic-ratelimit-{kind}-{what}");
+            h.push((name("limit"), limit.to_string()));
+            h.push((name("remaining"), remaining.to_string()));
+            h.push((name("reset"), at(reset)));
+        };
+        if let Some(rpm) = self.rpm {
+            push("requests", rpm, s.remaining_requests, s.reset_requests);
+        }
+        if let Some(tpm) = self.tpm {
+            push("tokens", tpm, s.remaining_tokens, s.reset_tokens);
+            push("input-tokens", tpm, s.remaining_tokens, s.reset_tokens);
+        }
+        h
+    }
+
     /// `x-ratelimit-*` headers for the limits that are configured.
     pub fn headers(&self, s: &Snapshot) -> Vec<(&'static str, String)> {
         let mut h = Vec::with_capacity(6);

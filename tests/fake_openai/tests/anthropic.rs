@@ -119,3 +119,37 @@ async fn faults_come_back_as_the_apis_error_types() {
     assert_eq!(server.stats().faults, 9);
     assert_eq!(server.stats().billed_prompt_tokens, 0, "no fault is billed");
 }
+
+#[tokio::test]
+async fn the_limiter_answers_with_anthropics_headers_and_refuses_with_a_rate_limit_error() {
+    let server = FakeServer::start(Config {
+        rpm: Some(60),
+        tpm: Some(600_000),
+        window_s: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let send = || {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/messages", server.addr))
+            .header("anthropic-version", "2023-06-01")
+            .json(&body("hi"))
+            .send()
+    };
+    let ok = send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let h = ok.headers();
+    assert_eq!(h["anthropic-ratelimit-requests-limit"], "60");
+    assert_eq!(h["anthropic-ratelimit-requests-remaining"], "0");
+    assert_eq!(h["anthropic-ratelimit-tokens-limit"], "600000");
+    assert!(h.contains_key("anthropic-ratelimit-input-tokens-remaining"));
+    // An RFC 3339 time, in UTC.
+    let reset = h["anthropic-ratelimit-requests-reset"].to_str().unwrap();
+    assert!(reset.contains('T') && reset.ends_with('Z'), "{reset}");
+    // One request a one-second window: the next is refused at once.
+    let refused = send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let v: Value = refused.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+}
