@@ -512,3 +512,30 @@ fn claudes_rate_limit_headers_pace_the_run_and_its_429s_are_retried() {
     assert_eq!(summary["rate_limited"].as_u64(), Some(st.rate_limited));
     billed_equals_kept(&s, &f);
 }
+
+#[test]
+fn the_one_hour_cache_is_asked_for_and_its_writes_are_priced_at_twice_the_input_rate() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = claude_job(&f, &s, &["boots", "hats"], "prompt_cache = \"1h\"", "");
+    let r = run(&f, &["run", "--quiet", &j]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(s.requests()[0]["system"][0]["cache_control"]["ttl"], "1h");
+    let recs = read_jsonl(&f.path("out/result.jsonl"));
+    let u = &recs[0]["usage"];
+    let written = u["cache_write_tokens"].as_f64().unwrap();
+    assert_eq!(u["cache_write_1h_tokens"].as_f64(), Some(written), "{u}");
+    let fresh = u["prompt_tokens"].as_f64().unwrap() - written;
+    // Sonnet: a 1-hour write is $6 per 1M (twice the $3 input rate).
+    let want =
+        (fresh * SONNET.0 + written * 6.0 + u["completion_tokens"].as_f64().unwrap() * SONNET.3)
+            / 1e6;
+    assert!(
+        (recs[0]["cost_usd"].as_f64().unwrap() - want).abs() < 1e-12,
+        "{}",
+        recs[0]
+    );
+    assert_eq!(recs[1]["usage"]["cached_tokens"].as_f64(), Some(written));
+    assert!((recs[1]["cost_usd"].as_f64().unwrap() - cost_of(&recs[1]["usage"])).abs() < 1e-12);
+    billed_equals_kept(&s, &f);
+}

@@ -167,6 +167,12 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
             "output_tokens": c,
             "cache_creation_input_tokens": written,
             "cache_read_input_tokens": read,
+            // The writes by lifetime: the breakpoint's `ttl` ("1h"), else five minutes.
+            "cache_creation": if hour_ttl(&body) {
+                json!({"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": written})
+            } else {
+                json!({"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0})
+            },
         },
     });
     if answer.omit_usage {
@@ -305,6 +311,12 @@ fn cache_prefix(body: &Map<String, Value>) -> Option<(u64, u64)> {
     }
     let tokens = (chars.div_ceil(4) as u64) + 3 * messages;
     (tokens >= MIN_CACHED_TOKENS).then(|| (h.finish(), tokens))
+}
+
+/// Whether any breakpoint asks for the 1-hour cache.
+fn hour_ttl(body: &Map<String, Value>) -> bool {
+    let text = Value::Object(body.clone()).to_string();
+    text.contains(r#""ttl":"1h""#)
 }
 
 /// The tool a `tool_choice` of type `tool` forces, when the body declares it.
