@@ -79,6 +79,13 @@ fn run(f: &Fixture, args: &[&str]) -> Ran {
         .unwrap())
 }
 
+/// `run --quiet` that must exit 0.
+fn run_ok(f: &Fixture, job: &str) -> Ran {
+    let r = run(f, &["run", "--quiet", job]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r
+}
+
 fn billed_equals_kept(s: &FakeServer, f: &Fixture) {
     let st = s.stats();
     let recs = read_jsonl(&f.path("out/result.jsonl"));
@@ -121,8 +128,7 @@ fn a_claude_job_sends_messages_caches_the_shared_prefix_and_prices_every_token()
         "temperature = 0.2\nstop = [\"END\"]",
         "",
     );
-    let r = run(&f, &["run", "--quiet", &j]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let ran = run_ok(&f, &j);
 
     // The body as the Messages API takes it: system at the top, the breakpoint after it.
     let body = &s.requests()[0];
@@ -207,7 +213,7 @@ fn a_claude_job_sends_messages_caches_the_shared_prefix_and_prices_every_token()
             entry.display()
         );
     }
-    assert!(!r.stderr.contains(KEY));
+    assert!(!ran.stderr.contains(KEY) && !r.stderr.contains(KEY));
 
     // `prompt_cache = "off"` sends no breakpoint, and nothing is cached.
     let s2 = spawn_background(Config::default());
@@ -304,8 +310,7 @@ fn a_schema_goes_out_as_a_forced_tool_and_its_fields_become_columns() {
         "",
         "schema = \"schemas/ad.json\"",
     );
-    let r = run(&f, &["run", "--quiet", &j]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    run_ok(&f, &j);
     let body = &s.requests()[0];
     assert!(body.get("response_format").is_none(), "{body}");
     assert_eq!(body["tool_choice"]["type"], "tool");
@@ -398,8 +403,7 @@ fn a_streamed_claude_job_assembles_its_events_and_retries_a_stream_that_errors()
     let s = spawn_background(Config::default());
     let f = Fixture::new();
     let j = claude_job(&f, &s, &["boots", "hats FAULT:cut:1"], "stream = true", "");
-    let r = run(&f, &["run", "--quiet", &j]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    run_ok(&f, &j);
     assert_eq!(s.requests()[0]["stream"], true);
     let recs = read_jsonl(&f.path("out/result.jsonl"));
     assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
@@ -439,8 +443,7 @@ fn a_streamed_claude_job_assembles_its_events_and_retries_a_stream_that_errors()
         "stream = true",
         "schema = \"schemas/ad.json\"",
     );
-    let r = run(&f, &["run", "--quiet", &j]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    run_ok(&f, &j);
     let recs = read_jsonl(&f.path("out/result.jsonl"));
     assert!(recs[0]["data"]["headline"].is_string(), "{}", recs[0]);
     billed_equals_kept(&s, &f);
@@ -497,8 +500,7 @@ fn claudes_rate_limit_headers_pace_the_run_and_its_429s_are_retried() {
             .replace("max_retries = 4", "max_retries = 20"),
     )
     .unwrap();
-    let r = run(&f, &["run", "--quiet", &j]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    run_ok(&f, &j);
     let recs = read_jsonl(&f.path("out/result.jsonl"));
     assert_eq!(recs.len(), 12);
     assert!(recs.iter().all(|r| r["status"] == "ok"), "{recs:?}");
@@ -518,8 +520,7 @@ fn the_one_hour_cache_is_asked_for_and_its_writes_are_priced_at_twice_the_input_
     let s = spawn_background(Config::default());
     let f = Fixture::new();
     let j = claude_job(&f, &s, &["boots", "hats"], "prompt_cache = \"1h\"", "");
-    let r = run(&f, &["run", "--quiet", &j]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    run_ok(&f, &j);
     assert_eq!(s.requests()[0]["system"][0]["cache_control"]["ttl"], "1h");
     let recs = read_jsonl(&f.path("out/result.jsonl"));
     let u = &recs[0]["usage"];
