@@ -157,16 +157,19 @@ pub fn shared_messages(job: &Job) -> usize {
     job.messages
         .iter()
         .take_while(|m| {
-            let text = match &m.source {
-                MessageSource::Inline(t) => Some(t.clone()),
-                MessageSource::Template(name) => job
-                    .template_dirs
+            let plain = |t: &[u8]| {
+                ![b"{{", b"{%", b"{#"]
                     .iter()
-                    .find_map(|d| std::fs::read_to_string(d.join(name)).ok()),
-                MessageSource::Field(_) => None,
+                    .any(|tag| t.windows(2).any(|w| w == *tag))
             };
             m.images.is_empty()
-                && text.is_some_and(|t| !t.contains("{{") && !t.contains("{%") && !t.contains("{#"))
+                && match &m.source {
+                    MessageSource::Inline(t) => plain(t.as_bytes()),
+                    MessageSource::Template(name) => {
+                        job.template_source(name).is_some_and(|t| plain(&t))
+                    }
+                    MessageSource::Field(_) => false,
+                }
         })
         .count()
 }

@@ -80,7 +80,7 @@ impl Builder {
             }
         };
         let json = serde_json::value::to_raw_value(&messages).expect("messages serialize");
-        let body = self.wire.body(&self.model, &json, &self.params);
+        let body = self.wire.body(&self.model, &messages, &json, &self.params);
         let mut h = self.prefix.clone();
         h.update(json.get().as_bytes());
         let mut fingerprint = [0u8; 16];

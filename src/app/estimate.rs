@@ -32,8 +32,8 @@ struct Tally {
     /// Batch mode: the files the run would write, split by the same rule.
     files: Vec<(u64, u64)>,
     too_big: u64,
-    /// The prompt tokens of the leading messages every row shares (first row's count).
-    prefix: Option<u64>,
+    /// The leading messages every row shares, and their prompt tokens (first row's count).
+    prefix: Option<(usize, u64)>,
 }
 
 pub(super) fn estimate(args: &JobArgs, ov: &Overrides, retry_failed: bool) -> Result<i32, Error> {
@@ -75,6 +75,7 @@ fn tally(
     let mut line = Vec::new();
     let stream = job.params.stream.unwrap_or(false);
     let mut t = Tally::default();
+    let shared = crate::backend::shared_messages(job);
     for item in builder.rendered(job, renderer, limit)? {
         t.rows += 1;
         let p = match item {
@@ -88,9 +89,9 @@ fn tally(
             continue;
         }
         let n = backend.counter.count_prompt(&p.request.messages) + schema_tokens;
-        if t.prefix.is_none() {
-            let k = crate::backend::shared_messages(job).min(p.request.messages.len());
-            t.prefix = (k > 0).then(|| backend.counter.count_prompt(&p.request.messages[..k]));
+        if t.prefix.is_none() && shared > 0 {
+            let k = shared.min(p.request.messages.len());
+            t.prefix = Some((k, backend.counter.count_prompt(&p.request.messages[..k])));
         }
         t.prompt += n;
         for img in p.request.messages.iter().flat_map(|m| m.content.images()) {
@@ -249,11 +250,10 @@ fn print_cost(
 /// prices: the first row writes it (Claude: at the write rate), every other row to send reads it.
 fn print_cache(job: &Job, t: &Tally, price: Option<crate::cost::Price>) {
     use crate::job::ProviderKind;
-    let Some(prefix) = t.prefix else {
+    let Some((k, prefix)) = t.prefix else {
         println!("shared prefix     none (the first message reads the row)");
         return;
     };
-    let k = crate::backend::shared_messages(job);
     println!("shared prefix     {prefix} tokens (the first {k} messages, the same for every row)");
     let min = match job.served.provider {
         ProviderKind::Anthropic if job.served.prompt_cache == PromptCache::Off => {
@@ -272,14 +272,17 @@ fn print_cache(job: &Job, t: &Tally, price: Option<crate::cost::Price>) {
     let (Some(p), Some(reads)) = (price, t.to_send.checked_sub(1)) else {
         return;
     };
-    let write_extra = match job.served.provider {
-        ProviderKind::Anthropic if job.served.prompt_cache == PromptCache::OneHour => {
-            p.cache_write_1h - p.input
-        }
-        ProviderKind::Anthropic => p.cache_write - p.input,
-        _ => 0.0,
+    // The job's prefix tokens as usage: one write (OpenAI's is priced as input), a read for
+    // every other row; the saving is what the record of such usage would say.
+    let hour = job.served.prompt_cache == PromptCache::OneHour;
+    let usage = crate::chat::Usage {
+        prompt_tokens: prefix * t.to_send,
+        cached_tokens: Some(prefix * reads),
+        cache_write_tokens: Some(prefix),
+        cache_write_1h_tokens: hour.then_some(prefix),
+        ..Default::default()
     };
-    let saved = (reads as f64 * (p.input - p.cached_input) - write_extra) * prefix as f64 / 1e6;
+    let saved = p.cache_saving(&usage);
     println!(
         "prompt cache      should save ${saved:.6} at list prices (1 write, {reads} reads of the prefix)"
     );

@@ -89,6 +89,14 @@ pub struct Overrides {
 }
 
 impl Job {
+    /// A message template's text as the template folders hold it (the first folder that has
+    /// it, as Tera registered them); `None` when no folder does.
+    pub fn template_source(&self, name: &str) -> Option<Vec<u8>> {
+        self.template_dirs
+            .iter()
+            .find_map(|d| std::fs::read(d.join(name)).ok())
+    }
+
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Job, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.to_path_buf(),

@@ -25,9 +25,7 @@ pub fn stamp(
             MessageSource::Field(f) => messages.update(format!("from:{f}").as_bytes()),
             MessageSource::Template(name) => {
                 let text = job
-                    .template_dirs
-                    .iter()
-                    .find_map(|d| std::fs::read(d.join(name)).ok())
+                    .template_source(name)
                     .unwrap_or_else(|| name.as_bytes().to_vec());
                 messages.update(&text);
             }

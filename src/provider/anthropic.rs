@@ -55,11 +55,10 @@ impl super::Wire for AnthropicWire {
     fn body(
         &self,
         model: &str,
-        messages: &serde_json::value::RawValue,
+        messages: &[Message],
+        _json: &serde_json::value::RawValue,
         params: &Params,
     ) -> bytes::Bytes {
-        let messages: Vec<Message> =
-            serde_json::from_str(messages.get()).expect("the renderer's messages parse");
         let breakpoint = match self.cache {
             PromptCache::Off => None,
             _ if self.shared_messages == 0 => None,
@@ -550,7 +549,7 @@ mod tests {
 
     fn body(wire: &AnthropicWire, msgs: &[Message], params: &Params) -> Value {
         let raw = serde_json::value::to_raw_value(msgs).unwrap();
-        serde_json::from_slice(&wire.body("claude-sonnet-4-5", &raw, params)).unwrap()
+        serde_json::from_slice(&wire.body("claude-sonnet-4-5", msgs, &raw, params)).unwrap()
     }
 
     #[test]

@@ -225,7 +225,16 @@ pub struct Request {
 /// How an API spells a chat request on the wire. Built once per row, before any attempt, so
 /// every retry sends the same bytes and a batch file holds exactly what online mode would send.
 pub trait Wire: Send + Sync {
-    fn body(&self, model: &str, messages: &RawValue, params: &Params) -> bytes::Bytes;
+    /// `messages` and `json` are the same messages, as values and as the JSON the fingerprint
+    /// hashes: a wire that embeds the JSON copies it, one that spells messages its own way
+    /// reads the values, and neither parses or serializes them again.
+    fn body(
+        &self,
+        model: &str,
+        messages: &[Message],
+        json: &RawValue,
+        params: &Params,
+    ) -> bytes::Bytes;
     /// The body asking for `k` choices instead of the row's own number: a re-ask for the
     /// choices that broke the job's shape. `had_n`: the row's own body names a number.
     fn with_choices(&self, body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes;

@@ -64,10 +64,11 @@ impl super::Wire for OpenAiWire {
     fn body(
         &self,
         model: &str,
-        messages: &serde_json::value::RawValue,
+        _messages: &[crate::chat::Message],
+        json: &serde_json::value::RawValue,
         params: &Params,
     ) -> bytes::Bytes {
-        request_body(model, messages, params)
+        request_body(model, json, params)
     }
 
     fn with_choices(&self, body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes {

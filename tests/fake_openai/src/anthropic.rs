@@ -315,8 +315,17 @@ fn cache_prefix(body: &Map<String, Value>) -> Option<(u64, u64)> {
 
 /// Whether any breakpoint asks for the 1-hour cache.
 fn hour_ttl(body: &Map<String, Value>) -> bool {
-    let text = Value::Object(body.clone()).to_string();
-    text.contains(r#""ttl":"1h""#)
+    let system = body.get("system").and_then(Value::as_array);
+    let messages = body.get("messages").and_then(Value::as_array);
+    let contents = messages
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m.get("content").and_then(Value::as_array));
+    system
+        .into_iter()
+        .chain(contents)
+        .flatten()
+        .any(|b| b.pointer("/cache_control/ttl") == Some(&json!("1h")))
 }
 
 /// The tool a `tool_choice` of type `tool` forces, when the body declares it.
