@@ -431,6 +431,23 @@ fn a_streamed_claude_job_assembles_its_events_and_retries_a_stream_that_errors()
         .unwrap();
     assert_eq!(hats["attempts"], 2, "{hats}");
     assert_eq!(s.stats().requests, 3);
+    // The cut stream was billed and is not kept: what the server billed is what the output
+    // kept plus that one answer (the same request, so the same usage as the one kept).
+    let st = s.stats();
+    let kept = |k: &str| {
+        recs.iter()
+            .map(|r| r["usage"][k].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let cut = |k: &str| hats["usage"][k].as_u64().unwrap();
+    assert_eq!(
+        (st.billed_prompt_tokens, st.billed_completion_tokens),
+        (
+            kept("prompt_tokens") + cut("prompt_tokens"),
+            kept("completion_tokens") + cut("completion_tokens")
+        ),
+        "billed vs kept plus the cut stream"
+    );
 
     // A schema streams as the forced tool's partial JSON.
     let s = spawn_background(Config::default());
