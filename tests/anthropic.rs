@@ -125,7 +125,7 @@ fn a_claude_job_sends_messages_caches_the_shared_prefix_and_prices_every_token()
         &f,
         &s,
         &["boots", "hats", "socks"],
-        "temperature = 0.2\nstop = [\"END\"]",
+        "temperature = 0.2\nstop = [\"END\"]\nuser = \"u-7\"\nextra = { top_k = 5 }",
         "",
     );
     let ran = run_ok(&f, &j);
@@ -136,6 +136,8 @@ fn a_claude_job_sends_messages_caches_the_shared_prefix_and_prices_every_token()
     assert_eq!(body["max_tokens"], 200);
     assert_eq!(body["temperature"], 0.2);
     assert_eq!(body["stop_sequences"], serde_json::json!(["END"]));
+    assert_eq!(body["metadata"]["user_id"], "u-7");
+    assert_eq!(body["top_k"], 5, "extra passes through");
     assert_eq!(body["system"][0]["text"], long_rules());
     assert_eq!(body["system"][0]["cache_control"]["type"], "ephemeral");
     let msgs = body["messages"].as_array().unwrap();
