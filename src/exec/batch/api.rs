@@ -43,9 +43,8 @@ pub trait BatchApi: Send + Sync {
         staged: &'a str,
         metadata: &'a Map<String, Value>,
     ) -> Fut<'a, Result<Batch, CreateFailed>>;
-    /// The batch made of part `part` at or after `since` (seconds since the epoch), if any.
-    fn find_batch<'a>(&'a self, part: &'a str, since: u64)
-        -> Fut<'a, Result<Option<Batch>, Error>>;
+    /// The batch made of a part whose create's answer was lost, if the server holds one.
+    fn find_batch<'a>(&'a self, lost: &'a Lookup) -> Fut<'a, Result<Option<Batch>, Error>>;
     fn retrieve<'a>(&'a self, id: &'a str) -> Fut<'a, Result<Batch, Error>>;
     fn cancel<'a>(&'a self, id: &'a str) -> Fut<'a, Result<Batch, Error>>;
     /// Downloads a results file (`Batch::output_file_id`, `error_file_id`) to `dest`, whole
@@ -53,6 +52,20 @@ pub trait BatchApi: Send + Sync {
     fn download<'a>(&'a self, file: &'a str, dest: &'a Path) -> Fut<'a, Result<(), Error>>;
     /// The job's retry policy, for the steps the executor retries itself (a create).
     fn retrier(&self) -> Retrier;
+}
+
+/// What is known of a part whose create's answer was lost, for finding its batch again. A vendor
+/// that tags batches (OpenAI's metadata, Gemini's display name) matches `part`; one that cannot
+/// (Anthropic) matches the time, the number of requests and the ids not yet on record, and
+/// calls two candidates none (the part stays `creating`: nothing is sent twice).
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub part: String,
+    /// When the create began (seconds since the epoch): the batch was made at or after it.
+    pub since: u64,
+    pub requests: u64,
+    /// Batch ids the log already holds for other parts: not this part's.
+    pub known: Vec<String>,
 }
 
 /// A batch as the API describes it.

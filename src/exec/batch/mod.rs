@@ -66,7 +66,7 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
         .filter(|p| p.stage == Stage::Collected)
         .count();
     for p in &open {
-        lines.push(part_status(client.as_deref(), p, t).await?);
+        lines.push(part_status(client.as_deref(), &log, p, t).await?);
     }
     if open.is_empty() {
         lines.push("no batches in flight".into());
@@ -80,12 +80,16 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
 /// `batch status`'s line for one open part, asking the server where it has to.
 async fn part_status(
     client: Option<&dyn BatchApi>,
+    log: &Log,
     p: &BatchPart,
     t: u64,
 ) -> Result<String, Error> {
     // A create whose answer was lost: the server may hold the batch; look, change nothing.
     let found = match (client, p.stage) {
-        (Some(c), Stage::Creating) => c.find_batch(&p.id, p.creating_at).await?,
+        (Some(c), Stage::Creating) => match log.lookup(&p.id) {
+            Some(lost) => c.find_batch(&lost).await?,
+            None => None,
+        },
         _ => None,
     };
     let Some(id) = p
@@ -210,7 +214,11 @@ async fn settle_creating(
     dir: &std::path::Path,
     p: &BatchPart,
 ) -> Result<Option<api::Batch>, Error> {
-    match client.find_batch(&p.id, p.creating_at).await? {
+    let found = match log.lookup(&p.id) {
+        Some(lost) => client.find_batch(&lost).await?,
+        None => None,
+    };
+    match found {
         Some(b) => {
             log.record(Event::Created {
                 part: p.id.clone(),

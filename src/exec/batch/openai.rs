@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 
-use super::api::{Batch, BatchApi, CreateFailed, Fut};
+use super::api::{Batch, BatchApi, CreateFailed, Fut, Lookup};
 use super::results::Answer;
 use crate::error::Error;
 use crate::exec::retry::RetryPolicy;
@@ -250,7 +250,8 @@ impl OpenAiBatches {
     /// The batch created from part `part` at or after `since`, found by its metadata: a run
     /// killed between asking for a batch and recording its id adopts it instead of
     /// submitting again.
-    pub async fn find_batch(&self, part: &str, since: u64) -> Result<Option<Batch>, Error> {
+    pub async fn find_batch(&self, lost: &Lookup) -> Result<Option<Batch>, Error> {
+        let (part, since) = (lost.part.as_str(), lost.since);
         let mut after: Option<String> = None;
         loop {
             let mut url = self.url("batches")?;
@@ -349,12 +350,8 @@ impl BatchApi for OpenAiBatches {
         Box::pin(OpenAiBatches::create_once(self, staged, metadata))
     }
 
-    fn find_batch<'a>(
-        &'a self,
-        part: &'a str,
-        since: u64,
-    ) -> Fut<'a, Result<Option<Batch>, Error>> {
-        Box::pin(OpenAiBatches::find_batch(self, part, since))
+    fn find_batch<'a>(&'a self, lost: &'a Lookup) -> Fut<'a, Result<Option<Batch>, Error>> {
+        Box::pin(OpenAiBatches::find_batch(self, lost))
     }
 
     fn retrieve<'a>(&'a self, id: &'a str) -> Fut<'a, Result<Batch, Error>> {

@@ -120,8 +120,10 @@ impl Pass {
                 Err(f) => f,
             };
             if f.maybe_made {
+                let mut lost = self.log.lookup(part).expect("the part is on record");
+                lost.since = since;
                 let found = client
-                    .find_batch(part, since)
+                    .find_batch(&lost)
                     .await
                     .map_err(|error| CreateFailed {
                         error,
