@@ -59,7 +59,9 @@ impl Backend {
                 Ok(Backend {
                     provider,
                     counter,
-                    wire: Arc::new(OpenAiWire),
+                    wire: Arc::new(OpenAiWire {
+                        cache_key: cache_key(job),
+                    }),
                     pricing,
                     tier,
                     identity: provider_identity(job, None),
@@ -174,6 +176,47 @@ pub fn shared_messages(job: &Job) -> usize {
         .count()
 }
 
+/// The `prompt_cache_key` the job's OpenAI requests carry: its own, or with `auto`
+/// `pm-{job}-{hash}`, the hash over the model and the messages every row shares (their role
+/// and text), so jobs that share a prefix share a key and a changed prefix gets a new one.
+pub fn cache_key(job: &Job) -> Option<String> {
+    use crate::job::{CacheKey, MessageSource};
+    use sha2::{Digest, Sha256};
+    match &job.served.prompt_cache_key {
+        CacheKey::Off => None,
+        CacheKey::Fixed(k) => Some(k.clone()),
+        CacheKey::Auto => {
+            let mut h = Sha256::new();
+            h.update(job.served.model.as_bytes());
+            for m in job.messages.iter().take(shared_messages(job)) {
+                h.update([0]);
+                h.update(m.role.as_str().as_bytes());
+                h.update([0]);
+                match &m.source {
+                    MessageSource::Inline(t) => h.update(t.as_bytes()),
+                    MessageSource::Template(name) => {
+                        h.update(job.template_source(name).unwrap_or_default())
+                    }
+                    MessageSource::Field(_) => {}
+                }
+            }
+            let stem = job
+                .file
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // Keys are short and plain: the job's name cut to 40 characters of [A-Za-z0-9_-].
+            let stem: String = stem
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                .take(40)
+                .collect();
+            let hash = crate::fingerprint::hex(&h.finalize()[..6]);
+            Some(format!("pm-{stem}-{hash}"))
+        }
+    }
+}
+
 /// The local model file: the job's `path`, else the fetched default.
 pub fn local_model_path(job: &Job) -> Result<PathBuf, Error> {
     job.served
@@ -208,7 +251,7 @@ fn local_backend(
     let identity = provider_identity(job, Some(&sha));
     // The engine reads the messages; the body is the OpenAI spelling, so that outputs
     // written before rows were keyed by request identity are still recognised.
-    let wire = Arc::new(OpenAiWire);
+    let wire = Arc::new(OpenAiWire::default());
     if !need_provider {
         // Counting prompts needs the vocabulary, not the weights.
         return Ok(Backend {

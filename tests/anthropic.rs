@@ -9,12 +9,12 @@ use crate::util::*;
 
 /// A system prompt every row shares, long enough for the cache (the fake server's minimum is
 /// 1,024 tokens of four characters).
-fn long_rules() -> String {
+pub(crate) fn long_rules() -> String {
     "Write in plain words, one short sentence, no lists. ".repeat(90)
 }
 
 /// A Claude job over `rows` (a `text` column); `model` and `output` are appended to their tables.
-fn claude_job(f: &Fixture, s: &FakeServer, rows: &[&str], model: &str, output: &str) -> String {
+pub(crate) fn claude_job(f: &Fixture, s: &FakeServer, rows: &[&str], model: &str, output: &str) -> String {
     let mut csv = String::from("text\n");
     for r in rows {
         csv.push_str(r);
@@ -70,7 +70,7 @@ fn write_ad_schema(f: &Fixture) {
     );
 }
 
-fn run(f: &Fixture, args: &[&str]) -> Ran {
+pub(crate) fn run(f: &Fixture, args: &[&str]) -> Ran {
     ran(f
         .cmd(args)
         .env("ANTHROPIC_API_KEY", KEY)
@@ -80,13 +80,13 @@ fn run(f: &Fixture, args: &[&str]) -> Ran {
 }
 
 /// `run --quiet` that must exit 0.
-fn run_ok(f: &Fixture, job: &str) -> Ran {
+pub(crate) fn run_ok(f: &Fixture, job: &str) -> Ran {
     let r = run(f, &["run", "--quiet", job]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     r
 }
 
-fn billed_equals_kept(s: &FakeServer, f: &Fixture) {
+pub(crate) fn billed_equals_kept(s: &FakeServer, f: &Fixture) {
     let st = s.stats();
     let recs = read_jsonl(&f.path("out/result.jsonl"));
     let sum = |k: &str| -> u64 {
@@ -102,9 +102,9 @@ fn billed_equals_kept(s: &FakeServer, f: &Fixture) {
 }
 
 /// claude-sonnet-4-5's list prices per 1M tokens: input, cache read, cache write (5 min), output.
-const SONNET: (f64, f64, f64, f64) = (3.0, 0.30, 3.75, 15.0);
+pub(crate) const SONNET: (f64, f64, f64, f64) = (3.0, 0.30, 3.75, 15.0);
 
-fn cost_of(u: &Value) -> f64 {
+pub(crate) fn cost_of(u: &Value) -> f64 {
     let n = |k: &str| u[k].as_f64().unwrap_or(0.0);
     let (read, written) = (n("cached_tokens"), n("cache_write_tokens"));
     ((n("prompt_tokens") - read - written) * SONNET.0
@@ -343,8 +343,8 @@ fn a_claude_job_without_max_tokens_or_with_what_is_not_built_is_refused_by_field
     let text = std::fs::read_to_string(&j).unwrap();
     for (from, to, field) in [
         ("max_tokens = 200\n", "", "model.max_tokens"),
-        ("max_tokens = 200\n", "max_tokens = 200\nn = 2\n", "model.n"),
-        ("[run]\n", "[run]\nmode = \"batch\"\n", "run.mode"),
+        ("\n[run]\n", "n = 2\n[run]\nmode = \"batch\"\n", "model.n"),
+        ("\n[run]\n", "prompt_cache_key = \"k\"\n[run]\n", "model.prompt_cache_key"),
     ] {
         std::fs::write(&j, text.replace(from, to)).unwrap();
         let r = run(&f, &["validate", &j]);
@@ -557,5 +557,46 @@ fn the_one_hour_cache_is_asked_for_and_its_writes_are_priced_at_twice_the_input_
     );
     assert_eq!(recs[1]["usage"]["cached_tokens"].as_f64(), Some(written));
     assert!((recs[1]["cost_usd"].as_f64().unwrap() - cost_of(&recs[1]["usage"])).abs() < 1e-12);
+    billed_equals_kept(&s, &f);
+}
+
+/// Claude has no `n`: three choices are three requests of the same body, their usage summed
+/// on the row's record; when one fails after others were answered, what they cost stays on
+/// the record.
+#[test]
+fn n_choices_from_claude_are_n_requests_and_a_failure_keeps_what_was_paid() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = claude_job(&f, &s, &["boots", "hats"], "n = 3\nprompt_cache = \"off\"", "");
+    run_ok(&f, &j);
+    assert_eq!(s.stats().requests, 6, "three requests a row");
+    let bodies = s.requests();
+    assert!(bodies.iter().all(|b| b.get("n").is_none()), "no `n` goes to Claude");
+    for r in f.records() {
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["variants"].as_array().map(Vec::len), Some(3), "{r}");
+        let cost = r["cost_usd"].as_f64().unwrap();
+        assert!((cost - cost_of(&r["usage"])).abs() < 1e-12);
+    }
+    billed_equals_kept(&s, &f);
+
+    // The second request of the row fails, with no retry: the first is paid and kept.
+    let s = spawn_background(Config {
+        fail_every: Some(2),
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let j = claude_job(&f, &s, &["boots"], "n = 3\nprompt_cache = \"off\"", "");
+    let text = std::fs::read_to_string(&j)
+        .unwrap()
+        .replace("max_retries = 4", "max_retries = 0");
+    std::fs::write(&j, text).unwrap();
+    let r = run(&f, &["run", "--quiet", &j]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert_eq!(s.stats().requests, 2, "the third is not sent after the second failed");
+    let rec = &f.records()[0];
+    assert_eq!(rec["status"], "error", "{rec}");
+    assert!(rec["error"]["message"].as_str().unwrap().contains("choice 2 of 3"), "{rec}");
+    assert!(rec["cost_usd"].as_f64().unwrap() > 0.0, "the answered choice's cost is kept");
     billed_equals_kept(&s, &f);
 }

@@ -144,3 +144,41 @@ fn base_url_comes_from_openai_base_url_when_the_job_has_none() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(s.stats().requests, 2);
 }
+
+/// `prompt_cache_key = "auto"`: one key for every row of a prefix, a new one when the shared
+/// prefix changes, none with "off" (nor, by default, on a server other than OpenAI's own); and
+/// since it is a routing hint outside the fingerprint, turning it on re-pays nothing.
+#[test]
+fn openai_rows_that_share_a_prefix_carry_one_prompt_cache_key() {
+    let s = server();
+    let f = Fixture::new();
+    f.write("data.csv", csv_rows(4));
+    let keys = |from: usize| -> Vec<Option<String>> {
+        s.requests()[from..]
+            .iter()
+            .map(|b| b["prompt_cache_key"].as_str().map(String::from))
+            .collect()
+    };
+    let job = f.job("data.csv", "Say {{ text }}", "", "", &s.base_url());
+    ok(&f.run(&["run", job.to_str().unwrap()]));
+    assert_eq!(keys(0), vec![None; 4], "off by default away from api.openai.com");
+
+    // Turned on: the finished rows are not sent again; new rows carry one key.
+    f.write("data.csv", csv_rows(8));
+    let text = std::fs::read_to_string(&job).unwrap();
+    let on = text.replace("max_tokens = 20\n", "max_tokens = 20\nprompt_cache_key = \"auto\"\n");
+    std::fs::write(&job, &on).unwrap();
+    ok(&f.run(&["run", job.to_str().unwrap()]));
+    assert_eq!(s.requests().len(), 8, "the four done rows are not re-paid");
+    let auto = keys(4);
+    let first = auto[0].clone().expect("a key");
+    assert!(first.starts_with("pm-job-"), "{first}");
+    assert!(auto.iter().all(|k| k.as_deref() == Some(first.as_str())), "{auto:?}");
+
+    // Another system prompt is another prefix: another key.
+    f.write("data.csv", csv_rows(9));
+    std::fs::write(&job, on.replace("You are terse.", "You are brief.")).unwrap();
+    ok(&f.run(&["run", job.to_str().unwrap()]));
+    let other = keys(8);
+    assert!(other.iter().all(|k| k.is_some() && k.as_ref() != Some(&first)), "{other:?}");
+}

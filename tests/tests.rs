@@ -5,6 +5,7 @@
 mod util;
 
 mod anthropic;
+mod anthropic_batch;
 mod auth;
 mod batch;
 mod budget;

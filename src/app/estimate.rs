@@ -206,9 +206,15 @@ fn print_cost(
         v.map(|c| format!("${c:.6}"))
             .unwrap_or_else(|| "unknown (no price for this model; set [pricing])".into())
     };
-    let bound = price.map(|p| p.bound(t.prompt_todo, out_cap * t.to_send));
+    // Claude has no `n`: each choice is a request, and pays the prompt again.
+    let prompts = if job.served.provider == crate::job::ProviderKind::Anthropic {
+        t.prompt_todo * job.params.choices()
+    } else {
+        t.prompt_todo
+    };
+    let bound = price.map(|p| p.bound(prompts, out_cap * t.to_send));
     let expected = price.map(|p| {
-        (t.prompt_todo as f64 * p.input + expected_out * t.to_send as f64 * p.output) / 1e6
+        (prompts as f64 * p.input + expected_out * t.to_send as f64 * p.output) / 1e6
     });
     println!(
         "max output tokens {}{}",

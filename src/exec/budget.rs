@@ -57,10 +57,16 @@ impl Shared {
 
     /// The most one request can cost: `prompt_tokens` in, and `max_output` tokens for each of
     /// `choices` out, at the job's price (0 when the price is unknown, for which a budget is
-    /// refused at the start). The one worst-case bound.
+    /// refused at the start). An API that answers one choice a request is paid the prompt
+    /// once a choice. The one worst-case bound.
     pub(super) fn bound(&self, prompt_tokens: u64, max_output: u64, choices: u64) -> f64 {
+        let prompts = if self.backend.wire.one_choice_per_request() {
+            prompt_tokens * choices
+        } else {
+            prompt_tokens
+        };
         self.price(None)
-            .map(|pr| pr.bound(prompt_tokens, max_output * choices))
+            .map(|pr| pr.bound(prompts, max_output * choices))
             .unwrap_or(0.0)
     }
 

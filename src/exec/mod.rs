@@ -20,6 +20,7 @@ mod reask;
 mod records;
 pub mod retry;
 mod send;
+mod several;
 pub mod signals;
 mod writer;
 

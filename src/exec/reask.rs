@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::attempt::{send, Sending};
+use super::attempt::Sending;
+use super::several::send_choices;
 use super::budget::Reservation;
 use super::records::usage_of;
 use super::Shared;
@@ -102,7 +103,7 @@ pub(super) async fn shape_up(
             return (s, last);
         }
         attempt += 1;
-        let (again, c) = match ask_again(sh, p, k, started, st, attempt - 1).await {
+        let (again, c, short) = match ask_again(sh, p, k, started, st, attempt - 1).await {
             Ok(x) => x,
             Err(failure) => {
                 s.failure = Some(failure);
@@ -114,6 +115,11 @@ pub(super) async fn shape_up(
             s.choices[*slot] = new;
         }
         last = c;
+        if let Some(short) = short {
+            // Some of the choices asked again were paid, then the rest failed.
+            s.failure = Some(short);
+            return (s, last);
+        }
     }
 }
 
@@ -128,7 +134,7 @@ async fn ask_again(
     started: Instant,
     st: &mut Sending,
     paid: u32,
-) -> Result<(Request, Completion), (ErrorKind, String)> {
+) -> Result<(Request, Completion, Option<super::several::Short>), (ErrorKind, String)> {
     let again = Request {
         messages: p.request.messages.clone(),
         choices: u32::try_from(k).unwrap_or(u32::MAX),
@@ -140,10 +146,10 @@ async fn ask_again(
     let answer = if sh.stopper.signals.stop.is_cancelled() {
         None
     } else {
-        send(sh, p.row.number, &again, k, started, st).await
+        send_choices(sh, p.row.number, &again, k, started, st).await
     };
     match answer {
-        Some(Ok(c)) => Ok((again, c)),
+        Some(Ok((c, short))) => Ok((again, c, short)),
         None => Err((
             ErrorKind::Interrupted,
             format!(

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::attempt::{send, Sending};
+use super::attempt::Sending;
 use super::budget::Reservation;
 use super::reask::{shape_up, Shaped};
+use super::several::send_choices;
 use super::records::{answered_record, error_record, judged_wrong, set_choices, usage_of};
 use super::writer::Msg;
 use super::Shared;
@@ -38,15 +39,27 @@ pub(super) async fn process(
         (unconfirmed > 0.0).then_some(Msg::Unconfirmed(unconfirmed))
     };
     let choices = sh.job.params.choices();
-    let Some(outcome) = send(sh, p.row.number, &p.request, choices, started, &mut st).await else {
+    let outcome = send_choices(sh, p.row.number, &p.request, choices, started, &mut st).await;
+    let Some(outcome) = outcome else {
         return pending(reservation, st.unconfirmed);
     };
     let shaped = match (outcome, sh.shape.as_ref()) {
-        (Ok(c), Some(shape)) => {
+        // Some choices paid, then a failure: kept as they are, not judged or asked again.
+        (Ok((c, Some(short))), _) => {
+            let s = Shaped {
+                data: vec![None; c.all_choices().len()],
+                choices: c.all_choices(),
+                invalid: Vec::new(),
+                failure: Some(short),
+                usage: super::records::usage_of(sh, &p.request.messages, &c),
+            };
+            Ok((c, Some(s)))
+        }
+        (Ok((c, None)), Some(shape)) => {
             let (s, c) = shape_up(sh, shape, &p, c, &mut reservation, started, &mut st).await;
             Ok((c, Some(s)))
         }
-        (Ok(c), None) => Ok((c, None)),
+        (Ok((c, None)), None) => Ok((c, None)),
         (Err(e), _) => Err(e),
     };
     let Sending {

@@ -19,7 +19,7 @@ use crate::cost::Pricing;
 use crate::error::Error;
 use crate::shape::OutputShape;
 pub use messages::{MessageSource, MessageSpec};
-pub use model::Served;
+pub use model::{CacheKey, Served};
 pub use model::{ProviderKind, TEXT_ONLY_MODEL};
 pub use raw::{RawInput, RawJob};
 pub use run::{BatchLimits, Limits};
@@ -120,7 +120,17 @@ impl Job {
         model::refuse_what_local_cannot_do(&jf, served.provider, &messages, &params)?;
         model::refuse_what_anthropic_cannot_do(&jf, served.provider, &params)?;
         let mode = run::mode(&jf, &raw.run, ov, served.provider)?;
-        let batch = run::batch_limits(&jf, &raw.batch)?;
+        if mode == Mode::Batch && served.provider == ProviderKind::Anthropic && params.choices() > 1
+        {
+            // A batch line is one request, and Claude answers one choice a request.
+            return Err(jf.bad(
+                "model.n",
+                "n > 1 with Claude is n requests a row, which runs online; a Message Batch \
+                 holds one request a row (leave n out, or run with --mode online)"
+                    .into(),
+            ));
+        }
+        let batch = run::batch_limits(&jf, &raw.batch, served.provider)?;
         Ok(Job {
             file: path.to_path_buf(),
             input,

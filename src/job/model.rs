@@ -46,6 +46,17 @@ pub struct Served {
     pub auth: Auth,
     pub ca_file: Option<PathBuf>,
     pub prompt_cache: crate::provider::anthropic::PromptCache,
+    /// OpenAI's `prompt_cache_key`: `Auto` derives one from the job and its shared prefix.
+    pub prompt_cache_key: CacheKey,
+}
+
+/// `[model] prompt_cache_key` for OpenAI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheKey {
+    Off,
+    /// Derived from the job and the prefix every row shares.
+    Auto,
+    Fixed(String),
 }
 
 /// Keys never live in job files: `api_key` is there only to be refused with this message.
@@ -81,6 +92,7 @@ pub(super) fn served(jf: &JobFile, m: &RawModel) -> Result<Served, Error> {
     let deployment = deployment(jf, m, azure)?;
     let (model, model_path) = name_and_path(jf, m, deployment.as_deref())?;
     let base_url = base_url(jf, m, azure)?;
+    let prompt_cache_key = cache_key(jf, m, provider, &base_url)?;
     let api_key_env = m.api_key_env.clone().unwrap_or_else(|| {
         match m.provider {
             RawProvider::Azure => "AZURE_OPENAI_API_KEY",
@@ -116,6 +128,43 @@ pub(super) fn served(jf: &JobFile, m: &RawModel) -> Result<Served, Error> {
         auth,
         ca_file,
         prompt_cache: m.prompt_cache.unwrap_or_default(),
+        prompt_cache_key,
+    })
+}
+
+/// OpenAI's `prompt_cache_key`. By default `auto` on OpenAI's own API only: a server that
+/// copies the API (Azure, vLLM, a proxy) may refuse a field it does not know, so there the
+/// job turns it on.
+fn cache_key(
+    jf: &JobFile,
+    m: &RawModel,
+    provider: ProviderKind,
+    base_url: &str,
+) -> Result<CacheKey, Error> {
+    let Some(k) = m.prompt_cache_key.as_deref() else {
+        let openai = provider == ProviderKind::Openai
+            && m.provider != RawProvider::Azure
+            && reqwest::Url::parse(base_url)
+                .is_ok_and(|u| u.host_str() == Some("api.openai.com"));
+        return Ok(if openai { CacheKey::Auto } else { CacheKey::Off });
+    };
+    if provider != ProviderKind::Openai {
+        return Err(jf.bad(
+            "model.prompt_cache_key",
+            "prompt_cache_key is OpenAI's request field; Anthropic's cache is `prompt_cache`"
+                .into(),
+        ));
+    }
+    Ok(match k {
+        "off" => CacheKey::Off,
+        "auto" => CacheKey::Auto,
+        k if !k.is_empty() && k.len() <= 256 => CacheKey::Fixed(k.to_string()),
+        _ => {
+            return Err(jf.bad(
+                "model.prompt_cache_key",
+                "must be \"auto\", \"off\" or a key of 1 to 256 characters".into(),
+            ))
+        }
     })
 }
 
@@ -320,14 +369,6 @@ pub(super) fn refuse_what_anthropic_cannot_do(
                 .into(),
         ));
     }
-    if params.n.is_some_and(|n| n > 1) {
-        return Err(jf.bad(
-            "model.n",
-            "Claude answers one choice a request; n > 1 is not supported with provider = \
-             \"anthropic\" yet"
-                .into(),
-        ));
-    }
     if params.service_tier.is_some() {
         return Err(jf.bad(
             "model.service_tier",
@@ -430,6 +471,32 @@ mod tests {
     use super::super::tests::{field_of, job};
     use super::*;
     use crate::job::{Job, Overrides, RawJob};
+
+    #[test]
+    fn the_prompt_cache_key_is_auto_on_openais_own_api_only_unless_the_job_says() {
+        let key = |model: &str| job(model, "").map(|j| j.served.prompt_cache_key);
+        assert_eq!(key("name = \"gpt-4o\"").unwrap(), CacheKey::Auto);
+        let local = "name = \"m\"\nbase_url = \"http://127.0.0.1:8000/v1\"";
+        assert_eq!(key(local).unwrap(), CacheKey::Off);
+        assert_eq!(
+            key(&format!("{local}\nprompt_cache_key = \"auto\"")).unwrap(),
+            CacheKey::Auto
+        );
+        assert_eq!(
+            key("name = \"gpt-4o\"\nprompt_cache_key = \"blog\"").unwrap(),
+            CacheKey::Fixed("blog".into())
+        );
+        assert_eq!(
+            key("name = \"gpt-4o\"\nprompt_cache_key = \"off\"").unwrap(),
+            CacheKey::Off
+        );
+        let e = key("name = \"gpt-4o\"\nprompt_cache_key = \"\"").unwrap_err();
+        assert_eq!(field_of(e), "model.prompt_cache_key");
+        let claude = "provider = \"anthropic\"\nname = \"claude-sonnet-4-5\"\nmax_tokens = 9";
+        assert_eq!(key(claude).unwrap(), CacheKey::Off);
+        let e = key(&format!("{claude}\nprompt_cache_key = \"k\"")).unwrap_err();
+        assert_eq!(field_of(e), "model.prompt_cache_key");
+    }
 
     #[test]
     fn a_schema_the_local_grammar_cannot_hold_is_refused_where_the_job_loads() {

@@ -75,6 +75,8 @@ pub struct RawModel {
     pub cache_prompt: Option<bool>,
     /// Anthropic: how long the prefix every row shares is cached (`5m`, `1h`, `off`).
     pub prompt_cache: Option<crate::provider::anthropic::PromptCache>,
+    /// OpenAI: `prompt_cache_key`, `"auto"` (from the job and its shared prefix) or `"off"`.
+    pub prompt_cache_key: Option<String>,
     pub base_url: Option<String>,
     pub api_key_env: Option<String>,
     /// Azure OpenAI: the deployment that answers (`provider = "azure"` only).

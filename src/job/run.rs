@@ -119,22 +119,23 @@ pub(super) fn mode(
                 .into(),
         ));
     }
-    if mode == Mode::Batch && provider == ProviderKind::Anthropic {
-        return Err(jf.bad(
-            "run.mode",
-            "batch mode with provider = \"anthropic\" (the Message Batches API) is not built \
-             yet; run online"
-                .into(),
-        ));
-    }
     Ok(mode)
 }
 
-/// `[batch]`, OpenAI's limits by default.
-pub(super) fn batch_limits(jf: &JobFile, rb: &RawBatch) -> Result<BatchLimits, Error> {
+/// `[batch]`, the vendor's limits by default: OpenAI's 50,000 requests and 200 MB a file,
+/// Anthropic's 100,000 requests and 256 MB a batch (its create body, which is the file).
+pub(super) fn batch_limits(
+    jf: &JobFile,
+    rb: &RawBatch,
+    provider: ProviderKind,
+) -> Result<BatchLimits, Error> {
+    let (requests, bytes) = match provider {
+        ProviderKind::Anthropic => (100_000, 256_000_000),
+        _ => (BATCH_MAX_REQUESTS, BATCH_MAX_BYTES),
+    };
     let batch = BatchLimits {
-        max_requests_per_file: rb.max_requests_per_file.unwrap_or(BATCH_MAX_REQUESTS),
-        max_bytes_per_file: rb.max_bytes_per_file.unwrap_or(BATCH_MAX_BYTES),
+        max_requests_per_file: rb.max_requests_per_file.unwrap_or(requests),
+        max_bytes_per_file: rb.max_bytes_per_file.unwrap_or(bytes),
         poll: seconds(jf, "batch.poll_s", rb.poll_s, 30.0, MAX_GRACE_S)?,
     };
     if batch.max_requests_per_file == 0 {

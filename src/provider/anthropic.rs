@@ -124,9 +124,14 @@ impl super::Wire for AnthropicWire {
         bytes::Bytes::from(serde_json::to_vec(&body).expect("a request body always serializes"))
     }
 
-    /// Claude answers one choice a request: a re-ask is the same request again.
+    /// Claude answers one choice a request: a re-ask is the same request again, once a
+    /// choice.
     fn with_choices(&self, body: &bytes::Bytes, _k: u64, _had_n: bool) -> bytes::Bytes {
         body.clone()
+    }
+
+    fn one_choice_per_request(&self) -> bool {
+        true
     }
 }
 

@@ -238,4 +238,9 @@ pub trait Wire: Send + Sync {
     /// The body asking for `k` choices instead of the row's own number: a re-ask for the
     /// choices that broke the job's shape. `had_n`: the row's own body names a number.
     fn with_choices(&self, body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes;
+    /// The API answers one choice a request (it has no `n`): several choices are several
+    /// requests of the same body.
+    fn one_choice_per_request(&self) -> bool {
+        false
+    }
 }

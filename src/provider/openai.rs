@@ -31,6 +31,8 @@ struct Body<'a> {
     params: &'a Params,
     #[serde(skip_serializing_if = "Option::is_none")]
     stream_options: Option<StreamOptions>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_cache_key: Option<&'a str>,
     #[serde(flatten)]
     extra: &'a serde_json::Map<String, serde_json::Value>,
 }
@@ -44,6 +46,7 @@ pub fn request_body(
     model: &str,
     messages: &serde_json::value::RawValue,
     params: &Params,
+    prompt_cache_key: Option<&str>,
 ) -> bytes::Bytes {
     let body = Body {
         model,
@@ -52,13 +55,21 @@ pub fn request_body(
         stream_options: params.stream.unwrap_or(false).then_some(StreamOptions {
             include_usage: true,
         }),
+        // `extra` names it itself when the job puts it there.
+        prompt_cache_key: prompt_cache_key.filter(|_| !params.extra.contains_key("prompt_cache_key")),
         extra: &params.extra,
     };
     bytes::Bytes::from(serde_json::to_vec(&body).expect("a request body always serializes"))
 }
 
 /// OpenAI's chat completions body ([`request_body`]).
-pub struct OpenAiWire;
+#[derive(Default)]
+pub struct OpenAiWire {
+    /// `prompt_cache_key`, sent with every row: rows that share a prefix reach the same cache.
+    /// A routing hint, not part of what is asked: the fingerprint leaves it out, so turning it
+    /// on never re-pays a finished row.
+    pub cache_key: Option<String>,
+}
 
 impl super::Wire for OpenAiWire {
     fn body(
@@ -68,7 +79,7 @@ impl super::Wire for OpenAiWire {
         json: &serde_json::value::RawValue,
         params: &Params,
     ) -> bytes::Bytes {
-        request_body(model, json, params)
+        request_body(model, json, params, self.cache_key.as_deref())
     }
 
     fn with_choices(&self, body: &bytes::Bytes, k: u64, had_n: bool) -> bytes::Bytes {
@@ -716,11 +727,24 @@ mod tests {
             "m",
             &serde_json::value::to_raw_value(&msgs).unwrap(),
             &p,
+            None,
         ))
         .unwrap();
         assert_eq!(v["logprobs"], serde_json::json!(true));
         assert_eq!(v["temperature"], serde_json::json!(0.2));
         assert!(v.get("extra").is_none());
         assert!(v.get("stream_options").is_none());
+        assert!(v.get("prompt_cache_key").is_none());
+        let raw = serde_json::value::to_raw_value(&msgs).unwrap();
+        let keyed = |p: &Params| -> serde_json::Value {
+            serde_json::from_slice(&request_body("m", &raw, p, Some("pm-job-1"))).unwrap()
+        };
+        assert_eq!(keyed(&p)["prompt_cache_key"], "pm-job-1");
+        // The job's own `extra.prompt_cache_key` wins, and is not sent twice.
+        p.extra
+            .insert("prompt_cache_key".into(), serde_json::json!("mine"));
+        let text = String::from_utf8(request_body("m", &raw, &p, Some("pm-job-1")).to_vec()).unwrap();
+        assert_eq!(text.matches("prompt_cache_key").count(), 1, "{text}");
+        assert_eq!(keyed(&p)["prompt_cache_key"], "mine");
     }
 }

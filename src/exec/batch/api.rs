@@ -28,6 +28,11 @@ pub trait BatchApi: Send + Sync {
     /// One row's request as a line of this API's batch input (`custom_id` names the row and
     /// its request); `body` is the online request's, `stream` whether it asks to stream.
     fn write_line(&self, out: &mut Vec<u8>, custom_id: &str, body: &[u8], stream: bool);
+    /// The `custom_id` of a row's line: the row and its key, as [`super::results`] reads
+    /// them back.
+    fn custom_id(&self, row: u64, fp: &[u8; 16], idh: u64) -> String {
+        super::results::custom_id(row, fp, idh)
+    }
     /// Reads one line of a downloaded results file.
     fn outcome(&self) -> fn(&[u8]) -> Answer;
     /// Makes a part's input file available to a create (an upload); its handle.
@@ -66,6 +71,9 @@ pub struct Lookup {
     pub requests: u64,
     /// Batch ids the log already holds for other parts: not this part's.
     pub known: Vec<String>,
+    /// The part's input file, while it is kept: a vendor may check an ended candidate's
+    /// results against its lines.
+    pub file: std::path::PathBuf,
 }
 
 /// A batch as the API describes it.

@@ -13,8 +13,10 @@
 //! so a run killed between two steps redoes or looks up the step it was in, and no row is
 //! submitted while an earlier batch holds it.
 
+pub mod anthropic;
 pub mod api;
 pub mod export;
+mod http;
 mod lines;
 pub mod openai;
 mod pass;
@@ -49,6 +51,7 @@ pub enum Route {
 /// One line per batch for `batch status`, asking the server about those still running.
 pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
     let log = Log::load(&crate::ledger::files::Files::new(&job.output).batches())?;
+    let dir = crate::ledger::files::Files::new(&job.output).batch_dir();
     let open: Vec<BatchPart> = log.open_parts().cloned().collect();
     let client = if open
         .iter()
@@ -66,7 +69,7 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
         .filter(|p| p.stage == Stage::Collected)
         .count();
     for p in &open {
-        lines.push(part_status(client.as_deref(), &log, p, t).await?);
+        lines.push(part_status(client.as_deref(), (&log, &dir), p, t).await?);
     }
     if open.is_empty() {
         lines.push("no batches in flight".into());
@@ -80,13 +83,13 @@ pub async fn status(job: &Job) -> Result<Vec<String>, Error> {
 /// `batch status`'s line for one open part, asking the server where it has to.
 async fn part_status(
     client: Option<&dyn BatchApi>,
-    log: &Log,
+    (log, dir): (&Log, &std::path::Path),
     p: &BatchPart,
     t: u64,
 ) -> Result<String, Error> {
     // A create whose answer was lost: the server may hold the batch; look, change nothing.
     let found = match (client, p.stage) {
-        (Some(c), Stage::Creating) => match log.lookup(&p.id) {
+        (Some(c), Stage::Creating) => match log.lookup(&p.id, dir) {
             Some(lost) => c.find_batch(&lost).await?,
             None => None,
         },
@@ -214,7 +217,7 @@ async fn settle_creating(
     dir: &std::path::Path,
     p: &BatchPart,
 ) -> Result<Option<api::Batch>, Error> {
-    let found = match log.lookup(&p.id) {
+    let found = match log.lookup(&p.id, dir) {
         Some(lost) => client.find_batch(&lost).await?,
         None => None,
     };

@@ -10,16 +10,15 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use tokio::io::AsyncWriteExt;
 
 use super::api::{Batch, BatchApi, CreateFailed, Fut, Lookup};
+use super::http::{failed, Http};
 use super::results::Answer;
 use crate::error::Error;
 use crate::exec::retry::RetryPolicy;
 use crate::ledger::journal::io_err;
 use crate::provider::endpoint::Endpoint;
-use crate::provider::openai::{parse_completion, status_error, transport_error};
-use crate::provider::{ErrorKind, ProviderError};
+use crate::provider::openai::{parse_completion, status_error};
 
 #[derive(Deserialize)]
 struct FileObject {
@@ -41,18 +40,12 @@ struct List<T> {
 
 /// OpenAI's (or Azure's) Files and Batches endpoints for one job.
 pub struct OpenAiBatches {
-    http: reqwest::Client,
+    http: Http,
     endpoint: Endpoint,
-    retry: RetryPolicy,
     /// The route each line names, and the model its body must name when it is not the job's
     /// (Azure: the deployment).
     line_url: &'static str,
     line_model: Option<String>,
-}
-
-/// A call that failed after its retries, as the user reads it.
-fn failed(what: &str, e: &ProviderError) -> Error {
-    Error::Other(format!("{what}: {e}"))
 }
 
 impl OpenAiBatches {
@@ -66,11 +59,15 @@ impl OpenAiBatches {
             .client(timeout.max(Duration::from_secs(600)), 2)
             .map_err(Error::Other)?;
         Ok(OpenAiBatches {
-            http,
+            http: Http {
+                client: http,
+                key: endpoint.key().cloned(),
+                retry: RetryPolicy::new(max_retries),
+                classify: |key, status, body| status_error(key, status, body, None, None),
+            },
             line_url: endpoint.batch_line_url(),
             line_model: None,
             endpoint,
-            retry: RetryPolicy::new(max_retries),
         })
     }
 
@@ -90,71 +87,12 @@ impl OpenAiBatches {
         self.endpoint.api_url(path).map_err(Error::Other)
     }
 
-    /// One attempt: the response if it succeeded, else the failure as the error table
-    /// classifies it.
-    async fn attempt(
-        &self,
-        req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ProviderError> {
-        match req.send().await {
-            Ok(resp) if resp.status().is_success() => Ok(resp),
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let body = resp.bytes().await.unwrap_or_default();
-                Err(status_error(self.endpoint.key(), status, &body, None, None))
-            }
-            Err(e) => Err(transport_error(self.endpoint.key(), e)),
-        }
-    }
-
-    /// Sends what `make` builds until it succeeds, or fails in a way retrying cannot fix.
-    /// Only for calls that are safe to repeat: a create is not (see `create`).
-    async fn call<F, Fut>(&self, what: &str, make: F) -> Result<reqwest::Response, Error>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<reqwest::RequestBuilder, Error>>,
-    {
-        let mut retrier = self.retry.start();
-        loop {
-            let err = match self.attempt(make().await?).await {
-                Ok(resp) => return Ok(resp),
-                Err(e) => e,
-            };
-            match retrier.next_delay(&err) {
-                Some(d) => {
-                    tracing::debug!("{what}: retrying in {d:?}: {err}");
-                    tokio::time::sleep(d).await;
-                }
-                None => return Err(failed(what, &err)),
-            }
-        }
-    }
-
-    async fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        what: &str,
-        resp: reqwest::Response,
-    ) -> Result<T, Error> {
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| failed(what, &transport_error(self.endpoint.key(), e)))?;
-        serde_json::from_slice(&body).map_err(|e| {
-            failed(
-                what,
-                &ProviderError::new(
-                    ErrorKind::InvalidResponse,
-                    format!("unexpected answer ({e})"),
-                ),
-            )
-        })
-    }
-
     /// Uploads a batch input file (purpose `batch`), streamed from disk; returns its id.
     pub async fn upload(&self, path: &Path, name: &str) -> Result<String, Error> {
         let url = self.url("files")?;
         let what = format!("uploading {}", path.display());
         let resp = self
+            .http
             .call(&what, || async {
                 let file = tokio::fs::File::open(path)
                     .await
@@ -168,10 +106,10 @@ impl OpenAiBatches {
                 let form = reqwest::multipart::Form::new()
                     .text("purpose", "batch")
                     .part("file", part);
-                Ok(self.http.post(url.clone()).multipart(form))
+                Ok(self.http.client.post(url.clone()).multipart(form))
             })
             .await?;
-        let f: FileObject = self.json(&what, resp).await?;
+        let f: FileObject = self.http.json(&what, resp).await?;
         Ok(f.id)
     }
 
@@ -181,9 +119,10 @@ impl OpenAiBatches {
         url.query_pairs_mut().append_pair("purpose", "batch");
         let what = "listing uploaded files";
         let resp = self
-            .call(what, || async { Ok(self.http.get(url.clone())) })
+            .http
+            .call(what, || async { Ok(self.http.client.get(url.clone())) })
             .await?;
-        let list: List<FileObject> = self.json(what, resp).await?;
+        let list: List<FileObject> = self.http.json(what, resp).await?;
         Ok(list
             .data
             .into_iter()
@@ -194,8 +133,8 @@ impl OpenAiBatches {
 
     pub async fn delete_file(&self, id: &str) -> Result<(), Error> {
         let url = self.url(&format!("files/{id}"))?;
-        self.call("deleting a file", || async {
-            Ok(self.http.delete(url.clone()))
+        self.http.call("deleting a file", || async {
+            Ok(self.http.client.delete(url.clone()))
         })
         .await?;
         Ok(())
@@ -218,11 +157,12 @@ impl OpenAiBatches {
         });
         let what = format!("creating a batch from {file_id}");
         let resp = self
-            .attempt(self.http.post(url).json(&body))
+            .http
+            .attempt(self.http.client.post(url).json(&body))
             .await
             .map_err(|e| CreateFailed::of(failed(&what, &e), e))?;
         // A 200 whose body is lost or garbled: the batch was made.
-        self.json(&what, resp).await.map_err(|error| CreateFailed {
+        self.http.json(&what, resp).await.map_err(|error| CreateFailed {
             error,
             maybe_made: true,
             retry: None,
@@ -233,18 +173,20 @@ impl OpenAiBatches {
         let url = self.url(&format!("batches/{id}"))?;
         let what = format!("checking batch {id}");
         let resp = self
-            .call(&what, || async { Ok(self.http.get(url.clone())) })
+            .http
+            .call(&what, || async { Ok(self.http.client.get(url.clone())) })
             .await?;
-        self.json(&what, resp).await
+        self.http.json(&what, resp).await
     }
 
     pub async fn cancel(&self, id: &str) -> Result<Batch, Error> {
         let url = self.url(&format!("batches/{id}/cancel"))?;
         let what = format!("cancelling batch {id}");
         let resp = self
-            .call(&what, || async { Ok(self.http.post(url.clone())) })
+            .http
+            .call(&what, || async { Ok(self.http.client.post(url.clone())) })
             .await?;
-        self.json(&what, resp).await
+        self.http.json(&what, resp).await
     }
 
     /// The batch created from part `part` at or after `since`, found by its metadata: a run
@@ -261,9 +203,10 @@ impl OpenAiBatches {
             }
             let what = "listing batches";
             let resp = self
-                .call(what, || async { Ok(self.http.get(url.clone())) })
+                .http
+                .call(what, || async { Ok(self.http.client.get(url.clone())) })
                 .await?;
-            let list: List<Batch> = self.json(what, resp).await?;
+            let list: List<Batch> = self.http.json(what, resp).await?;
             let mut older = false;
             for b in &list.data {
                 let mine = b
@@ -287,30 +230,12 @@ impl OpenAiBatches {
         }
     }
 
-    /// Downloads a file's content to `dest` (written beside it, synced, then renamed).
+    /// Downloads a file's content to `dest`, whole or not at all.
     pub async fn download(&self, file_id: &str, dest: &Path) -> Result<(), Error> {
         let url = self.url(&format!("files/{file_id}/content"))?;
-        let what = format!("downloading {file_id}");
-        let resp = self
-            .call(&what, || async { Ok(self.http.get(url.clone())) })
-            .await?;
-        let tmp = dest.with_extension("part");
-        let mut f = tokio::fs::File::create(&tmp)
+        self.http
+            .download(&format!("downloading {file_id}"), &url, dest)
             .await
-            .map_err(|e| io_err(&tmp, e))?;
-        let mut stream = resp.bytes_stream();
-        use futures::StreamExt;
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| failed(&what, &transport_error(self.endpoint.key(), e)))?;
-            f.write_all(&chunk).await.map_err(|e| io_err(&tmp, e))?;
-        }
-        f.sync_all().await.map_err(|e| io_err(&tmp, e))?;
-        drop(f);
-        tokio::fs::rename(&tmp, dest)
-            .await
-            .map_err(|e| io_err(dest, e))?;
-        crate::ledger::files::sync_dir(dest)
     }
 }
 
@@ -367,7 +292,7 @@ impl BatchApi for OpenAiBatches {
     }
 
     fn retrier(&self) -> crate::exec::retry::Retrier {
-        self.retry.start()
+        self.http.retry.start()
     }
 }
 

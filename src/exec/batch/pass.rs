@@ -416,7 +416,7 @@ impl Pass {
         worst_usd: f64,
     ) -> Result<Result<(), String>, Error> {
         let mut line = std::mem::take(&mut self.line);
-        let id = results::custom_id(row, fp, idh);
+        let id = self.client().custom_id(row, fp, idh);
         self.client().write_line(&mut line, &id, body, stream);
         let r = self.add_line(&line, worst_usd);
         self.line = line;

@@ -43,16 +43,63 @@ pub fn custom_id(row: u64, fp: &[u8; 16], idh: u64) -> String {
     }
 }
 
-/// The row number and key in a `custom_id`, if it is one of ours.
+/// A row's key within 64 characters of `[A-Za-z0-9_-]` (Anthropic's `custom_id`):
+/// `r{row}-{fingerprint}-{id hash}` in base 62, the last two of fixed width (22 and 11).
+pub fn compact_custom_id(row: u64, fp: &[u8; 16], idh: u64) -> String {
+    let mut s = String::with_capacity(47);
+    s.push('r');
+    base62(&mut s, u128::from(row), 0);
+    s.push('-');
+    base62(&mut s, u128::from_be_bytes(*fp), 22);
+    s.push('-');
+    base62(&mut s, u128::from(idh), 11);
+    s
+}
+
+const B62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// `n` in base 62, left-padded with zeros to `width`.
+fn base62(out: &mut String, mut n: u128, width: usize) {
+    let mut digits = Vec::with_capacity(22);
+    while n > 0 || digits.is_empty() {
+        digits.push(B62[(n % 62) as usize]);
+        n /= 62;
+    }
+    digits.resize(width.max(digits.len()), b'0');
+    out.extend(digits.iter().rev().map(|&d| d as char));
+}
+
+fn unbase62(s: &str) -> Option<u128> {
+    s.bytes().try_fold(0u128, |n, b| {
+        let d = B62.iter().position(|&c| c == b)? as u128;
+        n.checked_mul(62)?.checked_add(d)
+    })
+}
+
+/// The row number and key in a `custom_id`, if it is one of ours: either spelling
+/// ([`custom_id`]'s hex, [`compact_custom_id`]'s base 62), told apart by the key's width.
 pub fn parse_custom_id(id: &str) -> Option<(u64, [u8; 16], u64)> {
     let mut it = id.split('-');
-    let row = it.next()?.strip_prefix('r')?.parse().ok()?;
-    let fp = crate::fingerprint::fingerprint_bytes(it.next()?)?;
-    let idh = match it.next() {
+    let row = it.next()?.strip_prefix('r')?;
+    let fp = it.next()?;
+    let idh = it.next();
+    if it.next().is_some() {
+        return None;
+    }
+    if fp.len() == 22 {
+        let idh = idh.filter(|h| h.len() == 11)?;
+        return Some((
+            u64::try_from(unbase62(row)?).ok()?,
+            unbase62(fp)?.to_be_bytes(),
+            u64::try_from(unbase62(idh)?).ok()?,
+        ));
+    }
+    let fp = crate::fingerprint::fingerprint_bytes(fp)?;
+    let idh = match idh {
         Some(h) => u64::from_str_radix(h, 16).ok()?,
         None => 0,
     };
-    it.next().is_none().then_some((row, fp, idh))
+    Some((row.parse().ok()?, fp, idh))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -241,5 +288,24 @@ mod tests {
         );
         assert_eq!(parse_custom_id("request-1"), None);
         assert_eq!(parse_custom_id("r1-zz"), None);
+    }
+
+    #[test]
+    fn compact_ids_fit_anthropics_pattern_at_the_extremes_and_round_trip() {
+        for (row, fp, idh) in [
+            (u64::MAX, [0xffu8; 16], u64::MAX),
+            (0, [0u8; 16], 0),
+            (12, [7u8; 16], 0xdead_beef_0000_0001),
+        ] {
+            let id = compact_custom_id(row, &fp, idh);
+            assert!(id.len() <= 64, "{id}");
+            assert!(id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+            assert_eq!(parse_custom_id(&id), Some((row, fp, idh)), "{id}");
+        }
+        // A hex key is never read as base 62, nor the reverse.
+        let fp = [0xabu8; 16];
+        assert_eq!(parse_custom_id(&custom_id(5, &fp, 9)), Some((5, fp, 9)));
     }
 }

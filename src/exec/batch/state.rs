@@ -348,9 +348,11 @@ impl Log {
 
     /// What finding part `id`'s batch again needs: when its create began, its size, and the
     /// batches already on record for the other parts.
-    pub fn lookup(&self, id: &str) -> Option<super::api::Lookup> {
+    /// `dir`: the batch folder, where the part's file is.
+    pub fn lookup(&self, id: &str, dir: &Path) -> Option<super::api::Lookup> {
         let p = self.part(id)?;
         Some(super::api::Lookup {
+            file: dir.join(&p.file),
             part: p.id.clone(),
             since: p.creating_at,
             requests: p.requests,

@@ -120,7 +120,10 @@ impl Pass {
                 Err(f) => f,
             };
             if f.maybe_made {
-                let mut lost = self.log.lookup(part).expect("the part is on record");
+                let mut lost = self
+                    .log
+                    .lookup(part, &self.dir)
+                    .expect("the part is on record");
                 lost.since = since;
                 let found = client
                     .find_batch(&lost)

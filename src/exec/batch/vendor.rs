@@ -2,9 +2,15 @@
 
 use super::api::BatchApi;
 use crate::error::Error;
-use crate::job::Job;
+use crate::job::{Job, ProviderKind};
 
-/// The job's batch API, by its provider (OpenAI and Azure OpenAI today).
+/// The job's batch API, by its provider: OpenAI (and Azure OpenAI), Anthropic.
 pub fn for_job(job: &Job) -> Result<Box<dyn BatchApi>, Error> {
-    Ok(Box::new(super::openai::OpenAiBatches::for_job(job)?))
+    Ok(match job.served.provider {
+        ProviderKind::Anthropic => Box::new(super::anthropic::AnthropicBatches::for_job(job)?),
+        // The local model runs online only (the job refuses batch mode for it).
+        ProviderKind::Openai | ProviderKind::Local => {
+            Box::new(super::openai::OpenAiBatches::for_job(job)?)
+        }
+    })
 }

@@ -6,10 +6,9 @@
 //! counted in the same `Stats`. A `cache_control` breakpoint is served by a prompt cache: the
 //! text up to it, when at least [`MIN_CACHED_TOKENS`] long, is written the first time and read
 //! every time after, and usage says which. `"stream": true` is answered as Anthropic's events. A `tool_choice` that forces a tool is answered with a
-//! `tool_use` block whose input follows the tool's `input_schema` (structured outputs). Not
-//! here yet: Message Batches. The rpm/tpm limiter admits requests here as on the chat route, and
+//! `tool_use` block whose input follows the tool's `input_schema` (structured outputs). The rpm/tpm limiter admits requests here as on the chat route, and
 //! its state goes out as `anthropic-ratelimit-*` headers (a 429 `rate_limit_error` with
-//! `retry-after` when it refuses).
+//! `retry-after` when it refuses). Message Batches are `anthropic_batch.rs`.
 
 use std::sync::atomic::Ordering;
 
@@ -25,7 +24,7 @@ use crate::limiter::Decision;
 use crate::{ConnKill, Shared};
 
 /// Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`.
-fn error(status: u16, typ: &str, message: &str) -> Response<Body> {
+pub(crate) fn error(status: u16, typ: &str, message: &str) -> Response<Body> {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json_response(
         code,
@@ -34,7 +33,7 @@ fn error(status: u16, typ: &str, message: &str) -> Response<Body> {
 }
 
 /// The error type the API documents for each status.
-fn error_type(status: u16) -> &'static str {
+pub(crate) fn error_type(status: u16) -> &'static str {
     match status {
         400 => "invalid_request_error",
         401 => "authentication_error",
@@ -80,8 +79,6 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
         Ok(_) => return reject(400, "The request body must be a JSON object."),
         Err(e) => return reject(400, &format!("The request body is not valid JSON: {e}")),
     };
-    let forced_tool = forced_tool(&body);
-    let cache_prefix = cache_prefix(&body);
     let chat = match as_chat(&body) {
         Ok(c) => c,
         Err(msg) => return reject(400, &msg),
@@ -126,6 +123,26 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
     sleep_ms(shared.config.latency_ms + answer.extra_delay).await;
     answer.bill(shared);
     counters.ok.fetch_add(1, Ordering::Relaxed);
+    let msg = message(shared, &body, &model, &answer);
+    let mut r = if body.get("stream") == Some(&Value::Bool(true)) {
+        stream(msg, answer.cut)
+    } else {
+        json_response(StatusCode::OK, &msg)
+    };
+    add_headers(&mut r, limits);
+    r
+}
+
+/// The Message for an answer to `body`: its text (or the forced tool's input), stop reason,
+/// and usage with the cache's reads and writes counted apart from the input, as Anthropic
+/// does. Shared by the online route and Message Batches.
+pub(crate) fn message(
+    shared: &Shared,
+    body: &Map<String, Value>,
+    model: &str,
+    answer: &crate::handler::Answer,
+) -> Value {
+    let forced_tool = forced_tool(body);
     let choice = &answer.choices[0];
     let (p, c, cached, _) = answer.usage;
     let mut stop_reason = match (choice.refusal, choice.finish) {
@@ -143,8 +160,7 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
             stop_reason = "tool_use";
         }
     }
-    // Cache reads and writes are counted apart from the input tokens, as Anthropic does.
-    let (written, read) = match cache_prefix {
+    let (written, read) = match cache_prefix(body) {
         Some((hash, tokens)) if tokens <= p && cached == 0 => {
             if shared.prompt_cache.lock().unwrap().insert(hash) {
                 (tokens, 0)
@@ -168,7 +184,7 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
             "cache_creation_input_tokens": written,
             "cache_read_input_tokens": read,
             // The writes by lifetime: the breakpoint's `ttl` ("1h"), else five minutes.
-            "cache_creation": if hour_ttl(&body) {
+            "cache_creation": if hour_ttl(body) {
                 json!({"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": written})
             } else {
                 json!({"ephemeral_5m_input_tokens": written, "ephemeral_1h_input_tokens": 0})
@@ -178,13 +194,7 @@ pub(crate) async fn messages(shared: &Shared, req: Request<Incoming>) -> Respons
     if answer.omit_usage {
         msg.as_object_mut().unwrap().remove("usage");
     }
-    let mut r = if body.get("stream") == Some(&Value::Bool(true)) {
-        stream(msg, answer.cut)
-    } else {
-        json_response(StatusCode::OK, &msg)
-    };
-    add_headers(&mut r, limits);
-    r
+    msg
 }
 
 fn add_headers(r: &mut Response<Body>, headers: Vec<(String, String)>) {
@@ -342,12 +352,12 @@ fn forced_tool(body: &Map<String, Value>) -> Option<String> {
         .then(|| name.to_string())
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name)?.to_str().ok()
 }
 
 /// The Messages body as a chat body: `system` first, content blocks as their text.
-fn as_chat(body: &Map<String, Value>) -> Result<Value, String> {
+pub(crate) fn as_chat(body: &Map<String, Value>) -> Result<Value, String> {
     if !body.get("model").is_some_and(Value::is_string) {
         return Err("model: Field required".into());
     }

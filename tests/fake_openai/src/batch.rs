@@ -52,6 +52,8 @@ pub(crate) struct State {
     creates_lost: u64,
     /// Creates refused with a 500 so far (`Config::batch_create_failures`).
     creates_failed: u64,
+    /// Anthropic's Message Batches, moved by the same steps.
+    pub(crate) messages: crate::anthropic_batch::Batches,
 }
 
 struct StoredFile {
@@ -255,17 +257,33 @@ impl State {
         for n in ns {
             self.step(shared, n);
         }
+        self.messages.step_all(shared);
     }
 
     /// Step until every batch is terminal.
     pub(crate) fn complete_all(&mut self, shared: &Shared) {
-        while self.batches.values().any(|b| !b.status.terminal()) {
+        while self.batches.values().any(|b| !b.status.terminal()) || !self.messages.all_ended() {
             self.advance_all(shared);
         }
     }
 
+    /// Whether this create is refused with a 500 (`Config::batch_create_failures`).
+    pub(crate) fn refuse_create(&mut self, shared: &Shared) -> bool {
+        let refuse = self.creates_failed < shared.config.batch_create_failures;
+        self.creates_failed += u64::from(refuse);
+        refuse
+    }
+
+    /// Whether this successful create's answer is lost (`Config::batch_create_answers_lost`).
+    pub(crate) fn lose_answer(&mut self, shared: &Shared) -> bool {
+        let lose = self.creates_lost < shared.config.batch_create_answers_lost;
+        self.creates_lost += u64::from(lose);
+        lose
+    }
+
     /// Every `validating`, `in_progress` or `finalizing` batch expires now.
     pub(crate) fn expire_all(&mut self, shared: &Shared) {
+        self.messages.expire_all();
         let ns: Vec<u64> = self
             .batches
             .values()
@@ -852,12 +870,7 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
             }
         }
         (&Method::POST, ["batches"]) => {
-            let refuse = {
-                let mut st = shared.batch.lock().unwrap();
-                let refuse = st.creates_failed < shared.config.batch_create_failures;
-                st.creates_failed += u64::from(refuse);
-                refuse
-            };
+            let refuse = shared.batch.lock().unwrap().refuse_create(shared);
             if refuse {
                 return error_response(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -869,12 +882,7 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
             }
             let kill = req.extensions().get::<crate::ConnKill>().cloned();
             let resp = create(shared, req, azure).await;
-            let lose = resp.status().is_success() && {
-                let mut st = shared.batch.lock().unwrap();
-                let lose = st.creates_lost < shared.config.batch_create_answers_lost;
-                st.creates_lost += u64::from(lose);
-                lose
-            };
+            let lose = resp.status().is_success() && shared.batch.lock().unwrap().lose_answer(shared);
             match kill {
                 Some(k) if lose => {
                     // The batch is made; its answer never leaves (as with `FAULT:reset`).

@@ -33,6 +33,9 @@ pub(crate) async fn route(
             crate::azure::chat(&shared, req).await
         }
         (&Method::POST, "/v1/messages") => crate::anthropic::messages(&shared, req).await,
+        (_, p) if p.starts_with("/v1/messages/batches") => {
+            crate::anthropic_batch::route(&shared, req).await
+        }
         (&Method::GET, "/v1/models" | "/models") => models(&shared),
         (&Method::GET, "/stats") => json_response(StatusCode::OK, &shared.stats().to_json()),
         (_, p) if crate::batch::is_batch_path(p) => crate::batch::route(&shared, req).await,

@@ -7,6 +7,7 @@
 //! `response_format` and the JSON generated from a schema in `shape`.
 
 mod anthropic;
+mod anthropic_batch;
 mod azure;
 mod batch;
 mod fault;
@@ -218,6 +219,8 @@ pub(crate) struct Shared {
     /// Anthropic's prompt cache: the hashes of the prefixes written so far (they never expire
     /// here; a test run is shorter than the 5-minute lifetime).
     pub prompt_cache: Mutex<std::collections::HashSet<u64>>,
+    /// `http://127.0.0.1:PORT` (or `https://`): where result URLs point.
+    pub root: String,
 }
 
 impl Shared {
@@ -281,7 +284,9 @@ impl FakeServer {
         let acceptor = config.tls.as_ref().map(Tls::acceptor).transpose()?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
+        let scheme = if config.tls.is_some() { "https" } else { "http" };
         let shared = Arc::new(Shared {
+            root: format!("{scheme}://{addr}"),
             limiter: limiter::Limiter::new(config.rpm, config.tpm, config.window_s),
             config,
             epoch: Instant::now(),
@@ -311,12 +316,18 @@ impl FakeServer {
     /// `http://127.0.0.1:PORT` (`https://` with `Config::tls`): where Azure OpenAI's resource
     /// endpoint would be, the base of `/openai/deployments/...`.
     pub fn root_url(&self) -> String {
-        let scheme = if self.shared.config.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
-        format!("{scheme}://{}", self.addr)
+        self.shared.root.clone()
+    }
+
+    /// Every Anthropic Message Batch, as `GET /v1/messages/batches/{id}` describes it.
+    pub fn message_batches(&self) -> Vec<serde_json::Value> {
+        let root = self.root_url();
+        self.shared.batch.lock().unwrap().messages.objects(&root)
+    }
+
+    /// Every request of every Message Batch, oldest batch first: `{custom_id, params}`.
+    pub fn message_batch_requests(&self) -> Vec<serde_json::Value> {
+        self.shared.batch.lock().unwrap().messages.requests()
     }
 
     /// Every request on an Azure route, in arrival order.
