@@ -208,7 +208,13 @@ pub fn cache_key(job: &Job) -> Option<String> {
             // Keys are short and plain: the job's name cut to 40 characters of [A-Za-z0-9_-].
             let stem: String = stem
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .take(40)
                 .collect();
             let hash = crate::fingerprint::hex(&h.finalize()[..6]);

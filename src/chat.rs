@@ -249,6 +249,25 @@ pub struct Usage {
     pub estimated: bool,
 }
 
+impl Usage {
+    /// Adds another request's usage: a row's attempts (re-asks, one request a choice) are
+    /// billed together.
+    pub fn add(&mut self, b: &Usage) {
+        self.prompt_tokens += b.prompt_tokens;
+        self.completion_tokens += b.completion_tokens;
+        self.total_tokens += b.total_tokens;
+        let sum = |x: Option<u64>, y: Option<u64>| match (x, y) {
+            (None, None) => None,
+            (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
+        };
+        self.cached_tokens = sum(self.cached_tokens, b.cached_tokens);
+        self.cache_write_tokens = sum(self.cache_write_tokens, b.cache_write_tokens);
+        self.cache_write_1h_tokens = sum(self.cache_write_1h_tokens, b.cache_write_1h_tokens);
+        self.reasoning_tokens = sum(self.reasoning_tokens, b.reasoning_tokens);
+        self.estimated |= b.estimated;
+    }
+}
+
 /// The API's rule for a message name.
 pub fn is_name(n: &str) -> bool {
     !n.is_empty()

@@ -10,12 +10,14 @@
 //!            place an error becomes a message and an exit code
 //! cli        the command line (clap)
 //! exec       the run: open (lock, --fresh, repair, index) → dispatch (budget, concurrency,
-//!            pacing) → send (retries, circuit breaker, re-asking) → writer (the one task that
+//!            pacing) → send (retries, circuit breaker, re-asking; several: n choices as n
+//!            requests where the API has no `n`) → writer (the one task that
 //!            appends) → finish (compaction, CSV, summary, exit code); pace, retry, signals,
 //!            budget, breaker, records
 //!   batch    the batch executor over the same plan and writer, speaking the `api` trait:
-//!            openai (the first vendor), vendor (which one a job uses), lines, pass (the
-//!            log's use), submit, results, state (the step log), export
+//!            openai, anthropic (each vendor's endpoints), http (what they share), vendor
+//!            (which one a job uses), lines, pass (the log's use), submit, results, state
+//!            (the step log), export
 //! plan       per row: done, copy, send, input error, another shard's
 //! output     what is made from records: csv, merge, html (the report: tally, table, page,
 //!            svg charts, text)

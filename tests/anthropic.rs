@@ -14,7 +14,13 @@ pub(crate) fn long_rules() -> String {
 }
 
 /// A Claude job over `rows` (a `text` column); `model` and `output` are appended to their tables.
-pub(crate) fn claude_job(f: &Fixture, s: &FakeServer, rows: &[&str], model: &str, output: &str) -> String {
+pub(crate) fn claude_job(
+    f: &Fixture,
+    s: &FakeServer,
+    rows: &[&str],
+    model: &str,
+    output: &str,
+) -> String {
     let mut csv = String::from("text\n");
     for r in rows {
         csv.push_str(r);
@@ -344,7 +350,11 @@ fn a_claude_job_without_max_tokens_or_with_what_is_not_built_is_refused_by_field
     for (from, to, field) in [
         ("max_tokens = 200\n", "", "model.max_tokens"),
         ("\n[run]\n", "n = 2\n[run]\nmode = \"batch\"\n", "model.n"),
-        ("\n[run]\n", "prompt_cache_key = \"k\"\n[run]\n", "model.prompt_cache_key"),
+        (
+            "\n[run]\n",
+            "prompt_cache_key = \"k\"\n[run]\n",
+            "model.prompt_cache_key",
+        ),
     ] {
         std::fs::write(&j, text.replace(from, to)).unwrap();
         let r = run(&f, &["validate", &j]);
@@ -567,11 +577,20 @@ fn the_one_hour_cache_is_asked_for_and_its_writes_are_priced_at_twice_the_input_
 fn n_choices_from_claude_are_n_requests_and_a_failure_keeps_what_was_paid() {
     let s = spawn_background(Config::default());
     let f = Fixture::new();
-    let j = claude_job(&f, &s, &["boots", "hats"], "n = 3\nprompt_cache = \"off\"", "");
+    let j = claude_job(
+        &f,
+        &s,
+        &["boots", "hats"],
+        "n = 3\nprompt_cache = \"off\"",
+        "",
+    );
     run_ok(&f, &j);
     assert_eq!(s.stats().requests, 6, "three requests a row");
     let bodies = s.requests();
-    assert!(bodies.iter().all(|b| b.get("n").is_none()), "no `n` goes to Claude");
+    assert!(
+        bodies.iter().all(|b| b.get("n").is_none()),
+        "no `n` goes to Claude"
+    );
     for r in f.records() {
         assert_eq!(r["status"], "ok");
         assert_eq!(r["variants"].as_array().map(Vec::len), Some(3), "{r}");
@@ -593,10 +612,23 @@ fn n_choices_from_claude_are_n_requests_and_a_failure_keeps_what_was_paid() {
     std::fs::write(&j, text).unwrap();
     let r = run(&f, &["run", "--quiet", &j]);
     assert_ne!(r.code, 0, "{}", r.stderr);
-    assert_eq!(s.stats().requests, 2, "the third is not sent after the second failed");
+    assert_eq!(
+        s.stats().requests,
+        2,
+        "the third is not sent after the second failed"
+    );
     let rec = &f.records()[0];
     assert_eq!(rec["status"], "error", "{rec}");
-    assert!(rec["error"]["message"].as_str().unwrap().contains("choice 2 of 3"), "{rec}");
-    assert!(rec["cost_usd"].as_f64().unwrap() > 0.0, "the answered choice's cost is kept");
+    assert!(
+        rec["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("choice 2 of 3"),
+        "{rec}"
+    );
+    assert!(
+        rec["cost_usd"].as_f64().unwrap() > 0.0,
+        "the answered choice's cost is kept"
+    );
     billed_equals_kept(&s, &f);
 }

@@ -25,7 +25,11 @@ fn batch_job(f: &Fixture, s: &FakeServer, rows: &[String], batch: &str) -> Strin
 
 fn ok_run(f: &Fixture, args: &[&str]) -> Ran {
     let r = run(f, args);
-    assert_eq!(r.code, 0, "{args:?}\nstdout: {}\nstderr: {}", r.stdout, r.stderr);
+    assert_eq!(
+        r.code, 0,
+        "{args:?}\nstdout: {}\nstderr: {}",
+        r.stdout, r.stderr
+    );
     r
 }
 
@@ -54,7 +58,11 @@ fn a_claude_batch_goes_inline_comes_back_at_half_price_and_caches_the_shared_pre
     let r = ok_run(&f, &["run", &j]);
     assert!(r.stderr.contains("batch collect"), "{}", r.stderr);
     let st = s.stats();
-    assert_eq!((st.requests, st.files_uploaded), (0, 0), "nothing online, no upload");
+    assert_eq!(
+        (st.requests, st.files_uploaded),
+        (0, 0),
+        "nothing online, no upload"
+    );
     assert_eq!(st.batches_created, 1);
     let b = &s.message_batches()[0];
     assert_eq!(b["processing_status"], "in_progress");
@@ -68,12 +76,17 @@ fn a_claude_batch_goes_inline_comes_back_at_half_price_and_caches_the_shared_pre
         let id = q["custom_id"].as_str().unwrap();
         assert!(
             (1..=64).contains(&id.len())
-                && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
+                && id
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'),
             "{id}"
         );
         ids.insert(id.to_string());
         let p = &q["params"];
-        assert_eq!((p["model"].as_str(), p["max_tokens"].as_u64()), (Some("claude-sonnet-4-5"), Some(200)));
+        assert_eq!(
+            (p["model"].as_str(), p["max_tokens"].as_u64()),
+            (Some("claude-sonnet-4-5"), Some(200))
+        );
         assert!(p.get("stream").is_none());
         assert_eq!(p["system"][0]["cache_control"]["type"], "ephemeral");
     }
@@ -99,14 +112,22 @@ fn a_claude_batch_goes_inline_comes_back_at_half_price_and_caches_the_shared_pre
         wrote += u64::from(u["cache_write_tokens"].as_u64().unwrap_or(0) > 0);
         read += u64::from(u["cached_tokens"].as_u64().unwrap_or(0) > 0);
         let cost = r["cost_usd"].as_f64().unwrap();
-        assert!((cost - cost_of(u) / 2.0).abs() < 1e-12, "{cost} vs {}", cost_of(u) / 2.0);
+        assert!(
+            (cost - cost_of(u) / 2.0).abs() < 1e-12,
+            "{cost} vs {}",
+            cost_of(u) / 2.0
+        );
     }
     assert_eq!((wrote, read), (1, 2));
     billed_equals_kept(&s, &f);
     // The key is in no file the run wrote.
     for p in walk(&f.path("out")) {
         let text = std::fs::read(&p).unwrap();
-        assert!(!String::from_utf8_lossy(&text).contains(KEY), "{}", p.display());
+        assert!(
+            !String::from_utf8_lossy(&text).contains(KEY),
+            "{}",
+            p.display()
+        );
     }
     // Done: a rerun sends nothing.
     ok_run(&f, &["run", &j]);
@@ -160,8 +181,14 @@ fn a_kill_between_any_two_steps_submits_no_message_batch_twice() {
         s.complete_batches();
         ok_run(&f, &["batch", "collect", &j]);
         let st = s.stats();
-        assert_eq!(st.batches_created, 3, "{step}: 12 rows in batches of 5, each once");
-        assert_eq!(st.batch_requests_billed, 12, "{step}: every row billed once");
+        assert_eq!(
+            st.batches_created, 3,
+            "{step}: 12 rows in batches of 5, each once"
+        );
+        assert_eq!(
+            st.batch_requests_billed, 12,
+            "{step}: every row billed once"
+        );
         assert_eq!(answered(&f), all(&rows), "{step}");
         assert_eq!(f.records().len(), 12, "{step}");
         billed_equals_kept(&s, &f);
@@ -251,11 +278,19 @@ fn an_expired_or_cancelled_batch_keeps_what_ran_and_the_rest_is_sent_once() {
             assert_eq!(s.stats().batches_cancelled, 1);
         }
         ok_run(&f, &["batch", "collect", &j]);
-        assert_eq!(f.records().len(), 2, "{end}: what ran is kept, it was billed");
+        assert_eq!(
+            f.records().len(),
+            2,
+            "{end}: what ran is kept, it was billed"
+        );
         assert_eq!(f.summary()["rows_pending"], 4, "{end}");
         billed_equals_kept(&s, &f);
         ok_run(&f, &["run", &j]);
-        assert_eq!(s.message_batch_requests().len(), 10, "{end}: only the four resent");
+        assert_eq!(
+            s.message_batch_requests().len(),
+            10,
+            "{end}: only the four resent"
+        );
         s.complete_batches();
         ok_run(&f, &["batch", "collect", &j]);
         assert_eq!(answered(&f), all(&rows), "{end}");
@@ -283,11 +318,16 @@ fn an_errored_request_fails_its_row_when_refused_and_stays_pending_when_the_serv
     let refused = by("refused FAULT:400");
     assert_eq!(refused[0]["status"], "error");
     assert!(
-        refused[0]["error"].to_string().contains("invalid_request_error"),
+        refused[0]["error"]
+            .to_string()
+            .contains("invalid_request_error"),
         "{}",
         refused[0]
     );
-    assert!(by("flaky FAULT:500:1").is_empty(), "a server error is not billed: pending");
+    assert!(
+        by("flaky FAULT:500:1").is_empty(),
+        "a server error is not billed: pending"
+    );
     assert_eq!(f.summary()["rows_pending"], 1);
     // The next run sends the pending row again, and only it; the refused row waits for
     // --retry-failed (and keeps the exit code at 1: some rows failed).
@@ -327,8 +367,38 @@ fn the_budget_holds_before_a_message_batch_is_submitted_and_across_runs() {
     assert_eq!(s.stats().batches_created, 1, "no room while the batch runs");
     s.complete_batches();
     let _ = run(&f, &["batch", "collect", &j]);
-    let spent: f64 = f.records().iter().map(|r| r["cost_usd"].as_f64().unwrap()).sum();
+    let spent: f64 = f
+        .records()
+        .iter()
+        .map(|r| r["cost_usd"].as_f64().unwrap())
+        .sum();
     assert!(spent > 0.0 && spent <= 0.01, "{spent}");
     assert_eq!(f.records().len(), submitted);
     billed_equals_kept(&s, &f);
+}
+
+/// A `results_url` on another host is not fetched: the key would go with the request. The
+/// collect fails saying so, the other host sees no connection, and the rows stay pending.
+#[test]
+fn results_on_another_host_are_refused_and_the_key_never_goes_there() {
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    elsewhere.set_nonblocking(true).unwrap();
+    let s = spawn_background(Config {
+        message_results_root: Some(format!("http://{}", elsewhere.local_addr().unwrap())),
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(2, "item");
+    let j = batch_job(&f, &s, &rows, "");
+    ok_run(&f, &["run", &j]);
+    s.complete_batches();
+    let r = run(&f, &["batch", "collect", &j]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("another host"), "{}", r.stderr);
+    assert!(!r.stderr.contains(KEY));
+    assert!(
+        matches!(elsewhere.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "nothing connected to the other host"
+    );
+    assert!(read_jsonl_if_there(&f.path("out/result.jsonl")).is_empty());
 }

@@ -161,24 +161,39 @@ fn openai_rows_that_share_a_prefix_carry_one_prompt_cache_key() {
     };
     let job = f.job("data.csv", "Say {{ text }}", "", "", &s.base_url());
     ok(&f.run(&["run", job.to_str().unwrap()]));
-    assert_eq!(keys(0), vec![None; 4], "off by default away from api.openai.com");
+    assert_eq!(
+        keys(0),
+        vec![None; 4],
+        "off by default away from api.openai.com"
+    );
 
     // Turned on: the finished rows are not sent again; new rows carry one key.
     f.write("data.csv", csv_rows(8));
     let text = std::fs::read_to_string(&job).unwrap();
-    let on = text.replace("max_tokens = 20\n", "max_tokens = 20\nprompt_cache_key = \"auto\"\n");
+    let on = text.replace(
+        "max_tokens = 20\n",
+        "max_tokens = 20\nprompt_cache_key = \"auto\"\n",
+    );
     std::fs::write(&job, &on).unwrap();
     ok(&f.run(&["run", job.to_str().unwrap()]));
     assert_eq!(s.requests().len(), 8, "the four done rows are not re-paid");
     let auto = keys(4);
     let first = auto[0].clone().expect("a key");
     assert!(first.starts_with("pm-job-"), "{first}");
-    assert!(auto.iter().all(|k| k.as_deref() == Some(first.as_str())), "{auto:?}");
+    assert!(
+        auto.iter().all(|k| k.as_deref() == Some(first.as_str())),
+        "{auto:?}"
+    );
 
     // Another system prompt is another prefix: another key.
     f.write("data.csv", csv_rows(9));
     std::fs::write(&job, on.replace("You are terse.", "You are brief.")).unwrap();
     ok(&f.run(&["run", job.to_str().unwrap()]));
     let other = keys(8);
-    assert!(other.iter().all(|k| k.is_some() && k.as_ref() != Some(&first)), "{other:?}");
+    assert!(
+        other
+            .iter()
+            .all(|k| k.is_some() && k.as_ref() != Some(&first)),
+        "{other:?}"
+    );
 }

@@ -73,7 +73,6 @@ fn tally(
     let batched = job.mode == Mode::Batch;
     let mut splitter = crate::exec::batch::Splitter::new(job.batch.clone());
     let mut line = Vec::new();
-    let stream = job.params.stream.unwrap_or(false);
     let mut t = Tally::default();
     let shared = crate::backend::shared_messages(job);
     for item in builder.rendered(job, renderer, limit)? {
@@ -106,7 +105,7 @@ fn tally(
                 t.prompt_todo += n;
                 if batched {
                     let idh = keying.id_hash(&p.row.id);
-                    crate::exec::batch::write_openai_line(&mut line, &p, idh, stream);
+                    crate::exec::batch::vendor::dry_line(job, &mut line, &p, idh);
                     let len = line.len() as u64;
                     if splitter.check(len).is_err() {
                         t.too_big += 1;
@@ -213,9 +212,8 @@ fn print_cost(
         t.prompt_todo
     };
     let bound = price.map(|p| p.bound(prompts, out_cap * t.to_send));
-    let expected = price.map(|p| {
-        (prompts as f64 * p.input + expected_out * t.to_send as f64 * p.output) / 1e6
-    });
+    let expected = price
+        .map(|p| (prompts as f64 * p.input + expected_out * t.to_send as f64 * p.output) / 1e6);
     println!(
         "max output tokens {}{}",
         out_cap * t.to_send,

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::attempt::Sending;
-use super::several::send_choices;
 use super::budget::Reservation;
 use super::records::usage_of;
+use super::several::send_choices;
 use super::Shared;
 use serde_json::{Map, Value};
 
@@ -26,21 +26,6 @@ pub(super) struct Shaped {
     /// Still wrong after the last attempt: the row fails with this kind and message.
     pub(super) failure: Option<(ErrorKind, String)>,
     pub(super) usage: Usage,
-}
-
-pub(super) fn add_usage(a: &mut Usage, b: &Usage) {
-    a.prompt_tokens += b.prompt_tokens;
-    a.completion_tokens += b.completion_tokens;
-    a.total_tokens += b.total_tokens;
-    let sum = |x: Option<u64>, y: Option<u64>| match (x, y) {
-        (None, None) => None,
-        (x, y) => Some(x.unwrap_or(0) + y.unwrap_or(0)),
-    };
-    a.cached_tokens = sum(a.cached_tokens, b.cached_tokens);
-    a.cache_write_tokens = sum(a.cache_write_tokens, b.cache_write_tokens);
-    a.cache_write_1h_tokens = sum(a.cache_write_1h_tokens, b.cache_write_1h_tokens);
-    a.reasoning_tokens = sum(a.reasoning_tokens, b.reasoning_tokens);
-    a.estimated |= b.estimated;
 }
 
 /// Judges every choice against the job's shape and asks again for those that break it, up to
@@ -110,7 +95,7 @@ pub(super) async fn shape_up(
                 return (s, last);
             }
         };
-        add_usage(&mut s.usage, &usage_of(sh, &again.messages, &c));
+        s.usage.add(&usage_of(sh, &again.messages, &c));
         for (slot, new) in failing.iter().zip(c.all_choices()) {
             s.choices[*slot] = new;
         }

@@ -7,8 +7,8 @@ use std::time::Instant;
 use super::attempt::Sending;
 use super::budget::Reservation;
 use super::reask::{shape_up, Shaped};
-use super::several::send_choices;
 use super::records::{answered_record, error_record, judged_wrong, set_choices, usage_of};
+use super::several::send_choices;
 use super::writer::Msg;
 use super::Shared;
 use crate::ledger::record::{Record, RecordError};
@@ -43,24 +43,9 @@ pub(super) async fn process(
     let Some(outcome) = outcome else {
         return pending(reservation, st.unconfirmed);
     };
-    let shaped = match (outcome, sh.shape.as_ref()) {
-        // Some choices paid, then a failure: kept as they are, not judged or asked again.
-        (Ok((c, Some(short))), _) => {
-            let s = Shaped {
-                data: vec![None; c.all_choices().len()],
-                choices: c.all_choices(),
-                invalid: Vec::new(),
-                failure: Some(short),
-                usage: super::records::usage_of(sh, &p.request.messages, &c),
-            };
-            Ok((c, Some(s)))
-        }
-        (Ok((c, None)), Some(shape)) => {
-            let (s, c) = shape_up(sh, shape, &p, c, &mut reservation, started, &mut st).await;
-            Ok((c, Some(s)))
-        }
-        (Ok((c, None)), None) => Ok((c, None)),
-        (Err(e), _) => Err(e),
+    let shaped = match outcome {
+        Ok((c, short)) => Ok(shape(sh, &p, c, short, &mut reservation, started, &mut st).await),
+        Err(e) => Err(e),
     };
     let Sending {
         attempts,
@@ -99,6 +84,36 @@ pub(super) async fn process(
         rate_limited,
         slot: None,
     })
+}
+
+/// The answer judged against the job's shape (asking again for what breaks it), or, when
+/// some choices were paid before a failure (`short`), kept as it is with that failure.
+async fn shape(
+    sh: &Arc<Shared>,
+    p: &Prepared,
+    c: Completion,
+    short: Option<super::several::Short>,
+    reservation: &mut Reservation,
+    started: Instant,
+    st: &mut Sending,
+) -> (Completion, Option<Shaped>) {
+    match (short, sh.shape.as_ref()) {
+        (Some(short), _) => {
+            let s = Shaped {
+                data: vec![None; c.all_choices().len()],
+                choices: c.all_choices(),
+                invalid: Vec::new(),
+                failure: Some(short),
+                usage: super::records::usage_of(sh, &p.request.messages, &c),
+            };
+            (c, Some(s))
+        }
+        (None, Some(shape)) => {
+            let (s, c) = shape_up(sh, shape, p, c, reservation, started, st).await;
+            (c, Some(s))
+        }
+        (None, None) => (c, None),
+    }
 }
 
 /// `PROMPTMILL_FAILPOINT=row:panic:N` makes row N's task panic, so that tests can check that a

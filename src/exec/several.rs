@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::attempt::{send, Sending};
-use super::reask::add_usage;
 use super::records::usage_of;
 use super::Shared;
 use crate::provider::{Completion, ErrorKind, ProviderError, Request};
@@ -95,7 +94,7 @@ fn merge(
     choices.extend(c.all_choices());
     acc.choices = choices;
     let mut total = acc.usage.unwrap_or_default();
-    add_usage(&mut total, &usage);
+    total.add(&usage);
     acc.usage = Some(total);
     acc.rate_limits = c.rate_limits.or(acc.rate_limits);
     acc

@@ -144,9 +144,12 @@ fn cache_key(
     let Some(k) = m.prompt_cache_key.as_deref() else {
         let openai = provider == ProviderKind::Openai
             && m.provider != RawProvider::Azure
-            && reqwest::Url::parse(base_url)
-                .is_ok_and(|u| u.host_str() == Some("api.openai.com"));
-        return Ok(if openai { CacheKey::Auto } else { CacheKey::Off });
+            && reqwest::Url::parse(base_url).is_ok_and(|u| u.host_str() == Some("api.openai.com"));
+        return Ok(if openai {
+            CacheKey::Auto
+        } else {
+            CacheKey::Off
+        });
     };
     if provider != ProviderKind::Openai {
         return Err(jf.bad(

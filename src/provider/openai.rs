@@ -56,7 +56,8 @@ pub fn request_body(
             include_usage: true,
         }),
         // `extra` names it itself when the job puts it there.
-        prompt_cache_key: prompt_cache_key.filter(|_| !params.extra.contains_key("prompt_cache_key")),
+        prompt_cache_key: prompt_cache_key
+            .filter(|_| !params.extra.contains_key("prompt_cache_key")),
         extra: &params.extra,
     };
     bytes::Bytes::from(serde_json::to_vec(&body).expect("a request body always serializes"))
@@ -743,7 +744,8 @@ mod tests {
         // The job's own `extra.prompt_cache_key` wins, and is not sent twice.
         p.extra
             .insert("prompt_cache_key".into(), serde_json::json!("mine"));
-        let text = String::from_utf8(request_body("m", &raw, &p, Some("pm-job-1")).to_vec()).unwrap();
+        let text =
+            String::from_utf8(request_body("m", &raw, &p, Some("pm-job-1")).to_vec()).unwrap();
         assert_eq!(text.matches("prompt_cache_key").count(), 1, "{text}");
         assert_eq!(keyed(&p)["prompt_cache_key"], "mine");
     }

@@ -41,7 +41,10 @@ impl AnthropicBatches {
         let endpoint = crate::backend::endpoint(job)?;
         // A create sends up to 256 MB: give it time, never less than the job's timeout.
         let client = endpoint
-            .client(job.limits.timeout.max(std::time::Duration::from_secs(600)), 2)
+            .client(
+                job.limits.timeout.max(std::time::Duration::from_secs(600)),
+                2,
+            )
             .map_err(Error::Other)?;
         Ok(AnthropicBatches {
             http: Http {
@@ -64,9 +67,7 @@ impl AnthropicBatches {
     /// `requests` array. Never retried here: a create is not idempotent.
     async fn create_once(&self, staged: &str) -> Result<Batch, CreateFailed> {
         let path = PathBuf::from(staged);
-        let body = requests_body(&path)
-            .await
-            .map_err(CreateFailed::before)?;
+        let body = requests_body(&path).await.map_err(CreateFailed::before)?;
         let url = self.url("").map_err(CreateFailed::before)?;
         let what = format!("creating a message batch of {}", path.display());
         let resp = self
@@ -81,11 +82,15 @@ impl AnthropicBatches {
             .await
             .map_err(|e| CreateFailed::of(failed(&what, &e), e))?;
         // A 200 whose body is lost or garbled: the batch was made.
-        let b: MessageBatch = self.http.json(&what, resp).await.map_err(|error| CreateFailed {
-            error,
-            maybe_made: true,
-            retry: None,
-        })?;
+        let b: MessageBatch = self
+            .http
+            .json(&what, resp)
+            .await
+            .map_err(|error| CreateFailed {
+                error,
+                maybe_made: true,
+                retry: None,
+            })?;
         Ok(b.into_batch())
     }
 
@@ -163,7 +168,10 @@ impl AnthropicBatches {
     ) -> Result<Vec<MessageBatch>, Error> {
         let mut open = Vec::new();
         for b in found {
-            let Some(url) = b.results_url.clone().filter(|_| b.processing_status == "ended")
+            let Some(url) = b
+                .results_url
+                .clone()
+                .filter(|_| b.processing_status == "ended")
             else {
                 open.push(b);
                 continue;
@@ -196,7 +204,9 @@ impl AnthropicBatches {
         struct Head {
             custom_id: String,
         }
-        Ok(serde_json::from_slice::<Head>(line).ok().map(|h| h.custom_id))
+        Ok(serde_json::from_slice::<Head>(line)
+            .ok()
+            .map(|h| h.custom_id))
     }
 
     /// A `results_url`, if it is on the API's own host: the key goes with the request, so
@@ -313,8 +323,7 @@ struct List {
 
 /// An RFC 3339 time as seconds since the epoch.
 fn epoch(t: &str) -> Option<u64> {
-    let at =
-        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
+    let at = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
     u64::try_from(at.unix_timestamp()).ok()
 }
 
@@ -361,22 +370,8 @@ impl MessageBatch {
 }
 
 impl BatchApi for AnthropicBatches {
-    /// `{"custom_id", "params"}`: the online request's body, without `stream` (a batch
-    /// answers whole).
     fn write_line(&self, out: &mut Vec<u8>, custom_id: &str, body: &[u8], stream: bool) {
-        out.clear();
-        out.extend_from_slice(b"{\"custom_id\":");
-        serde_json::to_writer(&mut *out, custom_id).expect("a string serializes");
-        out.extend_from_slice(b",\"params\":");
-        if stream {
-            let mut v: Map<String, Value> =
-                serde_json::from_slice(body).expect("our own body parses");
-            v.remove("stream");
-            serde_json::to_writer(&mut *out, &v).expect("serializes");
-        } else {
-            out.extend_from_slice(body);
-        }
-        out.extend_from_slice(b"}\n");
+        write_line(out, custom_id, body, stream);
     }
 
     /// Within Anthropic's `^[a-zA-Z0-9_-]{1,64}$`.
@@ -428,6 +423,23 @@ impl BatchApi for AnthropicBatches {
     fn retrier(&self) -> crate::exec::retry::Retrier {
         self.http.retry.start()
     }
+}
+
+/// One request of a part: `{"custom_id", "params"}`, the online request's body without
+/// `stream` (a batch answers whole).
+pub fn write_line(out: &mut Vec<u8>, custom_id: &str, body: &[u8], stream: bool) {
+    out.clear();
+    out.extend_from_slice(b"{\"custom_id\":");
+    serde_json::to_writer(&mut *out, custom_id).expect("a string serializes");
+    out.extend_from_slice(b",\"params\":");
+    if stream {
+        let mut v: Map<String, Value> = serde_json::from_slice(body).expect("our own body parses");
+        v.remove("stream");
+        serde_json::to_writer(&mut *out, &v).expect("serializes");
+    } else {
+        out.extend_from_slice(body);
+    }
+    out.extend_from_slice(b"}\n");
 }
 
 #[derive(Deserialize)]
@@ -542,7 +554,9 @@ mod tests {
             if cancel {
                 v["cancel_initiated_at"] = "2026-01-01T00:05:00Z".into();
             }
-            serde_json::from_value::<MessageBatch>(v).unwrap().into_batch()
+            serde_json::from_value::<MessageBatch>(v)
+                .unwrap()
+                .into_batch()
         };
         let running = b("in_progress", false, serde_json::json!({"processing": 3}));
         assert_eq!(running.status, "in_progress");
@@ -589,7 +603,10 @@ mod tests {
         };
         let mut out = Vec::new();
         api.write_line(&mut out, "r1-a-b", br#"{"model":"m","stream":true}"#, true);
-        assert_eq!(out, b"{\"custom_id\":\"r1-a-b\",\"params\":{\"model\":\"m\"}}\n");
+        assert_eq!(
+            out,
+            b"{\"custom_id\":\"r1-a-b\",\"params\":{\"model\":\"m\"}}\n"
+        );
     }
 
     #[tokio::test]
@@ -599,7 +616,9 @@ mod tests {
         // Enough lines that the file arrives in several chunks.
         let mut text = String::new();
         for i in 0..5000 {
-            text.push_str(&format!("{{\"custom_id\":\"r{i}\",\"params\":{{\"t\":\"a\\nb\"}}}}\n"));
+            text.push_str(&format!(
+                "{{\"custom_id\":\"r{i}\",\"params\":{{\"t\":\"a\\nb\"}}}}\n"
+            ));
         }
         std::fs::write(&p, &text).unwrap();
         let mut body = Box::pin(requests_body(&p).await.unwrap());

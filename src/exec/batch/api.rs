@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::results::Answer;
-use super::state::LineCounts;
+use super::state::{LineCounts, Log};
 use crate::error::Error;
 use crate::exec::retry::Retrier;
 use crate::provider::{ErrorKind, ProviderError};
@@ -74,6 +74,26 @@ pub struct Lookup {
     /// The part's input file, while it is kept: a vendor may check an ended candidate's
     /// results against its lines.
     pub file: std::path::PathBuf,
+}
+
+impl Lookup {
+    /// What finding part `id`'s batch again needs: when its create began, its size, its file
+    /// in the batch folder `dir`, and the batches already on record for the other parts.
+    pub fn of(log: &Log, id: &str, dir: &Path) -> Option<Lookup> {
+        let p = log.part(id)?;
+        Some(Lookup {
+            file: dir.join(&p.file),
+            part: p.id.clone(),
+            since: p.creating_at,
+            requests: p.requests,
+            known: log
+                .parts
+                .iter()
+                .filter(|o| o.id != id)
+                .filter_map(|o| o.batch_id.clone())
+                .collect(),
+        })
+    }
 }
 
 /// A batch as the API describes it.

@@ -23,7 +23,7 @@ mod pass;
 pub mod results;
 pub mod state;
 mod submit;
-mod vendor;
+pub mod vendor;
 
 use crate::error::Error;
 use crate::job::Job;
@@ -89,7 +89,7 @@ async fn part_status(
 ) -> Result<String, Error> {
     // A create whose answer was lost: the server may hold the batch; look, change nothing.
     let found = match (client, p.stage) {
-        (Some(c), Stage::Creating) => match log.lookup(&p.id, dir) {
+        (Some(c), Stage::Creating) => match api::Lookup::of(log, &p.id, dir) {
             Some(lost) => c.find_batch(&lost).await?,
             None => None,
         },
@@ -217,7 +217,7 @@ async fn settle_creating(
     dir: &std::path::Path,
     p: &BatchPart,
 ) -> Result<Option<api::Batch>, Error> {
-    let found = match log.lookup(&p.id, dir) {
+    let found = match api::Lookup::of(log, &p.id, dir) {
         Some(lost) => client.find_batch(&lost).await?,
         None => None,
     };

@@ -133,10 +133,11 @@ impl OpenAiBatches {
 
     pub async fn delete_file(&self, id: &str) -> Result<(), Error> {
         let url = self.url(&format!("files/{id}"))?;
-        self.http.call("deleting a file", || async {
-            Ok(self.http.client.delete(url.clone()))
-        })
-        .await?;
+        self.http
+            .call("deleting a file", || async {
+                Ok(self.http.client.delete(url.clone()))
+            })
+            .await?;
         Ok(())
     }
 
@@ -162,11 +163,14 @@ impl OpenAiBatches {
             .await
             .map_err(|e| CreateFailed::of(failed(&what, &e), e))?;
         // A 200 whose body is lost or garbled: the batch was made.
-        self.http.json(&what, resp).await.map_err(|error| CreateFailed {
-            error,
-            maybe_made: true,
-            retry: None,
-        })
+        self.http
+            .json(&what, resp)
+            .await
+            .map_err(|error| CreateFailed {
+                error,
+                maybe_made: true,
+                retry: None,
+            })
     }
 
     pub async fn retrieve(&self, id: &str) -> Result<Batch, Error> {

@@ -346,25 +346,6 @@ impl Log {
         self.parts.iter().find(|p| p.id == id)
     }
 
-    /// What finding part `id`'s batch again needs: when its create began, its size, and the
-    /// batches already on record for the other parts.
-    /// `dir`: the batch folder, where the part's file is.
-    pub fn lookup(&self, id: &str, dir: &Path) -> Option<super::api::Lookup> {
-        let p = self.part(id)?;
-        Some(super::api::Lookup {
-            file: dir.join(&p.file),
-            part: p.id.clone(),
-            since: p.creating_at,
-            requests: p.requests,
-            known: self
-                .parts
-                .iter()
-                .filter(|o| o.id != id)
-                .filter_map(|o| o.batch_id.clone())
-                .collect(),
-        })
-    }
-
     /// Parts whose batch exists and whose results are not all in the output yet.
     pub fn open_parts(&self) -> impl Iterator<Item = &BatchPart> {
         self.parts

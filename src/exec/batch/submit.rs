@@ -120,9 +120,7 @@ impl Pass {
                 Err(f) => f,
             };
             if f.maybe_made {
-                let mut lost = self
-                    .log
-                    .lookup(part, &self.dir)
+                let mut lost = super::api::Lookup::of(&self.log, part, &self.dir)
                     .expect("the part is on record");
                 lost.since = since;
                 let found = client

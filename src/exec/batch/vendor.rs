@@ -14,3 +14,17 @@ pub fn for_job(job: &Job) -> Result<Box<dyn BatchApi>, Error> {
         }
     })
 }
+
+/// A row's batch line as the job's vendor spells it, with no client (the dry run sizes the
+/// parts offline). OpenAI's is the line `export` writes (an Azure line names its deployment
+/// instead of the model: a few bytes apart).
+pub fn dry_line(job: &Job, out: &mut Vec<u8>, p: &crate::request::Prepared, idh: u64) {
+    let stream = job.params.stream.unwrap_or(false);
+    match job.served.provider {
+        ProviderKind::Anthropic => {
+            let id = super::results::compact_custom_id(p.row.number, &p.fingerprint, idh);
+            super::anthropic::write_line(out, &id, &p.request.body, stream);
+        }
+        ProviderKind::Openai | ProviderKind::Local => super::write_openai_line(out, p, idh, stream),
+    }
+}

@@ -123,9 +123,10 @@ impl Batches {
         self.batches.values().all(|b| b.status == Status::Ended)
     }
 
+    /// Every batch in progress expires now (one being cancelled ends as cancelled).
     pub(crate) fn expire_all(&mut self) {
         for b in self.batches.values_mut() {
-            if b.status != Status::Ended {
+            if b.status == Status::InProgress {
                 b.end("expired");
             }
         }
@@ -277,7 +278,7 @@ fn create(shared: &Shared, body: &[u8]) -> Response<Body> {
         cancel_initiated_at: None,
         counts: [0; 4],
     };
-    let obj = b.object(&shared.root);
+    let obj = b.object(results_root(shared));
     mb.batches.insert(n, b);
     shared
         .counters
@@ -286,12 +287,25 @@ fn create(shared: &Shared, body: &[u8]) -> Response<Body> {
     json_response(StatusCode::OK, &obj)
 }
 
+/// Where results URLs point: this server, or `Config::message_results_root`.
+fn results_root(shared: &Shared) -> &str {
+    shared
+        .config
+        .message_results_root
+        .as_deref()
+        .unwrap_or(&shared.root)
+}
+
 fn parse_id(id: &str) -> Option<u64> {
     id.strip_prefix("msgbatch_fake")?.parse().ok()
 }
 
 fn not_found(id: &str) -> Response<Body> {
-    error(404, "not_found_error", &format!("Message batch {id} not found"))
+    error(
+        404,
+        "not_found_error",
+        &format!("Message batch {id} not found"),
+    )
 }
 
 /// `GET /v1/messages/batches?limit=N&after_id=ID`: newest first.
@@ -309,7 +323,7 @@ fn list(shared: &Shared, query: Option<&str>) -> Response<Body> {
         .clamp(1, 1000);
     let after = param("after_id").and_then(|a| parse_id(&a));
     let st = shared.batch.lock().unwrap();
-    let root = shared.root.clone();
+    let root = results_root(shared);
     let older: Vec<&MsgBatch> = st
         .messages
         .batches
@@ -317,7 +331,7 @@ fn list(shared: &Shared, query: Option<&str>) -> Response<Body> {
         .rev()
         .filter(|b| after.is_none_or(|a| b.n < a))
         .collect();
-    let page: Vec<Value> = older.iter().take(limit).map(|b| b.object(&root)).collect();
+    let page: Vec<Value> = older.iter().take(limit).map(|b| b.object(root)).collect();
     json_response(
         StatusCode::OK,
         &json!({
@@ -337,7 +351,11 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
         }
     }
     if header(req.headers(), "anthropic-version").is_none() {
-        return error(400, "invalid_request_error", "anthropic-version: header is required");
+        return error(
+            400,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        );
     }
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -347,7 +365,11 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
     match (&method, segs.as_slice()) {
         (&Method::POST, []) => {
             if shared.batch.lock().unwrap().refuse_create(shared) {
-                return error(500, "api_error", "Internal server error (injected by batch_create_failures)");
+                return error(
+                    500,
+                    "api_error",
+                    "Internal server error (injected by batch_create_failures)",
+                );
             }
             let kill = req.extensions().get::<crate::ConnKill>().cloned();
             let Ok(body) = axum::body::to_bytes(Body::new(req.into_body()), MAX_BYTES + 1).await
@@ -355,7 +377,8 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
                 return error(413, "request_too_large", "Request exceeds the maximum size");
             };
             let resp = create(shared, &body);
-            let lose = resp.status().is_success() && shared.batch.lock().unwrap().lose_answer(shared);
+            let lose =
+                resp.status().is_success() && shared.batch.lock().unwrap().lose_answer(shared);
             match kill {
                 Some(k) if lose => {
                     // The batch is made; its answer never leaves (as with `FAULT:reset`).
@@ -374,7 +397,10 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
             if shared.config.batch_auto_advance {
                 st.messages.step(shared, n);
             }
-            json_response(StatusCode::OK, &st.messages.batches[&n].object(&shared.root))
+            json_response(
+                StatusCode::OK,
+                &st.messages.batches[&n].object(results_root(shared)),
+            )
         }
         (&Method::POST, [id, "cancel"]) => {
             let mut st = shared.batch.lock().unwrap();
@@ -389,7 +415,7 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
                     .batches_cancelled
                     .fetch_add(1, Ordering::Relaxed);
             }
-            json_response(StatusCode::OK, &b.object(&shared.root))
+            json_response(StatusCode::OK, &b.object(results_root(shared)))
         }
         (&Method::GET, [id, "results"]) => {
             let st = shared.batch.lock().unwrap();
@@ -410,6 +436,10 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
                 None => not_found(id),
             }
         }
-        _ => error(404, "not_found_error", &format!("Not found: {method} {path}")),
+        _ => error(
+            404,
+            "not_found_error",
+            &format!("Not found: {method} {path}"),
+        ),
     }
 }

@@ -882,7 +882,8 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
             }
             let kill = req.extensions().get::<crate::ConnKill>().cloned();
             let resp = create(shared, req, azure).await;
-            let lose = resp.status().is_success() && shared.batch.lock().unwrap().lose_answer(shared);
+            let lose =
+                resp.status().is_success() && shared.batch.lock().unwrap().lose_answer(shared);
             match kill {
                 Some(k) if lose => {
                     // The batch is made; its answer never leaves (as with `FAULT:reset`).

@@ -76,6 +76,9 @@ pub struct Config {
     pub batch_create_answers_lost: u64,
     /// The first this many `POST /v1/batches` answer 500 and make nothing.
     pub batch_create_failures: u64,
+    /// Where a Message Batch's `results_url` points (`http://HOST:PORT`); None: this server.
+    /// A client must not send its key to another host.
+    pub message_results_root: Option<String>,
 }
 
 impl Default for Config {
@@ -97,6 +100,7 @@ impl Default for Config {
             azure_api_version: None,
             batch_create_answers_lost: 0,
             batch_create_failures: 0,
+            message_results_root: None,
         }
     }
 }
@@ -284,7 +288,11 @@ impl FakeServer {
         let acceptor = config.tls.as_ref().map(Tls::acceptor).transpose()?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
-        let scheme = if config.tls.is_some() { "https" } else { "http" };
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let shared = Arc::new(Shared {
             root: format!("{scheme}://{addr}"),
             limiter: limiter::Limiter::new(config.rpm, config.tpm, config.window_s),

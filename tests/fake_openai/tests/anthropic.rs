@@ -153,3 +153,169 @@ async fn the_limiter_answers_with_anthropics_headers_and_refuses_with_a_rate_lim
     let v: Value = refused.json().await.unwrap();
     assert_eq!(v["error"]["type"], "rate_limit_error");
 }
+
+async fn batches(
+    server: &FakeServer,
+    method: &str,
+    rest: &str,
+    body: Option<&Value>,
+) -> (u16, Value, String) {
+    let url = format!("http://{}/v1/messages/batches{rest}", server.addr);
+    let c = reqwest::Client::new();
+    let mut rb = if method == "POST" {
+        c.post(url)
+    } else {
+        c.get(url)
+    };
+    rb = rb.header("anthropic-version", "2023-06-01");
+    if let Some(b) = body {
+        rb = rb.json(b);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
+
+fn request(id: &str, text: &str) -> Value {
+    json!({"custom_id": id, "params": body(text)})
+}
+
+#[tokio::test]
+async fn message_batches_run_on_the_tests_clock_and_answer_every_request_by_its_result_type() {
+    let server = FakeServer::start(Config {
+        batch_lines_per_step: Some(2),
+        ..Config::default()
+    })
+    .await;
+    // What the API refuses: a custom_id outside its pattern, a duplicate, a streamed request.
+    for bad in [
+        json!({"requests": [request("has space", "x")]}),
+        json!({"requests": [request("a", "x"), request("a", "y")]}),
+        json!({"requests": [{"custom_id": "s", "params": {"stream": true, "model": "m"}}]}),
+        json!({"requests": []}),
+    ] {
+        let (st, v, _) = batches(&server, "POST", "", Some(&bad)).await;
+        assert_eq!(st, 400, "{bad}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    let reqs = json!({"requests": [request("ok-1", "hello"), request("bad-2", "no FAULT:400"),
+        request("oops-3", "busy FAULT:500"), request("ok-4", "again")]});
+    let (st, b, _) = batches(&server, "POST", "", Some(&reqs)).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["type"], "message_batch");
+    assert_eq!(b["processing_status"], "in_progress");
+    assert_eq!(b["request_counts"]["processing"], 4);
+    assert!(b["results_url"].is_null());
+    let id = b["id"].as_str().unwrap().to_string();
+    // Results are not there before the batch ends.
+    let (st, _, _) = batches(&server, "GET", &format!("/{id}/results"), None).await;
+    assert_eq!(st, 400);
+
+    server.advance_batches(); // two requests answered
+    let (_, b, _) = batches(&server, "GET", &format!("/{id}"), None).await;
+    assert_eq!(b["processing_status"], "in_progress");
+    assert_eq!(b["request_counts"]["processing"], 2);
+    server.advance_batches();
+    let (_, b, _) = batches(&server, "GET", &format!("/{id}"), None).await;
+    assert_eq!(b["processing_status"], "ended");
+    let c = &b["request_counts"];
+    assert_eq!(
+        (c["succeeded"].as_u64(), c["errored"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert!(b["ended_at"].as_str().unwrap().ends_with('Z'));
+    let url = b["results_url"].as_str().unwrap();
+    assert_eq!(
+        url,
+        format!("http://{}/v1/messages/batches/{id}/results", server.addr)
+    );
+    let text = reqwest::Client::new()
+        .get(url)
+        .header("anthropic-version", "2023-06-01")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(
+        lines[0]["custom_id"], "ok-4",
+        "newest first: map by custom_id"
+    );
+    let by = |id: &str| lines.iter().find(|l| l["custom_id"] == id).unwrap()["result"].clone();
+    assert_eq!(by("ok-1")["type"], "succeeded");
+    assert!(
+        by("ok-1")["message"]["usage"]["input_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        by("bad-2")["error"]["error"]["type"],
+        "invalid_request_error"
+    );
+    assert_eq!(by("oops-3")["error"]["error"]["type"], "api_error");
+    assert_eq!(
+        server.stats().batch_requests_billed,
+        2,
+        "only succeeded requests are billed"
+    );
+
+    // A second batch is cancelled after one step; a third expires untouched.
+    let two = json!({"requests": [request("a", "1"), request("b", "2"), request("c", "3")]});
+    let (_, b2, _) = batches(&server, "POST", "", Some(&two)).await;
+    let id2 = b2["id"].as_str().unwrap().to_string();
+    server.advance_batches();
+    let (_, c2, _) = batches(&server, "POST", &format!("/{id2}/cancel"), None).await;
+    assert_eq!(c2["processing_status"], "canceling");
+    assert!(c2["cancel_initiated_at"].is_string());
+    let (_, b3, _) = batches(&server, "POST", "", Some(&two)).await;
+    let id3 = b3["id"].as_str().unwrap().to_string();
+    server.expire_batches();
+    server.advance_batches(); // canceling → ended
+    let (_, c2, _) = batches(&server, "GET", &format!("/{id2}"), None).await;
+    let (_, c3, _) = batches(&server, "GET", &format!("/{id3}"), None).await;
+    assert_eq!(
+        (
+            c2["processing_status"].as_str(),
+            c3["processing_status"].as_str()
+        ),
+        (Some("ended"), Some("ended"))
+    );
+    let counts = (&c2["request_counts"], &c3["request_counts"]);
+    assert_eq!(
+        (
+            counts.0["succeeded"].as_u64(),
+            counts.0["canceled"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    assert_eq!(
+        (counts.1["succeeded"].as_u64(), counts.1["expired"].as_u64()),
+        (Some(0), Some(3))
+    );
+
+    // The list: newest first, paged by after_id.
+    let (_, page, _) = batches(&server, "GET", "?limit=2", None).await;
+    let ids: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![id3.as_str(), id2.as_str()]);
+    assert_eq!(page["has_more"], true);
+    let (_, rest, _) = batches(&server, "GET", &format!("?limit=2&after_id={id2}"), None).await;
+    assert_eq!(rest["data"][0]["id"], id.as_str());
+    assert_eq!(rest["has_more"], false);
+}
