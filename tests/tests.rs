@@ -25,6 +25,7 @@ mod local_model;
 mod logs;
 mod network;
 mod pacing;
+mod parquet;
 mod quiet_paths;
 mod report;
 mod resume;

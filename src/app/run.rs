@@ -159,14 +159,18 @@ pub(super) fn passes(
 /// into a file beside the output, for passes that read the input again. `None` for a file.
 fn keep_piped_input(file: &Path, ov: &Overrides) -> Result<Option<std::path::PathBuf>, Error> {
     let job = Job::load(file, ov)?;
-    let piped =
-        job.input.as_os_str() == "-" || std::fs::metadata(&job.input).is_ok_and(|m| !m.is_file());
+    let piped = job.input.as_os_str() == "-"
+        || std::fs::metadata(&job.input).is_ok_and(|m| {
+            // A folder is a Parquet dataset's part files, not a pipe.
+            !m.is_file() && !m.is_dir()
+        });
     if !piped {
         return Ok(None);
     }
     let ext = match job.input_format {
         crate::input::InputFormat::Csv => "csv",
         crate::input::InputFormat::Jsonl => "jsonl",
+        crate::input::InputFormat::Parquet => "parquet",
     };
     let copy = crate::ledger::files::Files::new(&job.output).input_copy(ext);
     let io = |p: &Path, e| crate::ledger::journal::io_err(p, e);

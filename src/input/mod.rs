@@ -1,5 +1,8 @@
-//! Input rows: CSV (with a header) or JSONL, streamed from a file or stdin on a blocking thread.
-//! A bad record becomes a `RowError` naming the file, line and field; the stream goes on.
+//! Input rows: CSV (with a header), JSONL or Parquet (`parquet.rs`), streamed from a file or
+//! stdin on a blocking thread. A bad record becomes a `RowError` naming the file, line and
+//! field; the stream goes on.
+
+pub mod parquet;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -34,6 +37,8 @@ pub struct Source {
     pub path: PathBuf,
     pub format: InputFormat,
     pub id_column: Option<String>,
+    /// Parquet: the columns to decode.
+    pub wanted: Option<parquet::Wanted>,
 }
 
 impl Source {
@@ -43,6 +48,7 @@ impl Source {
             path: job.input.clone(),
             format: job.input_format,
             id_column: job.id_column.clone(),
+            wanted: (job.input_format == InputFormat::Parquet).then(|| parquet::wanted(job)),
         }
     }
 
@@ -61,7 +67,7 @@ impl Source {
     pub fn columns(&self) -> Result<Vec<String>, Error> {
         let mut rows = self.reader()?;
         match self.format {
-            InputFormat::Csv => Ok(rows.header.clone()),
+            InputFormat::Csv | InputFormat::Parquet => Ok(rows.header.clone()),
             InputFormat::Jsonl => {
                 let first = rows.by_ref().flatten().next();
                 Ok(first
@@ -75,6 +81,9 @@ impl Source {
     /// returned here, before any request goes out.
     pub fn reader(&self) -> Result<Rows, Error> {
         let display = self.path.display().to_string();
+        if self.format == InputFormat::Parquet {
+            return self.parquet(display);
+        }
         let inner = self.open()?;
         match self.format {
             InputFormat::Csv => {
@@ -114,7 +123,7 @@ impl Source {
                     number: 0,
                 })
             }
-            InputFormat::Jsonl => Ok(Rows {
+            InputFormat::Jsonl | InputFormat::Parquet => Ok(Rows {
                 display,
                 id_column: self.id_column.clone(),
                 header: Vec::new(),
@@ -126,6 +135,40 @@ impl Source {
                 number: 0,
             }),
         }
+    }
+
+    /// A Parquet dataset's rows; its header is the columns read. (A piped Parquet file was
+    /// copied to disk first: it needs seeking.)
+    fn parquet(&self, display: String) -> Result<Rows, Error> {
+        if self.path.as_os_str() == "-" {
+            return Err(Error::Input {
+                path: self.path.clone(),
+                message: "Parquet cannot be read from stdin as it streams: name the file".into(),
+            });
+        }
+        let wanted = self.wanted.clone().unwrap_or(parquet::Wanted::Mentioned {
+            text: String::new(),
+            also: Vec::new(),
+        });
+        let rows = parquet::ParquetRows::open(&self.path, wanted)?;
+        if let Some(id) = &self.id_column {
+            if !rows.columns().contains(id) {
+                return Err(Error::Input {
+                    path: self.path.clone(),
+                    message: format!(
+                        "the id column `{id}` is not among the columns read ({})",
+                        rows.columns().join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(Rows {
+            display,
+            id_column: self.id_column.clone(),
+            header: rows.columns().to_vec(),
+            kind: Kind::Parquet(Box::new(rows)),
+            number: 0,
+        })
     }
 
     /// Streams rows into a bounded channel from a blocking thread, so reading never holds
@@ -155,6 +198,7 @@ impl Source {
 
 enum Kind {
     Csv(csv::Reader<Box<dyn Read + Send>>, csv::ByteRecord),
+    Parquet(Box<parquet::ParquetRows>),
     Jsonl {
         reader: BufReader<Box<dyn Read + Send>>,
         line: u64,
@@ -197,6 +241,7 @@ impl Iterator for Rows {
         match self.kind {
             Kind::Csv(..) => self.next_csv(),
             Kind::Jsonl { .. } => self.next_jsonl(),
+            Kind::Parquet(..) => self.next_parquet(),
         }
     }
 }
@@ -256,6 +301,26 @@ impl Rows {
                 let fields = csv_fields(&self.header, rec, &self.display, &at);
                 Some(self.row_or_error(number, fields, &at))
             }
+        }
+    }
+
+    fn next_parquet(&mut self) -> Option<RowResult> {
+        let Kind::Parquet(rows) = &mut self.kind else {
+            unreachable!("a Parquet reader")
+        };
+        let fields = rows.next_row()?;
+        self.number += 1;
+        let number = self.number;
+        match fields {
+            Ok(fields) => {
+                let at = format!("row {number}");
+                Some(self.row_or_error(number, Ok(fields), &at))
+            }
+            Err((message, fatal)) => Some(Err(RowError {
+                number,
+                message,
+                fatal,
+            })),
         }
     }
 

@@ -40,6 +40,8 @@ pub const DEFAULT_REPORT_FAILED_ROWS: usize = 1000;
 pub enum InputFormat {
     Csv,
     Jsonl,
+    /// A file, a folder of part files, or a glob of them, read row group by row group.
+    Parquet,
 }
 
 /// A validated job: every path resolved, every default applied.
@@ -49,6 +51,8 @@ pub struct Job {
     pub input: PathBuf,
     pub input_format: InputFormat,
     pub id_column: Option<String>,
+    /// Parquet: the columns to read, when the job names them (`[input] columns`).
+    pub input_columns: Option<Vec<String>>,
     pub messages: Vec<MessageSpec>,
     pub template_dirs: Vec<PathBuf>,
     /// Who answers: `[model]`'s provider, model and endpoint.
@@ -136,6 +140,7 @@ impl Job {
             input,
             input_format,
             id_column: raw.input.id,
+            input_columns: raw.input.columns,
             messages,
             template_dirs,
             served,
@@ -170,11 +175,16 @@ fn input(jf: &JobFile, raw: &RawInput, ov: &Overrides) -> Result<(PathBuf, Input
             Some(e) if e.eq_ignore_ascii_case("jsonl") || e.eq_ignore_ascii_case("ndjson") => {
                 InputFormat::Jsonl
             }
+            Some(e) if e.eq_ignore_ascii_case("parquet") || e.eq_ignore_ascii_case("pq") => {
+                InputFormat::Parquet
+            }
+            // A folder of part files (a Spark or Hugging Face export).
+            _ if input.is_dir() => InputFormat::Parquet,
             _ => {
                 return Err(jf.bad(
                     "input.format",
                     format!(
-                        "cannot tell the format of {} from its extension; set format = \"csv\" or \"jsonl\"",
+                        "cannot tell the format of {} from its extension; set format = \"csv\", \"jsonl\" or \"parquet\"",
                         input.display()
                     ),
                 ))

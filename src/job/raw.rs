@@ -31,6 +31,9 @@ pub struct RawInput {
     pub path: String,
     pub format: Option<InputFormat>,
     pub id: Option<String>,
+    /// Parquet: the columns to read and keep; by default those the job's messages mention,
+    /// its id and its `from` fields.
+    pub columns: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
