@@ -335,6 +335,24 @@ fn value(a: &dyn Array, i: usize) -> Result<Value, String> {
         DataType::Decimal256(..) => {
             Value::String(a.as_primitive::<Decimal256Type>().value_as_string(i))
         }
+        DataType::Date32
+        | DataType::Date64
+        | DataType::Timestamp(..)
+        | DataType::Time32(_)
+        | DataType::Time64(_) => temporal(a, i),
+        DataType::List(_)
+        | DataType::LargeList(_)
+        | DataType::FixedSizeList(..)
+        | DataType::Struct(_)
+        | DataType::Map(..)
+        | DataType::Dictionary(..) => nested(a, i)?,
+        other => return Err(other.to_string()),
+    })
+}
+
+/// A date, time of day or timestamp as ISO 8601 text.
+fn temporal(a: &dyn Array, i: usize) -> Value {
+    match a.data_type() {
         DataType::Date32 => {
             date(i128::from(a.as_primitive::<Date32Type>().value(i)) * 86_400_000_000_000)
         }
@@ -362,6 +380,13 @@ fn value(a: &dyn Array, i: usize) -> Result<Value, String> {
             };
             time_of_day(i128::from(v) * nanos_per(unit))
         }
+        _ => Value::Null,
+    }
+}
+
+/// A list, struct, map or dictionary's element as a template value.
+fn nested(a: &dyn Array, i: usize) -> Result<Value, String> {
+    Ok(match a.data_type() {
         DataType::List(_) => list(a.as_list::<i32>().value(i).as_ref())?,
         DataType::LargeList(_) => list(a.as_list::<i64>().value(i).as_ref())?,
         DataType::FixedSizeList(..) => list(a.as_fixed_size_list().value(i).as_ref())?,
