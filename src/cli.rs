@@ -64,6 +64,9 @@ pub enum Command {
         /// Also write the CSV here.
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Also write the records as a typed Parquet table here.
+        #[arg(long)]
+        parquet: Option<PathBuf>,
     },
     /// Rows done, failed and pending, and the spend, per shard and in total. Sends nothing.
     Status {

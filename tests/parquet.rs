@@ -9,7 +9,7 @@ use ::parquet::arrow::ArrowWriter;
 use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::types::Int32Type;
 use arrow_array::{
-    ArrayRef, BinaryArray, BooleanArray, Date32Array, Decimal128Array, DictionaryArray,
+    Array, ArrayRef, BinaryArray, BooleanArray, Date32Array, Decimal128Array, DictionaryArray,
     DurationSecondArray, Float64Array, Int64Array, RecordBatch, StringArray, StructArray,
     TimestampMillisecondArray,
 };
@@ -231,4 +231,156 @@ fn a_named_column_the_file_lacks_is_refused_before_anything_is_sent() {
         .cloned()
         .collect();
     assert_eq!(keys, vec!["sku", "title"]);
+}
+
+/// Every record of a Parquet file, as JSON objects (the `parquet` crate's own reader).
+fn read_parquet(path: &std::path::Path) -> (arrow_schema::SchemaRef, Vec<RecordBatch>) {
+    let f = std::fs::File::open(path).unwrap();
+    let b = ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f).unwrap();
+    let schema = b.schema().clone();
+    let batches = b.build().unwrap().map(Result::unwrap).collect();
+    (schema, batches)
+}
+
+fn type_of(schema: &arrow_schema::Schema, name: &str) -> DataType {
+    schema
+        .field_with_name(name)
+        .unwrap_or_else(|_| panic!("no column {name} in {schema:?}"))
+        .data_type()
+        .clone()
+}
+
+#[test]
+fn the_parquet_output_is_typed_keeps_a_parquet_inputs_types_and_the_schemas_fields() {
+    use arrow_array::cast::AsArray;
+    let s = server();
+    let f = Fixture::new();
+    write_parquet(&f.path("data/products.parquet"), &products());
+    f.write(
+        "schemas/ad.json",
+        r#"{"type": "object", "properties": {"headline": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "score": {"type": "integer"}},
+            "required": ["headline", "tags", "score"], "additionalProperties": false}"#,
+    );
+    let job = f.job("data/products.parquet", TEMPLATE, "", "", &s.base_url());
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("max_tokens = 20", "max_tokens = 300")
+        .replace("path = \"data/products.parquet\"", "path = \"data/products.parquet\"\nid = \"sku\"")
+        .replace(
+        "csv = \"out/result.csv\"",
+        "csv = \"out/result.csv\"\nparquet = \"out/result.parquet\"\nschema = \"schemas/ad.json\"",
+    );
+    std::fs::write(&job, text).unwrap();
+    let r = f.run(&["run", job.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{} {:?}", r.stderr, f.records());
+    let recs = f.records();
+    let (schema, batches) = read_parquet(&f.path("out/result.parquet"));
+    assert_eq!(
+        batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+        recs.len()
+    );
+    // The input's own types.
+    assert_eq!(type_of(&schema, "sku"), DataType::Int64);
+    assert_eq!(type_of(&schema, "price"), DataType::Decimal128(10, 2));
+    assert_eq!(type_of(&schema, "in_stock"), DataType::Boolean);
+    assert_eq!(type_of(&schema, "released"), DataType::Date32);
+    assert!(matches!(
+        type_of(&schema, "updated"),
+        DataType::Timestamp(_, Some(_))
+    ));
+    assert!(matches!(type_of(&schema, "tags"), DataType::List(_)));
+    assert!(matches!(type_of(&schema, "meta"), DataType::Struct(_)));
+    assert_eq!(
+        type_of(&schema, "category"),
+        DataType::Utf8,
+        "a dictionary's values"
+    );
+    assert!(
+        schema.field_with_name("blob").is_err(),
+        "a column not read is not written"
+    );
+    // The schema's fields, typed; a name the input has already gets the data prefix.
+    assert_eq!(type_of(&schema, "headline"), DataType::Utf8);
+    assert!(matches!(type_of(&schema, "data.tags"), DataType::List(_)));
+    assert_eq!(type_of(&schema, "score"), DataType::Int64);
+    assert_eq!(type_of(&schema, "prompt_tokens"), DataType::UInt64);
+    assert_eq!(type_of(&schema, "cost_usd"), DataType::Float64);
+    let b = &batches[0];
+    let col = |n: &str| b.column(schema.index_of(n).unwrap()).clone();
+    assert_eq!(
+        col("price")
+            .as_primitive::<arrow_array::types::Decimal128Type>()
+            .value(0),
+        1999
+    );
+    assert_eq!(
+        col("released")
+            .as_primitive::<arrow_array::types::Date32Type>()
+            .value(1),
+        20485
+    );
+    assert_eq!(col("status").as_string::<i32>().value(0), "ok");
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(
+            col("row")
+                .as_primitive::<arrow_array::types::UInt64Type>()
+                .value(i),
+            r["row"].as_u64().unwrap()
+        );
+        assert_eq!(
+            col("headline").as_string::<i32>().value(i),
+            r["data"]["headline"].as_str().unwrap()
+        );
+        assert_eq!(
+            col("prompt_tokens")
+                .as_primitive::<arrow_array::types::UInt64Type>()
+                .value(i),
+            r["usage"]["prompt_tokens"].as_u64().unwrap()
+        );
+        let cost = col("cost_usd")
+            .as_primitive::<arrow_array::types::Float64Type>()
+            .value(i);
+        assert!((cost - r["cost_usd"].as_f64().unwrap()).abs() < 1e-15);
+    }
+}
+
+#[test]
+fn shards_merge_into_one_parquet_table_in_input_order() {
+    use arrow_array::cast::AsArray;
+    let s = server();
+    let f = Fixture::new();
+    let rows = texts(30, "item");
+    f.write("data.csv", csv_of(&rows));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap();
+    for k in 1..=3 {
+        ok(&f.run(&["run", "--quiet", job, "--shard", &format!("{k}/3")]));
+    }
+    let r = f.run(&[
+        "merge",
+        "out/result.shard-*.jsonl",
+        "-o",
+        "out/all.jsonl",
+        "--parquet",
+        "out/all.parquet",
+    ]);
+    ok(&r);
+    assert!(r.stderr.contains("Parquet of 30 records"), "{}", r.stderr);
+    let (schema, batches) = read_parquet(&f.path("out/all.parquet"));
+    let texts: Vec<String> = batches
+        .iter()
+        .flat_map(|b| {
+            let c = b
+                .column(schema.index_of("text").unwrap())
+                .as_string::<i32>()
+                .clone();
+            (0..c.len())
+                .map(move |i| c.value(i).to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(texts, rows, "every row once, in input order");
+    assert_eq!(type_of(&schema, "completion"), DataType::Utf8);
 }

@@ -89,7 +89,8 @@ pub(super) fn dispatch(cli: Cli) -> Result<i32, Error> {
             outputs,
             output,
             csv,
-        } => merge(&outputs, output, csv, quiet),
+            parquet,
+        } => merge(&outputs, output, csv, parquet, quiet),
         Command::Status {
             targets,
             input,

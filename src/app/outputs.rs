@@ -46,6 +46,7 @@ pub(super) fn merge(
     outputs: &[String],
     output: Option<std::path::PathBuf>,
     csv: Option<std::path::PathBuf>,
+    parquet: Option<std::path::PathBuf>,
     quiet: bool,
 ) -> Result<i32, Error> {
     let inputs = crate::output::merge::expand(outputs)?;
@@ -61,7 +62,7 @@ pub(super) fn merge(
                 )
             })?,
     };
-    let m = crate::output::merge::merge(&inputs, &output, csv.as_deref())?;
+    let m = crate::output::merge::merge(&inputs, &output, csv.as_deref(), parquet.as_deref())?;
     if !quiet {
         eprint!("{}", m.summary.table());
     }
@@ -74,6 +75,9 @@ pub(super) fn merge(
     }
     if let Some((csv, n)) = &m.csv {
         eprintln!("CSV of {n} records written to {}", csv.display());
+    }
+    if let Some((pq, n)) = &m.parquet {
+        eprintln!("Parquet of {n} records written to {}", pq.display());
     }
     eprintln!(
         "merged {} outputs: {} rows into {}{}",

@@ -41,6 +41,7 @@ pub(super) fn finish(
     }
     if end.failed.is_none() {
         write_csv(&job, header.as_deref())?;
+        write_parquet(&job, header.as_deref())?;
     }
     carry_spend(&files, &end.stats);
     let stop = stopper.why.lock().unwrap().clone();
@@ -91,6 +92,18 @@ fn compact(
         .saturating_sub(stats.batch_requests_submitted + stats.batch_in_flight);
     stats.stale_moved = c.stale;
     Ok(())
+}
+
+/// `[output] parquet`, from the compacted journal.
+fn write_parquet(job: &Job, header: Option<&[String]>) -> Result<(), Error> {
+    let Some(out) = &job.parquet else {
+        return Ok(());
+    };
+    let opts = crate::output::parquet::ParquetOptions {
+        input: crate::output::parquet::input_types(job, header)?,
+        data_schema: job.shape.schema.as_ref().map(|(_, v)| v.clone()),
+    };
+    crate::output::parquet::export_parquet(&job.output, out, &opts).map(|_| ())
 }
 
 /// `[output] csv`, from the compacted journal.

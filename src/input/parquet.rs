@@ -131,6 +131,28 @@ pub fn files(path: &Path) -> Result<Vec<PathBuf>, Error> {
     Ok(found)
 }
 
+/// The Arrow fields of the columns a job reads from this dataset (its first part's schema).
+pub fn fields(
+    path: &Path,
+    wanted: &Wanted,
+) -> Result<Vec<std::sync::Arc<arrow_schema::Field>>, Error> {
+    let first = files(path)?.remove(0);
+    let f = File::open(&first).map_err(|e| Error::Io {
+        path: first.clone(),
+        source: e,
+    })?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| Error::Input {
+        path: first.clone(),
+        message: format!("not a readable Parquet file: {e}"),
+    })?;
+    Ok(b.schema()
+        .fields()
+        .iter()
+        .filter(|f| wanted.wants(f.name()))
+        .cloned()
+        .collect())
+}
+
 /// The rows of every part file in turn, as field maps.
 pub struct ParquetRows {
     files: Vec<PathBuf>,

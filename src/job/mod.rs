@@ -62,6 +62,8 @@ pub struct Job {
     pub limits: Limits,
     pub output: PathBuf,
     pub csv: Option<PathBuf>,
+    /// `[output] parquet`: the records as a typed table.
+    pub parquet: Option<PathBuf>,
     /// Quote CSV cells that a spreadsheet would run as a formula (CSV injection).
     pub csv_escape_formulas: bool,
     /// Write the HTML report after each run.
@@ -120,7 +122,7 @@ impl Job {
         let shape = output::shape(&jf, &raw.output)?;
         let params = model::params(&jf, &raw.model, output::response_format(&shape))?;
         let limits = run::limits(&jf, &raw.run, ov, &params)?;
-        let (output, csv) = output::paths(&jf, &raw.output, ov);
+        let (output, csv, parquet) = output::paths(&jf, &raw.output, ov);
         model::refuse_what_local_cannot_do(&jf, served.provider, &messages, &params)?;
         model::refuse_what_anthropic_cannot_do(&jf, served.provider, &params)?;
         let mode = run::mode(&jf, &raw.run, ov, served.provider)?;
@@ -148,6 +150,7 @@ impl Job {
             limits,
             output,
             csv,
+            parquet,
             csv_escape_formulas: raw.output.csv_escape_formulas.unwrap_or(false),
             report: raw.output.report.unwrap_or(true),
             report_rows: raw.output.report_rows.unwrap_or(DEFAULT_REPORT_ROWS),

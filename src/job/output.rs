@@ -12,12 +12,21 @@ use crate::shape::OutputShape;
 
 /// The output and CSV paths, resolved; a shard has outputs of its own (and so its own lock,
 /// summary and batches).
-pub(super) fn paths(jf: &JobFile, out: &RawOutput, ov: &Overrides) -> (PathBuf, Option<PathBuf>) {
+pub(super) fn paths(
+    jf: &JobFile,
+    out: &RawOutput,
+    ov: &Overrides,
+) -> (PathBuf, Option<PathBuf>, Option<PathBuf>) {
     let output = ov.output.clone().unwrap_or_else(|| jf.resolve(&out.path));
     let csv = out.csv.as_deref().map(|c| jf.resolve(c));
+    let parquet = out.parquet.as_deref().map(|c| jf.resolve(c));
     match ov.shard {
-        Some(sh) => (sh.path(&output), csv.map(|c| sh.path(&c))),
-        None => (output, csv),
+        Some(sh) => (
+            sh.path(&output),
+            csv.map(|c| sh.path(&c)),
+            parquet.map(|p| sh.path(&p)),
+        ),
+        None => (output, csv, parquet),
     }
 }
 

@@ -168,6 +168,8 @@ pub struct RawBatch {
 pub struct RawOutput {
     pub path: String,
     pub csv: Option<String>,
+    /// The records as a typed Parquet table, written when the run finishes.
+    pub parquet: Option<String>,
     pub csv_escape_formulas: Option<bool>,
     /// Write `OUTPUT.report.html` after each run (default true).
     pub report: Option<bool>,

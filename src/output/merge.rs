@@ -65,6 +65,8 @@ pub struct Merged {
     pub kept: Option<PathBuf>,
     /// The CSV written, and its records.
     pub csv: Option<(PathBuf, u64)>,
+    /// The Parquet table written (`--parquet`), and its records.
+    pub parquet: Option<(PathBuf, u64)>,
 }
 
 /// Joins shard outputs (each in input order) into one output in input order: a k-way merge
@@ -77,7 +79,12 @@ pub struct Merged {
 ///
 /// The CSV: to `csv`, else to the job's `[output] csv` (from the shards' stamps), if it had
 /// one; with the job's escaping and columns either way.
-pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Merged, Error> {
+pub fn merge(
+    inputs: &[PathBuf],
+    output: &Path,
+    csv: Option<&Path>,
+    parquet: Option<&Path>,
+) -> Result<Merged, Error> {
     if inputs.is_empty() {
         return Err(Error::Other("merge: no outputs given".into()));
     }
@@ -125,7 +132,21 @@ pub fn merge(inputs: &[PathBuf], output: &Path, csv: Option<&Path>) -> Result<Me
     summary.rows_pending = counts.missing;
     summary.write(&files.summary())?;
     job.merged(output, csv.as_deref()).write(&files.stamp())?;
+    // From the merged output, under the locks, in one more streaming pass: the column types
+    // come from the values (a merge has no job file).
+    let parquet = match parquet {
+        Some(pq) => {
+            let opts = crate::output::parquet::ParquetOptions {
+                input: crate::output::parquet::InputTypes::Infer,
+                data_schema: None,
+            };
+            let n = crate::output::parquet::export_parquet(output, pq, &opts)?;
+            Some((pq.to_path_buf(), n))
+        }
+        None => None,
+    };
     Ok(Merged {
+        parquet,
         rows: counts.rows,
         overlapping: counts.overlapping,
         missing: counts.missing,
@@ -693,7 +714,7 @@ mod tests {
         ];
         let inputs = shards(dir.path(), &one, &two);
         let out = dir.path().join("x.jsonl");
-        let m = merge(&inputs, &out, None).unwrap();
+        let m = merge(&inputs, &out, None, None).unwrap();
         assert_eq!((m.rows, m.missing, m.overlapping), (6, 0, 0));
         let csv = dir.path().join("x.csv");
         assert_eq!(m.csv, Some((csv.clone(), 6)), "to the stamp's CSV");
@@ -731,7 +752,7 @@ mod tests {
         let inputs = shards(dir.path(), &one, &two);
         let out = dir.path().join("x.jsonl");
         std::fs::write(&out, "old\n").unwrap();
-        let Err(e) = merge(&inputs, &out, None) else {
+        let Err(e) = merge(&inputs, &out, None, None) else {
             panic!("merged a line that is not a record");
         };
         let e = e.to_string();
@@ -759,6 +780,7 @@ mod tests {
         let Err(e) = merge(
             std::slice::from_ref(&typo),
             &dir.path().join("x.jsonl"),
+            None,
             None,
         ) else {
             panic!("merged an output that is not there");
