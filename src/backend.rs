@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::job::{Job, ProviderKind};
 use crate::provider::anthropic::{Anthropic, AnthropicWire};
 use crate::provider::endpoint::{read_ca_file, Endpoint};
+use crate::provider::gemini::{Gemini, GeminiWire};
 use crate::provider::openai::{OpenAi, OpenAiWire};
 use crate::provider::{Completion, ErrorKind, Provider, ProviderError, Request, Wire};
 use crate::tokens::TokenCounter;
@@ -92,6 +93,34 @@ impl Backend {
                         cache: job.served.prompt_cache,
                         shared_messages: shared_messages(job),
                     }),
+                    pricing,
+                    tier,
+                    identity: provider_identity(job, None),
+                })
+            }
+            ProviderKind::Gemini => {
+                let provider: Arc<dyn Provider> = if need_provider {
+                    Arc::new(
+                        Gemini::new(
+                            &endpoint(job)?,
+                            &job.served.model,
+                            job.limits.timeout,
+                            job.limits.concurrency,
+                            job.params.stream.unwrap_or(false),
+                        )
+                        .map_err(Error::Other)?,
+                    )
+                } else {
+                    Arc::new(NoProvider { billed: true })
+                };
+                Ok(Backend {
+                    provider,
+                    // Gemini's tokenizer is not public either: the same stand-in, its own margin.
+                    counter: Arc::new(crate::tokens::Scaled {
+                        inner: crate::tokens::Tiktoken::new("gpt-4o"),
+                        factor: crate::tokens::GEMINI_MARGIN,
+                    }),
+                    wire: Arc::new(GeminiWire),
                     pricing,
                     tier,
                     identity: provider_identity(job, None),
@@ -299,6 +328,7 @@ pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String 
         ProviderKind::Anthropic => {
             format!("anthropic:{}", host_and_port(&job.served.base_url))
         }
+        ProviderKind::Gemini => format!("gemini:{}", host_and_port(&job.served.base_url)),
         ProviderKind::Local => format!(
             "local:{}:ctx={}",
             local_model_sha256.unwrap_or("unknown"),

@@ -1,5 +1,5 @@
-//! Prices × usage → USD. A built-in, dated table for OpenAI's chat models and Anthropic's Claude
-//! models; dated snapshot names map to their family; the job's `[pricing]` overrides. Pure, so
+//! Prices × usage → USD. A built-in, dated table for OpenAI's chat models, Anthropic's Claude
+//! models and Google's Gemini models; dated snapshot names map to their family; the job's `[pricing]` overrides. Pure, so
 //! it is unit-tested.
 
 use serde::{Deserialize, Serialize};
@@ -221,6 +221,41 @@ const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
         Some(r(7.50, Some(0.75), 37.50)),
         false,
     ),
+    // Google's Gemini API pricing page (paid tier, text/image/video input), as of 2025-11:
+    // input, cached input (context caching, implicit or explicit), output (thinking
+    // included); the Batch API at half of each. Gemini 2.5 Pro bills prompts over 200,000
+    // tokens higher ($2.50 in, $15 out): not in this table, which prices every prompt at the
+    // ≤200k rates. Cache storage (explicit caches only) is not billed per request.
+    (
+        "gemini-2.5-pro",
+        r(1.25, Some(0.125), 10.00),
+        Some(r(0.625, Some(0.0625), 5.00)),
+        false,
+    ),
+    (
+        "gemini-2.5-flash",
+        r(0.30, Some(0.03), 2.50),
+        Some(r(0.15, Some(0.015), 1.25)),
+        false,
+    ),
+    (
+        "gemini-2.5-flash-lite",
+        r(0.10, Some(0.01), 0.40),
+        Some(r(0.05, Some(0.005), 0.20)),
+        false,
+    ),
+    (
+        "gemini-2.0-flash",
+        r(0.10, Some(0.025), 0.40),
+        Some(r(0.05, Some(0.0125), 0.20)),
+        false,
+    ),
+    (
+        "gemini-2.0-flash-lite",
+        r(0.075, None, 0.30),
+        Some(r(0.0375, None, 0.15)),
+        false,
+    ),
 ];
 
 /// Anthropic bills a cache write at a multiple of the input rate of its tier (the batch
@@ -276,6 +311,10 @@ const ALIASES: &[(&str, &str)] = &[
     ("gpt-4-0125-preview", "gpt-4-turbo"),
     ("gpt-4-1106-vision-preview", "gpt-4-turbo"),
     ("gpt-4-vision-preview", "gpt-4-turbo"),
+    // Gemini's moving aliases (`gemini-flash-latest`, less its `-latest`).
+    ("gemini-pro", "gemini-2.5-pro"),
+    ("gemini-flash", "gemini-2.5-flash"),
+    ("gemini-flash-lite", "gemini-2.5-flash-lite"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -369,7 +408,7 @@ pub fn lookup_tier(model: &str, tier: Tier) -> Option<Price> {
         })
     };
     let model = model.trim().to_ascii_lowercase();
-    let model = ["openai/", "anthropic/"]
+    let model = ["openai/", "anthropic/", "models/", "google/"]
         .iter()
         .find_map(|p| model.strip_prefix(p))
         .unwrap_or(&model);
@@ -381,7 +420,20 @@ pub fn lookup_tier(model: &str, tier: Tier) -> Option<Price> {
     if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == model) {
         return find(to);
     }
-    find(strip_date(model))
+    find(strip_date(model)).or_else(|| find(gemini_family(model)?))
+}
+
+/// A Gemini snapshot's family: `gemini-2.5-flash-preview-09-2025` and `gemini-2.0-flash-001`
+/// are priced as `gemini-2.5-flash` and `gemini-2.0-flash`.
+fn gemini_family(model: &str) -> Option<&str> {
+    if !model.starts_with("gemini-") {
+        return None;
+    }
+    if let Some(i) = model.find("-preview") {
+        return Some(&model[..i]);
+    }
+    let (head, tail) = model.rsplit_once('-')?;
+    (tail.len() == 3 && tail.bytes().all(|c| c.is_ascii_digit())).then_some(head)
 }
 
 impl Pricing {
@@ -511,6 +563,36 @@ mod tests {
         );
         let saved = (3100.0 * 3.0 + 50.0 * 15.0) / 1e6 - want;
         assert!((p.cache_saving(&u) - saved).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gemini_names_map_to_their_family_and_batch_is_half() {
+        let f = lookup("gemini-2.5-flash").unwrap();
+        assert_eq!((f.input, f.cached_input, f.output), (0.30, 0.03, 2.50));
+        for name in [
+            "models/gemini-2.5-flash",
+            "gemini-2.5-flash-preview-09-2025",
+            "gemini-flash-latest",
+            "Gemini-2.5-Flash",
+        ] {
+            assert_eq!(lookup(name), Some(f), "{name}");
+        }
+        assert_eq!(lookup("gemini-2.0-flash-001"), lookup("gemini-2.0-flash"));
+        assert_eq!(
+            lookup("gemini-2.5-flash-lite-preview-06-17"),
+            lookup("gemini-2.5-flash-lite")
+        );
+        assert_eq!(lookup("gemini-2.5-pro").unwrap().input, 1.25);
+        // 2.0 Flash-Lite has no cache discount: a cached token is an input token.
+        let l = lookup("gemini-2.0-flash-lite").unwrap();
+        assert_eq!(l.cached_input, l.input);
+        let b = lookup_tier("gemini-2.5-flash", Tier::Batch).unwrap();
+        assert_eq!((b.input, b.cached_input, b.output), (0.15, 0.015, 1.25));
+        assert_eq!(lookup("gemini-9-ultra"), None);
+        // Implicit cache hits at the cache-read rate, thinking inside the output.
+        let u = usage(1000, 100, Some(600), Some(40));
+        let want = (400.0 * 0.30 + 600.0 * 0.03 + 100.0 * 2.50) / 1e6;
+        assert!((f.cost(&u) - want).abs() < 1e-12);
     }
 
     #[test]

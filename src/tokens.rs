@@ -78,7 +78,12 @@ impl TokenCounter for Tiktoken {
 /// The margin on Claude's estimated counts ([`Scaled`]).
 pub const CLAUDE_MARGIN: f64 = 1.25;
 
-/// Counts for a model whose tokenizer is not public (Claude): another tokenizer's counts times
+/// The margin on Gemini's estimated counts ([`Scaled`]): Gemini's SentencePiece vocabulary
+/// (256k pieces) splits English about as o200k does, other scripts and code differently; 1.25
+/// keeps the worst case above what is billed, as for Claude.
+pub const GEMINI_MARGIN: f64 = 1.25;
+
+/// Counts for a model whose tokenizer is not public (Claude, Gemini): another tokenizer's counts times
 /// a margin, so the budget's worst case stays above what is billed. An estimate, and said so.
 pub struct Scaled<C> {
     pub inner: C,

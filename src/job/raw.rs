@@ -57,6 +57,8 @@ pub enum RawProvider {
     Openai,
     Azure,
     Anthropic,
+    /// Google's Gemini API (generateContent).
+    Gemini,
     Local,
 }
 
