@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod export;
+pub mod gemini;
 mod lines;
 pub mod openai;
 mod pass;

@@ -2,9 +2,12 @@
 
 use super::api::BatchApi;
 use crate::error::Error;
-use crate::job::Job;
+use crate::job::{Job, ProviderKind};
 
-/// The job's batch API, by its provider (OpenAI and Azure OpenAI today).
+/// The job's batch API, by its provider: Gemini's, or OpenAI's (Azure OpenAI's too).
 pub fn for_job(job: &Job) -> Result<Box<dyn BatchApi>, Error> {
+    if job.served.provider == ProviderKind::Gemini {
+        return Ok(Box::new(super::gemini::GeminiBatches::for_job(job)?));
+    }
     Ok(Box::new(super::openai::OpenAiBatches::for_job(job)?))
 }
