@@ -3,13 +3,17 @@
 //! The server is served with hyper directly (one task per TCP connection) rather than
 //! `axum::serve`, so that the `FAULT:reset` marker can drop a connection without any
 //! HTTP response. Routing and responses live in `handler`; OpenAI's Files and Batches
-//! endpoints, and the clock that moves batches, in `batch`; content parts (images),
+//! endpoints, and the clock that moves batches, in `batch`; Anthropic's Messages API in
+//! `anthropic`; Google's Gemini API in `gemini` and its Batch and Files APIs in
+//! `gemini_batch`; content parts (images),
 //! `response_format` and the JSON generated from a schema in `shape`.
 
 mod anthropic;
 mod azure;
 mod batch;
 mod fault;
+mod gemini;
+mod gemini_batch;
 mod handler;
 mod limiter;
 mod shape;
@@ -213,6 +217,8 @@ pub(crate) struct Shared {
     pub next_id: AtomicU64,
     /// Files and batches. Locked for a whole step, so lines are answered under it.
     pub batch: Mutex<batch::State>,
+    /// Gemini's files and batches, moved by the same calls as OpenAI's.
+    pub batch_gemini: Mutex<gemini_batch::State>,
     /// Every request on an Azure route: what its URL and auth headers were.
     pub azure_hits: Mutex<Vec<AzureHit>>,
     /// Anthropic's prompt cache: the hashes of the prefixes written so far (they never expire
@@ -290,6 +296,7 @@ impl FakeServer {
             fault_hits: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             batch: Mutex::new(batch::State::default()),
+            batch_gemini: Mutex::new(gemini_batch::State::default()),
             azure_hits: Mutex::new(Vec::new()),
             prompt_cache: Mutex::new(Default::default()),
         });
@@ -359,6 +366,11 @@ impl FakeServer {
     /// lines answered so far; the others get `batch_cancelled` error lines).
     pub fn advance_batches(&self) {
         self.shared.batch.lock().unwrap().advance_all(&self.shared);
+        self.shared
+            .batch_gemini
+            .lock()
+            .unwrap()
+            .advance_all(&self.shared);
     }
 
     /// Every `validating`, `in_progress` or `finalizing` batch becomes `expired` now: the
@@ -366,12 +378,28 @@ impl FakeServer {
     /// file with `"response": null` and error code `batch_expired`.
     pub fn expire_batches(&self) {
         self.shared.batch.lock().unwrap().expire_all(&self.shared);
+        self.shared.batch_gemini.lock().unwrap().expire_all();
     }
 
     /// `advance_batches` until every batch is finished (completed, failed, expired or
     /// cancelled).
     pub fn complete_batches(&self) {
         self.shared.batch.lock().unwrap().complete_all(&self.shared);
+        self.shared
+            .batch_gemini
+            .lock()
+            .unwrap()
+            .complete_all(&self.shared);
+    }
+
+    /// Every Gemini batch as `GET /v1beta/batches/{id}` shows it (an Operation), oldest first.
+    pub fn gemini_batches(&self) -> Vec<serde_json::Value> {
+        self.shared.batch_gemini.lock().unwrap().operations()
+    }
+
+    /// A Gemini file's bytes (`files/upload-N`), uploads and responses files alike.
+    pub fn gemini_file(&self, name: &str) -> Option<Vec<u8>> {
+        self.shared.batch_gemini.lock().unwrap().file_content(name)
     }
 
     /// Every batch object, as `GET /v1/batches/{id}` shows it, oldest first.
