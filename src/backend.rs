@@ -98,34 +98,7 @@ impl Backend {
                     identity: provider_identity(job, None),
                 })
             }
-            ProviderKind::Gemini => {
-                let provider: Arc<dyn Provider> = if need_provider {
-                    Arc::new(
-                        Gemini::new(
-                            &endpoint(job)?,
-                            &job.served.model,
-                            job.limits.timeout,
-                            job.limits.concurrency,
-                            job.params.stream.unwrap_or(false),
-                        )
-                        .map_err(Error::Other)?,
-                    )
-                } else {
-                    Arc::new(NoProvider { billed: true })
-                };
-                Ok(Backend {
-                    provider,
-                    // Gemini's tokenizer is not public either: the same stand-in, its own margin.
-                    counter: Arc::new(crate::tokens::Scaled {
-                        inner: crate::tokens::Tiktoken::new("gpt-4o"),
-                        factor: crate::tokens::GEMINI_MARGIN,
-                    }),
-                    wire: Arc::new(GeminiWire),
-                    pricing,
-                    tier,
-                    identity: provider_identity(job, None),
-                })
-            }
+            ProviderKind::Gemini => gemini_backend(job, pricing, tier, need_provider),
             ProviderKind::Local => local_backend(job, pricing, tier, need_provider),
         }
     }
@@ -201,6 +174,42 @@ pub fn shared_messages(job: &Job) -> usize {
                 }
         })
         .count()
+}
+
+/// Google's Gemini API: its provider (the model goes in the URL), a scaled count standing in
+/// for its tokenizer, and its wire.
+fn gemini_backend(
+    job: &Job,
+    pricing: Option<Pricing>,
+    tier: Tier,
+    need_provider: bool,
+) -> Result<Backend, Error> {
+    let provider: Arc<dyn Provider> = if need_provider {
+        Arc::new(
+            Gemini::new(
+                &endpoint(job)?,
+                &job.served.model,
+                job.limits.timeout,
+                job.limits.concurrency,
+                job.params.stream.unwrap_or(false),
+            )
+            .map_err(Error::Other)?,
+        )
+    } else {
+        Arc::new(NoProvider { billed: true })
+    };
+    Ok(Backend {
+        provider,
+        // Gemini's tokenizer is not public either: the same stand-in, its own margin.
+        counter: Arc::new(crate::tokens::Scaled {
+            inner: crate::tokens::Tiktoken::new("gpt-4o"),
+            factor: crate::tokens::GEMINI_MARGIN,
+        }),
+        wire: Arc::new(GeminiWire),
+        pricing,
+        tier,
+        identity: provider_identity(job, None),
+    })
 }
 
 /// The local model file: the job's `path`, else the fetched default.

@@ -516,7 +516,7 @@ fn batch_rows(n: usize) -> Vec<String> {
 
 fn batch_job(f: &Fixture, s: &FakeServer, rows: &[String], batch: &str) -> String {
     let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
-    let j = gemini_job(&f, s, &rows, "Be brief.", "", "mode = \"batch\"", "");
+    let j = gemini_job(f, s, &rows, "Be brief.", "", "mode = \"batch\"", "");
     let text = std::fs::read_to_string(&j).unwrap();
     std::fs::write(&j, format!("{text}{batch}\n")).unwrap();
     j

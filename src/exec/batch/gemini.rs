@@ -115,24 +115,55 @@ impl GeminiBatches {
     }
 
     /// The resumable upload: a start that names the file and its size, answered with the
-    /// session's URL, then the bytes streamed from disk in one `upload, finalize`. Repeating
-    /// it makes at most an unused file (no cost); the handle is `files/ID`.
+    /// session's URL, then the bytes streamed from disk in one `upload, finalize`. A failure
+    /// starts over with a new session (repeating makes at most an unused file, at no cost);
+    /// the handle is `files/ID`.
     pub async fn upload(&self, path: &Path, name: &str) -> Result<String, Error> {
         let what = format!("uploading {}", path.display());
         let len = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
+        let mut retrier = self.retry.start();
+        let resp = loop {
+            let e = match self.upload_once(path, name, len, &what).await? {
+                Ok(r) => break r,
+                Err(e) => e,
+            };
+            match retrier.next_delay(&e) {
+                Some(d) => {
+                    tracing::debug!("{what}: retrying in {d:?}: {e}");
+                    tokio::time::sleep(d).await;
+                }
+                None => return Err(failed(&what, &e)),
+            }
+        };
+        let v = self.json(&what, resp).await?;
+        let file = v.get("file").unwrap_or(&v);
+        file["name"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| Error::Other(format!("{what}: the answer names no file")))
+    }
+
+    /// One try of both steps: `Err` is final, `Ok(Err)` may be retried.
+    async fn upload_once(
+        &self,
+        path: &Path,
+        name: &str,
+        len: u64,
+        what: &str,
+    ) -> Result<Result<reqwest::Response, ProviderError>, Error> {
         let start = self.url("upload/v1beta/files")?;
-        let resp = self
-            .call(&what, || {
-                Ok(self
-                    .http
-                    .post(start.clone())
-                    .header("X-Goog-Upload-Protocol", "resumable")
-                    .header("X-Goog-Upload-Command", "start")
-                    .header("X-Goog-Upload-Header-Content-Length", len.to_string())
-                    .header("X-Goog-Upload-Header-Content-Type", "application/jsonl")
-                    .json(&json!({"file": {"displayName": name}})))
-            })
-            .await?;
+        let req = self
+            .http
+            .post(start.clone())
+            .header("X-Goog-Upload-Protocol", "resumable")
+            .header("X-Goog-Upload-Command", "start")
+            .header("X-Goog-Upload-Header-Content-Length", len.to_string())
+            .header("X-Goog-Upload-Header-Content-Type", "application/jsonl")
+            .json(&json!({"file": {"displayName": name}}));
+        let resp = match self.attempt(req).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
         let session = resp
             .headers()
             .get("x-goog-upload-url")
@@ -146,33 +177,18 @@ impl GeminiBatches {
                 session.host_str().unwrap_or_default()
             )));
         }
-        let mut retrier = self.retry.start();
-        let resp = loop {
-            let file = tokio::fs::File::open(path)
-                .await
-                .map_err(|e| io_err(path, e))?;
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-            let req = self
-                .http
-                .post(session.clone())
-                .header("Content-Length", len.to_string())
-                .header("X-Goog-Upload-Offset", "0")
-                .header("X-Goog-Upload-Command", "upload, finalize")
-                .body(body);
-            match self.attempt(req).await {
-                Ok(r) => break r,
-                Err(e) => match retrier.next_delay(&e) {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => return Err(failed(&what, &e)),
-                },
-            }
-        };
-        let v = self.json(&what, resp).await?;
-        let file = v.get("file").unwrap_or(&v);
-        file["name"]
-            .as_str()
-            .map(String::from)
-            .ok_or_else(|| Error::Other(format!("{what}: the answer names no file")))
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| io_err(path, e))?;
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+        let req = self
+            .http
+            .post(session)
+            .header("Content-Length", len.to_string())
+            .header("X-Goog-Upload-Offset", "0")
+            .header("X-Goog-Upload-Command", "upload, finalize")
+            .body(body);
+        Ok(self.attempt(req).await)
     }
 
     /// The newest uploaded file whose display name is `name`.
@@ -323,7 +339,11 @@ impl GeminiBatches {
 
 /// `pm-part=P job=J out=O`: the part first, so a job or output name with spaces cannot hide it.
 fn display_name(meta: &serde_json::Map<String, Value>) -> String {
-    let get = |k: &str| meta.get(k).and_then(Value::as_str).unwrap_or_default();
+    // Names from outside are bounded: a display name is kept short (the part is whole).
+    let get = |k: &str| {
+        let v = meta.get(k).and_then(Value::as_str).unwrap_or_default();
+        v.char_indices().nth(48).map_or(v, |(i, _)| &v[..i])
+    };
     format!(
         "{PART_TAG}{} job={} out={}",
         get(super::META_PART),

@@ -386,7 +386,7 @@ async fn create(shared: &Shared, req: Request<Incoming>, model: &str) -> Respons
         let mut st = shared.batch_gemini.lock().unwrap();
         match make(shared, &mut st, model, display, file) {
             Ok(x) => x,
-            Err(r) => return r,
+            Err((status, message)) => return error(status, &message, None),
         }
     };
     if lose {
@@ -405,17 +405,13 @@ fn make(
     model: &str,
     display: &str,
     file: &str,
-) -> Result<(Value, bool), Response<Body>> {
+) -> Result<(Value, bool), (u16, String)> {
     if st.creates_failed < shared.config.batch_create_failures {
         st.creates_failed += 1;
-        return Err(error(500, "Internal error encountered.", None));
+        return Err((500, "Internal error encountered.".into()));
     }
     let Some(content) = st.file_content(file) else {
-        return Err(error(
-            400,
-            &format!("batch.inputConfig.fileName: {file} not found"),
-            None,
-        ));
+        return Err((400, format!("batch.inputConfig.fileName: {file} not found")));
     };
     let mut lines = Vec::new();
     for (i, l) in content.split(|&c| c == b'\n').enumerate() {
@@ -424,7 +420,7 @@ fn make(
         }
         let line: Value = match serde_json::from_slice(l) {
             Ok(v) => v,
-            Err(e) => return Err(error(400, &format!("line {}: not JSON ({e})", i + 1), None)),
+            Err(e) => return Err((400, format!("line {}: not JSON ({e})", i + 1))),
         };
         let key = line["key"].as_str().unwrap_or_default().to_string();
         lines.push((key, line["request"].clone()));
