@@ -14,7 +14,8 @@
 //!            appends) → finish (compaction, CSV, summary, exit code); pace, retry, signals,
 //!            budget, breaker, records
 //!   batch    the batch executor over the same plan and writer, speaking the `api` trait:
-//!            openai (the first vendor), vendor (which one a job uses), lines, pass (the
+//!            openai (the first vendor), gemini (Gemini's Files and Batch APIs), vendor
+//!            (which one a job uses), lines, pass (the
 //!            log's use), submit, results, state (the step log), export
 //! plan       per row: done, copy, send, input error, another shard's
 //! output     what is made from records: csv, merge, html (the report: tally, table, page,
@@ -33,7 +34,8 @@
 //! shard      which shard owns a row
 //! provider   the contract (Provider, Wire, Request, Completion, ErrorKind, ProviderError,
 //!            RateLimits); openai (HTTP, plain or streamed), anthropic (Claude's Messages
-//!            API, plain or streamed), endpoint (URLs, keys, CAs),
+//!            API, plain or streamed), gemini (Google's generateContent, plain or SSE),
+//!            endpoint (URLs, keys, CAs),
 //!            local (llama.cpp, in process), grammar (JSON Schema → GBNF)
 //! cost       prices × usage → USD
 //! tokens     prompt tokens with the model's tiktoken encoding; the TokenCounter trait

@@ -596,6 +596,15 @@ fn a_gemini_batch_is_uploaded_created_waited_for_and_collected_at_half_price() {
     }
     billed_equals_kept(&s, &f);
     assert_eq!(s.stats().batch_requests_billed, 7);
+    // The key went in every request's header (the server checked it), never in a file.
+    for entry in walk(f.dir.path()) {
+        let text = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&text).contains(KEY),
+            "{}",
+            entry.display()
+        );
+    }
 
     // `run --wait` submits, polls and collects in one command.
     let s = spawn_background(Config {
