@@ -295,6 +295,23 @@ fn n_candidates_are_n_choices_from_one_request() {
         .collect();
     assert!(texts.contains("echo: Say it about boots #3"), "{texts:?}");
     billed_equals_kept(&s, &f);
+    // Streamed, each candidate's chunks add up by its index.
+    let s2 = spawn_background(Config::default());
+    let f2 = Fixture::new();
+    let j2 = gemini_job(
+        &f2,
+        &s2,
+        &["boots"],
+        "Be brief.",
+        "n = 2\nstream = true",
+        "",
+        "",
+    );
+    run_ok(&f2, &["run", "--quiet", &j2]);
+    let v = records(&f2)[0]["variants"].as_array().cloned().unwrap();
+    assert_eq!(v[0]["completion"], "echo: Say it about boots");
+    assert_eq!(v[1]["completion"], "echo: Say it about boots #2");
+    billed_equals_kept(&s2, &f2);
     // More than Gemini's 8 candidates is refused where the job loads.
     let text = std::fs::read_to_string(&j)
         .unwrap()
@@ -747,4 +764,63 @@ fn an_expired_or_cancelled_gemini_batch_keeps_what_it_answered_and_leaves_the_re
         );
         billed_equals_kept(&s, &f);
     }
+}
+
+#[test]
+fn a_failed_gemini_batch_says_why_bills_nothing_and_leaves_its_rows_pending() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let rows = vec!["item 1".to_string(), "item 2 FAULT:batchfail".to_string()];
+    let j = batch_job(&f, &s, &rows, "");
+    run_ok(&f, &["run", &j]);
+    s.advance_batches(); // pending → failed
+    assert_eq!(
+        s.gemini_batches()[0]["metadata"]["state"],
+        "BATCH_STATE_FAILED"
+    );
+    let r = run(&f, &["batch", "collect", &j]);
+    assert!(
+        r.stderr.contains("INVALID_ARGUMENT") || r.stdout.contains("INVALID_ARGUMENT"),
+        "the API's reason is shown: {} {}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(read_jsonl_if_there(&f.path("out/result.jsonl"))
+        .iter()
+        .all(|r| r["status"] != "ok"));
+    assert_eq!(f.summary()["rows_pending"], 2);
+    assert_eq!(s.stats().batch_requests_billed, 0);
+    billed_equals_kept(&s, &f);
+}
+
+#[test]
+fn images_go_inline_from_files_and_as_file_data_from_urls() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    // A 1×1 PNG.
+    let png = [
+        137u8, 80, 78, 71, 13, 10, 26, 10, 0, 0, 0, 13, 73, 72, 68, 82, 0, 0, 0, 1, 0, 0, 0, 1, 8,
+        6, 0, 0, 0, 31, 21, 196, 137, 0, 0, 0, 13, 73, 68, 65, 84, 120, 218, 99, 100, 96, 248, 95,
+        15, 0, 2, 135, 1, 128, 235, 71, 186, 146, 0, 0, 0, 0, 73, 69, 78, 68, 174, 66, 96, 130,
+    ];
+    f.write("photo.png", png);
+    let j = gemini_job(&f, &s, &["boots"], "Be brief.", "", "", "");
+    let text = std::fs::read_to_string(&j).unwrap().replace(
+        "content = \"Say it about {{ text }}\"",
+        "content = \"Say it about {{ text }}\"\nimages = [\"photo.png\", \"https://example.com/shoe.jpg\"]",
+    );
+    std::fs::write(&j, text).unwrap();
+    run_ok(&f, &["run", "--quiet", &j]);
+    let parts = &s.requests()[0]["contents"][0]["parts"];
+    assert_eq!(parts[0]["text"], "Say it about boots");
+    assert_eq!(parts[1]["inlineData"]["mimeType"], "image/png", "{parts}");
+    assert!(parts[1]["inlineData"]["data"]
+        .as_str()
+        .unwrap()
+        .starts_with("iVBOR"));
+    assert_eq!(
+        parts[2]["fileData"],
+        serde_json::json!({"mimeType": "image/jpeg", "fileUri": "https://example.com/shoe.jpg"})
+    );
+    assert_eq!(records(&f)[0]["status"], "ok");
 }

@@ -7,7 +7,8 @@
 //! `GET /download/v1beta/files/{id}:download?alt=media`. A batch moves
 //! `BATCH_STATE_PENDING` → `BATCH_STATE_RUNNING` (answering `Config::batch_lines_per_step`
 //! lines a step) → `BATCH_STATE_SUCCEEDED`; a cancel or an expiry ends it at once with the
-//! lines answered so far in its responses file. `Config::batch_create_answers_lost` and
+//! lines answered so far in its responses file; a batch with `FAULT:batchfail` in a line goes
+//! `BATCH_STATE_FAILED` with an `error` instead of running. `Config::batch_create_answers_lost` and
 //! `batch_create_failures` apply to creates here as on OpenAI's route.
 
 use std::collections::BTreeMap;
@@ -45,6 +46,9 @@ enum St {
     Pending,
     Running,
     Succeeded,
+    /// A line asked for it (`FAULT:batchfail` in its text): the whole batch fails, as one
+    /// whose input the API cannot read does.
+    Failed,
     Cancelled,
     Expired,
 }
@@ -90,6 +94,7 @@ impl Batch {
             St::Pending => "BATCH_STATE_PENDING",
             St::Running => "BATCH_STATE_RUNNING",
             St::Succeeded => "BATCH_STATE_SUCCEEDED",
+            St::Failed => "BATCH_STATE_FAILED",
             St::Cancelled => "BATCH_STATE_CANCELLED",
             St::Expired => "BATCH_STATE_EXPIRED",
         };
@@ -109,6 +114,10 @@ impl Batch {
             meta["endTime"] = rfc3339(t).into();
         }
         let mut op = json!({"name": name, "metadata": meta, "done": self.ended_at.is_some()});
+        if self.state == St::Failed {
+            op["error"] = json!({"code": 3, "message": "The batch input could not be read (injected by FAULT:batchfail).",
+                                 "status": "INVALID_ARGUMENT"});
+        }
         if let Some(f) = &self.responses_file {
             op["metadata"]["output"] = json!({"responsesFile": f});
             op["response"] = json!({"@type":
@@ -169,6 +178,13 @@ impl State {
             return;
         };
         match b.state {
+            St::Pending
+                if b.lines
+                    .iter()
+                    .any(|l| l.1.to_string().contains("FAULT:batchfail")) =>
+            {
+                self.end(n, St::Failed);
+            }
             St::Pending => b.state = St::Running,
             St::Running => {
                 let max = shared
@@ -197,7 +213,7 @@ impl State {
                     self.end(n, St::Succeeded);
                 }
             }
-            St::Succeeded | St::Cancelled | St::Expired => {}
+            St::Succeeded | St::Failed | St::Cancelled | St::Expired => {}
         }
     }
 
