@@ -401,9 +401,11 @@ fn a_wrong_key_or_a_forbidden_one_stops_the_job_and_a_rerun_finishes_once() {
     assert_eq!(s.stats().ok, 3, "every row answered once");
     billed_equals_kept(&s, &f);
 
+    // A daily quota spent (a 429 whose QuotaFailure names a per-day quota) stops it too.
     for (marker, status) in [
         ("FAULT:401", "UNAUTHENTICATED"),
         ("FAULT:403", "PERMISSION_DENIED"),
+        ("FAULT:quota", "RESOURCE_EXHAUSTED"),
     ] {
         let s = spawn_background(Config::default());
         let f = Fixture::new();
@@ -419,6 +421,11 @@ fn a_wrong_key_or_a_forbidden_one_stops_the_job_and_a_rerun_finishes_once() {
         let r = run(&f, &["run", "--quiet", &j]);
         assert_eq!(r.code, 2, "{}", r.stderr);
         assert!(r.stderr.contains(status), "{}", r.stderr);
+        assert_eq!(
+            s.stats().requests,
+            1,
+            "{marker}: not retried, and no row after it sent"
+        );
         assert_eq!(s.stats().billed_prompt_tokens, 0);
     }
 }

@@ -307,6 +307,23 @@ impl ApiError {
             .and_then(super::server_wait)
     }
 
+    /// A 429 whose `google.rpc.QuotaFailure` names only daily quotas
+    /// (`GenerateRequestsPerDayPerProjectPerModel…`): no retry within the run can succeed.
+    fn daily_quota(&self) -> bool {
+        let ids: Vec<&str> = self
+            .details
+            .iter()
+            .filter(|d| {
+                d["@type"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with("google.rpc.QuotaFailure"))
+            })
+            .flat_map(|d| d["violations"].as_array().into_iter().flatten())
+            .filter_map(|v| v["quotaId"].as_str())
+            .collect();
+        !ids.is_empty() && ids.iter().all(|q| q.contains("PerDay"))
+    }
+
     /// `google.rpc.ErrorInfo`'s reason (`API_KEY_INVALID`), if the API gave one.
     fn reason(&self) -> Option<&str> {
         self.details.iter().find_map(|d| d["reason"].as_str())
@@ -346,6 +363,7 @@ pub(crate) fn status_error(key: Option<&ApiKey>, status: u16, body: &[u8]) -> Pr
     let kind = match status {
         400 if bad_key => ErrorKind::Auth,
         401 | 403 => ErrorKind::Auth,
+        429 if api.as_ref().is_some_and(ApiError::daily_quota) => ErrorKind::Quota,
         429 => ErrorKind::RateLimited,
         404 if api.is_none() => ErrorKind::Endpoint,
         408 | 409 => ErrorKind::Server,

@@ -239,6 +239,26 @@ fn errors_follow_the_apis_table_and_retry_info_is_honoured() {
         retry("99999s").retry_after,
         Some(crate::provider::MAX_SERVER_WAIT)
     );
+    // A daily quota spent stops the job; a per-minute one is waited out.
+    let quota = |id: &str| {
+        e(
+            429,
+            "RESOURCE_EXHAUSTED",
+            json!([
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+             "violations": [{"quotaMetric": "generate_content_requests", "quotaId": id}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "30s"}]),
+        )
+        .kind
+    };
+    assert_eq!(
+        quota("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+        ErrorKind::Quota
+    );
+    assert_eq!(
+        quota("GenerateRequestsPerMinutePerProjectPerModel"),
+        ErrorKind::RateLimited
+    );
     assert_eq!(status_error(None, 404, b"<html>").kind, ErrorKind::Endpoint);
     // streamGenerateContent answers its errors in an array.
     let arr = br#"[{"error":{"code":429,"message":"slow","status":"RESOURCE_EXHAUSTED"}}]"#;

@@ -8,8 +8,8 @@
 //! answer shape works here, and billing is counted in the same `Stats`. Implicit caching: a
 //! `systemInstruction` of at least [`MIN_CACHED_TOKENS`] seen before is reported as
 //! `cachedContentTokenCount`. `FAULT:blockprompt` answers a `promptFeedback.blockReason` with
-//! no candidate; a `FAULT:refusal` choice ends with `finishReason: SAFETY`. The Batch API is
-//! in `gemini_batch`.
+//! no candidate; a `FAULT:refusal` choice ends with `finishReason: SAFETY`; `FAULT:quota` is a
+//! 429 whose `QuotaFailure` names a daily quota. The Batch API is in `gemini_batch`.
 
 use std::sync::atomic::Ordering;
 
@@ -359,7 +359,14 @@ async fn fault(shared: &Shared, kind: &FaultKind, kill: Option<&ConnKill>) -> Re
             None,
         ),
         &FaultKind::Status(s) => error(s, &format!("injected by FAULT:{s}"), None),
-        FaultKind::Quota => error(429, "You exceeded your current quota (FAULT:quota).", None),
+        FaultKind::Quota => {
+            // A daily quota spent: the QuotaFailure names it, as the API does.
+            let mut v = error_body(429, "You exceeded your current quota (FAULT:quota).", None);
+            v["error"]["details"] = json!([{"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_requests",
+                                "quotaId": "GenerateRequestsPerDayPerProjectPerModel"}]}]);
+            json_response(StatusCode::TOO_MANY_REQUESTS, &v)
+        }
         FaultKind::Reset | FaultKind::Hang => {
             if *kind == FaultKind::Hang {
                 shared
