@@ -188,7 +188,7 @@ fn a_stream_adds_up_its_chunks_and_one_cut_short_is_retried() {
 }
 
 #[test]
-fn errors_follow_the_apis_table_and_retry_info_is_honoured() {
+fn errors_follow_the_apis_table() {
     let e = |status: u16, gstatus: &str, details: Value| {
         let body = json!({"error": {"code": status, "message": "m", "status": gstatus,
                                     "details": details}})
@@ -222,6 +222,16 @@ fn errors_follow_the_apis_table_and_retry_info_is_honoured() {
         e(504, "DEADLINE_EXCEEDED", json!([])).kind,
         ErrorKind::Server
     );
+}
+
+#[test]
+fn retry_info_is_waited_and_a_spent_daily_quota_stops_the_job() {
+    let e = |status: u16, gstatus: &str, details: Value| {
+        let body = json!({"error": {"code": status, "message": "m", "status": gstatus,
+                                    "details": details}})
+        .to_string();
+        status_error(None, status, body.as_bytes())
+    };
     let retry = |d: &str| {
         e(
             429,
