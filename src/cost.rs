@@ -223,9 +223,9 @@ const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
     ),
     // Google's Gemini API pricing page (paid tier, text/image/video input), as of 2025-11:
     // input, cached input (context caching, implicit or explicit), output (thinking
-    // included); the Batch API at half of each. Gemini 2.5 Pro bills prompts over 200,000
-    // tokens higher ($2.50 in, $15 out): not in this table, which prices every prompt at the
-    // ≤200k rates. Cache storage (explicit caches only) is not billed per request.
+    // included); the Batch API at half of each. Gemini 2.5 Pro's prompts over 200,000 tokens
+    // bill at [`LONG_PROMPT`]'s rates. Cache storage (explicit caches only) is not billed per
+    // request.
     (
         "gemini-2.5-pro",
         r(1.25, Some(0.125), 10.00),
@@ -257,6 +257,16 @@ const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
         false,
     ),
 ];
+
+/// Rates for prompts longer than a threshold, where a model bills every token of the request
+/// higher: (family, threshold in prompt tokens, online, batch). Gemini 2.5 Pro, as Google's
+/// pricing page gave it in 2025-11.
+const LONG_PROMPT: &[(&str, u64, Rates, Rates)] = &[(
+    "gemini-2.5-pro",
+    200_000,
+    r(2.50, Some(0.25), 15.00),
+    r(1.25, Some(0.125), 7.50),
+)];
 
 /// Anthropic bills a cache write at a multiple of the input rate of its tier (the batch
 /// discount applies to it too): 1.25× for the 5-minute cache, 2× for the 1-hour cache.
@@ -326,6 +336,17 @@ pub struct Price {
     /// A prompt-cache write: 5 minutes, and 1 hour.
     pub cache_write: f64,
     pub cache_write_1h: f64,
+    /// Other rates for a prompt over a length (Gemini 2.5 Pro past 200,000 tokens).
+    pub long: Option<LongPrompt>,
+}
+
+/// The rates of a request whose prompt is longer than `above` tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LongPrompt {
+    pub above: u64,
+    pub input: f64,
+    pub cached_input: f64,
+    pub output: f64,
 }
 
 impl Price {
@@ -336,12 +357,29 @@ impl Price {
         output: 0.0,
         cache_write: 0.0,
         cache_write_1h: 0.0,
+        long: None,
     };
+
+    /// The rates that apply to a request of `prompt_tokens`.
+    fn for_prompt(&self, prompt_tokens: u64) -> Price {
+        match self.long {
+            Some(l) if prompt_tokens > l.above => Price {
+                input: l.input,
+                cached_input: l.cached_input,
+                output: l.output,
+                cache_write: l.input,
+                cache_write_1h: l.input,
+                long: None,
+            },
+            _ => *self,
+        }
+    }
 
     /// Cache reads at the cached rate, cache writes at the write rates, the rest of the prompt
     /// at the input rate; reasoning tokens are inside `completion_tokens` and are charged
     /// once, with them.
     pub fn cost(&self, u: &Usage) -> f64 {
+        let p = self.for_prompt(u.prompt_tokens);
         let cached = u.cached_tokens.unwrap_or(0).min(u.prompt_tokens);
         let written = u
             .cache_write_tokens
@@ -349,11 +387,11 @@ impl Price {
             .min(u.prompt_tokens - cached);
         let written_1h = u.cache_write_1h_tokens.unwrap_or(0).min(written);
         let fresh = u.prompt_tokens - cached - written;
-        (fresh as f64 * self.input
-            + cached as f64 * self.cached_input
-            + (written - written_1h) as f64 * self.cache_write
-            + written_1h as f64 * self.cache_write_1h
-            + u.completion_tokens as f64 * self.output)
+        (fresh as f64 * p.input
+            + cached as f64 * p.cached_input
+            + (written - written_1h) as f64 * p.cache_write
+            + written_1h as f64 * p.cache_write_1h
+            + u.completion_tokens as f64 * p.output)
             / 1_000_000.0
     }
 
@@ -370,9 +408,10 @@ impl Price {
     }
 
     /// The most a request can cost: every prompt token at the input rate, every allowed
-    /// output token at the output rate.
+    /// output token at the output rate (the long-prompt rates past their threshold).
     pub fn bound(&self, prompt_tokens: u64, max_output: u64) -> f64 {
-        (prompt_tokens as f64 * self.input + max_output as f64 * self.output) / 1_000_000.0
+        let p = self.for_prompt(prompt_tokens);
+        (prompt_tokens as f64 * p.input + max_output as f64 * p.output) / 1_000_000.0
     }
 }
 
@@ -399,12 +438,29 @@ pub fn lookup_tier(model: &str, tier: Tier) -> Option<Price> {
         } else {
             (1.0, 1.0)
         };
+        let long =
+            LONG_PROMPT
+                .iter()
+                .find(|(n, ..)| *n == name)
+                .map(|&(_, above, online, batch)| {
+                    let (input, cached, output) = match tier {
+                        Tier::Standard => online,
+                        Tier::Batch | Tier::Flex => batch,
+                    };
+                    LongPrompt {
+                        above,
+                        input,
+                        cached_input: cached.unwrap_or(input),
+                        output,
+                    }
+                });
         Some(Price {
             input,
             cached_input: cached.unwrap_or(input),
             output,
             cache_write: input * w5,
             cache_write_1h: input * w1h,
+            long,
         })
     };
     let model = model.trim().to_ascii_lowercase();
@@ -446,6 +502,7 @@ impl Pricing {
             output: self.output,
             cache_write: self.cache_write_input.unwrap_or(self.input),
             cache_write_1h: self.cache_write_1h_input.unwrap_or(self.input),
+            long: None,
         };
         match tier {
             Tier::Standard => online,
@@ -463,6 +520,7 @@ impl Pricing {
                         self.batch_cache_write_1h_input,
                         online.cache_write_1h,
                     ),
+                    long: None,
                 }
             }
         }
@@ -582,7 +640,22 @@ mod tests {
             lookup("gemini-2.5-flash-lite-preview-06-17"),
             lookup("gemini-2.5-flash-lite")
         );
-        assert_eq!(lookup("gemini-2.5-pro").unwrap().input, 1.25);
+        // 2.5 Pro's prompts over 200,000 tokens bill every token at the long rates.
+        let pro = lookup("gemini-2.5-pro").unwrap();
+        assert_eq!(pro.input, 1.25);
+        let short = usage(200_000, 1000, Some(100_000), None);
+        let want = (100_000.0 * 1.25 + 100_000.0 * 0.125 + 1000.0 * 10.0) / 1e6;
+        assert!((pro.cost(&short) - want).abs() < 1e-12);
+        let long = usage(200_001, 1000, Some(100_000), None);
+        let want = (100_001.0 * 2.50 + 100_000.0 * 0.25 + 1000.0 * 15.0) / 1e6;
+        assert!(
+            (pro.cost(&long) - want).abs() < 1e-12,
+            "{}",
+            pro.cost(&long)
+        );
+        assert!((pro.bound(300_000, 100) - (300_000.0 * 2.5 + 100.0 * 15.0) / 1e6).abs() < 1e-12);
+        let b = lookup_tier("gemini-2.5-pro", Tier::Batch).unwrap();
+        assert!((b.cost(&long) * 2.0 - pro.cost(&long)).abs() < 1e-12);
         // 2.0 Flash-Lite has no cache discount: a cached token is an input token.
         let l = lookup("gemini-2.0-flash-lite").unwrap();
         assert_eq!(l.cached_input, l.input);

@@ -831,3 +831,32 @@ fn images_go_inline_from_files_and_as_file_data_from_urls() {
     );
     assert_eq!(records(&f)[0]["status"], "ok");
 }
+
+#[test]
+fn a_prompt_over_200k_tokens_on_2_5_pro_is_priced_at_the_long_context_rates() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = gemini_job(
+        &f,
+        &s,
+        &[
+            "\"short FAULT:usage=1000,100,0,0\"",
+            "\"long FAULT:usage=250000,100,0,0\"",
+        ],
+        "Be brief.",
+        "",
+        "",
+        "",
+    );
+    let text = std::fs::read_to_string(&j)
+        .unwrap()
+        .replace("gemini-2.5-flash", "gemini-2.5-pro");
+    std::fs::write(&j, text).unwrap();
+    run_ok(&f, &["run", "--quiet", &j]);
+    let recs = records(&f);
+    let cost = |t: &str| by(&recs, t)["cost_usd"].as_f64().unwrap();
+    // $1.25 / $10 per 1M up to 200,000 prompt tokens; $2.50 / $15 past them.
+    assert!((cost("short") - (1000.0 * 1.25 + 100.0 * 10.0) / 1e6).abs() < 1e-12);
+    assert!((cost("long") - (250_000.0 * 2.50 + 100.0 * 15.0) / 1e6).abs() < 1e-12);
+    billed_equals_kept(&s, &f);
+}
