@@ -221,7 +221,10 @@ const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
         Some(r(7.50, Some(0.75), 37.50)),
         false,
     ),
-    // Google's Gemini API pricing page (paid tier, text/image/video input), as of 2025-11:
+    // Google's Gemini API pricing (paid tier, text/image/video input) as of 2025-11, not
+    // re-read from Google's page for this table: the input, output and long-context figures
+    // agree with published summaries; the cache-read rates (a tenth of input) are the ones to
+    // check first.
     // input, cached input (context caching, implicit or explicit), output (thinking
     // included); the Batch API at half of each. Gemini 2.5 Pro's prompts over 200,000 tokens
     // bill at [`LONG_PROMPT`]'s rates. Cache storage (explicit caches only) is not billed per
@@ -259,8 +262,7 @@ const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
 ];
 
 /// Rates for prompts longer than a threshold, where a model bills every token of the request
-/// higher: (family, threshold in prompt tokens, online, batch). Gemini 2.5 Pro, as Google's
-/// pricing page gave it in 2025-11.
+/// higher: (family, threshold in prompt tokens, online, batch). Gemini 2.5 Pro, as of 2025-11.
 const LONG_PROMPT: &[(&str, u64, Rates, Rates)] = &[(
     "gemini-2.5-pro",
     200_000,
