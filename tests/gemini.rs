@@ -569,6 +569,15 @@ fn a_gemini_batch_is_uploaded_created_waited_for_and_collected_at_half_price() {
     let f = Fixture::new();
     let rows = batch_rows(7);
     let j = batch_job(&f, &s, &rows, "");
+    // The dry run sizes the file with Gemini's lines: the bytes it says are the bytes sent.
+    let dry = run_ok(&f, &["estimate", &j]);
+    let sized: u64 = dry
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("file 1"))
+        .and_then(|l| l.split_whitespace().rev().nth(1))
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("{}", dry.stdout));
     run_ok(&f, &["run", &j]);
     let st = s.stats();
     assert_eq!(
@@ -588,6 +597,7 @@ fn a_gemini_batch_is_uploaded_created_waited_for_and_collected_at_half_price() {
     // The uploaded lines: the row's key and the online request.
     let input = meta["inputConfig"]["fileName"].as_str().unwrap();
     let content = String::from_utf8(s.gemini_file(input).unwrap()).unwrap();
+    assert_eq!(content.len() as u64, sized, "{}", dry.stdout);
     let lines: Vec<Value> = content
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

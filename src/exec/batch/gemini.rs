@@ -484,7 +484,7 @@ impl BatchApi for GeminiBatches {
 
 /// One input line: `{"key": custom_id, "request": body}`; the body is the online request's
 /// as it is (the model is in the create's URL; Gemini's body never says `stream`).
-fn write_line(out: &mut Vec<u8>, custom_id: &str, body: &[u8]) {
+pub fn write_line(out: &mut Vec<u8>, custom_id: &str, body: &[u8]) {
     out.clear();
     out.extend_from_slice(b"{\"key\":");
     serde_json::to_writer(&mut *out, custom_id).expect("a string serializes");

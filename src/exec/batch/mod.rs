@@ -33,6 +33,7 @@ use state::{now, BatchPart, Event, Log, Stage};
 pub use lines::Splitter;
 pub use openai::write_openai_line;
 pub use pass::{Pass, Submitted};
+pub use vendor::write_line_for;
 
 /// The metadata key that names a batch's part: how a batch created by a killed run is found.
 pub const META_PART: &str = "promptmill_part";

@@ -11,3 +11,20 @@ pub fn for_job(job: &Job) -> Result<Box<dyn BatchApi>, Error> {
     }
     Ok(Box::new(super::openai::OpenAiBatches::for_job(job)?))
 }
+
+/// A row's input line as the job's vendor would upload it, without a client (no key needed):
+/// what the dry run sizes files with.
+pub fn write_line_for(
+    job: &Job,
+    out: &mut Vec<u8>,
+    p: &crate::request::Prepared,
+    idh: u64,
+    stream: bool,
+) {
+    if job.served.provider == ProviderKind::Gemini {
+        let id = super::results::custom_id(p.row.number, &p.fingerprint, idh);
+        super::gemini::write_line(out, &id, &p.request.body);
+    } else {
+        super::openai::write_openai_line(out, p, idh, stream);
+    }
+}
