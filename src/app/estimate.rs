@@ -106,7 +106,7 @@ fn tally(
                 t.prompt_todo += n;
                 if batched {
                     let idh = keying.id_hash(&p.row.id);
-                    crate::exec::batch::write_line_for(&job, &mut line, &p, idh, stream);
+                    crate::exec::batch::write_line_for(job, &mut line, &p, idh, stream);
                     let len = line.len() as u64;
                     if splitter.check(len).is_err() {
                         t.too_big += 1;
