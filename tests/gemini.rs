@@ -870,3 +870,52 @@ fn a_prompt_over_200k_tokens_on_2_5_pro_is_priced_at_the_long_context_rates() {
     assert!((cost("long") - (250_000.0 * 2.50 + 100.0 * 15.0) / 1e6).abs() < 1e-12);
     billed_equals_kept(&s, &f);
 }
+
+#[test]
+fn a_gemini_part_left_creating_is_found_by_status_and_cancel() {
+    let s = spawn_background(Config {
+        batch_lines_per_step: Some(2),
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = batch_rows(6);
+    let j = batch_job(&f, &s, &rows, "");
+    // Killed after the server made the batch, before its id was on record.
+    let r = ran(f
+        .cmd(&["run", &j])
+        .env("GEMINI_API_KEY", KEY)
+        .env("PROMPTMILL_FAILPOINT", "batch:create-done")
+        .output()
+        .unwrap());
+    assert_ne!(r.code, 0, "the failpoint killed it");
+    assert_eq!(s.stats().batches_created, 1);
+    let name = s.gemini_batches()[0]["name"].as_str().unwrap().to_string();
+    let id = name.trim_start_matches("batches/").to_string();
+    let r = run_ok(&f, &["batch", "status", &j]);
+    assert!(
+        r.stdout.contains(&id),
+        "status finds it by its display name: {}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("answer was lost"), "{}", r.stdout);
+    s.advance_batches(); // running
+    s.advance_batches(); // two of six lines answered
+    let r = run_ok(&f, &["batch", "cancel", &j]);
+    assert!(
+        r.stdout.contains(&format!("{id}: cancelled")),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(s.stats().batches_cancelled, 1);
+    run_ok(&f, &["batch", "collect", &j]);
+    assert_eq!(records(&f).len(), 2);
+    billed_equals_kept(&s, &f);
+    // The rows the cancel left go in the next submission; none is billed twice.
+    run_ok(&f, &["run", &j]);
+    s.complete_batches();
+    run_ok(&f, &["batch", "collect", &j]);
+    assert_eq!(ok_completions(&f), echo_all(&rows));
+    assert_eq!(s.stats().batches_created, 2);
+    assert_eq!(s.stats().batch_requests_billed, 6);
+    billed_equals_kept(&s, &f);
+}
