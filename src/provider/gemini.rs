@@ -43,9 +43,15 @@ const BLOCKED: &[&str] = &[
     "LANGUAGE",
 ];
 
-/// A model name as the URL takes it: `models/gemini-2.5-flash` and `gemini-2.5-flash` alike.
-pub fn model_path(model: &str) -> &str {
-    model.strip_prefix("models/").unwrap_or(model)
+/// A model's resource name as the URL takes it: `gemini-2.5-flash` is
+/// `models/gemini-2.5-flash`; a name that says its collection (`models/…`, `tunedModels/…`)
+/// is kept.
+pub fn model_resource(model: &str) -> String {
+    if model.contains('/') {
+        model.to_string()
+    } else {
+        format!("models/{model}")
+    }
 }
 
 /// How a row's request is spelled for generateContent. The model is in the URL, not the body.
@@ -204,11 +210,11 @@ impl Gemini {
         concurrency: usize,
         stream: bool,
     ) -> Result<Gemini, String> {
-        let m = model_path(model);
+        let m = model_resource(model);
         let path = if stream {
-            format!("v1beta/models/{m}:streamGenerateContent?alt=sse")
+            format!("v1beta/{m}:streamGenerateContent?alt=sse")
         } else {
-            format!("v1beta/models/{m}:generateContent")
+            format!("v1beta/{m}:generateContent")
         };
         Ok(Gemini {
             client: endpoint.client(timeout, concurrency)?,

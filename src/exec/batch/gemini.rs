@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::exec::retry::RetryPolicy;
 use crate::ledger::journal::io_err;
 use crate::provider::endpoint::Endpoint;
-use crate::provider::gemini::{model_path, parse_response, status_error};
+use crate::provider::gemini::{model_resource, parse_response, status_error};
 use crate::provider::openai::transport_error;
 use crate::provider::{ErrorKind, ProviderError};
 
@@ -34,6 +34,7 @@ const MAX_PAGES: usize = 50;
 pub struct GeminiBatches {
     http: reqwest::Client,
     endpoint: Endpoint,
+    /// `models/NAME` (or `tunedModels/NAME`): the create's URL names it.
     model: String,
     retry: RetryPolicy,
 }
@@ -52,7 +53,7 @@ impl GeminiBatches {
         Ok(GeminiBatches {
             http,
             endpoint,
-            model: model_path(&job.served.model).to_string(),
+            model: model_resource(&job.served.model),
             retry: RetryPolicy::new(job.limits.max_retries),
         })
     }
@@ -252,10 +253,7 @@ impl GeminiBatches {
         metadata: &serde_json::Map<String, Value>,
     ) -> Result<Batch, CreateFailed> {
         let url = self
-            .url(&format!(
-                "v1beta/models/{}:batchGenerateContent",
-                self.model
-            ))
+            .url(&format!("v1beta/{}:batchGenerateContent", self.model))
             .map_err(CreateFailed::before)?;
         let body = json!({"batch": {
             "displayName": display_name(metadata),

@@ -282,3 +282,16 @@ fn retry_info_is_waited_and_a_spent_daily_quota_stops_the_job() {
     assert_eq!(s.kind, ErrorKind::Auth);
     assert!(!s.message.contains("AIza-secret-123"), "{}", s.message);
 }
+
+#[test]
+fn a_model_name_becomes_its_resource() {
+    assert_eq!(
+        model_resource("gemini-2.5-flash"),
+        "models/gemini-2.5-flash"
+    );
+    assert_eq!(
+        model_resource("models/gemini-2.5-pro"),
+        "models/gemini-2.5-pro"
+    );
+    assert_eq!(model_resource("tunedModels/my-tune"), "tunedModels/my-tune");
+}
