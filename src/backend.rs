@@ -200,9 +200,10 @@ fn gemini_backend(
     };
     Ok(Backend {
         provider,
-        // Gemini's tokenizer is not public either: the same stand-in, its own margin.
+        // Gemini's tokenizer is not public either: o200k with its own margin (the model's
+        // name is unknown to tiktoken, which falls back to o200k), images by Gemini's rule.
         counter: Arc::new(crate::tokens::Scaled {
-            inner: crate::tokens::Tiktoken::new("gpt-4o"),
+            inner: crate::tokens::Tiktoken::new(&job.served.model),
             factor: crate::tokens::GEMINI_MARGIN,
         }),
         wire: Arc::new(GeminiWire),

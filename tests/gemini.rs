@@ -827,6 +827,14 @@ fn images_go_inline_from_files_and_as_file_data_from_urls() {
         "content = \"Say it about {{ text }}\"\nimages = [\"photo.png\", \"https://example.com/shoe.jpg\"]",
     );
     std::fs::write(&j, text).unwrap();
+    // The dry run counts them by Gemini's rule: 258 for the small file, 9 tiles for the URL
+    // whose size is not known (assumed 2048×2048).
+    let dry = run_ok(&f, &["estimate", &j]);
+    assert!(
+        dry.stdout.contains("2580 prompt tokens") && dry.stdout.contains("Gemini's rule"),
+        "{}",
+        dry.stdout
+    );
     run_ok(&f, &["run", "--quiet", &j]);
     let parts = &s.requests()[0]["contents"][0]["parts"];
     assert_eq!(parts[0]["text"], "Say it about boots");

@@ -173,9 +173,14 @@ fn print_rows(job: &Job, t: &Tally, schema_tokens: u64, estimated: bool) {
     }
     if t.images.count > 0 {
         println!(
-            "images            {} ({} prompt tokens of the above, by OpenAI's tile rule{})",
+            "images            {} ({} prompt tokens of the above, by {}{})",
             t.images.count,
             t.images.tokens,
+            if job.served.provider == crate::job::ProviderKind::Gemini {
+                "Gemini's rule, 258 a tile"
+            } else {
+                "OpenAI's tile rule"
+            },
             if t.images.assumed > 0 {
                 format!(
                     "; {} https URLs not fetched, assumed {}×{} at high detail",
