@@ -139,11 +139,13 @@ pub struct Stats {
     /// waiting, the generation is charged anyway). Not in the two token sums above, which
     /// count only answers that were sent.
     pub billed_unanswered: u64,
-    /// Files accepted by `POST /v1/files` (not the output and error files batches write).
+    /// Files accepted by `POST /v1/files`, or Gemini's finished resumable uploads (not the
+    /// output, error or responses files batches write).
     pub files_uploaded: u64,
-    /// Batches accepted by `POST /v1/batches`.
+    /// Batches accepted by `POST /v1/batches` or Gemini's `…:batchGenerateContent`.
     pub batches_created: u64,
-    /// Cancels accepted (`POST /v1/batches/{id}/cancel` that moved a batch to `cancelling`).
+    /// Cancels accepted (`POST /v1/batches/{id}/cancel` that moved a batch to `cancelling`, or
+    /// Gemini's `batches/{id}:cancel` of a batch not over).
     pub batches_cancelled: u64,
     /// Batch lines answered 200, counted as they are answered: a batch that is later
     /// cancelled or expires keeps the lines it answered billed.
