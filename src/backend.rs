@@ -12,6 +12,7 @@ use crate::error::Error;
 use crate::job::{Job, ProviderKind};
 use crate::provider::anthropic::{Anthropic, AnthropicWire};
 use crate::provider::endpoint::{read_ca_file, Endpoint};
+use crate::provider::gemini::{Gemini, GeminiWire};
 use crate::provider::openai::{OpenAi, OpenAiWire};
 use crate::provider::{Completion, ErrorKind, Provider, ProviderError, Request, Wire};
 use crate::tokens::TokenCounter;
@@ -99,6 +100,7 @@ impl Backend {
                     identity: provider_identity(job, None),
                 })
             }
+            ProviderKind::Gemini => gemini_backend(job, pricing, tier, need_provider),
             ProviderKind::Local => local_backend(job, pricing, tier, need_provider),
         }
     }
@@ -221,6 +223,43 @@ pub fn cache_key(job: &Job) -> Option<String> {
             Some(format!("pm-{stem}-{hash}"))
         }
     }
+}
+
+/// Google's Gemini API: its provider (the model goes in the URL), a scaled count standing in
+/// for its tokenizer, and its wire.
+fn gemini_backend(
+    job: &Job,
+    pricing: Option<Pricing>,
+    tier: Tier,
+    need_provider: bool,
+) -> Result<Backend, Error> {
+    let provider: Arc<dyn Provider> = if need_provider {
+        Arc::new(
+            Gemini::new(
+                &endpoint(job)?,
+                &job.served.model,
+                job.limits.timeout,
+                job.limits.concurrency,
+                job.params.stream.unwrap_or(false),
+            )
+            .map_err(Error::Other)?,
+        )
+    } else {
+        Arc::new(NoProvider { billed: true })
+    };
+    Ok(Backend {
+        provider,
+        // Gemini's tokenizer is not public either: o200k with its own margin (the model's
+        // name is unknown to tiktoken, which falls back to o200k), images by Gemini's rule.
+        counter: Arc::new(crate::tokens::Scaled {
+            inner: crate::tokens::Tiktoken::new(&job.served.model),
+            factor: crate::tokens::GEMINI_MARGIN,
+        }),
+        wire: Arc::new(GeminiWire),
+        pricing,
+        tier,
+        identity: provider_identity(job, None),
+    })
 }
 
 /// The local model file: the job's `path`, else the fetched default.
@@ -348,6 +387,7 @@ pub fn provider_identity(job: &Job, local_model_sha256: Option<&str>) -> String 
         ProviderKind::Anthropic => {
             format!("anthropic:{}", host_and_port(&job.served.base_url))
         }
+        ProviderKind::Gemini => format!("gemini:{}", host_and_port(&job.served.base_url)),
         ProviderKind::Local => format!(
             "local:{}:ctx={}",
             local_model_sha256.unwrap_or("unknown"),

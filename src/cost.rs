@@ -1,5 +1,5 @@
-//! Prices × usage → USD. A built-in, dated table for OpenAI's chat models and Anthropic's Claude
-//! models; dated snapshot names map to their family; the job's `[pricing]` overrides. Pure, so
+//! Prices × usage → USD. A built-in, dated table for OpenAI's chat models, Anthropic's Claude
+//! models and Google's Gemini models; dated snapshot names map to their family; the job's `[pricing]` overrides. Pure, so
 //! it is unit-tested.
 
 use serde::{Deserialize, Serialize};
@@ -221,7 +221,54 @@ const TABLE: &[(&str, Rates, Option<Rates>, bool)] = &[
         Some(r(7.50, Some(0.75), 37.50)),
         false,
     ),
+    // Google's Gemini API pricing (paid tier, text/image/video input) as of 2025-11, not
+    // re-read from Google's page for this table: the input, output and long-context figures
+    // agree with published summaries; the cache-read rates (a tenth of input) are the ones to
+    // check first.
+    // input, cached input (context caching, implicit or explicit), output (thinking
+    // included); the Batch API at half of each. Gemini 2.5 Pro's prompts over 200,000 tokens
+    // bill at [`LONG_PROMPT`]'s rates. Cache storage (explicit caches only) is not billed per
+    // request.
+    (
+        "gemini-2.5-pro",
+        r(1.25, Some(0.125), 10.00),
+        Some(r(0.625, Some(0.0625), 5.00)),
+        false,
+    ),
+    (
+        "gemini-2.5-flash",
+        r(0.30, Some(0.03), 2.50),
+        Some(r(0.15, Some(0.015), 1.25)),
+        false,
+    ),
+    (
+        "gemini-2.5-flash-lite",
+        r(0.10, Some(0.01), 0.40),
+        Some(r(0.05, Some(0.005), 0.20)),
+        false,
+    ),
+    (
+        "gemini-2.0-flash",
+        r(0.10, Some(0.025), 0.40),
+        Some(r(0.05, Some(0.0125), 0.20)),
+        false,
+    ),
+    (
+        "gemini-2.0-flash-lite",
+        r(0.075, None, 0.30),
+        Some(r(0.0375, None, 0.15)),
+        false,
+    ),
 ];
+
+/// Rates for prompts longer than a threshold, where a model bills every token of the request
+/// higher: (family, threshold in prompt tokens, online, batch). Gemini 2.5 Pro, as of 2025-11.
+const LONG_PROMPT: &[(&str, u64, Rates, Rates)] = &[(
+    "gemini-2.5-pro",
+    200_000,
+    r(2.50, Some(0.25), 15.00),
+    r(1.25, Some(0.125), 7.50),
+)];
 
 /// Anthropic bills a cache write at a multiple of the input rate of its tier (the batch
 /// discount applies to it too): 1.25× for the 5-minute cache, 2× for the 1-hour cache.
@@ -276,6 +323,10 @@ const ALIASES: &[(&str, &str)] = &[
     ("gpt-4-0125-preview", "gpt-4-turbo"),
     ("gpt-4-1106-vision-preview", "gpt-4-turbo"),
     ("gpt-4-vision-preview", "gpt-4-turbo"),
+    // Gemini's moving aliases (`gemini-flash-latest`, less its `-latest`).
+    ("gemini-pro", "gemini-2.5-pro"),
+    ("gemini-flash", "gemini-2.5-flash"),
+    ("gemini-flash-lite", "gemini-2.5-flash-lite"),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -287,6 +338,17 @@ pub struct Price {
     /// A prompt-cache write: 5 minutes, and 1 hour.
     pub cache_write: f64,
     pub cache_write_1h: f64,
+    /// Other rates for a prompt over a length (Gemini 2.5 Pro past 200,000 tokens).
+    pub long: Option<LongPrompt>,
+}
+
+/// The rates of a request whose prompt is longer than `above` tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LongPrompt {
+    pub above: u64,
+    pub input: f64,
+    pub cached_input: f64,
+    pub output: f64,
 }
 
 impl Price {
@@ -297,12 +359,29 @@ impl Price {
         output: 0.0,
         cache_write: 0.0,
         cache_write_1h: 0.0,
+        long: None,
     };
+
+    /// The rates that apply to a request of `prompt_tokens`.
+    fn for_prompt(&self, prompt_tokens: u64) -> Price {
+        match self.long {
+            Some(l) if prompt_tokens > l.above => Price {
+                input: l.input,
+                cached_input: l.cached_input,
+                output: l.output,
+                cache_write: l.input,
+                cache_write_1h: l.input,
+                long: None,
+            },
+            _ => *self,
+        }
+    }
 
     /// Cache reads at the cached rate, cache writes at the write rates, the rest of the prompt
     /// at the input rate; reasoning tokens are inside `completion_tokens` and are charged
     /// once, with them.
     pub fn cost(&self, u: &Usage) -> f64 {
+        let p = self.for_prompt(u.prompt_tokens);
         let cached = u.cached_tokens.unwrap_or(0).min(u.prompt_tokens);
         let written = u
             .cache_write_tokens
@@ -310,11 +389,11 @@ impl Price {
             .min(u.prompt_tokens - cached);
         let written_1h = u.cache_write_1h_tokens.unwrap_or(0).min(written);
         let fresh = u.prompt_tokens - cached - written;
-        (fresh as f64 * self.input
-            + cached as f64 * self.cached_input
-            + (written - written_1h) as f64 * self.cache_write
-            + written_1h as f64 * self.cache_write_1h
-            + u.completion_tokens as f64 * self.output)
+        (fresh as f64 * p.input
+            + cached as f64 * p.cached_input
+            + (written - written_1h) as f64 * p.cache_write
+            + written_1h as f64 * p.cache_write_1h
+            + u.completion_tokens as f64 * p.output)
             / 1_000_000.0
     }
 
@@ -331,9 +410,10 @@ impl Price {
     }
 
     /// The most a request can cost: every prompt token at the input rate, every allowed
-    /// output token at the output rate.
+    /// output token at the output rate (the long-prompt rates past their threshold).
     pub fn bound(&self, prompt_tokens: u64, max_output: u64) -> f64 {
-        (prompt_tokens as f64 * self.input + max_output as f64 * self.output) / 1_000_000.0
+        let p = self.for_prompt(prompt_tokens);
+        (prompt_tokens as f64 * p.input + max_output as f64 * p.output) / 1_000_000.0
     }
 }
 
@@ -360,16 +440,33 @@ pub fn lookup_tier(model: &str, tier: Tier) -> Option<Price> {
         } else {
             (1.0, 1.0)
         };
+        let long =
+            LONG_PROMPT
+                .iter()
+                .find(|(n, ..)| *n == name)
+                .map(|&(_, above, online, batch)| {
+                    let (input, cached, output) = match tier {
+                        Tier::Standard => online,
+                        Tier::Batch | Tier::Flex => batch,
+                    };
+                    LongPrompt {
+                        above,
+                        input,
+                        cached_input: cached.unwrap_or(input),
+                        output,
+                    }
+                });
         Some(Price {
             input,
             cached_input: cached.unwrap_or(input),
             output,
             cache_write: input * w5,
             cache_write_1h: input * w1h,
+            long,
         })
     };
     let model = model.trim().to_ascii_lowercase();
-    let model = ["openai/", "anthropic/"]
+    let model = ["openai/", "anthropic/", "models/", "google/"]
         .iter()
         .find_map(|p| model.strip_prefix(p))
         .unwrap_or(&model);
@@ -381,7 +478,20 @@ pub fn lookup_tier(model: &str, tier: Tier) -> Option<Price> {
     if let Some((_, to)) = ALIASES.iter().find(|(from, _)| *from == model) {
         return find(to);
     }
-    find(strip_date(model))
+    find(strip_date(model)).or_else(|| find(gemini_family(model)?))
+}
+
+/// A Gemini snapshot's family: `gemini-2.5-flash-preview-09-2025` and `gemini-2.0-flash-001`
+/// are priced as `gemini-2.5-flash` and `gemini-2.0-flash`.
+fn gemini_family(model: &str) -> Option<&str> {
+    if !model.starts_with("gemini-") {
+        return None;
+    }
+    if let Some(i) = model.find("-preview") {
+        return Some(&model[..i]);
+    }
+    let (head, tail) = model.rsplit_once('-')?;
+    (tail.len() == 3 && tail.bytes().all(|c| c.is_ascii_digit())).then_some(head)
 }
 
 impl Pricing {
@@ -394,6 +504,7 @@ impl Pricing {
             output: self.output,
             cache_write: self.cache_write_input.unwrap_or(self.input),
             cache_write_1h: self.cache_write_1h_input.unwrap_or(self.input),
+            long: None,
         };
         match tier {
             Tier::Standard => online,
@@ -411,6 +522,7 @@ impl Pricing {
                         self.batch_cache_write_1h_input,
                         online.cache_write_1h,
                     ),
+                    long: None,
                 }
             }
         }
@@ -511,6 +623,51 @@ mod tests {
         );
         let saved = (3100.0 * 3.0 + 50.0 * 15.0) / 1e6 - want;
         assert!((p.cache_saving(&u) - saved).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gemini_names_map_to_their_family_and_batch_is_half() {
+        let f = lookup("gemini-2.5-flash").unwrap();
+        assert_eq!((f.input, f.cached_input, f.output), (0.30, 0.03, 2.50));
+        for name in [
+            "models/gemini-2.5-flash",
+            "gemini-2.5-flash-preview-09-2025",
+            "gemini-flash-latest",
+            "Gemini-2.5-Flash",
+        ] {
+            assert_eq!(lookup(name), Some(f), "{name}");
+        }
+        assert_eq!(lookup("gemini-2.0-flash-001"), lookup("gemini-2.0-flash"));
+        assert_eq!(
+            lookup("gemini-2.5-flash-lite-preview-06-17"),
+            lookup("gemini-2.5-flash-lite")
+        );
+        // 2.5 Pro's prompts over 200,000 tokens bill every token at the long rates.
+        let pro = lookup("gemini-2.5-pro").unwrap();
+        assert_eq!(pro.input, 1.25);
+        let short = usage(200_000, 1000, Some(100_000), None);
+        let want = (100_000.0 * 1.25 + 100_000.0 * 0.125 + 1000.0 * 10.0) / 1e6;
+        assert!((pro.cost(&short) - want).abs() < 1e-12);
+        let long = usage(200_001, 1000, Some(100_000), None);
+        let want = (100_001.0 * 2.50 + 100_000.0 * 0.25 + 1000.0 * 15.0) / 1e6;
+        assert!(
+            (pro.cost(&long) - want).abs() < 1e-12,
+            "{}",
+            pro.cost(&long)
+        );
+        assert!((pro.bound(300_000, 100) - (300_000.0 * 2.5 + 100.0 * 15.0) / 1e6).abs() < 1e-12);
+        let b = lookup_tier("gemini-2.5-pro", Tier::Batch).unwrap();
+        assert!((b.cost(&long) * 2.0 - pro.cost(&long)).abs() < 1e-12);
+        // 2.0 Flash-Lite has no cache discount: a cached token is an input token.
+        let l = lookup("gemini-2.0-flash-lite").unwrap();
+        assert_eq!(l.cached_input, l.input);
+        let b = lookup_tier("gemini-2.5-flash", Tier::Batch).unwrap();
+        assert_eq!((b.input, b.cached_input, b.output), (0.15, 0.015, 1.25));
+        assert_eq!(lookup("gemini-9-ultra"), None);
+        // Implicit cache hits at the cache-read rate, thinking inside the output.
+        let u = usage(1000, 100, Some(600), Some(40));
+        let want = (400.0 * 0.30 + 600.0 * 0.03 + 100.0 * 2.50) / 1e6;
+        assert!((f.cost(&u) - want).abs() < 1e-12);
     }
 
     #[test]

@@ -15,9 +15,9 @@
 //!            appends) → finish (compaction, CSV, summary, exit code); pace, retry, signals,
 //!            budget, breaker, records
 //!   batch    the batch executor over the same plan and writer, speaking the `api` trait:
-//!            openai, anthropic (each vendor's endpoints), http (what they share), vendor
-//!            (which one a job uses), lines, pass (the log's use), submit, results, state
-//!            (the step log), export
+//!            openai, anthropic, gemini (each vendor's endpoints), http (what they share),
+//!            vendor (which one a job uses), lines, pass (the log's use), submit, results,
+//!            state (the step log), export
 //! plan       per row: done, copy, send, input error, another shard's
 //! output     what is made from records: csv, merge, html (the report: tally, table, page,
 //!            svg charts, text)
@@ -35,7 +35,8 @@
 //! shard      which shard owns a row
 //! provider   the contract (Provider, Wire, Request, Completion, ErrorKind, ProviderError,
 //!            RateLimits); openai (HTTP, plain or streamed), anthropic (Claude's Messages
-//!            API, plain or streamed), endpoint (URLs, keys, CAs),
+//!            API, plain or streamed), gemini (Google's generateContent, plain or SSE),
+//!            endpoint (URLs, keys, CAs),
 //!            local (llama.cpp, in process), grammar (JSON Schema → GBNF)
 //! cost       prices × usage → USD
 //! tokens     prompt tokens with the model's tiktoken encoding; the TokenCounter trait

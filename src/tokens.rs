@@ -78,7 +78,12 @@ impl TokenCounter for Tiktoken {
 /// The margin on Claude's estimated counts ([`Scaled`]).
 pub const CLAUDE_MARGIN: f64 = 1.25;
 
-/// Counts for a model whose tokenizer is not public (Claude): another tokenizer's counts times
+/// The margin on Gemini's estimated counts ([`Scaled`]): Gemini's SentencePiece vocabulary
+/// (256k pieces) splits English about as o200k does, other scripts and code differently; 1.25
+/// keeps the worst case above what is billed, as for Claude.
+pub const GEMINI_MARGIN: f64 = 1.25;
+
+/// Counts for a model whose tokenizer is not public (Claude, Gemini): another tokenizer's counts times
 /// a margin, so the budget's worst case stays above what is billed. An estimate, and said so.
 pub struct Scaled<C> {
     pub inner: C,
@@ -122,6 +127,9 @@ pub const ASSUMED_IMAGE_SIZE: (u32, u32) = (2048, 2048);
 /// gpt-4.1-mini, gpt-4.1-nano and o4-mini a rule by 32-px patches instead; they are counted
 /// by tiles here, an estimate of the same order.
 pub fn image_tokens(model: &str, image: &ImageUrl) -> ImageTokens {
+    if is_gemini(model) {
+        return gemini_image_tokens(image);
+    }
     let (base, tile) = tile_prices(model);
     if image.detail == Some(Detail::Low) {
         return ImageTokens {
@@ -137,6 +145,38 @@ pub fn image_tokens(model: &str, image: &ImageUrl) -> ImageTokens {
     let tiles = (w / 512.0).ceil() * (h / 512.0).ceil();
     ImageTokens {
         tokens: base + tile * tiles as u64,
+        assumed,
+    }
+}
+
+fn is_gemini(model: &str) -> bool {
+    let m = model.to_ascii_lowercase();
+    m.starts_with("gemini") || m.contains("/gemini")
+}
+
+/// Gemini's tokens per image tile.
+pub const GEMINI_TILE_TOKENS: u64 = 258;
+
+/// An image's prompt tokens on Gemini, by Google's rule for the 2.x models: 258 when both sides
+/// are at most 384 px, else 258 a tile of the crops it is cut into. The crop side is taken as
+/// the shorter side over 1.5 (between 256 and 768 px), the rule's smallest tiles, so the count
+/// errs high where Google's description leaves the tiling open; `detail` does not change it
+/// (Gemini's `mediaResolution` would, through `extra`).
+pub fn gemini_image_tokens(image: &ImageUrl) -> ImageTokens {
+    let ((w, h), assumed) = match image.size {
+        Some(s) => (s, false),
+        None => (ASSUMED_IMAGE_SIZE, true),
+    };
+    let (w, h) = (u64::from(w.max(1)), u64::from(h.max(1)));
+    if w <= 384 && h <= 384 {
+        return ImageTokens {
+            tokens: GEMINI_TILE_TOKENS,
+            assumed,
+        };
+    }
+    let unit = (w.min(h) * 2 / 3).clamp(256, 768);
+    ImageTokens {
+        tokens: GEMINI_TILE_TOKENS * w.div_ceil(unit) * h.div_ceil(unit),
         assumed,
     }
 }
@@ -170,6 +210,25 @@ fn fit(mut w: f64, mut h: f64) -> (f64, f64) {
 mod tests {
     use super::*;
     use crate::chat::Role;
+
+    #[test]
+    fn gemini_images_cost_258_a_tile() {
+        let img = |size: Option<(u32, u32)>| ImageUrl {
+            url: "x".into(),
+            detail: Some(Detail::Low),
+            size,
+        };
+        let t = |size| image_tokens("gemini-2.5-flash", &img(size)).tokens;
+        assert_eq!(t(Some((384, 200))), 258);
+        // 768×768: crops of 512 px, 2×2 tiles.
+        assert_eq!(t(Some((768, 768))), 4 * 258);
+        assert_eq!(t(Some((3000, 1000))), 258 * 5 * 2);
+        let unknown = image_tokens("models/gemini-2.5-pro", &img(None));
+        assert!(unknown.assumed);
+        assert_eq!(unknown.tokens, 258 * 9);
+        // Never under OpenAI's high-detail count of the same image, which the budget used before.
+        assert!(t(Some((1024, 1024))) > image_tokens("gpt-4o", &img(Some((1024, 1024)))).tokens);
+    }
 
     #[test]
     fn counts_match_openai_cookbook_example() {

@@ -42,6 +42,8 @@ fn every_job_in_the_repository_validates() {
             .env("AZURE_OPENAI_API_KEY", KEY)
             .env("ANTHROPIC_API_KEY", KEY)
             .env_remove("ANTHROPIC_BASE_URL")
+            .env("GEMINI_API_KEY", KEY)
+            .env_remove("GEMINI_BASE_URL")
             .env("PROMPTMILL_MODEL_DIR", models.path())
             .env_remove("OPENAI_BASE_URL")
             .env_remove("PROMPTMILL_LOG")

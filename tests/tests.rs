@@ -16,6 +16,7 @@ mod csv_export;
 mod dry_run;
 mod end_to_end;
 mod fetch_model;
+mod gemini;
 mod input;
 mod jobs_validate;
 mod ledger;

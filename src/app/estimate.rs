@@ -154,7 +154,10 @@ fn print_rows(job: &Job, t: &Tally, schema_tokens: u64, estimated: bool) {
                 "\n  estimated         the model's tokenizer is not public: OpenAI's o200k \
                  counts × {}, which can be off by about a fifth either way; the bound and \
                  the budget use these (over-)counts",
-                crate::tokens::CLAUDE_MARGIN
+                match job.served.provider {
+                    crate::job::ProviderKind::Gemini => crate::tokens::GEMINI_MARGIN,
+                    _ => crate::tokens::CLAUDE_MARGIN,
+                }
             )
         } else {
             String::new()
@@ -169,9 +172,14 @@ fn print_rows(job: &Job, t: &Tally, schema_tokens: u64, estimated: bool) {
     }
     if t.images.count > 0 {
         println!(
-            "images            {} ({} prompt tokens of the above, by OpenAI's tile rule{})",
+            "images            {} ({} prompt tokens of the above, by {}{})",
             t.images.count,
             t.images.tokens,
+            if job.served.provider == crate::job::ProviderKind::Gemini {
+                "Gemini's rule, 258 a tile"
+            } else {
+                "OpenAI's tile rule"
+            },
             if t.images.assumed > 0 {
                 format!(
                     "; {} https URLs not fetched, assumed {}×{} at high detail",
@@ -267,6 +275,9 @@ fn print_cache(job: &Job, t: &Tally, price: Option<crate::cost::Price>) {
         ProviderKind::Anthropic => min_cached_tokens(&job.served.model),
         // OpenAI caches prompts of 1,024 tokens and more by itself.
         ProviderKind::Openai => 1024,
+        // Gemini's implicit cache: 1,024 tokens on Flash, 4,096 on Pro; not guaranteed.
+        ProviderKind::Gemini if job.served.model.contains("pro") => 4096,
+        ProviderKind::Gemini => 1024,
         ProviderKind::Local => return,
     };
     if prefix < min {
@@ -287,6 +298,14 @@ fn print_cache(job: &Job, t: &Tally, price: Option<crate::cost::Price>) {
         ..Default::default()
     };
     let saved = p.cache_saving(&usage);
+    if job.served.provider == ProviderKind::Gemini {
+        // Gemini's implicit cache hits when it happens to; nothing asks for it.
+        println!(
+            "prompt cache      may save up to ${saved:.6} at list prices (Gemini's implicit \
+             cache is not guaranteed; the bound and the budget count none of it)"
+        );
+        return;
+    }
     println!(
         "prompt cache      should save ${saved:.6} at list prices (1 write, {reads} reads of the prefix)"
     );

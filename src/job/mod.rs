@@ -125,6 +125,7 @@ impl Job {
         let (output, csv, parquet) = output::paths(&jf, &raw.output, ov);
         model::refuse_what_local_cannot_do(&jf, served.provider, &messages, &params)?;
         model::refuse_what_anthropic_cannot_do(&jf, served.provider, &params)?;
+        model::refuse_what_gemini_cannot_do(&jf, served.provider, &params)?;
         let mode = run::mode(&jf, &raw.run, ov, served.provider)?;
         if mode == Mode::Batch && served.provider == ProviderKind::Anthropic && params.choices() > 1
         {

@@ -16,6 +16,7 @@ use crate::provider::endpoint::Auth;
 
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
+pub const GEMINI_BASE_URL: &str = "https://generativelanguage.googleapis.com";
 
 /// Why a job or row with images cannot run on the embedded model.
 pub const TEXT_ONLY_MODEL: &str =
@@ -28,6 +29,8 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic's Messages API.
     Anthropic,
+    /// Google's Gemini API.
+    Gemini,
     Local,
 }
 
@@ -79,13 +82,14 @@ pub(super) fn served(jf: &JobFile, m: &RawModel) -> Result<Served, Error> {
     let provider = match m.provider {
         RawProvider::Openai | RawProvider::Azure => ProviderKind::Openai,
         RawProvider::Anthropic => ProviderKind::Anthropic,
+        RawProvider::Gemini => ProviderKind::Gemini,
         RawProvider::Local => ProviderKind::Local,
     };
     if m.prompt_cache.is_some() && provider != ProviderKind::Anthropic {
         return Err(jf.bad(
             "model.prompt_cache",
-            "prompt_cache sets Anthropic's cache breakpoint; OpenAI and the local model cache \
-             shared prefixes by themselves"
+            "prompt_cache sets Anthropic's cache breakpoint; OpenAI, Gemini and the local model \
+             cache shared prefixes by themselves"
                 .into(),
         ));
     }
@@ -97,6 +101,7 @@ pub(super) fn served(jf: &JobFile, m: &RawModel) -> Result<Served, Error> {
         match m.provider {
             RawProvider::Azure => "AZURE_OPENAI_API_KEY",
             RawProvider::Anthropic => "ANTHROPIC_API_KEY",
+            RawProvider::Gemini => gemini_key_env(),
             RawProvider::Openai | RawProvider::Local => "OPENAI_API_KEY",
         }
         .into()
@@ -105,6 +110,7 @@ pub(super) fn served(jf: &JobFile, m: &RawModel) -> Result<Served, Error> {
     let auth = m.auth.unwrap_or(match m.provider {
         RawProvider::Azure => Auth::ApiKey,
         RawProvider::Anthropic => Auth::XApiKey,
+        RawProvider::Gemini => Auth::XGoogApiKey,
         RawProvider::Openai | RawProvider::Local => Auth::Bearer,
     });
     let ca_file = match &m.ca_file {
@@ -171,6 +177,17 @@ fn cache_key(
     })
 }
 
+/// Gemini's key variable: `GEMINI_API_KEY`, else `GOOGLE_API_KEY` when only that one is set
+/// (Google's SDKs read both).
+fn gemini_key_env() -> &'static str {
+    let set = |v: &str| std::env::var(v).is_ok_and(|k| !k.trim().is_empty());
+    if !set("GEMINI_API_KEY") && set("GOOGLE_API_KEY") {
+        "GOOGLE_API_KEY"
+    } else {
+        "GEMINI_API_KEY"
+    }
+}
+
 /// Azure's deployment: required there, refused elsewhere.
 fn deployment(jf: &JobFile, m: &RawModel, azure: bool) -> Result<Option<String>, Error> {
     match (&m.deployment, azure) {
@@ -218,7 +235,7 @@ fn name_and_path(
                 .unwrap_or_else(|| deployment.unwrap_or_default().to_string()),
             None,
         )),
-        RawProvider::Openai | RawProvider::Anthropic => {
+        RawProvider::Openai | RawProvider::Anthropic | RawProvider::Gemini => {
             let name = m
                 .name
                 .clone()
@@ -250,6 +267,9 @@ fn base_url(jf: &JobFile, m: &RawModel, azure: bool) -> Result<String, Error> {
         (Some(u), _) => u.clone(),
         (None, false) if m.provider == RawProvider::Anthropic => {
             env("ANTHROPIC_BASE_URL").unwrap_or_else(|| ANTHROPIC_BASE_URL.to_string())
+        }
+        (None, false) if m.provider == RawProvider::Gemini => {
+            env("GEMINI_BASE_URL").unwrap_or_else(|| GEMINI_BASE_URL.to_string())
         }
         (None, false) => env("OPENAI_BASE_URL").unwrap_or_else(|| DEFAULT_BASE_URL.to_string()),
         (None, true) => env("AZURE_OPENAI_ENDPOINT").ok_or_else(|| {
@@ -376,6 +396,44 @@ pub(super) fn refuse_what_anthropic_cannot_do(
         return Err(jf.bad(
             "model.service_tier",
             "service_tier is OpenAI's; Anthropic has no such request field".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// With `provider = "gemini"`: what generateContent has no field for is refused, each by its
+/// field (`max_tokens` is optional: the model has its own cap).
+pub(super) fn refuse_what_gemini_cannot_do(
+    jf: &JobFile,
+    provider: ProviderKind,
+    params: &Params,
+) -> Result<(), Error> {
+    if provider != ProviderKind::Gemini {
+        return Ok(());
+    }
+    let max = crate::provider::gemini::MAX_CANDIDATES;
+    if params.n.is_some_and(|n| n > max) {
+        return Err(jf.bad(
+            "model.n",
+            format!("Gemini answers at most {max} candidates a request (candidateCount)"),
+        ));
+    }
+    if params.service_tier.is_some() {
+        return Err(jf.bad(
+            "model.service_tier",
+            "service_tier is OpenAI's; the Gemini API has no such request field".into(),
+        ));
+    }
+    if params.user.is_some() {
+        return Err(jf.bad(
+            "model.user",
+            "the Gemini API has no end-user field; remove `user`".into(),
+        ));
+    }
+    if params.extra.contains_key("contents") || params.extra.contains_key("systemInstruction") {
+        return Err(jf.bad(
+            "model.extra",
+            "contents and systemInstruction are set by [[messages]]".into(),
         ));
     }
     Ok(())

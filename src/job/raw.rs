@@ -60,6 +60,8 @@ pub enum RawProvider {
     Openai,
     Azure,
     Anthropic,
+    /// Google's Gemini API (generateContent).
+    Gemini,
     Local,
 }
 

@@ -16,7 +16,8 @@ use serde::Deserialize;
 
 /// How the key is sent: `Authorization: Bearer KEY` (OpenAI and most servers, and Azure with a
 /// Microsoft Entra ID token), `api-key: KEY` (Azure OpenAI's keys) or `x-api-key: KEY` with
-/// the `anthropic-version` every request needs (Anthropic's).
+/// the `anthropic-version` every request needs (Anthropic's), or `x-goog-api-key: KEY`
+/// (Google's Gemini API; never `?key=` in the URL, where logs would keep it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Auth {
     #[serde(rename = "bearer")]
@@ -25,6 +26,8 @@ pub enum Auth {
     ApiKey,
     #[serde(rename = "x-api-key")]
     XApiKey,
+    #[serde(rename = "x-goog-api-key")]
+    XGoogApiKey,
 }
 
 /// The Messages API version promptmill speaks (the one every current feature is under).
@@ -68,6 +71,8 @@ pub struct Endpoint {
 const API_KEY: HeaderName = HeaderName::from_static("api-key");
 /// Anthropic's.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// Google's.
+const X_GOOG_API_KEY: HeaderName = HeaderName::from_static("x-goog-api-key");
 
 impl Endpoint {
     /// An endpoint from its parts (the assembler reads them from the job). `key` is the value of
@@ -110,6 +115,7 @@ impl Endpoint {
                 Auth::Bearer => (AUTHORIZATION, format!("Bearer {}", k.expose())),
                 Auth::ApiKey => (API_KEY, k.expose().to_string()),
                 Auth::XApiKey => (X_API_KEY, k.expose().to_string()),
+                Auth::XGoogApiKey => (X_GOOG_API_KEY, k.expose().to_string()),
             };
             let mut v = HeaderValue::from_str(&value).map_err(|_| {
                 "the API key contains characters not allowed in an HTTP header".to_string()

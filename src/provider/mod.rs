@@ -1,12 +1,13 @@
 //! The provider contract: one request (the chat vocabulary, and its body as the provider's
 //! [`Wire`] spells it) → one completion or one classified failure. One file per API:
 //! OpenAI-compatible HTTP (`openai`, with `endpoint` for URLs, keys and CAs), Anthropic's
-//! Messages API (`anthropic`) and the embedded
+//! Messages API (`anthropic`), Google's Gemini API (`gemini`) and the embedded
 //! llama.cpp model (`local`, behind the `local` feature). Nothing here reads the job file:
 //! `backend` assembles a provider from it.
 
 pub mod anthropic;
 pub mod endpoint;
+pub mod gemini;
 pub mod grammar;
 #[cfg(feature = "local")]
 pub mod local;

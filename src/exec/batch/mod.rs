@@ -16,6 +16,7 @@
 pub mod anthropic;
 pub mod api;
 pub mod export;
+pub mod gemini;
 mod http;
 mod lines;
 pub mod openai;

@@ -340,12 +340,7 @@ impl Pass {
                     let f = File::open(&path).map_err(|e| io_err(&path, e))?;
                     for line in BufReader::new(f).split(b'\n') {
                         let line = line.map_err(|e| io_err(&path, e))?;
-                        #[derive(serde::Deserialize)]
-                        struct Head<'a> {
-                            #[serde(borrow)]
-                            custom_id: &'a str,
-                        }
-                        if let Some((_, fp, idh)) = serde_json::from_slice::<Head>(&line)
+                        if let Some((_, fp, idh)) = serde_json::from_slice::<results::Head>(&line)
                             .ok()
                             .and_then(|h| results::parse_custom_id(h.custom_id))
                         {

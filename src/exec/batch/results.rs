@@ -113,10 +113,11 @@ struct ResultEntry {
     used: bool,
 }
 
+/// A line's row key: `custom_id` (OpenAI), `key` (Gemini).
 #[derive(Deserialize)]
-struct Head<'a> {
-    #[serde(borrow)]
-    custom_id: &'a str,
+pub(super) struct Head<'a> {
+    #[serde(borrow, alias = "key")]
+    pub custom_id: &'a str,
 }
 
 /// The batch a result came from, and how long it took from submission to its end.

@@ -36,6 +36,17 @@ pub(crate) async fn route(
         (_, p) if p.starts_with("/v1/messages/batches") => {
             crate::anthropic_batch::route(&shared, req).await
         }
+        (&Method::POST, p)
+            if matches!(
+                crate::gemini::model_method(p),
+                Some((_, "generateContent" | "streamGenerateContent"))
+            ) =>
+        {
+            let (model, method) = crate::gemini::model_method(p).unwrap();
+            let (model, stream) = (model.to_string(), method == "streamGenerateContent");
+            crate::gemini::generate(&shared, req, &model, stream).await
+        }
+        (_, p) if crate::gemini_batch::is_path(p) => crate::gemini_batch::route(&shared, req).await,
         (&Method::GET, "/v1/models" | "/models") => models(&shared),
         (&Method::GET, "/stats") => json_response(StatusCode::OK, &shared.stats().to_json()),
         (_, p) if crate::batch::is_batch_path(p) => crate::batch::route(&shared, req).await,

@@ -3,7 +3,9 @@
 //! The server is served with hyper directly (one task per TCP connection) rather than
 //! `axum::serve`, so that the `FAULT:reset` marker can drop a connection without any
 //! HTTP response. Routing and responses live in `handler`; OpenAI's Files and Batches
-//! endpoints, and the clock that moves batches, in `batch`; content parts (images),
+//! endpoints, and the clock that moves batches, in `batch`; Anthropic's Messages API in
+//! `anthropic`; Google's Gemini API in `gemini` and its Batch and Files APIs in
+//! `gemini_batch`; content parts (images),
 //! `response_format` and the JSON generated from a schema in `shape`.
 
 mod anthropic;
@@ -11,6 +13,8 @@ mod anthropic_batch;
 mod azure;
 mod batch;
 mod fault;
+mod gemini;
+mod gemini_batch;
 mod handler;
 mod limiter;
 mod shape;
@@ -140,11 +144,13 @@ pub struct Stats {
     /// waiting, the generation is charged anyway). Not in the two token sums above, which
     /// count only answers that were sent.
     pub billed_unanswered: u64,
-    /// Files accepted by `POST /v1/files` (not the output and error files batches write).
+    /// Files accepted by `POST /v1/files`, or Gemini's finished resumable uploads (not the
+    /// output, error or responses files batches write).
     pub files_uploaded: u64,
-    /// Batches accepted by `POST /v1/batches`.
+    /// Batches accepted by `POST /v1/batches` or Gemini's `…:batchGenerateContent`.
     pub batches_created: u64,
-    /// Cancels accepted (`POST /v1/batches/{id}/cancel` that moved a batch to `cancelling`).
+    /// Cancels accepted (`POST /v1/batches/{id}/cancel` that moved a batch to `cancelling`, or
+    /// Gemini's `batches/{id}:cancel` of a batch not over).
     pub batches_cancelled: u64,
     /// Batch lines answered 200, counted as they are answered: a batch that is later
     /// cancelled or expires keeps the lines it answered billed.
@@ -218,6 +224,8 @@ pub(crate) struct Shared {
     pub next_id: AtomicU64,
     /// Files and batches. Locked for a whole step, so lines are answered under it.
     pub batch: Mutex<batch::State>,
+    /// Gemini's files and batches, moved by the same calls as OpenAI's.
+    pub batch_gemini: Mutex<gemini_batch::State>,
     /// Every request on an Azure route: what its URL and auth headers were.
     pub azure_hits: Mutex<Vec<AzureHit>>,
     /// Anthropic's prompt cache: the hashes of the prefixes written so far (they never expire
@@ -303,6 +311,7 @@ impl FakeServer {
             fault_hits: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             batch: Mutex::new(batch::State::default()),
+            batch_gemini: Mutex::new(gemini_batch::State::default()),
             azure_hits: Mutex::new(Vec::new()),
             prompt_cache: Mutex::new(Default::default()),
         });
@@ -378,6 +387,11 @@ impl FakeServer {
     /// lines answered so far; the others get `batch_cancelled` error lines).
     pub fn advance_batches(&self) {
         self.shared.batch.lock().unwrap().advance_all(&self.shared);
+        self.shared
+            .batch_gemini
+            .lock()
+            .unwrap()
+            .advance_all(&self.shared);
     }
 
     /// Every `validating`, `in_progress` or `finalizing` batch becomes `expired` now: the
@@ -385,12 +399,28 @@ impl FakeServer {
     /// file with `"response": null` and error code `batch_expired`.
     pub fn expire_batches(&self) {
         self.shared.batch.lock().unwrap().expire_all(&self.shared);
+        self.shared.batch_gemini.lock().unwrap().expire_all();
     }
 
     /// `advance_batches` until every batch is finished (completed, failed, expired or
     /// cancelled).
     pub fn complete_batches(&self) {
         self.shared.batch.lock().unwrap().complete_all(&self.shared);
+        self.shared
+            .batch_gemini
+            .lock()
+            .unwrap()
+            .complete_all(&self.shared);
+    }
+
+    /// Every Gemini batch as `GET /v1beta/batches/{id}` shows it (an Operation), oldest first.
+    pub fn gemini_batches(&self) -> Vec<serde_json::Value> {
+        self.shared.batch_gemini.lock().unwrap().operations()
+    }
+
+    /// A Gemini file's bytes (`files/upload-N`), uploads and responses files alike.
+    pub fn gemini_file(&self, name: &str) -> Option<Vec<u8>> {
+        self.shared.batch_gemini.lock().unwrap().file_content(name)
     }
 
     /// Every batch object, as `GET /v1/batches/{id}` shows it, oldest first.

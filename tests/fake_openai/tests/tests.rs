@@ -5,5 +5,6 @@ mod common;
 
 mod anthropic;
 mod batch;
+mod gemini;
 mod server;
 mod shape;
