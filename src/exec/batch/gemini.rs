@@ -10,9 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 
 use super::api::{Batch, BatchApi, BatchError, BatchErrors, CreateFailed, Fut, Lookup};
+use super::http::{failed, Http};
 use super::results::Answer;
 use super::state::LineCounts;
 use crate::error::Error;
@@ -20,8 +20,7 @@ use crate::exec::retry::RetryPolicy;
 use crate::ledger::journal::io_err;
 use crate::provider::endpoint::Endpoint;
 use crate::provider::gemini::{model_resource, parse_response, status_error};
-use crate::provider::openai::transport_error;
-use crate::provider::{ErrorKind, ProviderError};
+use crate::provider::ProviderError;
 
 /// The display name's tag of the part a batch holds.
 const PART_TAG: &str = "pm-part=";
@@ -32,15 +31,10 @@ const MAX_PAGES: usize = 50;
 
 /// The Gemini API's Files and Batches endpoints for one job.
 pub struct GeminiBatches {
-    http: reqwest::Client,
+    http: Http,
     endpoint: Endpoint,
     /// `models/NAME` (or `tunedModels/NAME`): the create's URL names it.
     model: String,
-    retry: RetryPolicy,
-}
-
-fn failed(what: &str, e: &ProviderError) -> Error {
-    Error::Other(format!("{what}: {e}"))
 }
 
 impl GeminiBatches {
@@ -51,68 +45,19 @@ impl GeminiBatches {
             .client(job.limits.timeout.max(Duration::from_secs(600)), 2)
             .map_err(Error::Other)?;
         Ok(GeminiBatches {
-            http,
+            http: Http {
+                client: http,
+                key: endpoint.key().cloned(),
+                retry: RetryPolicy::new(job.limits.max_retries),
+                classify: status_error,
+            },
             endpoint,
             model: model_resource(&job.served.model),
-            retry: RetryPolicy::new(job.limits.max_retries),
         })
     }
 
     fn url(&self, path: &str) -> Result<reqwest::Url, Error> {
         self.endpoint.api_url(path).map_err(Error::Other)
-    }
-
-    async fn attempt(
-        &self,
-        req: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, ProviderError> {
-        match req.send().await {
-            Ok(resp) if resp.status().is_success() => Ok(resp),
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                let body = resp.bytes().await.unwrap_or_default();
-                Err(status_error(self.endpoint.key(), status, &body))
-            }
-            Err(e) => Err(transport_error(self.endpoint.key(), e)),
-        }
-    }
-
-    /// Sends what `make` builds until it succeeds or fails for good; only for calls safe to
-    /// repeat (never a create).
-    async fn call<F>(&self, what: &str, make: F) -> Result<reqwest::Response, Error>
-    where
-        F: Fn() -> Result<reqwest::RequestBuilder, Error>,
-    {
-        let mut retrier = self.retry.start();
-        loop {
-            let err = match self.attempt(make()?).await {
-                Ok(resp) => return Ok(resp),
-                Err(e) => e,
-            };
-            match retrier.next_delay(&err) {
-                Some(d) => {
-                    tracing::debug!("{what}: retrying in {d:?}: {err}");
-                    tokio::time::sleep(d).await;
-                }
-                None => return Err(failed(what, &err)),
-            }
-        }
-    }
-
-    async fn json(&self, what: &str, resp: reqwest::Response) -> Result<Value, Error> {
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| failed(what, &transport_error(self.endpoint.key(), e)))?;
-        serde_json::from_slice(&body).map_err(|e| {
-            failed(
-                what,
-                &ProviderError::new(
-                    ErrorKind::InvalidResponse,
-                    format!("unexpected answer ({e})"),
-                ),
-            )
-        })
     }
 
     /// The resumable upload: a start that names the file and its size, answered with the
@@ -122,7 +67,7 @@ impl GeminiBatches {
     pub async fn upload(&self, path: &Path, name: &str) -> Result<String, Error> {
         let what = format!("uploading {}", path.display());
         let len = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
-        let mut retrier = self.retry.start();
+        let mut retrier = self.http.retry.start();
         let resp = loop {
             let e = match self.upload_once(path, name, len, &what).await? {
                 Ok(r) => break r,
@@ -136,7 +81,7 @@ impl GeminiBatches {
                 None => return Err(failed(&what, &e)),
             }
         };
-        let v = self.json(&what, resp).await?;
+        let v = self.http.json::<Value>(&what, resp).await?;
         let file = v.get("file").unwrap_or(&v);
         file["name"]
             .as_str()
@@ -155,13 +100,14 @@ impl GeminiBatches {
         let start = self.url("upload/v1beta/files")?;
         let req = self
             .http
+            .client
             .post(start.clone())
             .header("X-Goog-Upload-Protocol", "resumable")
             .header("X-Goog-Upload-Command", "start")
             .header("X-Goog-Upload-Header-Content-Length", len.to_string())
             .header("X-Goog-Upload-Header-Content-Type", "application/jsonl")
             .json(&json!({"file": {"displayName": name}}));
-        let resp = match self.attempt(req).await {
+        let resp = match self.http.attempt(req).await {
             Ok(r) => r,
             Err(e) => return Ok(Err(e)),
         };
@@ -184,12 +130,13 @@ impl GeminiBatches {
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
         let req = self
             .http
+            .client
             .post(session)
             .header("Content-Length", len.to_string())
             .header("X-Goog-Upload-Offset", "0")
             .header("X-Goog-Upload-Command", "upload, finalize")
             .body(body);
-        Ok(self.attempt(req).await)
+        Ok(self.http.attempt(req).await)
     }
 
     /// The newest uploaded file whose display name is `name`.
@@ -220,8 +167,11 @@ impl GeminiBatches {
             if let Some(t) = &token {
                 url.query_pairs_mut().append_pair("pageToken", t);
             }
-            let resp = self.call(what, || Ok(self.http.get(url.clone()))).await?;
-            let v = self.json(what, resp).await?;
+            let resp = self
+                .http
+                .call(what, || async { Ok(self.http.client.get(url.clone())) })
+                .await?;
+            let v = self.http.json::<Value>(what, resp).await?;
             for item in v[key].as_array().into_iter().flatten() {
                 if found(item) {
                     return Ok(true);
@@ -240,7 +190,10 @@ impl GeminiBatches {
 
     pub async fn delete_file(&self, handle: &str) -> Result<(), Error> {
         let url = self.url(&format!("v1beta/{handle}"))?;
-        self.call("deleting a file", || Ok(self.http.delete(url.clone())))
+        self.http
+            .call("deleting a file", || async {
+                Ok(self.http.client.delete(url.clone()))
+            })
             .await?;
         Ok(())
     }
@@ -261,7 +214,8 @@ impl GeminiBatches {
         }});
         let what = format!("creating a batch from {staged}");
         let resp = self
-            .attempt(self.http.post(url).json(&body))
+            .http
+            .attempt(self.http.client.post(url).json(&body))
             .await
             .map_err(|e| CreateFailed::of(failed(&what, &e), e))?;
         // A 200 whose body is lost or garbled: the batch was made.
@@ -270,15 +224,18 @@ impl GeminiBatches {
             maybe_made: true,
             retry: None,
         };
-        let v = self.json(&what, resp).await.map_err(made)?;
+        let v = self.http.json::<Value>(&what, resp).await.map_err(made)?;
         to_batch(&v).ok_or_else(|| made(Error::Other(format!("{what}: the answer names no batch"))))
     }
 
     pub async fn retrieve(&self, id: &str) -> Result<Batch, Error> {
         let url = self.url(&format!("v1beta/batches/{id}"))?;
         let what = format!("checking batch {id}");
-        let resp = self.call(&what, || Ok(self.http.get(url.clone()))).await?;
-        let v = self.json(&what, resp).await?;
+        let resp = self
+            .http
+            .call(&what, || async { Ok(self.http.client.get(url.clone())) })
+            .await?;
+        let v = self.http.json::<Value>(&what, resp).await?;
         to_batch(&v).ok_or_else(|| Error::Other(format!("{what}: the answer names no batch")))
     }
 
@@ -286,7 +243,10 @@ impl GeminiBatches {
     pub async fn cancel(&self, id: &str) -> Result<Batch, Error> {
         let url = self.url(&format!("v1beta/batches/{id}:cancel"))?;
         let what = format!("cancelling batch {id}");
-        self.call(&what, || Ok(self.http.post(url.clone()).json(&json!({}))))
+        self.http
+            .call(&what, || async {
+                Ok(self.http.client.post(url.clone()).json(&json!({})))
+            })
             .await?;
         let mut b = self.retrieve(id).await?;
         if !b.is_final() {
@@ -310,28 +270,12 @@ impl GeminiBatches {
         Ok(hit)
     }
 
-    /// Streams a responses file (`files/ID`) to `dest`: written beside it, synced, renamed.
+    /// Streams a responses file (`files/ID`) to `dest`, whole or not at all.
     pub async fn download(&self, file: &str, dest: &Path) -> Result<(), Error> {
         let url = self.url(&format!("download/v1beta/{file}:download?alt=media"))?;
-        let what = format!("downloading {file}");
-        let resp = self.call(&what, || Ok(self.http.get(url.clone()))).await?;
-        let tmp = dest.with_extension("part");
-        let mut f = tokio::fs::File::create(&tmp)
+        self.http
+            .download(&format!("downloading {file}"), &url, dest)
             .await
-            .map_err(|e| io_err(&tmp, e))?;
-        let mut stream = resp.bytes_stream();
-        use futures::StreamExt;
-        while let Some(chunk) = stream.next().await {
-            let chunk =
-                chunk.map_err(|e| failed(&what, &transport_error(self.endpoint.key(), e)))?;
-            f.write_all(&chunk).await.map_err(|e| io_err(&tmp, e))?;
-        }
-        f.sync_all().await.map_err(|e| io_err(&tmp, e))?;
-        drop(f);
-        tokio::fs::rename(&tmp, dest)
-            .await
-            .map_err(|e| io_err(dest, e))?;
-        crate::ledger::files::sync_dir(dest)
     }
 }
 
@@ -476,7 +420,7 @@ impl BatchApi for GeminiBatches {
     }
 
     fn retrier(&self) -> crate::exec::retry::Retrier {
-        self.retry.start()
+        self.http.retry.start()
     }
 }
 

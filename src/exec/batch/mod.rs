@@ -140,7 +140,14 @@ async fn part_status(
             None,
         ),
     };
-    let age = t.saturating_sub(p.created_at);
+    // A part whose create's answer was lost has no `created_at` on record: its age runs from
+    // the moment the create began.
+    let since = if p.created_at > 0 {
+        p.created_at
+    } else {
+        p.creating_at
+    };
+    let age = t.saturating_sub(since);
     let left = expires
         .map(|e| format!(", {} left", hms(e.saturating_sub(t))))
         .unwrap_or_default();
