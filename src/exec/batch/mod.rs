@@ -101,18 +101,7 @@ async fn part_status(
         .clone()
         .or_else(|| found.as_ref().map(|b| b.id.clone()))
     else {
-        return Ok(if p.stage == Stage::Creating {
-            format!(
-                "{}: {} requests, being created when the last run stopped; the server \
-                 holds no batch of it (the next run looks again, then submits its rows)",
-                p.file, p.requests
-            )
-        } else {
-            format!(
-                "{}: {} requests, not submitted yet (the next run submits them)",
-                p.file, p.requests
-            )
-        });
+        return Ok(unsubmitted(p));
     };
     let (status, counts, expires) = match (client, p.stage, found) {
         (_, Stage::Creating, Some(b)) => (
@@ -164,6 +153,22 @@ async fn part_status(
         p.requests,
         hms(age),
     ))
+}
+
+/// `batch status`'s line for a part the server holds no batch of.
+fn unsubmitted(p: &BatchPart) -> String {
+    if p.stage == Stage::Creating {
+        format!(
+            "{}: {} requests, being created when the last run stopped; the server holds no \
+             batch of it (the next run looks again, then submits its rows)",
+            p.file, p.requests
+        )
+    } else {
+        format!(
+            "{}: {} requests, not submitted yet (the next run submits them)",
+            p.file, p.requests
+        )
+    }
 }
 
 /// Asks the server to cancel every batch still running; what they finished is kept and
