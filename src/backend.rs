@@ -42,21 +42,9 @@ impl Backend {
             // Azure OpenAI too: `Endpoint` knows its URL layout and key header.
             ProviderKind::Openai => {
                 let counter = Arc::new(crate::tokens::Tiktoken::new(&job.served.model));
-                let provider: Arc<dyn Provider> = if need_provider {
-                    let endpoint = endpoint(job)?;
-                    let stream = job.params.stream.unwrap_or(false);
-                    Arc::new(
-                        OpenAi::new(
-                            &endpoint,
-                            job.limits.timeout,
-                            job.limits.concurrency,
-                            stream,
-                        )
-                        .map_err(Error::Other)?,
-                    )
-                } else {
-                    Arc::new(NoProvider { billed: true })
-                };
+                let provider = http(job, need_provider, |e, l, stream| {
+                    OpenAi::new(e, l.timeout, l.concurrency, stream)
+                })?;
                 Ok(Backend {
                     provider,
                     counter,
@@ -69,20 +57,9 @@ impl Backend {
                 })
             }
             ProviderKind::Anthropic => {
-                let provider: Arc<dyn Provider> = if need_provider {
-                    let endpoint = endpoint(job)?;
-                    Arc::new(
-                        Anthropic::new(
-                            &endpoint,
-                            job.limits.timeout,
-                            job.limits.concurrency,
-                            job.params.stream.unwrap_or(false),
-                        )
-                        .map_err(Error::Other)?,
-                    )
-                } else {
-                    Arc::new(NoProvider { billed: true })
-                };
+                let provider = http(job, need_provider, |e, l, stream| {
+                    Anthropic::new(e, l.timeout, l.concurrency, stream)
+                })?;
                 Ok(Backend {
                     provider,
                     // Claude's tokenizer is not public: OpenAI's o200k counts with a margin
@@ -225,6 +202,24 @@ pub fn cache_key(job: &Job) -> Option<String> {
     }
 }
 
+/// The HTTP provider `make` builds on the job's endpoint (with its limits and whether it
+/// streams), after the key is checked; none when nothing will be sent.
+fn http<P: Provider + 'static>(
+    job: &Job,
+    need_provider: bool,
+    make: impl FnOnce(&Endpoint, &crate::job::Limits, bool) -> Result<P, String>,
+) -> Result<Arc<dyn Provider>, Error> {
+    if !need_provider {
+        return Ok(Arc::new(NoProvider { billed: true }));
+    }
+    let p = make(
+        &endpoint(job)?,
+        &job.limits,
+        job.params.stream.unwrap_or(false),
+    );
+    Ok(Arc::new(p.map_err(Error::Other)?))
+}
+
 /// Google's Gemini API: its provider (the model goes in the URL), a scaled count standing in
 /// for its tokenizer, and its wire.
 fn gemini_backend(
@@ -233,20 +228,9 @@ fn gemini_backend(
     tier: Tier,
     need_provider: bool,
 ) -> Result<Backend, Error> {
-    let provider: Arc<dyn Provider> = if need_provider {
-        Arc::new(
-            Gemini::new(
-                &endpoint(job)?,
-                &job.served.model,
-                job.limits.timeout,
-                job.limits.concurrency,
-                job.params.stream.unwrap_or(false),
-            )
-            .map_err(Error::Other)?,
-        )
-    } else {
-        Arc::new(NoProvider { billed: true })
-    };
+    let provider = http(job, need_provider, |e, l, stream| {
+        Gemini::new(e, &job.served.model, l.timeout, l.concurrency, stream)
+    })?;
     Ok(Backend {
         provider,
         // Gemini's tokenizer is not public either: o200k with its own margin (the model's

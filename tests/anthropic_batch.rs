@@ -139,47 +139,12 @@ fn a_claude_batch_goes_inline_comes_back_at_half_price_and_caches_the_shared_pre
 /// record, submits nothing twice and loses nothing.
 #[test]
 fn a_kill_between_any_two_steps_submits_no_message_batch_twice() {
-    for step in [
-        "part",
-        "uploading",
-        "upload-done",
-        "uploaded",
-        "creating",
-        "create-done",
-        "created",
-        "finished",
-    ] {
+    for step in BATCH_STEPS {
         let s = spawn_background(Config::default());
         let f = Fixture::new();
         let rows = texts(12, "item");
         let j = batch_job(&f, &s, &rows, "max_requests_per_file = 5");
-        let kill_in_collect = step == "finished";
-        if !kill_in_collect {
-            let r = f
-                .cmd(&["run", &j])
-                .env("ANTHROPIC_API_KEY", KEY)
-                .env("PROMPTMILL_FAILPOINT", format!("batch:{step}"))
-                .output()
-                .unwrap();
-            assert!(!r.status.success(), "{step}: the failpoint killed it");
-            ok_run(&f, &["run", &j]);
-        } else {
-            ok_run(&f, &["run", &j]);
-        }
-        s.complete_batches();
-        if kill_in_collect {
-            let r = f
-                .cmd(&["batch", "collect", &j])
-                .env("ANTHROPIC_API_KEY", KEY)
-                .env("PROMPTMILL_FAILPOINT", "batch:finished")
-                .output()
-                .unwrap();
-            assert!(!r.status.success(), "{step}: the failpoint killed it");
-        }
-        ok_run(&f, &["batch", "collect", &j]);
-        // Batches submitted after the first collect (rows of an abandoned file) end too.
-        s.complete_batches();
-        ok_run(&f, &["batch", "collect", &j]);
+        batch_killed_at(&f, &s, &j, step, &[("ANTHROPIC_API_KEY", KEY)]);
         let st = s.stats();
         assert_eq!(
             st.batches_created, 3,

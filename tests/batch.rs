@@ -162,49 +162,12 @@ fn a_full_round_trip_submits_once_collects_every_row_at_the_batch_price() {
 /// record, submits nothing twice and loses nothing.
 #[test]
 fn a_kill_between_any_two_steps_loses_nothing_and_submits_nothing_twice() {
-    for step in [
-        "part",
-        "uploading",
-        "upload-done",
-        "uploaded",
-        "creating",
-        "create-done",
-        "created",
-        "finished",
-    ] {
+    for step in BATCH_STEPS {
         let s = spawn_background(Config::default());
         let f = Fixture::new();
         let rows = texts(12, "item");
         let job = batch_job(&f, &s, &rows, "max_requests_per_file = 5", "");
-        let kill_in_collect = step == "finished";
-        if !kill_in_collect {
-            let r = f
-                .cmd(&["run", &job])
-                .env("PROMPTMILL_FAILPOINT", format!("batch:{step}"))
-                .output()
-                .unwrap();
-            assert!(!r.status.success(), "{step}: the failpoint killed it");
-        } else {
-            ok(&f.run(&["run", &job]));
-        }
-        // Whatever was created on the server is followed, the rest submitted now.
-        if !kill_in_collect {
-            ok(&f.run(&["run", &job]));
-        }
-        s.complete_batches();
-        if kill_in_collect {
-            let r = f
-                .cmd(&["batch", "collect", &job])
-                .env("PROMPTMILL_FAILPOINT", "batch:finished")
-                .output()
-                .unwrap();
-            assert!(!r.status.success(), "{step}: the failpoint killed it");
-        }
-        let r = f.run(&["batch", "collect", &job]);
-        ok(&r);
-        // Batches submitted after the first collect (rows of an abandoned file) end too.
-        s.complete_batches();
-        ok(&f.run(&["batch", "collect", &job]));
+        batch_killed_at(&f, &s, &job, step, &[]);
         let st = s.stats();
         let strays = std::fs::read_dir(f.path("out/result.jsonl.batches.d"))
             .unwrap()

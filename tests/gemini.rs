@@ -480,28 +480,7 @@ fn the_budget_holds_across_runs_at_geminis_prices() {
         .unwrap()
         .replace("max_tokens = 200", "max_tokens = 100");
     std::fs::write(&j, text).unwrap();
-    let first = run(&f, &["run", "--quiet", &j]);
-    let second = run(&f, &["run", "--quiet", &j]);
-    let recs = records(&f);
-    let spent: f64 = recs
-        .iter()
-        .map(|r| r["cost_usd"].as_f64().unwrap_or(0.0))
-        .sum();
-    assert!(
-        spent <= 0.002 + 1e-9,
-        "spent {spent} ({} / {})",
-        first.stderr,
-        second.stderr
-    );
-    assert!(recs.len() < 12, "the budget stopped nothing");
-    assert!(recs.len() >= 2, "{}", recs.len());
-    let before = s.stats().requests;
-    assert_eq!(run(&f, &["run", "--quiet", &j]).code, first.code);
-    assert_eq!(
-        s.stats().requests,
-        before,
-        "a third run spent past the budget"
-    );
+    budget_holds_across_runs(&s, &f, 0.002, 12, || run(&f, &["run", "--quiet", &j]));
     billed_equals_kept(&s, &f);
 }
 
@@ -654,46 +633,12 @@ fn a_gemini_batch_is_uploaded_created_waited_for_and_collected_at_half_price() {
 
 #[test]
 fn a_kill_between_any_two_gemini_batch_steps_loses_nothing_and_submits_nothing_twice() {
-    for step in [
-        "part",
-        "uploading",
-        "upload-done",
-        "uploaded",
-        "creating",
-        "create-done",
-        "created",
-        "finished",
-    ] {
+    for step in BATCH_STEPS {
         let s = spawn_background(Config::default());
         let f = Fixture::new();
         let rows = batch_rows(12);
         let j = batch_job(&f, &s, &rows, "max_requests_per_file = 5");
-        let kill_in_collect = step == "finished";
-        if kill_in_collect {
-            run_ok(&f, &["run", &j]);
-        } else {
-            let r = ran(f
-                .cmd(&["run", &j])
-                .env("GEMINI_API_KEY", KEY)
-                .env("PROMPTMILL_FAILPOINT", format!("batch:{step}"))
-                .output()
-                .unwrap());
-            assert_ne!(r.code, 0, "{step}: the failpoint killed it");
-            run_ok(&f, &["run", &j]);
-        }
-        s.complete_batches();
-        if kill_in_collect {
-            let r = ran(f
-                .cmd(&["batch", "collect", &j])
-                .env("GEMINI_API_KEY", KEY)
-                .env("PROMPTMILL_FAILPOINT", "batch:finished")
-                .output()
-                .unwrap());
-            assert_ne!(r.code, 0, "{step}: the failpoint killed it");
-        }
-        run_ok(&f, &["batch", "collect", &j]);
-        s.complete_batches();
-        run_ok(&f, &["batch", "collect", &j]);
+        batch_killed_at(&f, &s, &j, step, &[("GEMINI_API_KEY", KEY)]);
         let st = s.stats();
         assert_eq!(
             st.batches_created, 3,

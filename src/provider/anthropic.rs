@@ -198,21 +198,9 @@ impl Anthropic {
         resp: reqwest::Response,
         sent: std::time::Instant,
     ) -> Result<Completion, ProviderError> {
-        use futures::StreamExt;
         let mut acc = StreamAcc::default();
-        let mut pending: Vec<u8> = Vec::new();
-        let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| transport_error(self.key.as_ref(), e))?;
-            pending.extend_from_slice(&chunk);
-            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=pos).collect();
-                if acc.line(&line, self.key.as_ref())? {
-                    return Ok(acc.finish(sent));
-                }
-            }
-        }
-        if !pending.is_empty() && acc.line(&pending, self.key.as_ref())? {
+        let key = self.key.as_ref();
+        if super::sse::lines(resp, key, |l| acc.line(l, key)).await? {
             return Ok(acc.finish(sent));
         }
         Err(invalid("the stream ended before `message_stop`"))

@@ -12,6 +12,7 @@ pub mod grammar;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod openai;
+mod sse;
 
 use std::time::Duration;
 

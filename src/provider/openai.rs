@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use futures::StreamExt;
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
@@ -145,19 +144,7 @@ impl OpenAi {
         sent: std::time::Instant,
     ) -> Result<Completion, ProviderError> {
         let mut acc = StreamAcc::default();
-        let mut pending: Vec<u8> = Vec::new();
-        let mut body = resp.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| self.transport_error(e))?;
-            pending.extend_from_slice(&chunk);
-            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=pos).collect();
-                if acc.line(&line)? {
-                    return acc.finish(sent);
-                }
-            }
-        }
-        if !pending.is_empty() && acc.line(&pending)? {
+        if super::sse::lines(resp, self.key.as_ref(), |l| acc.line(l)).await? {
             return acc.finish(sent);
         }
         Err(invalid("the stream ended before `data: [DONE]`"))

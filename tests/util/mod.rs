@@ -228,3 +228,80 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The batch steps a failpoint can stop a run right after, in the order they happen.
+pub const BATCH_STEPS: [&str; 8] = [
+    "part",
+    "uploading",
+    "upload-done",
+    "uploaded",
+    "creating",
+    "create-done",
+    "created",
+    "finished",
+];
+
+/// A batch job run to its end with a kill right after `step` is on record (in the `run` that
+/// submits, or for `finished` in the `batch collect` that downloads), then the commands that
+/// pick up after it: a rerun, the batches ended, a collect, and a last collect for batches the
+/// rerun submitted. `env`: the job's key and anything else its runs need.
+pub fn batch_killed_at(f: &Fixture, s: &FakeServer, job: &str, step: &str, env: &[(&str, &str)]) {
+    let cmd = |args: &[&str], failpoint: Option<&str>| {
+        let mut c = f.cmd(args);
+        c.envs(env.iter().copied());
+        if let Some(fp) = failpoint {
+            c.env("PROMPTMILL_FAILPOINT", format!("batch:{fp}"));
+        }
+        ran(c.output().unwrap())
+    };
+    if step == "finished" {
+        ok(&cmd(&["run", job], None));
+    } else {
+        let r = cmd(&["run", job], Some(step));
+        assert_ne!(r.code, 0, "{step}: the failpoint killed it");
+        // Whatever was created on the server is followed, the rest submitted now.
+        ok(&cmd(&["run", job], None));
+    }
+    s.complete_batches();
+    if step == "finished" {
+        let r = cmd(&["batch", "collect", job], Some(step));
+        assert_ne!(r.code, 0, "{step}: the failpoint killed it");
+    }
+    ok(&cmd(&["batch", "collect", job], None));
+    // Batches submitted after the first collect (rows of an abandoned file) end too.
+    s.complete_batches();
+    ok(&cmd(&["batch", "collect", job], None));
+}
+
+/// A budgeted job run three times (`run` runs it): what the records kept never passes `cap`,
+/// the budget stopped some rows and let at least two through, and the third run sends nothing.
+pub fn budget_holds_across_runs(
+    s: &FakeServer,
+    f: &Fixture,
+    cap: f64,
+    rows: usize,
+    run: impl Fn() -> Ran,
+) {
+    let first = run();
+    let second = run();
+    let recs = read_jsonl(&f.path("out/result.jsonl"));
+    let spent: f64 = recs
+        .iter()
+        .map(|r| r["cost_usd"].as_f64().unwrap_or(0.0))
+        .sum();
+    assert!(
+        spent <= cap + 1e-9,
+        "spent {spent} over the budget ({} / {})",
+        first.stderr,
+        second.stderr
+    );
+    assert!(recs.len() < rows, "the budget stopped nothing");
+    assert!(recs.len() >= 2, "{}", recs.len());
+    let before = s.stats().requests;
+    assert_eq!(run().code, first.code);
+    assert_eq!(
+        s.stats().requests,
+        before,
+        "a third run spent past the budget"
+    );
+}
