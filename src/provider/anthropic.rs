@@ -200,7 +200,7 @@ impl Anthropic {
     ) -> Result<Completion, ProviderError> {
         let mut acc = StreamAcc::default();
         let key = self.key.as_ref();
-        if super::sse::lines(resp, key, |l| acc.line(l, key)).await? {
+        if super::sse::lines(resp, |e| transport_error(key, e), |l| acc.line(l, key)).await? {
             return Ok(acc.finish(sent));
         }
         Err(invalid("the stream ended before `message_stop`"))

@@ -233,7 +233,12 @@ impl Gemini {
         let key = self.key.as_ref();
         // Gemini's stream has no end event: it ends with the body, and `finish` checks that
         // the last chunk carried a finish reason.
-        super::sse::lines(resp, key, |l| acc.line(l, key).map(|()| false)).await?;
+        super::sse::lines(
+            resp,
+            |e| transport_error(key, e),
+            |l| acc.line(l, key).map(|()| false),
+        )
+        .await?;
         acc.finish(sent)
     }
 

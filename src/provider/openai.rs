@@ -144,7 +144,7 @@ impl OpenAi {
         sent: std::time::Instant,
     ) -> Result<Completion, ProviderError> {
         let mut acc = StreamAcc::default();
-        if super::sse::lines(resp, self.key.as_ref(), |l| acc.line(l)).await? {
+        if super::sse::lines(resp, |e| self.transport_error(e), |l| acc.line(l)).await? {
             return acc.finish(sent);
         }
         Err(invalid("the stream ended before `data: [DONE]`"))

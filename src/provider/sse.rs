@@ -3,21 +3,20 @@
 
 use futures::StreamExt;
 
-use super::endpoint::ApiKey;
-use super::openai::transport_error;
 use super::ProviderError;
 
 /// Hands each line of the body (with its line ending) to `each` until `each` says the stream
-/// is done (`true`). `Ok(false)`: the body ended first.
+/// is done (`true`). `Ok(false)`: the body ended first. `cut`: the provider's reading of a
+/// body that broke off (its transport error, the key scrubbed).
 pub(crate) async fn lines(
     resp: reqwest::Response,
-    key: Option<&ApiKey>,
+    cut: impl Fn(reqwest::Error) -> ProviderError,
     mut each: impl FnMut(&[u8]) -> Result<bool, ProviderError>,
 ) -> Result<bool, ProviderError> {
     let mut pending: Vec<u8> = Vec::new();
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| transport_error(key, e))?;
+        let chunk = chunk.map_err(&cut)?;
         pending.extend_from_slice(&chunk);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
