@@ -11,7 +11,9 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::endpoint::{ApiKey, Endpoint};
-use super::openai::{header_str, invalid, retry_after, scrub, transport_error};
+use super::openai::{
+    classified, error_text, header_str, invalid, retry_after, scrub, transport_error,
+};
 use super::{Completion, ErrorKind, Provider, ProviderError, RateLimits, Request};
 use crate::chat::{Content, Message, Params, Part, Role, Usage};
 
@@ -267,10 +269,11 @@ pub(crate) fn status_error(key: Option<&ApiKey>, status: u16, body: &[u8]) -> Pr
         .as_ref()
         .and_then(|e| e.kind.clone())
         .unwrap_or_default();
-    let raw = match &api {
-        Some(e) => e.message.clone().unwrap_or_default(),
-        None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
-    };
+    let raw = error_text(
+        api.as_ref()
+            .map(|e| e.message.as_deref().unwrap_or_default()),
+        body,
+    );
     let kind = match status {
         401 | 403 => ErrorKind::Auth,
         // An empty account answers 400 with this text: no row can succeed until it is topped up.
@@ -283,17 +286,7 @@ pub(crate) fn status_error(key: Option<&ApiKey>, status: u16, body: &[u8]) -> Pr
         s if s >= 500 => ErrorKind::Server,
         _ => ErrorKind::BadRequest,
     };
-    let mut message = scrub(key, &raw);
-    if !etype.is_empty() {
-        message = format!("{message} [{etype}]");
-    }
-    if kind == ErrorKind::Endpoint {
-        message.push_str(": the URL is wrong for every request; check [model] base_url");
-    }
-    ProviderError {
-        status: Some(status),
-        ..ProviderError::new(kind, message)
-    }
+    classified(key, status, kind, &raw, &etype)
 }
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::endpoint::{ApiKey, Endpoint};
-use super::openai::{invalid, scrub, transport_error};
+use super::openai::{classified, error_text, invalid, scrub, transport_error};
 use super::{Choice, Completion, ErrorKind, Provider, ProviderError, Request};
 use crate::chat::{Content, Message, Params, Part, Role, Usage};
 
@@ -351,10 +351,11 @@ pub(crate) fn status_error(key: Option<&ApiKey>, status: u16, body: &[u8]) -> Pr
         .as_ref()
         .and_then(|e| e.status.clone())
         .unwrap_or_default();
-    let raw = match &api {
-        Some(e) => e.message.clone().unwrap_or_default(),
-        None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
-    };
+    let raw = error_text(
+        api.as_ref()
+            .map(|e| e.message.as_deref().unwrap_or_default()),
+        body,
+    );
     // A key Google does not know is a 400 INVALID_ARGUMENT with reason API_KEY_INVALID: no
     // row can succeed with it.
     let bad_key = api
@@ -373,17 +374,9 @@ pub(crate) fn status_error(key: Option<&ApiKey>, status: u16, body: &[u8]) -> Pr
         // 400 INVALID_ARGUMENT / FAILED_PRECONDITION, 404 NOT_FOUND, 413.
         _ => ErrorKind::BadRequest,
     };
-    let mut message = scrub(key, &raw);
-    if !gstatus.is_empty() {
-        message = format!("{message} [{gstatus}]");
-    }
-    if kind == ErrorKind::Endpoint {
-        message.push_str(": the URL is wrong for every request; check [model] base_url");
-    }
     ProviderError {
-        status: Some(status),
         retry_after: api.as_ref().and_then(ApiError::retry_delay),
-        ..ProviderError::new(kind, message)
+        ..classified(key, status, kind, &raw, &gstatus)
     }
 }
 

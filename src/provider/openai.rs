@@ -165,6 +165,37 @@ impl OpenAi {
     }
 }
 
+/// What a vendor's error body says: its message, or the start of a body that is not the
+/// API's JSON (a proxy's page).
+pub(crate) fn error_text(message: Option<&str>, body: &[u8]) -> String {
+    match message {
+        Some(m) => m.to_string(),
+        None => String::from_utf8_lossy(&body[..body.len().min(500)]).into_owned(),
+    }
+}
+
+/// A failure the vendor's error table classified: its text with the key cut out, the
+/// vendor's own error type in brackets, and for a URL wrong for every request what to check.
+pub(crate) fn classified(
+    key: Option<&ApiKey>,
+    status: u16,
+    kind: ErrorKind,
+    text: &str,
+    vendor_type: &str,
+) -> ProviderError {
+    let mut message = scrub(key, text);
+    if !vendor_type.is_empty() {
+        message = format!("{message} [{vendor_type}]");
+    }
+    if kind == ErrorKind::Endpoint {
+        message.push_str(": the URL is wrong for every request; check [model] base_url");
+    }
+    ProviderError {
+        status: Some(status),
+        ..ProviderError::new(kind, message)
+    }
+}
+
 /// Any text a server sent back, with the key cut out if it was echoed.
 pub(crate) fn scrub(key: Option<&ApiKey>, text: &str) -> String {
     match key {
