@@ -361,6 +361,66 @@ class Bench:
                     f"{cpu_per_k:.0f} ms (user {m.user:.2f}s + sys {m.sys:.2f}s over {n} rows); "
                     f"peak RSS {m.rss_mb:.1f} MB", "<= 100 ms", m.code == 0 and cpu_per_k <= 100)
 
+    def s11_parquet(self):
+        """Parquet in and out beside the same job from CSV: rows/s and peak RSS of each."""
+        n = self.a.parquet_rows
+        self.say(f"\n## 11. Parquet: {n} rows in (row groups of 100,000), run against the fake "
+                 f"server at 0 ms, Parquet out; beside the same job from CSV")
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            self.say("  ! pyarrow is missing (pip install pyarrow): scenario 11 skipped")
+            self.record("11 parquet", "not run: no pyarrow", "RSS < 100 MB", False)
+            return
+        csv_in = os.path.join(self.work, f"parquet_{n}.csv")
+        rng = random.Random(11)
+        write_csv(csv_in, n, lambda i: f"row {i}: {prose(rng, 12)}")
+        pq_in = os.path.join(self.work, f"parquet_{n}.parquet")
+        if not os.path.exists(pq_in + ".ok"):
+            # The same rows as the CSV, and two columns the job does not read (never decoded).
+            ids, texts = [], []
+            with open(csv_in) as f:
+                next(f)
+                for line in f:
+                    i, t = line.rstrip("\n").split(",", 1)
+                    ids.append(i)
+                    texts.append(t)
+            table = pa.table({"id": ids, "text": texts,
+                              "unused_n": pa.array(range(len(ids)), pa.int64()),
+                              "unused_s": pa.array(["x" * 200] * len(ids))})
+            pq.write_table(table, pq_in, row_group_size=100_000, compression="snappy")
+            del table, ids, texts
+            open(pq_in + ".ok", "w").close()
+        content = "Summarise in five words: {{ text }}"
+        figures = {}
+        with FakeServer(self.fake) as s:
+            self.say(f"  server: {cmdline(s.cmd)}")
+            for kind, inp in (("csv", csv_in), ("parquet", pq_in)):
+                name = f"pq_{kind}"
+                job, out = write_job(self.work, name, inp, s.base_url, content, 16, 64)
+                if kind == "parquet":
+                    with open(job) as f:
+                        text = f.read()
+                    text = text.replace(f'path = "{out}"',
+                                        f'path = "{out}"\nparquet = "{out[:-6]}.parquet"')
+                    text = text.replace(f'path = "{inp}"', f'path = "{inp}"\nid = "id"')
+                    with open(job, "w") as f:
+                        f.write(text)
+                m, sent = self.scale_run(s, job, out, n, name)
+                figures[kind] = (m, sent)
+            s.stop()
+        (mc, _), (mp, sent) = figures["csv"], figures["parquet"]
+        pq_out = os.path.join(self.work, "out", "pq_parquet.parquet")
+        rows_out = pq.ParquetFile(pq_out).metadata.num_rows if os.path.exists(pq_out) else 0
+        self.say(f"  Parquet out: {rows_out} rows, {os.path.getsize(pq_out) / 1e6:.1f} MB"
+                 if rows_out else "  ! no Parquet output")
+        ok = mp.code == 0 and sent == n and rows_out == n
+        self.record("11 parquet in and out vs CSV",
+                    f"Parquet: {n / mp.wall:.0f} rows/s, peak RSS {mp.rss_mb:.1f} MB; CSV: "
+                    f"{n / mc.wall:.0f} rows/s, peak RSS {mc.rss_mb:.1f} MB",
+                    "RSS < 100 MB", ok and mp.rss_mb < 100)
+
     def _quota(self, label, name, rows, conc, job_rpm):
         self.say(f"\n## {label}")
         inp = os.path.join(self.work, f"quota_{rows}.csv")
@@ -656,7 +716,8 @@ def token_text(rng, i):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="scenarios to run (default: all)")
+    ap.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="scenarios to run (default: all)")
+    ap.add_argument("--parquet-rows", type=int, default=1_000_000, help="scenario 11's rows")
     ap.add_argument("--merge-shards", type=int, default=10, help="scenario 9's shards")
     ap.add_argument("--merge-rows", type=int, default=100_000, help="scenario 9's rows per shard")
     ap.add_argument("--batch-rows", type=int, default=1_000_000, help="scenario 8's rows")
@@ -712,6 +773,8 @@ def main():
         b.s9_merge()
     if "10" in a.only:
         b.s10_structured()
+    if "11" in a.only:
+        b.s11_parquet()
     took = time.monotonic() - t0
     table = b.table()
     cmd = cmdline(["python3", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])

@@ -19,14 +19,15 @@
 //!            vendor (which one a job uses), lines, pass (the log's use), submit, results,
 //!            state (the step log), export
 //! plan       per row: done, copy, send, input error, another shard's
-//! output     what is made from records: csv, merge, html (the report: tally, table, page,
-//!            svg charts, text)
+//! output     what is made from records: csv, parquet, merge, html (the report: tally,
+//!            table, page, svg charts, text)
 //! report     the progress line and the end-of-run summary
 //! request    one row → its chat request, its wire body and its fingerprint
 //! render     Tera, loaded once → the row's chat messages
 //! content    a row field's own messages array (`from`), image files and URLs → parts
 //! backend    the one assembler: a job → provider, token counter, wire, price, identity
-//! input      rows: CSV | JSONL, streamed on a thread → Row { number, id, fields } or RowError
+//! input      rows: CSV | JSONL | Parquet, streamed on a thread → Row { number, id, fields } or
+//!            RowError
 //! job        the job file: raw (serde) → validated Job through messages, model, run, output
 //!            (paths, params, limits; keys refused); stamp
 //! ledger     the output's files: journal (append, repair, lock), record, index (done by
