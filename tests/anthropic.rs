@@ -611,3 +611,28 @@ fn n_choices_from_claude_are_n_requests_and_a_failure_keeps_what_was_paid() {
     );
     billed_equals_kept(&s, &f);
 }
+
+/// With no schema or checks to judge it, a refusal still fails its row (kind `refusal`, once,
+/// never retried) with what it cost on the record: never an `ok` row with no text.
+#[test]
+fn a_refusal_fails_its_row_without_a_shape_and_keeps_its_cost() {
+    let s = spawn_background(Config::default());
+    let f = Fixture::new();
+    let j = claude_job(&f, &s, &["boots", "hats FAULT:refusal"], "", "");
+    let r = run(&f, &["run", "--quiet", &j]);
+    assert_eq!(r.code, 1, "a row failed: {}", r.stderr);
+    let recs = read_jsonl(&f.path("out/result.jsonl"));
+    let refused = recs
+        .iter()
+        .find(|r| r["input"]["text"] == "hats FAULT:refusal")
+        .unwrap();
+    assert_eq!(refused["status"], "error", "{refused}");
+    assert_eq!(refused["error"]["kind"], "refusal");
+    assert_eq!(refused["attempts"], 1, "not retried");
+    assert!(
+        refused["cost_usd"].as_f64().unwrap() > 0.0,
+        "what it cost is kept"
+    );
+    assert_eq!(s.stats().requests, 2);
+    billed_equals_kept(&s, &f);
+}

@@ -12,7 +12,7 @@ use super::several::send_choices;
 use super::writer::Msg;
 use super::Shared;
 use crate::ledger::record::{Record, RecordError};
-use crate::provider::Completion;
+use crate::provider::{Completion, ErrorKind};
 use crate::request::Prepared;
 
 /// Sends one row with retries, then (when the job has a shape) asks again for what breaks
@@ -152,6 +152,15 @@ fn answered(
     };
     let price = sh.price(c.model.as_deref());
     let several = sh.job.params.choices() > 1 || !c.choices.is_empty();
+    // Without a shape nothing judges the answer: a refusal on every choice (Claude's
+    // `stop_reason: refusal`, Gemini's SAFETY, OpenAI's `message.refusal`) still fails the
+    // row, paid and kept, never an `ok` with no text.
+    let refused = shaped
+        .is_none()
+        .then(|| c.all_choices())
+        .filter(|all| all.iter().all(|ch| ch.refusal.is_some()))
+        .and_then(|all| all.into_iter().next())
+        .and_then(|ch| ch.refusal);
     let ttft_ms = c.ttft_ms;
     // Plain text with several choices keeps them all; one choice needs no copy.
     let plain_choices = (shaped.is_none() && several).then(|| c.all_choices());
@@ -186,6 +195,10 @@ fn answered(
             set_choices(&mut record, choices, none, true);
         }
         (None, None) => {}
+    }
+    if let Some(r) = refused {
+        let failure = (ErrorKind::Refusal, format!("the model refused: {r}"));
+        judged_wrong(&mut record, Vec::new(), Some(failure));
     }
     record
 }
