@@ -67,7 +67,7 @@ impl AnthropicBatches {
     /// `requests` array. Never retried here: a create is not idempotent.
     async fn create_once(&self, staged: &str) -> Result<Batch, CreateFailed> {
         let path = PathBuf::from(staged);
-        let body = requests_body(&path).await.map_err(CreateFailed::before)?;
+        let (body, len) = requests_body(&path).await.map_err(CreateFailed::before)?;
         let url = self.url("").map_err(CreateFailed::before)?;
         let what = format!("creating a message batch of {}", path.display());
         let resp = self
@@ -77,6 +77,7 @@ impl AnthropicBatches {
                     .client
                     .post(url)
                     .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header(reqwest::header::CONTENT_LENGTH, len)
                     .body(reqwest::Body::wrap_stream(body)),
             )
             .await
@@ -252,13 +253,22 @@ fn part_holds(file: &Path, custom_id: &str) -> Result<bool, Error> {
 
 /// The create's body, `{"requests":[line,line,…]}`, streamed from the part's file: every
 /// newline but the last becomes a comma (a line is JSON that never holds a raw newline).
+/// Also its length, sent as `Content-Length` (a proxy may refuse a chunked upload).
 async fn requests_body(
     path: &Path,
-) -> Result<impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static, Error> {
+) -> Result<
+    (
+        impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+        u64,
+    ),
+    Error,
+> {
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| io_err(path, e))?;
     let len = file.metadata().await.map_err(|e| io_err(path, e))?.len();
+    // The head and tail, less the last line's newline (every line ends with one).
+    let total = len + 15 - u64::from(ends_with_newline(path)?);
     let mut pos = 0u64;
     let lines = tokio_util::io::ReaderStream::new(file).map(move |chunk| {
         chunk.map(|c| {
@@ -281,7 +291,20 @@ async fn requests_body(
     });
     let tail =
         futures::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"]}")) });
-    Ok(head.chain(lines).chain(tail))
+    Ok((head.chain(lines).chain(tail), total))
+}
+
+fn ends_with_newline(path: &Path) -> Result<bool, Error> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    if f.metadata().map_err(|e| io_err(path, e))?.len() == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8; 1];
+    f.seek(SeekFrom::End(-1))
+        .and_then(|_| f.read_exact(&mut last))
+        .map_err(|e| io_err(path, e))?;
+    Ok(last[0] == b'\n')
 }
 
 /// A Message Batch as the API describes it.
@@ -621,11 +644,17 @@ mod tests {
             ));
         }
         std::fs::write(&p, &text).unwrap();
-        let mut body = Box::pin(requests_body(&p).await.unwrap());
+        let (body, len) = requests_body(&p).await.unwrap();
+        let mut body = Box::pin(body);
         let mut bytes = Vec::new();
         while let Some(c) = body.next().await {
             bytes.extend_from_slice(&c.unwrap());
         }
+        assert_eq!(
+            bytes.len() as u64,
+            len,
+            "Content-Length is the body's length"
+        );
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         let reqs = v["requests"].as_array().unwrap();
         assert_eq!(reqs.len(), 5000);
