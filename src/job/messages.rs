@@ -182,7 +182,7 @@ pub(super) fn template_dirs(dir: &Path) -> Vec<PathBuf> {
 mod tests {
     use super::super::tests::{field_of, with_messages};
     use super::*;
-    use crate::job::TEXT_ONLY_MODEL;
+    use crate::job::model::TEXT_ONLY_MODEL;
 
     #[test]
     fn from_and_images_are_checked_where_the_job_loads() {

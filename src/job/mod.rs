@@ -20,7 +20,10 @@ use crate::error::Error;
 use crate::shape::OutputShape;
 pub use messages::{MessageSource, MessageSpec};
 pub use model::{CacheKey, Served};
-pub use model::{ProviderKind, TEXT_ONLY_MODEL};
+pub use model::ProviderKind;
+// Only the embedded model refuses images with it.
+#[cfg(feature = "local")]
+pub use model::TEXT_ONLY_MODEL;
 pub use raw::{RawInput, RawJob};
 pub use run::{BatchLimits, Limits};
 

@@ -41,6 +41,8 @@ pub struct Served {
     pub model: String,
     pub model_path: Option<PathBuf>,
     pub context_tokens: Option<u32>,
+    /// Read by the embedded model only: an HTTP-only build carries it unread.
+    #[cfg_attr(not(feature = "local"), allow(dead_code))]
     pub cache_prompt: bool,
     pub base_url: String,
     pub api_key_env: String,
