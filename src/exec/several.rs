@@ -38,6 +38,9 @@ pub(super) async fn send_choices(
         let answer = if stopped && i > 0 {
             None
         } else {
+            // Each request has the whole retry policy: a choice is not short of retries
+            // because an earlier one used some.
+            st.retrier = sh.retry.start();
             send(sh, row, request, 1, started, st).await
         };
         let failure = match (answer, merged.take()) {

@@ -19,8 +19,8 @@ use crate::cost::Pricing;
 use crate::error::Error;
 use crate::shape::OutputShape;
 pub use messages::{MessageSource, MessageSpec};
-pub use model::{CacheKey, Served};
 pub use model::ProviderKind;
+pub use model::{CacheKey, Served};
 // Only the embedded model refuses images with it.
 #[cfg(feature = "local")]
 pub use model::TEXT_ONLY_MODEL;
