@@ -367,3 +367,23 @@ fn results_on_another_host_are_refused_and_the_key_never_goes_there() {
     );
     assert!(read_jsonl_if_there(&f.path("out/result.jsonl")).is_empty());
 }
+
+/// Reads that fail (a retrieve, the results) are retried like any call that is safe to
+/// repeat: the batch is followed and collected, nothing is created twice.
+#[test]
+fn failed_reads_of_a_message_batch_are_retried_and_nothing_is_created_twice() {
+    let s = spawn_background(Config {
+        batch_auto_advance: true,
+        batch_read_failures: 3,
+        ..Config::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(5, "item");
+    let j = batch_job(&f, &s, &rows, "");
+    ok_run(&f, &["run", "--wait", &j]);
+    let st = s.stats();
+    assert_eq!(st.faults, 3, "three reads failed");
+    assert_eq!((st.batches_created, st.batch_requests_billed), (1, 5));
+    assert_eq!(answered(&f), all(&rows));
+    billed_equals_kept(&s, &f);
+}

@@ -10,7 +10,8 @@
 //! cache reads are what `POST /v1/messages` gives for the same params; a `FAULT:` marker that
 //! would fail the request online makes it `errored` here with the API's error type, and only
 //! `succeeded` requests are billed. `Config::batch_create_answers_lost` and
-//! `batch_create_failures` apply to these creates as to OpenAI's.
+//! `batch_create_failures` apply to these creates as to OpenAI's; `batch_read_failures` makes
+//! the first reads (retrieve, list, results) answer 500.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -358,6 +359,14 @@ pub(crate) async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Respo
         );
     }
     let method = req.method().clone();
+    if method == Method::GET && shared.batch.lock().unwrap().refuse_read(shared) {
+        shared.counters.faults.fetch_add(1, Ordering::Relaxed);
+        return error(
+            500,
+            "api_error",
+            "Internal server error (injected by batch_read_failures)",
+        );
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let rest = path.trim_start_matches("/v1/messages/batches");

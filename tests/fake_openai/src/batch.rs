@@ -54,6 +54,8 @@ pub(crate) struct State {
     creates_failed: u64,
     /// Anthropic's Message Batches, moved by the same steps.
     pub(crate) messages: crate::anthropic_batch::Batches,
+    /// Reads refused with a 500 so far (`Config::batch_read_failures`).
+    reads_failed: u64,
 }
 
 struct StoredFile {
@@ -271,6 +273,13 @@ impl State {
     pub(crate) fn refuse_create(&mut self, shared: &Shared) -> bool {
         let refuse = self.creates_failed < shared.config.batch_create_failures;
         self.creates_failed += u64::from(refuse);
+        refuse
+    }
+
+    /// Whether this read is refused with a 500 (`Config::batch_read_failures`).
+    pub(crate) fn refuse_read(&mut self, shared: &Shared) -> bool {
+        let refuse = self.reads_failed < shared.config.batch_read_failures;
+        self.reads_failed += u64::from(refuse);
         refuse
     }
 

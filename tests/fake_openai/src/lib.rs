@@ -80,6 +80,9 @@ pub struct Config {
     pub batch_create_answers_lost: u64,
     /// The first this many `POST /v1/batches` answer 500 and make nothing.
     pub batch_create_failures: u64,
+    /// The first this many reads on Anthropic's Message Batches routes (a retrieve, a list, a
+    /// results download) answer 500 `api_error`: a client must retry them.
+    pub batch_read_failures: u64,
     /// Where a Message Batch's `results_url` points (`http://HOST:PORT`); None: this server.
     /// A client must not send its key to another host.
     pub message_results_root: Option<String>,
@@ -105,6 +108,7 @@ impl Default for Config {
             batch_create_answers_lost: 0,
             batch_create_failures: 0,
             message_results_root: None,
+            batch_read_failures: 0,
         }
     }
 }
