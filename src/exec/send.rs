@@ -99,12 +99,13 @@ async fn shape(
 ) -> (Completion, Option<Shaped>) {
     match (short, sh.shape.as_ref()) {
         (Some(short), _) => {
+            let choices = c.all_choices();
             let s = Shaped {
-                data: vec![None; c.all_choices().len()],
-                choices: c.all_choices(),
+                data: vec![None; choices.len()],
+                choices,
                 invalid: Vec::new(),
                 failure: Some(short),
-                usage: super::records::usage_of(sh, &p.request.messages, &c),
+                usage: usage_of(sh, &p.request.messages, &c),
             };
             (c, Some(s))
         }
@@ -157,10 +158,8 @@ fn answered(
     // row, paid and kept, never an `ok` with no text.
     let refused = shaped
         .is_none()
-        .then(|| c.all_choices())
-        .filter(|all| all.iter().all(|ch| ch.refusal.is_some()))
-        .and_then(|all| all.into_iter().next())
-        .and_then(|ch| ch.refusal);
+        .then(|| c.refused_everywhere().map(String::from))
+        .flatten();
     let ttft_ms = c.ttft_ms;
     // Plain text with several choices keeps them all; one choice needs no copy.
     let plain_choices = (shaped.is_none() && several).then(|| c.all_choices());

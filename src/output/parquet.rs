@@ -22,7 +22,6 @@ use serde_json::{Map, Value};
 use crate::error::Error;
 use crate::ledger::files::Pending;
 use crate::ledger::journal::{for_each_line, parse_line};
-use crate::ledger::record::Status;
 
 const DECODE_ROWS: usize = 8192;
 const ROW_GROUP_ROWS: usize = 65_536;
@@ -133,11 +132,16 @@ pub fn export_parquet(jsonl: &Path, out: &Path, opts: &ParquetOptions) -> Result
             path: jsonl.to_path_buf(),
             message: format!("line {n}: not an output record: {e}"),
         };
-        let Some(l) = parse_line(bytes).map_err(bad)? else {
+        // One parse a record: the table reads everything from the value.
+        let text = bytes.trim_ascii();
+        if text.is_empty() {
             return Ok(());
-        };
-        let record: Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
-        rows.push(row_of(&record, &l, &sources, &schema));
+        }
+        let record: Value = serde_json::from_slice(text).map_err(|e| bad(e.to_string()))?;
+        if !record["row"].is_u64() {
+            return Err(bad("no row number".into()));
+        }
+        rows.push(row_of(&record, &sources, &schema));
         written += 1;
         if rows.len() == DECODE_ROWS {
             flush(&mut rows, &mut writer)?;
@@ -215,17 +219,12 @@ fn layout(input: Vec<Field>, data: Vec<Field>) -> (SchemaRef, Vec<Source>) {
 }
 
 /// One record as the decoder takes it: each column's value under its name, fitted to its type.
-fn row_of(
-    record: &Value,
-    l: &crate::ledger::journal::Line,
-    sources: &[Source],
-    schema: &Schema,
-) -> Value {
+fn row_of(record: &Value, sources: &[Source], schema: &Schema) -> Value {
     let mut m = Map::with_capacity(sources.len());
     for (src, f) in sources.iter().zip(schema.fields()) {
         let v = match src {
-            Source::Row => Value::from(l.row),
-            Source::Id => Value::from(l.id.as_ref()),
+            Source::Row => record["row"].clone(),
+            Source::Id => record["id"].clone(),
             Source::Input(k) => record["input"].get(k).cloned().unwrap_or(Value::Null),
             Source::Data(k) => record["data"].get(k).cloned().unwrap_or(Value::Null),
             Source::Completion => record["completion"].clone(),
@@ -235,11 +234,7 @@ fn row_of(
             },
             Source::Usage(k) => record["usage"][*k].clone(),
             Source::Cost => record["cost_usd"].clone(),
-            Source::Status => Value::from(if l.status == Status::Ok {
-                "ok"
-            } else {
-                "error"
-            }),
+            Source::Status => record["status"].clone(),
             Source::Error => record["error"]["message"].clone(),
             Source::ErrorKind => record["error"]["kind"].clone(),
         };

@@ -77,6 +77,15 @@ pub struct Choice {
 }
 
 impl Completion {
+    /// The first refusal when every choice refused, looked at in place (no copy of the text).
+    pub fn refused_everywhere(&self) -> Option<&str> {
+        if self.choices.is_empty() {
+            return self.refusal.as_deref();
+        }
+        let all = self.choices.iter().all(|c| c.refusal.is_some());
+        all.then(|| self.choices[0].refusal.as_deref()).flatten()
+    }
+
     /// Every choice, the first one included.
     pub fn all_choices(&self) -> Vec<Choice> {
         if self.choices.is_empty() {
