@@ -636,3 +636,39 @@ fn a_refusal_fails_its_row_without_a_shape_and_keeps_its_cost() {
     assert_eq!(s.stats().requests, 2);
     billed_equals_kept(&s, &f);
 }
+
+/// Claude has no `n`: the dry run's cost bound pays the prompt once a choice, so two choices
+/// bound at exactly twice one choice (with OpenAI's `n` the prompt would be paid once).
+#[test]
+fn the_dry_run_bounds_n_choices_from_claude_as_n_whole_requests() {
+    let s = spawn_background(Config::default());
+    let bound = |n: u32| -> f64 {
+        let f = Fixture::new();
+        let j = claude_job(
+            &f,
+            &s,
+            &["boots"],
+            &format!("n = {n}\nprompt_cache = \"off\""),
+            "",
+        );
+        let r = run(&f, &["estimate", &j]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let out = format!("{}{}", r.stdout, r.stderr);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("cost bound"))
+            .expect("a bound line");
+        line.split('$')
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (one, two) = (bound(1), bound(2));
+    assert!(one > 0.0);
+    assert!((two - 2.0 * one).abs() <= 2e-6, "{one} and {two}");
+    assert_eq!(s.stats().requests, 0);
+}

@@ -384,3 +384,22 @@ fn shards_merge_into_one_parquet_table_in_input_order() {
     assert_eq!(texts, rows, "every row once, in input order");
     assert_eq!(type_of(&schema, "completion"), DataType::Utf8);
 }
+
+#[test]
+fn parquet_is_not_read_from_a_pipe() {
+    let s = server();
+    let f = Fixture::new();
+    let job = f.job("-", "{{ title }}", "", "", &s.base_url());
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("path = \"-\"", "path = \"-\"\nformat = \"parquet\"");
+    std::fs::write(&job, text).unwrap();
+    let r = f.run(&["run", job.to_str().unwrap()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Parquet cannot be read from stdin"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(s.stats().requests, 0);
+}

@@ -541,3 +541,51 @@ mod tests {
         assert!(value(i.as_ref(), 0).unwrap_err().contains("Interval"));
     }
 }
+
+#[cfg(test)]
+mod file_tests {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, BinaryArray, RecordBatch, StringArray};
+    use parquet::arrow::ArrowWriter;
+
+    use super::*;
+
+    fn write(path: &Path, cols: Vec<(&str, ArrayRef)>) {
+        let b = RecordBatch::try_from_iter(cols).unwrap();
+        let mut w = ArrowWriter::try_new(File::create(path).unwrap(), b.schema(), None).unwrap();
+        w.write(&b).unwrap();
+        w.close().unwrap();
+    }
+
+    fn all() -> Wanted {
+        Wanted::Named(vec!["t".into(), "bin".into()])
+    }
+
+    #[test]
+    fn binary_is_base64_and_a_bad_file_or_a_part_short_of_a_column_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let t = |v: &str| Arc::new(StringArray::from(vec![v])) as ArrayRef;
+        let bin = Arc::new(BinaryArray::from(vec![b"\x00\x01".as_ref()])) as ArrayRef;
+        write(
+            &d.path().join("part-0.parquet"),
+            vec![("t", t("a")), ("bin", bin)],
+        );
+        write(&d.path().join("part-1.parquet"), vec![("t", t("b"))]);
+        let mut rows = ParquetRows::open(d.path(), all()).unwrap();
+        let first = rows.next_row().unwrap().unwrap();
+        assert_eq!(first["bin"], "AAE=");
+        // The second part lacks `bin`: the stream ends there, saying why.
+        let (msg, fatal) = rows.next_row().unwrap().unwrap_err();
+        assert!(
+            fatal && msg.contains("`bin`") && msg.contains("part-1.parquet"),
+            "{msg}"
+        );
+        assert!(rows.next_row().is_none());
+
+        let not = d.path().join("not.parquet");
+        std::fs::write(&not, "id,text\n1,a\n").unwrap();
+        let e = ParquetRows::open(&not, all()).err().unwrap().to_string();
+        assert!(e.contains("not a readable Parquet file"), "{e}");
+    }
+}

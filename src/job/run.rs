@@ -171,6 +171,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_claude_batch_part_defaults_to_anthropics_limits_and_openais_to_its_own() {
+        let claude = "provider = \"anthropic\"\nname = \"claude-sonnet-4-5\"\nmax_tokens = 9";
+        let b = job(claude, "").unwrap().batch;
+        assert_eq!(
+            (b.max_requests_per_file, b.max_bytes_per_file),
+            (100_000, 256_000_000)
+        );
+        let b = job("name = \"gpt-4o\"", "").unwrap().batch;
+        assert_eq!(
+            (b.max_requests_per_file, b.max_bytes_per_file),
+            (BATCH_MAX_REQUESTS, BATCH_MAX_BYTES)
+        );
+    }
+
+    #[test]
     fn flex_waits_fifteen_minutes_unless_the_job_says_otherwise() {
         let flex = "name = \"gpt-5-mini\"\nservice_tier = \"flex\"";
         let j = job(flex, "").unwrap();

@@ -403,3 +403,41 @@ fn infer(jsonl: &Path, part: &str) -> Result<Vec<Field>, Error> {
         .map(|(n, t)| Field::new(n, t, true))
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jsonl_inputs_columns_are_typed_by_their_values() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("o.jsonl");
+        std::fs::write(
+            &out,
+            concat!(
+                r#"{"row":1,"id":"1","status":"error","input":{"n":1,"x":1,"b":true,"s":"a","o":{"k":1}}}"#,
+                "\n",
+                r#"{"row":2,"id":"2","status":"error","input":{"n":2,"x":1.5,"b":false,"s":"b","o":[1]}}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        let types: Vec<(String, DataType)> = infer(&out, "input")
+            .unwrap()
+            .into_iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect();
+        let want = [
+            ("n", DataType::Int64),
+            ("x", DataType::Float64),
+            ("b", DataType::Boolean),
+            ("s", DataType::Utf8),
+            ("o", DataType::Utf8),
+        ];
+        assert_eq!(
+            types,
+            want.map(|(n, t)| (n.to_string(), t)).to_vec(),
+            "integers and floats mixed are numbers, anything nested is text"
+        );
+    }
+}
