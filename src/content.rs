@@ -217,7 +217,18 @@ fn remote(src: &str, detail: Option<Detail>) -> Result<Option<ImageUrl>, String>
             size: Some(size),
         }));
     }
-    // `s3://…`, `ftp://…`: not a path either.
+    // An object on a store (`s3://b/img/1.png`): fetched, within the API's limit.
+    if crate::store::is_url(src) && !lower.starts_with("file://") {
+        let bytes =
+            crate::store::stage::read(src, MAX_IMAGE_BYTES).map_err(|e| format!("image: {e}"))?;
+        let (url, size) = data_url(&bytes).map_err(|e| format!("image `{}`: {e}", clip(src)))?;
+        return Ok(Some(ImageUrl {
+            url,
+            detail,
+            size: Some(size),
+        }));
+    }
+    // `ftp://…`: not a path either.
     if let Some((scheme, _)) = src.split_once("://") {
         if !scheme.is_empty()
             && scheme

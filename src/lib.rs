@@ -73,4 +73,5 @@ pub(crate) mod report;
 pub(crate) mod request;
 pub(crate) mod shape;
 pub(crate) mod shard;
+pub(crate) mod store;
 pub(crate) mod tokens;

@@ -37,7 +37,7 @@ struct Tally {
 }
 
 pub(super) fn estimate(args: &JobArgs, ov: &Overrides, retry_failed: bool) -> Result<i32, Error> {
-    let job = Job::load(&args.job, ov)?;
+    let job = super::stored::load_viewed(&args.job, ov)?;
     let renderer = Renderer::new(&job)?;
     let backend = crate::backend::Backend::for_job(&job, false)?;
     // The run's own planner, so "rows to send" is what `run` would send.

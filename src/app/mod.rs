@@ -6,6 +6,7 @@ mod inspect;
 mod outputs;
 mod run;
 mod status;
+mod stored;
 
 use std::io::IsTerminal;
 

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::cli::JobArgs;
 use crate::error::{Error, EXIT_OK};
-use crate::job::{Job, Overrides};
+use crate::job::Overrides;
 use crate::render::Renderer;
 use crate::shard::Shard;
 
@@ -49,20 +49,43 @@ pub(super) fn merge(
     parquet: Option<std::path::PathBuf>,
     quiet: bool,
 ) -> Result<i32, Error> {
-    let inputs = crate::output::merge::expand(outputs)?;
+    let named = super::stored::expand(outputs, true)?;
+    let inputs: Vec<std::path::PathBuf> = named.iter().map(|(p, _)| p.clone()).collect();
+    // Without -o: the first output's name without its shard tag, on the store if it is there.
+    let first_url = named.first().and_then(|(_, u)| u.clone());
     let output = match output {
         Some(o) => o,
-        None => inputs
-            .first()
-            .and_then(|p| crate::output::merge::unsharded(p))
-            .ok_or_else(|| {
-                Error::Other(
-                    "merge: name the merged output with -o (the inputs are not shard outputs)"
-                        .into(),
-                )
-            })?,
+        None => match &first_url {
+            Some(u) => crate::output::merge::unsharded(Path::new(&u.to_string())),
+            None => inputs
+                .first()
+                .and_then(|p| crate::output::merge::unsharded(p)),
+        }
+        .ok_or_else(|| {
+            Error::Other(
+                "merge: name the merged output with -o (the inputs are not shard outputs)".into(),
+            )
+        })?,
+    };
+    let target = match output.to_str().filter(|s| crate::store::is_url(s)) {
+        Some(s) => Some(super::stored::Target::open(
+            s,
+            csv.as_deref(),
+            parquet.as_deref(),
+            &inputs[0],
+        )?),
+        None => None,
+    };
+    let (output, csv, parquet) = match &target {
+        Some(t) => (t.local.clone(), t.csv.clone(), t.parquet.clone()),
+        None => (output, csv, parquet),
     };
     let m = crate::output::merge::merge(&inputs, &output, csv.as_deref(), parquet.as_deref())?;
+    if let Some(t) = target {
+        let url = t.url().clone();
+        t.publish()?;
+        eprintln!("published to {url}");
+    }
     if !quiet {
         eprint!("{}", m.summary.table());
     }
@@ -128,7 +151,7 @@ pub(super) fn status(
         };
         // Without --shard or --shards, the shard outputs found beside the output, if any.
         let shards = match (shard, shards) {
-            (None, None) => shards_beside(&Job::load(file, &ov)?.output),
+            (None, None) => shards_beside(&super::stored::load_viewed(file, &ov)?.output),
             _ => shards,
         };
         let list: Vec<Option<Shard>> = match (shard, shards) {
@@ -138,14 +161,22 @@ pub(super) fn status(
         };
         super::status::status_of_job(file, &ov, &list)?
     } else {
-        super::status::status_of_outputs(&crate::output::merge::expand(targets)?)?
+        let named = super::stored::expand(targets, false)?;
+        let paths: Vec<std::path::PathBuf> = named.iter().map(|(p, _)| p.clone()).collect();
+        let mut rows = super::status::status_of_outputs(&paths)?;
+        for (row, (_, url)) in rows.iter_mut().zip(&named) {
+            if let Some(u) = url {
+                row.name = u.to_string();
+            }
+        }
+        rows
     };
     print!("{}", super::status::status_table(&rows));
     Ok(EXIT_OK)
 }
 
 pub(super) fn export(args: &JobArgs, out: &Path) -> Result<i32, Error> {
-    let job = Job::load(&args.job, &job_overrides(args)?)?;
+    let job = super::stored::load_viewed(&args.job, &job_overrides(args)?)?;
     let renderer = Renderer::new(&job)?;
     let backend = crate::backend::Backend::for_job(&job, false)?;
     let n = crate::exec::batch::export::export(&job, &renderer, &backend, args.limit, out)?;

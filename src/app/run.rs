@@ -8,6 +8,8 @@ use crate::error::{Error, EXIT_OK, EXIT_STOPPED};
 use crate::exec::{self, Interrupt, RunOptions, Signals};
 use crate::job::{Job, Overrides};
 use crate::render::Renderer;
+use crate::store::session::Session;
+use std::sync::Arc;
 
 use super::{job_overrides, overrides, runtime};
 
@@ -113,8 +115,13 @@ pub(super) fn passes(
         ..ov.clone()
     };
     let _remove = copy.map(RemoveOnDrop);
+    let mut session: Option<Held> = None;
     loop {
         let job = Job::load(file, ov)?;
+        if let (None, Some(remote)) = (&session, &job.remote) {
+            // Held across passes: one lock for the whole run, released however it ends.
+            session = Some(Held(Arc::new(Session::open(remote)?)));
+        }
         if !listening {
             let (s, grace) = (signals.clone(), job.limits.shutdown_grace);
             rt.block_on(async move { listen_for_signals(&s, grace) })?;
@@ -122,7 +129,8 @@ pub(super) fn passes(
         }
         let quiet = opts.quiet;
         let for_wait = job.clone();
-        let (summary, code) = one_pass(&rt, job, &mut opts, &signals, json_logs)?;
+        let held = session.as_ref().map(|h| h.0.clone());
+        let (summary, code) = one_pass(&rt, job, &mut opts, &signals, json_logs, held)?;
         let running = summary
             .batch
             .is_some_and(|b| b.batches_submitted + b.batches_running > 0);
@@ -186,6 +194,15 @@ fn keep_piped_input(file: &Path, ov: &Overrides) -> Result<Option<std::path::Pat
     Ok(Some(copy))
 }
 
+/// A store output's session, its lock released when the passes end (an error included).
+struct Held(Arc<Session>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// Removes a file when dropped: the piped input's copy, however the passes end.
 struct RemoveOnDrop(std::path::PathBuf);
 
@@ -203,6 +220,7 @@ fn one_pass(
     opts: &mut RunOptions,
     signals: &Signals,
     json_logs: bool,
+    session: Option<Arc<Session>>,
 ) -> Result<(crate::report::Summary, i32), Error> {
     let renderer = Renderer::new(&job)?;
     let backend = crate::backend::Backend::for_job(&job, true)?;
@@ -221,13 +239,35 @@ fn one_pass(
         import: opts.import.clone(),
         ..*opts
     };
-    let (summary, code) = rt.block_on(exec::run(
+    // A store output's journal goes up in pieces while the run writes it; a run that lost
+    // its lock stops at once (another run owns the output now).
+    let ticker = session.as_ref().map(|s| {
+        let sig = signals.clone();
+        s.checkpointing(move || {
+            sig.stop.cancel();
+            sig.abort.cancel();
+        })
+    });
+    let ran = rt.block_on(exec::run(
         job,
         pass_opts,
         backend,
         renderer,
         signals.clone(),
-    ))?;
+    ));
+    drop(ticker);
+    let (summary, code) = match ran {
+        Ok(r) => r,
+        Err(e) => {
+            // What was written is sent as a piece before the error is reported.
+            if let Some(s) = &session {
+                if let Err(ce) = s.tick() {
+                    tracing::warn!("{ce}");
+                }
+            }
+            return Err(e);
+        }
+    };
     print_summary(
         &summary,
         code,
@@ -238,6 +278,12 @@ fn one_pass(
         &files.summary(),
         &report,
     );
+    if let Some(s) = &session {
+        s.publish()?;
+        if !quiet {
+            eprintln!("published to {}", s.url());
+        }
+    }
     Ok((summary, code))
 }
 

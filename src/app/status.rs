@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::Error;
-use crate::job::Job;
 use crate::ledger::stamp::Stamp;
 use crate::plan::{owns, owns_unreadable};
 use crate::shard::Shard;
@@ -29,7 +28,7 @@ pub fn status_of_job(
     use crate::plan::{Decision, Planner};
     let mut parts = Vec::new();
     for sh in shards {
-        let job = Job::load(
+        let job = super::stored::load_viewed(
             file,
             &crate::job::Overrides {
                 shard: *sh,

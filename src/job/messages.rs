@@ -135,6 +135,11 @@ fn text_source(
     has_images: bool,
 ) -> Result<MessageSource, Error> {
     match (template, content) {
+        (Some(t), None) if crate::store::is_url(&t) => {
+            // Fetched with its folder by `store_template_dirs`; known by its file name there.
+            let name = t.rsplit('/').next().unwrap_or_default();
+            Ok(MessageSource::Template(name.to_string()))
+        }
         (Some(t), None) => {
             let tp = Path::new(&t);
             if tp.is_absolute()
@@ -158,6 +163,28 @@ fn text_source(
         (None, None) if has_images => Ok(MessageSource::Inline(String::new())),
         (None, None) => Err(jf.bad(field, "needs `template`, `content` or `from`".into())),
     }
+}
+
+/// The folders of templates named by object-store URL (`s3://b/templates/blog.tera`): each
+/// folder fetched whole (so `{% include %}` finds its neighbours) and searched first.
+pub(super) fn store_template_dirs(jf: &JobFile, names: &[String]) -> Result<Vec<PathBuf>, Error> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for t in names.iter().filter(|t| crate::store::is_url(t)) {
+        let folder = match t.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/"),
+            None => continue,
+        };
+        let local = if let Some(path) = folder.strip_prefix("file://") {
+            PathBuf::from(path)
+        } else {
+            crate::store::stage::fetch_many(&folder)
+                .map_err(|e| jf.bad("messages.template", e.to_string()))?
+        };
+        if !dirs.contains(&local) {
+            dirs.push(local);
+        }
+    }
+    Ok(dirs)
 }
 
 /// Template folders: the job's own, then the project's (beside jobs/, then the working folder).

@@ -82,6 +82,9 @@ pub struct Job {
     pub shard: Option<crate::shard::Shard>,
     /// What a completion must look like: schema, checks, and how often to ask again.
     pub shape: OutputShape,
+    /// The output's object-store side, when `[output] path` is a URL: `output`, `csv` and
+    /// `parquet` are then its local mirror's paths.
+    pub remote: Option<crate::store::session::RemoteOutput>,
 }
 
 /// Command-line values that override the job file.
@@ -119,13 +122,24 @@ impl Job {
         let jf = JobFile::new(path);
         model::refuse_api_key(&jf, &raw.model)?;
         let (input, input_format) = input(&jf, &raw.input, ov)?;
+        let raw_templates: Vec<String> = raw
+            .messages
+            .iter()
+            .filter_map(|m| m.template.clone())
+            .collect();
         let messages = messages::specs(&jf, raw.messages)?;
-        let template_dirs = messages::template_dirs(&jf.dir);
+        let mut template_dirs = messages::store_template_dirs(&jf, &raw_templates)?;
+        template_dirs.extend(messages::template_dirs(&jf.dir));
         let served = model::served(&jf, &raw.model)?;
         let shape = output::shape(&jf, &raw.output)?;
         let params = model::params(&jf, &raw.model, output::response_format(&shape))?;
         let limits = run::limits(&jf, &raw.run, ov, &params)?;
-        let (output, csv, parquet) = output::paths(&jf, &raw.output, ov);
+        let output::Paths {
+            output,
+            csv,
+            parquet,
+            remote,
+        } = output::paths(&jf, &raw.output, ov)?;
         model::refuse_what_local_cannot_do(&jf, served.provider, &messages, &params)?;
         model::refuse_what_anthropic_cannot_do(&jf, served.provider, &params)?;
         model::refuse_what_gemini_cannot_do(&jf, served.provider, &params)?;
@@ -141,6 +155,16 @@ impl Job {
             ));
         }
         let batch = run::batch_limits(&jf, &raw.batch, served.provider)?;
+        if mode == Mode::Batch && remote.is_some() {
+            // The batch log (what was created, before it was sent) would have to reach the
+            // store before each create; it lives on local disk only.
+            return Err(jf.bad(
+                "output.path",
+                "batch mode keeps its batch log beside the output on local disk: run it with \
+                 a local output (or with --mode online)"
+                    .into(),
+            ));
+        }
         Ok(Job {
             file: path.to_path_buf(),
             input,
@@ -167,6 +191,7 @@ impl Job {
             batch,
             shard: ov.shard,
             shape,
+            remote,
         })
     }
 }
@@ -174,7 +199,13 @@ impl Job {
 /// The input file (the command line's, else the job's) and its format: as written, else
 /// told by the extension.
 fn input(jf: &JobFile, raw: &RawInput, ov: &Overrides) -> Result<(PathBuf, InputFormat), Error> {
-    let input = ov.input.clone().unwrap_or_else(|| jf.resolve(&raw.path));
+    let input = match &ov.input {
+        Some(p) => match p.to_str().filter(|s| crate::store::is_url(s)) {
+            Some(s) => jf.fetch("input.path", s, true)?,
+            None => p.clone(),
+        },
+        None => jf.resolve_input(&raw.path)?,
+    };
     let format = match raw.format {
         Some(f) => f,
         None => match input.extension().and_then(|e| e.to_str()) {
@@ -227,10 +258,17 @@ impl JobFile<'_> {
         }
     }
 
-    /// A path as written in the job: relative to the job's folder (tidied), `-` kept as is.
+    /// A path as written in the job: relative to the job's folder (tidied), `-` kept as is,
+    /// an object-store URL kept as written (`file://` becomes its path).
     fn resolve(&self, p: &str) -> PathBuf {
         if p == "-" {
             return PathBuf::from("-");
+        }
+        if crate::store::is_url(p) {
+            return match p.strip_prefix("file://") {
+                Some(path) => PathBuf::from(path),
+                None => PathBuf::from(p),
+            };
         }
         let p = Path::new(p);
         if p.is_absolute() {
@@ -238,6 +276,34 @@ impl JobFile<'_> {
         } else {
             tidy(&self.dir.join(p))
         }
+    }
+}
+
+impl JobFile<'_> {
+    /// A file the job reads: a local path, or an object fetched to the working folder.
+    fn resolve_read(&self, field: &str, p: &str) -> Result<PathBuf, Error> {
+        match crate::store::is_url(p) && !p.starts_with("file://") {
+            true => self.fetch(field, p, false),
+            false => Ok(self.resolve(p)),
+        }
+    }
+
+    /// The input: a file, or on a store an object, a folder (`…/`) or a glob of part files.
+    fn resolve_input(&self, p: &str) -> Result<PathBuf, Error> {
+        match crate::store::is_url(p) && !p.starts_with("file://") {
+            true => self.fetch("input.path", p, true),
+            false => Ok(self.resolve(p)),
+        }
+    }
+
+    fn fetch(&self, field: &str, url: &str, many: bool) -> Result<PathBuf, Error> {
+        let several = many && (url.ends_with('/') || url.contains(['*', '?', '[']));
+        let got = if several {
+            crate::store::stage::fetch_many(url)
+        } else {
+            crate::store::stage::fetch(url)
+        };
+        got.map_err(|e| self.bad(field, e.to_string()))
     }
 }
 

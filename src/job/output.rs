@@ -2,6 +2,7 @@
 //! must look like: a schema (a file or an inline table), a response format, checks.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -9,25 +10,127 @@ use super::raw::RawOutput;
 use super::{JobFile, Overrides};
 use crate::error::Error;
 use crate::shape::OutputShape;
+use crate::store::{self, lock, session, session::RemoteOutput};
+
+/// Where a run writes: the output, CSV and Parquet paths (local: an object-store output's are
+/// its mirror's), and the store's side when the output is on one.
+pub(super) struct Paths {
+    pub output: PathBuf,
+    pub csv: Option<PathBuf>,
+    pub parquet: Option<PathBuf>,
+    pub remote: Option<RemoteOutput>,
+}
 
 /// The output and CSV paths, resolved; a shard has outputs of its own (and so its own lock,
-/// summary and batches).
-pub(super) fn paths(
-    jf: &JobFile,
-    out: &RawOutput,
-    ov: &Overrides,
-) -> (PathBuf, Option<PathBuf>, Option<PathBuf>) {
-    let output = ov.output.clone().unwrap_or_else(|| jf.resolve(&out.path));
-    let csv = out.csv.as_deref().map(|c| jf.resolve(c));
-    let parquet = out.parquet.as_deref().map(|c| jf.resolve(c));
-    match ov.shard {
-        Some(sh) => (
-            sh.path(&output),
-            csv.map(|c| sh.path(&c)),
-            parquet.map(|p| sh.path(&p)),
-        ),
-        None => (output, csv, parquet),
+/// summary and batches). An object-store URL is mapped to its mirror under the working
+/// folder, and remembered for the checkpoints and the publishing.
+pub(super) fn paths(jf: &JobFile, out: &RawOutput, ov: &Overrides) -> Result<Paths, Error> {
+    let shard = |p: PathBuf| match ov.shard {
+        Some(sh) => sh.path(&p),
+        None => p,
+    };
+    let output = shard(ov.output.clone().unwrap_or_else(|| jf.resolve(&out.path)));
+    let csv = out.csv.as_deref().map(|c| shard(jf.resolve(c)));
+    let parquet = out.parquet.as_deref().map(|c| shard(jf.resolve(c)));
+    let work = store::work_dir().join("out");
+    let mut extra = Vec::new();
+    let mut local = |p: PathBuf| -> Result<PathBuf, Error> {
+        match p.to_str().filter(|s| store::is_url(s)) {
+            Some(s) => {
+                let url = store::Url::parse(s)?;
+                let l = url.local_under(&work);
+                extra.push((l.clone(), url));
+                Ok(l)
+            }
+            None => Ok(p),
+        }
+    };
+    let (output, csv, parquet) = (
+        local(output)?,
+        csv.map(&mut local).transpose()?,
+        parquet.map(&mut local).transpose()?,
+    );
+    let secs = |field: &str, v: Option<f64>, default: Duration, lo: Duration, hi: Duration| {
+        bounded_secs(jf, field, v, default, lo, hi)
+    };
+    let checkpoint = secs(
+        "output.checkpoint_s",
+        out.checkpoint_s,
+        session::DEFAULT_CHECKPOINT,
+        session::MIN_CHECKPOINT,
+        session::MAX_CHECKPOINT,
+    )?;
+    let stale = secs(
+        "output.lock_stale_s",
+        out.lock_stale_s,
+        session::DEFAULT_STALE,
+        lock::MIN_STALE,
+        lock::MAX_STALE,
+    )?;
+    if stale < checkpoint * 3 {
+        return Err(jf.bad(
+            "output.lock_stale_s",
+            format!(
+                "{} s is less than three checkpoints ({} s each): a live run's lock would be \
+                 taken over",
+                stale.as_secs_f64(),
+                checkpoint.as_secs_f64()
+            ),
+        ));
     }
+    let remote = match extra.iter().position(|(l, _)| *l == output) {
+        Some(i) => {
+            let (local, url) = extra.remove(i);
+            Some(RemoteOutput {
+                url,
+                local,
+                extra,
+                checkpoint,
+                stale,
+            })
+        }
+        None if !extra.is_empty() => {
+            return Err(jf.bad(
+                "output.csv",
+                "the CSV or Parquet is on an object store and the output is not: put the \
+                 output there too (it is what a fresh run resumes from)"
+                    .into(),
+            ))
+        }
+        None => None,
+    };
+    Ok(Paths {
+        output,
+        csv,
+        parquet,
+        remote,
+    })
+}
+
+/// A duration in seconds from the job file, within its bounds (a timeout of 1e20 s is an
+/// error, not a stall).
+fn bounded_secs(
+    jf: &JobFile,
+    field: &str,
+    v: Option<f64>,
+    default: Duration,
+    lo: Duration,
+    hi: Duration,
+) -> Result<Duration, Error> {
+    let Some(v) = v else {
+        return Ok(default);
+    };
+    if !(v.is_finite() && v >= lo.as_secs_f64() && v <= hi.as_secs_f64()) {
+        return Err(jf.bad(
+            field,
+            format!(
+                "{v}: between {} and {} seconds",
+                lo.as_secs_f64(),
+                hi.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 /// `[output]`'s schema, response format and checks, read and checked.
@@ -75,7 +178,7 @@ fn read_schema(jf: &JobFile, out: &RawOutput) -> Result<Option<(String, Value)>,
     match &out.schema {
         None => Ok(None),
         Some(toml::Value::String(file)) => {
-            let f = jf.dir.join(file);
+            let f = jf.resolve_read("output.schema", file)?;
             let text = std::fs::read(&f).map_err(|e| {
                 jf.bad("output.schema", format!("cannot read {}: {e}", f.display()))
             })?;

@@ -172,6 +172,11 @@ pub struct RawOutput {
     pub csv: Option<String>,
     /// The records as a typed Parquet table, written when the run finishes.
     pub parquet: Option<String>,
+    /// An object-store output: seconds between checkpoints of its journal (default 10).
+    pub checkpoint_s: Option<f64>,
+    /// An object-store output: seconds a lock may go unrenewed before another run takes it
+    /// over (default 60).
+    pub lock_stale_s: Option<f64>,
     pub csv_escape_formulas: Option<bool>,
     /// Write `OUTPUT.report.html` after each run (default true).
     pub report: Option<bool>,
