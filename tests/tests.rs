@@ -25,6 +25,7 @@ mod ledger;
 mod local_model;
 mod logs;
 mod network;
+mod object_store;
 mod pacing;
 mod parquet;
 mod quiet_paths;

@@ -13,7 +13,7 @@ use crate::error::Error;
 
 /// The stale timeout's bounds: a lock is rewritten every checkpoint, so the timeout must
 /// leave room for a few of them; past an hour a dead pod's shard waits too long.
-pub const MIN_STALE: Duration = Duration::from_secs(3);
+pub const MIN_STALE: Duration = Duration::from_secs(1);
 pub const MAX_STALE: Duration = Duration::from_secs(3600);
 
 /// A lock this process holds.
@@ -178,7 +178,12 @@ fn held(url: &Url, holder: &str, why: &str) -> Error {
 
 /// The lock's body: who holds it, and a counter so every renewal has a new ETag.
 fn body(started: u64, beat: u64) -> PutPayload {
-    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    // A pod's name is its host name (`HOSTNAME` is often a shell variable, not exported).
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
     let v = json!({
         "host": host,
         "pid": std::process::id(),

@@ -1,0 +1,387 @@
+//! Object-store paths against a local S3 server (moto): a job whose input, template, schema,
+//! image and outputs live in a bucket; a fresh pod resuming from the checkpoint pieces; the
+//! conditional-put lock; and a Kubernetes Indexed Job played on one machine (shards in their own
+//! folders, one killed and started again elsewhere, then merged on the store), counting what
+//! the fake server billed against what the merged output kept.
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::util::s3::{Moto, SECRET};
+use crate::util::*;
+
+const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+
+/// A job on the bucket `data`: rows from `in/rows.csv`, the template and its include from
+/// `templates/`, outputs under `out/`.
+fn store_job(f: &Fixture, base_url: &str, concurrency: usize, extra_output: &str) -> String {
+    f.write(
+        "job.toml",
+        format!(
+            r#"
+[input]
+path = "s3://data/in/rows.csv"
+
+[[messages]]
+role = "user"
+template = "s3://data/templates/ask.tera"
+
+[model]
+name = "gpt-4o-mini"
+base_url = "{base_url}"
+max_tokens = 200
+
+[run]
+concurrency = {concurrency}
+max_retries = 2
+timeout_s = 10
+
+[output]
+path = "s3://data/out/blog.jsonl"
+checkpoint_s = 0.5
+lock_stale_s = 2
+{extra_output}
+"#
+        ),
+    );
+    "job.toml".into()
+}
+
+fn seed(m: &Moto, rows: &[String]) {
+    m.bucket("data");
+    seed_objects(m, rows);
+}
+
+fn seed_objects(m: &Moto, rows: &[String]) {
+    m.put("data", "in/rows.csv", csv_of(rows).as_bytes());
+    m.put(
+        "data",
+        "templates/ask.tera",
+        b"{% include \"part.tera\" %} {{ text }}",
+    );
+    m.put("data", "templates/part.tera", b"Write about:");
+}
+
+/// `promptmill ARGS` in `f`'s folder with the store's variables and its own working folder
+/// (a pod's disk).
+fn pod(f: &Fixture, m: &Moto, work: &str, args: &[&str]) -> Command {
+    let mut c = f.cmd(args);
+    m.env(&mut c);
+    c.env("PROMPTMILL_WORK_DIR", f.path(work));
+    c
+}
+
+fn no_secret_in(bytes: &[u8], what: &str) {
+    let text = String::from_utf8_lossy(bytes);
+    assert!(!text.contains(SECRET), "the secret is in {what}");
+}
+
+fn no_secret_under(dir: &Path) {
+    if dir.exists() {
+        for p in walk(dir) {
+            no_secret_in(
+                &std::fs::read(&p).unwrap_or_default(),
+                &p.display().to_string(),
+            );
+        }
+    }
+}
+
+#[test]
+fn a_job_on_the_store_publishes_its_outputs_and_a_fresh_pod_resumes_from_them() {
+    let Some(m) = Moto::start() else { return };
+    let s = server();
+    let f = Fixture::new();
+    let rows = texts(20, "topic");
+    seed(&m, &rows);
+    m.put(
+        "data",
+        "img/dot.png",
+        &base64::engine::general_purpose::STANDARD
+            .decode(PNG_1X1)
+            .unwrap(),
+    );
+    m.put(
+        "data",
+        "schema/post.json",
+        br#"{"type":"object","properties":{"title":{"type":"string"}},"required":["title"],"additionalProperties":false}"#,
+    );
+    let job = store_job(
+        &f,
+        &s.base_url(),
+        4,
+        r#"csv = "s3://data/out/blog.csv"
+parquet = "s3://data/out/blog.parquet"
+schema = "s3://data/schema/post.json""#,
+    );
+    // The image, from the bucket, in the user message.
+    let text = std::fs::read_to_string(f.path(&job)).unwrap().replace(
+        "template = \"s3://data/templates/ask.tera\"",
+        "template = \"s3://data/templates/ask.tera\"\nimages = [\"s3://data/img/dot.png\"]",
+    );
+    f.write(&job, text);
+
+    let r = ran(pod(&f, &m, "pod-a", &["run", &job]).output().unwrap());
+    ok(&r);
+    assert!(
+        r.stderr.contains("published to s3://data/out/blog.jsonl"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(s.stats().requests, 20);
+    let sent = s.requests();
+    let first = serde_json::to_string(&sent[0]).unwrap();
+    assert!(
+        first.contains("Write about:"),
+        "the include came from the bucket: {first}"
+    );
+    assert!(
+        first.contains("data:image/png;base64,"),
+        "the image came from the bucket"
+    );
+    assert!(
+        first.contains("json_schema"),
+        "the schema came from the bucket"
+    );
+
+    let records = m.records("data", "out/blog.jsonl");
+    assert_eq!(records.len(), 20, "{}", r.stderr);
+    assert!(records.iter().all(|r| r["status"] == "ok"));
+    let keys = m.list("data", "out/");
+    for k in [
+        "out/blog.csv",
+        "out/blog.parquet",
+        "out/blog.jsonl.summary.json",
+        "out/blog.jsonl.report.html",
+        "out/blog.jsonl.job.json",
+    ] {
+        assert!(keys.contains(&k.to_string()), "{k} not in {keys:?}");
+    }
+    let csv = String::from_utf8(m.get("data", "out/blog.csv").unwrap()).unwrap();
+    assert_eq!(csv.lines().count(), 21, "a header and 20 rows");
+    assert!(
+        csv.lines().next().unwrap().contains("title"),
+        "schema fields are columns"
+    );
+    let pq = m.get("data", "out/blog.parquet").unwrap();
+    assert_eq!(&pq[..4], b"PAR1");
+    assert!(
+        !keys.iter().any(|k| k.ends_with(".lock")),
+        "the lock is released: {keys:?}"
+    );
+
+    // A fresh pod (an empty working folder) finds everything done: nothing is sent again.
+    let r = ran(pod(&f, &m, "pod-b", &["run", &job]).output().unwrap());
+    ok(&r);
+    assert_eq!(s.stats().requests, 20, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("skipped (done before)  20"),
+        "{}",
+        r.stderr
+    );
+    // Nor does its dry run or its status count anything left.
+    let st = ran(pod(&f, &m, "pod-c", &["status", &job]).output().unwrap());
+    ok(&st);
+    let line = st.stdout.lines().nth(1).unwrap_or_default().to_string();
+    let cells: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&cells[..3], ["20", "0", "0"], "{}", st.stdout);
+
+    // The secret is nowhere: not on the store, not in a pod's folder, not in a message.
+    no_secret_in(&m.everything("data"), "the bucket");
+    no_secret_under(&f.path("pod-a"));
+    no_secret_under(&f.path("pod-b"));
+    no_secret_in(r.stderr.as_bytes(), "stderr");
+}
+
+#[test]
+fn a_missing_object_and_a_wrong_secret_are_clear_errors_without_the_secret() {
+    let Some(m) = Moto::start() else { return };
+    let s = server();
+    let f = Fixture::new();
+    m.bucket("data");
+    let job = store_job(&f, &s.base_url(), 2, "");
+    let r = ran(pod(&f, &m, "pod", &["run", &job]).output().unwrap());
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("input.path"), "{}", r.stderr);
+    assert!(r.stderr.contains("s3://data/in/rows.csv"), "{}", r.stderr);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    no_secret_in(r.stderr.as_bytes(), "stderr");
+    assert_eq!(s.stats().requests, 0);
+
+    // Bounds: a checkpoint interval of 1e20 s is refused, naming the field.
+    seed_objects(&m, &texts(2, "x"));
+    let text = std::fs::read_to_string(f.path(&job))
+        .unwrap()
+        .replace("checkpoint_s = 0.5", "checkpoint_s = 1e20");
+    f.write(&job, text);
+    let r = ran(pod(&f, &m, "pod", &["validate", &job]).output().unwrap());
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("output.checkpoint_s"), "{}", r.stderr);
+}
+
+/// Waits until `child` ends, or `limit` passes (then fails).
+fn wait(child: &mut Child, limit: Duration) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < deadline, "the run did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn two_pods_given_the_same_shard_never_both_run_it() {
+    let Some(m) = Moto::start() else { return };
+    let s = spawn_background(Config {
+        latency_ms: 150,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    seed(&m, &texts(40, "topic"));
+    let job = store_job(&f, &s.base_url(), 2, "");
+    let mut a = pod(&f, &m, "pod-a", &["run", "--quiet", &job])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !m
+        .list("data", "out/")
+        .contains(&"out/blog.jsonl.lock".to_string())
+    {
+        assert!(Instant::now() < deadline, "no lock was taken");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b = ran(pod(&f, &m, "pod-b", &["run", "--quiet", &job])
+        .output()
+        .unwrap());
+    assert_ne!(b.code, 0, "the second pod must not run: {}", b.stderr);
+    assert!(b.stderr.contains("alive"), "{}", b.stderr);
+    assert_eq!(wait(&mut a, Duration::from_secs(60)), 0);
+    let a = ran(a.wait_with_output().unwrap());
+    assert_eq!(
+        s.stats().requests,
+        40,
+        "every row sent once, by one pod: {}",
+        a.stderr
+    );
+    assert_eq!(m.records("data", "out/blog.jsonl").len(), 40);
+}
+
+/// Lines of every checkpoint piece of `output` on the store.
+fn lines_in_pieces(m: &Moto, output: &str) -> usize {
+    m.list("data", &format!("{output}.ckpt/"))
+        .iter()
+        .map(|k| {
+            String::from_utf8_lossy(&m.get("data", k).unwrap_or_default())
+                .lines()
+                .count()
+        })
+        .sum()
+}
+
+#[test]
+fn an_indexed_job_with_a_pod_killed_and_rescheduled_merges_every_row_once() {
+    let Some(m) = Moto::start() else { return };
+    // 100 rows a shard, two at a time at 100 ms: about 5 s a pod, 10 checkpoints.
+    let s = spawn_background(Config {
+        latency_ms: 100,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    let rows = texts(300, "topic");
+    seed(&m, &rows);
+    let concurrency = 2;
+    let job = store_job(&f, &s.base_url(), concurrency, "");
+    let shard = |i: u32, work: &str| {
+        let mut c = pod(&f, &m, work, &["run", "--quiet", &job, "--shards", "3"]);
+        c.env("JOB_COMPLETION_INDEX", i.to_string());
+        c.spawn().unwrap()
+    };
+    let mut pods: Vec<Child> = (0..3).map(|i| shard(i, &format!("pod-{i}"))).collect();
+
+    // Pod 1 is killed once the store holds some of its pieces and it has answered more.
+    let killed = "out/blog.shard-2-of-3.jsonl";
+    let local = f.path("pod-1/out/s3/data/out/blog.shard-2-of-3.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lines_in_pieces(&m, killed) < 20 || read_jsonl_lenient(&local) < 30 {
+        assert!(Instant::now() < deadline, "pod 1 made no progress");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    pods[1].kill().unwrap();
+    pods[1].wait().unwrap();
+    // What the dead pod had answered and what reached the store before it died.
+    let answered = read_jsonl_lenient(&local);
+    let checkpointed = lines_in_pieces(&m, killed);
+    assert!(checkpointed <= answered);
+
+    // Rescheduled on another node: an empty folder. It waits out the dead pod's lock.
+    let mut again = shard(1, "pod-1-again");
+    for (i, p) in pods.iter_mut().enumerate().filter(|(i, _)| *i != 1) {
+        assert_eq!(wait(p, Duration::from_secs(120)), 0, "pod {i}");
+    }
+    assert_eq!(
+        wait(&mut again, Duration::from_secs(120)),
+        0,
+        "the rescheduled pod"
+    );
+
+    let st = ran(pod(
+        &f,
+        &m,
+        "ops",
+        &["status", "s3://data/out/blog.shard-*.jsonl"],
+    )
+    .output()
+    .unwrap());
+    ok(&st);
+    assert_eq!(
+        st.stdout
+            .lines()
+            .filter(|l| l.contains("s3://data/out/blog.shard-"))
+            .count(),
+        3,
+        "{}",
+        st.stdout
+    );
+
+    let mg = ran(pod(
+        &f,
+        &m,
+        "ops",
+        &[
+            "merge",
+            "s3://data/out/blog.shard-*.jsonl",
+            "-o",
+            "s3://data/out/blog.jsonl",
+        ],
+    )
+    .output()
+    .unwrap());
+    ok(&mg);
+    let merged = m.records("data", "out/blog.jsonl");
+    let mut seen: Vec<u64> = merged.iter().map(|r| r["row"].as_u64().unwrap()).collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        (1..=300).collect::<Vec<u64>>(),
+        "every row once, in order"
+    );
+    assert!(merged.iter().all(|r| r["status"] == "ok"));
+    // The stated bound: a dead pod re-pays at most what it answered since its last piece,
+    // and the requests it had in flight.
+    let billed = s.stats().requests as usize;
+    let repaid = billed - merged.len();
+    assert!(
+        repaid <= answered - checkpointed + concurrency,
+        "billed {billed}, kept {}, answered since the last piece {}",
+        merged.len(),
+        answered - checkpointed
+    );
+    assert!(m.list("data", "out/").iter().all(|k| !k.ends_with(".lock")));
+    no_secret_in(&m.everything("data"), "the bucket");
+}
