@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building promptmill needs on a fresh Debian machine that has the Rust toolchain:
 # cmake and a C/C++ compiler for llama.cpp, libclang for its bindings. With --test, also what
-# the tests need: Chromium, for the report's browser test (not for the quick start: it is
-# large). Does nothing when all are present.
+# the tests need: Chromium, for the report's browser test, and moto, the object-store tests'
+# local S3 server (neither is needed for the quick start). Does nothing when all are present.
 set -euo pipefail
 tests=0
 [ "${1:-}" = "--test" ] && tests=1
@@ -20,4 +20,13 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# The object-store tests' local S3 server: moto's moto_server, from PyPI (pinned; it serves on
+# 127.0.0.1 and needs no network once installed).
+if [ "$tests" -eq 1 ] && ! command -v moto_server >/dev/null 2>&1; then
+  echo "installing: moto[server] (PyPI)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.2.1' \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'moto[server]==5.2.1'
+  # A user install puts moto_server in ~/.local/bin.
+  command -v moto_server >/dev/null 2>&1 || export PATH="$HOME/.local/bin:$PATH"
 fi

@@ -4,6 +4,6 @@
 # llama.cpp engine is unusably slow unoptimised and is built once for both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PATH="$HOME/.cargo/bin:$PATH"
+export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
 scripts/prepare.sh --test
 cargo test --release --workspace

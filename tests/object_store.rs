@@ -385,3 +385,155 @@ fn an_indexed_job_with_a_pod_killed_and_rescheduled_merges_every_row_once() {
     assert!(m.list("data", "out/").iter().all(|k| !k.ends_with(".lock")));
     no_secret_in(&m.everything("data"), "the bucket");
 }
+
+/// A YAML file of the repository as JSON (PyYAML comes with moto).
+fn yaml(rel: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json,sys,yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(&path)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_manifests_run_as_written() {
+    let Some(m) = Moto::start() else { return };
+    let s = server();
+    let f = Fixture::new();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+
+    let job = yaml("deploy/kubernetes/indexed-job.yaml");
+    let spec = &job["spec"];
+    assert_eq!(spec["completionMode"], "Indexed");
+    let n = spec["completions"].as_u64().unwrap();
+    assert_eq!(spec["parallelism"].as_u64(), Some(n));
+    assert!(spec["backoffLimitPerIndex"].as_u64().is_some_and(|b| b > 0));
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    let c = &pod["containers"][0];
+    let args = strings(&c["args"]);
+    let at = args.iter().position(|a| a == "--shards").unwrap();
+    assert_eq!(args[at + 1], n.to_string(), "--shards N is the completions");
+    let env = c["env"].as_array().unwrap();
+    let var = |name: &str| env.iter().find(|e| e["name"] == name).cloned();
+    for secret in ["OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(
+            var(secret).is_some_and(|e| e["valueFrom"]["secretKeyRef"].is_object()),
+            "{secret} comes from a Secret"
+        );
+    }
+    let work = var("PROMPTMILL_WORK_DIR").unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let mount =
+        |path: &str| mounts.iter().find(|v| v["mountPath"] == path).unwrap()["name"].clone();
+    let volume = |name: &serde_json::Value| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == *name)
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        volume(&mount(&work))["emptyDir"].is_object(),
+        "the work folder is the pod's own disk"
+    );
+    // The job file comes from the ConfigMap mounted where the args look for it.
+    let job_arg = args.iter().find(|a| a.ends_with(".toml")).unwrap().clone();
+    let job_dir = Path::new(&job_arg)
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(volume(&mount(&job_dir))["configMap"].is_object());
+    let job_file = repo
+        .join("jobs")
+        .join(Path::new(&job_arg).file_name().unwrap());
+    assert!(job_file.is_file(), "{} is in jobs/", job_file.display());
+
+    // The data the job names, put in the bucket it names.
+    m.bucket("promptmill-data");
+    m.put(
+        "promptmill-data",
+        "in/topics.csv",
+        &std::fs::read(repo.join("jobs/data/topics.csv")).unwrap(),
+    );
+    for t in ["system_writer.tera", "blog_post.tera"] {
+        m.put(
+            "promptmill-data",
+            &format!("templates/{t}"),
+            &std::fs::read(repo.join("templates").join(t)).unwrap(),
+        );
+    }
+    let rows = std::fs::read_to_string(repo.join("jobs/data/topics.csv"))
+        .unwrap()
+        .lines()
+        .count()
+        - 1;
+
+    // Every pod of the Indexed Job, each with its index and its own empty folder.
+    let local_args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if *a == job_arg {
+                job_file.to_str().unwrap().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let local_args: Vec<&str> = local_args.iter().map(String::as_str).collect();
+    for i in 0..n {
+        let mut c = f.cmd(&local_args);
+        m.env(&mut c);
+        c.env("OPENAI_BASE_URL", s.base_url())
+            .env("JOB_COMPLETION_INDEX", i.to_string())
+            .env("PROMPTMILL_WORK_DIR", f.path(&format!("pod-{i}")));
+        let r = ran(c.output().unwrap());
+        ok(&r);
+    }
+    assert_eq!(s.stats().requests as usize, rows);
+
+    // Then the merge Job, its args as written.
+    let merge = yaml("deploy/kubernetes/merge-job.yaml");
+    let margs = strings(&merge["spec"]["template"]["spec"]["containers"][0]["args"]);
+    let margs: Vec<&str> = margs.iter().map(String::as_str).collect();
+    let mut c = f.cmd(&margs);
+    m.env(&mut c);
+    c.env("PROMPTMILL_WORK_DIR", f.path("merge-pod"));
+    ok(&ran(c.output().unwrap()));
+    let merged = m.records("promptmill-data", "out/blog.jsonl");
+    let mut ids: Vec<String> = merged
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (1..=rows).map(|i| format!("t{i}")).collect::<Vec<_>>());
+    let keys = m.list("promptmill-data", "out/");
+    assert!(keys.contains(&"out/blog.parquet".to_string()), "{keys:?}");
+    assert!(keys.contains(&"out/blog.csv".to_string()), "{keys:?}");
+    assert_eq!(s.stats().requests as usize, rows, "the merge sends nothing");
+}

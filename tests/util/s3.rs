@@ -20,11 +20,32 @@ impl Moto {
     /// a missing moto is a failure, never a skip.
     pub fn start() -> Option<Moto> {
         let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+        let args = [
+            "-H".to_string(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ];
+        let spawn = |program: &str, pre: &[&str]| {
+            Command::new(program)
+                .args(pre)
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        };
+        // The script pip puts on PATH, else the module (a user install off PATH).
+        let child = spawn("moto_server", &[]).or_else(|_| {
+            let probe = Command::new("python3")
+                .args(["-c", "import moto.server"])
+                .status();
+            match probe {
+                Ok(s) if s.success() => spawn("python3", &["-m", "moto.server"]),
+                _ => Err(std::io::Error::other(
+                    "neither moto_server nor python3 -m moto.server",
+                )),
+            }
+        });
         let child = match child {
             Ok(c) => c,
             Err(e) => {
