@@ -42,6 +42,21 @@ pub(super) fn report(
     Ok(EXIT_OK)
 }
 
+/// Without -o: the first output's name without its shard tag (on the store if it is there).
+fn unsharded_target(
+    named: &[(std::path::PathBuf, Option<crate::store::Url>)],
+) -> Result<std::path::PathBuf, Error> {
+    let first = named.first().and_then(|(p, u)| match u {
+        Some(u) => crate::output::merge::unsharded(Path::new(&u.to_string())),
+        None => crate::output::merge::unsharded(p),
+    });
+    first.ok_or_else(|| {
+        Error::Other(
+            "merge: name the merged output with -o (the inputs are not shard outputs)".into(),
+        )
+    })
+}
+
 pub(super) fn merge(
     outputs: &[String],
     output: Option<std::path::PathBuf>,
@@ -51,30 +66,21 @@ pub(super) fn merge(
 ) -> Result<i32, Error> {
     let named = super::stored::expand(outputs, true)?;
     let inputs: Vec<std::path::PathBuf> = named.iter().map(|(p, _)| p.clone()).collect();
-    // Without -o: the first output's name without its shard tag, on the store if it is there.
-    let first_url = named.first().and_then(|(_, u)| u.clone());
     let output = match output {
         Some(o) => o,
-        None => match &first_url {
-            Some(u) => crate::output::merge::unsharded(Path::new(&u.to_string())),
-            None => inputs
-                .first()
-                .and_then(|p| crate::output::merge::unsharded(p)),
-        }
-        .ok_or_else(|| {
-            Error::Other(
-                "merge: name the merged output with -o (the inputs are not shard outputs)".into(),
-            )
-        })?,
+        None => unsharded_target(&named)?,
     };
-    let target = match output.to_str().filter(|s| crate::store::is_url(s)) {
-        Some(s) => Some(super::stored::Target::open(
+    let target = match (
+        output.to_str().filter(|s| crate::store::is_url(s)),
+        inputs.first(),
+    ) {
+        (Some(s), Some(first)) => Some(super::stored::Target::open(
             s,
             csv.as_deref(),
             parquet.as_deref(),
-            &inputs[0],
+            first,
         )?),
-        None => None,
+        _ => None,
     };
     let (output, csv, parquet) = match &target {
         Some(t) => (t.local.clone(), t.csv.clone(), t.parquet.clone()),
@@ -86,6 +92,11 @@ pub(super) fn merge(
         t.publish()?;
         eprintln!("published to {url}");
     }
+    Ok(tell_merged(&m, inputs.len(), &output, quiet))
+}
+
+/// What a merge did, on stderr; the exit code (rows in no shard's output fail it).
+fn tell_merged(m: &crate::output::merge::Merged, inputs: usize, output: &Path, quiet: bool) -> i32 {
     if !quiet {
         eprint!("{}", m.summary.table());
     }
@@ -104,7 +115,7 @@ pub(super) fn merge(
     }
     eprintln!(
         "merged {} outputs: {} rows into {}{}",
-        inputs.len(),
+        inputs,
         m.rows,
         output.display(),
         if m.overlapping > 0 {
@@ -131,9 +142,9 @@ pub(super) fn merge(
                 ""
             }
         );
-        return Ok(crate::error::EXIT_ROWS_FAILED);
+        return crate::error::EXIT_ROWS_FAILED;
     }
-    Ok(EXIT_OK)
+    EXIT_OK
 }
 
 pub(super) fn status(

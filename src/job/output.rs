@@ -50,6 +50,39 @@ pub(super) fn paths(jf: &JobFile, out: &RawOutput, ov: &Overrides) -> Result<Pat
         csv.map(&mut local).transpose()?,
         parquet.map(&mut local).transpose()?,
     );
+    let (checkpoint, stale) = store_timing(jf, out)?;
+    let remote = match extra.iter().position(|(l, _)| *l == output) {
+        Some(i) => {
+            let (local, url) = extra.remove(i);
+            Some(RemoteOutput {
+                url,
+                local,
+                extra,
+                checkpoint,
+                stale,
+            })
+        }
+        None if !extra.is_empty() => {
+            return Err(jf.bad(
+                "output.csv",
+                "the CSV or Parquet is on an object store and the output is not: put the \
+                 output there too (it is what a fresh run resumes from)"
+                    .into(),
+            ))
+        }
+        None => None,
+    };
+    Ok(Paths {
+        output,
+        csv,
+        parquet,
+        remote,
+    })
+}
+
+/// `[output] checkpoint_s` and `lock_stale_s`, bounded, and the stale timeout long enough
+/// that a live run's lock is never taken over.
+fn store_timing(jf: &JobFile, out: &RawOutput) -> Result<(Duration, Duration), Error> {
     let secs = |field: &str, v: Option<f64>, default: Duration, lo: Duration, hi: Duration| {
         bounded_secs(jf, field, v, default, lo, hi)
     };
@@ -78,33 +111,7 @@ pub(super) fn paths(jf: &JobFile, out: &RawOutput, ov: &Overrides) -> Result<Pat
             ),
         ));
     }
-    let remote = match extra.iter().position(|(l, _)| *l == output) {
-        Some(i) => {
-            let (local, url) = extra.remove(i);
-            Some(RemoteOutput {
-                url,
-                local,
-                extra,
-                checkpoint,
-                stale,
-            })
-        }
-        None if !extra.is_empty() => {
-            return Err(jf.bad(
-                "output.csv",
-                "the CSV or Parquet is on an object store and the output is not: put the \
-                 output there too (it is what a fresh run resumes from)"
-                    .into(),
-            ))
-        }
-        None => None,
-    };
-    Ok(Paths {
-        output,
-        csv,
-        parquet,
-        remote,
-    })
+    Ok((checkpoint, stale))
 }
 
 /// A duration in seconds from the job file, within its bounds (a timeout of 1e20 s is an

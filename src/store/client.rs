@@ -30,9 +30,11 @@ pub(super) const SECRET_VARS: [&str; 6] = [
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Clients by (scheme, bucket).
+type Stores = Mutex<HashMap<(String, String), Arc<dyn ObjectStore>>>;
+
 pub(super) fn store_for(url: &Url) -> Result<Arc<dyn ObjectStore>, Error> {
-    static STORES: OnceLock<Mutex<HashMap<(String, String), Arc<dyn ObjectStore>>>> =
-        OnceLock::new();
+    static STORES: OnceLock<Stores> = OnceLock::new();
     let map = STORES.get_or_init(Default::default);
     let id = (url.scheme.clone(), url.bucket.clone());
     if let Some(s) = map.lock().unwrap().get(&id) {

@@ -44,23 +44,8 @@ impl StoreLock {
         let started = now_s();
         let mut watched: Option<(String, Instant)> = None;
         loop {
-            let body = body(started, 0);
-            let create = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
-            };
-            match store.put_opts(&key, body.clone(), create).await {
-                Ok(r) => {
-                    return Ok(StoreLock {
-                        url: url.clone(),
-                        version: UpdateVersion {
-                            e_tag: r.e_tag,
-                            version: r.version,
-                        },
-                        beats: 0,
-                        started,
-                    })
-                }
+            match Self::put_as(url, PutMode::Create, started).await {
+                Ok(lock) => return Ok(lock),
                 Err(object_store::Error::AlreadyExists { .. })
                 | Err(object_store::Error::Precondition { .. }) => {}
                 Err(e) => return Err(err(url, "cannot take the lock", &e)),
@@ -77,38 +62,28 @@ impl StoreLock {
             };
             let tag = meta.e_tag.clone().unwrap_or_default();
             match &watched {
-                Some((t, since)) if *t == tag => {
-                    if since.elapsed() >= stale {
-                        let take = PutOptions {
-                            mode: PutMode::Update(UpdateVersion {
-                                e_tag: meta.e_tag.clone(),
-                                version: meta.version.clone(),
-                            }),
-                            ..Default::default()
-                        };
-                        match store.put_opts(&key, body.clone(), take).await {
-                            Ok(r) => {
-                                tracing::warn!(
-                                    "took over the lock {url}: {holder} has not renewed it for {} s",
-                                    stale.as_secs()
-                                );
-                                return Ok(StoreLock {
-                                    url: url.clone(),
-                                    version: UpdateVersion {
-                                        e_tag: r.e_tag,
-                                        version: r.version,
-                                    },
-                                    beats: 0,
-                                    started,
-                                });
-                            }
-                            Err(object_store::Error::Precondition { .. }) => {
-                                return Err(held(url, &holder, "another run took it over first"))
-                            }
-                            Err(e) => return Err(err(url, "cannot take over the lock", &e)),
+                Some((t, since)) if *t == tag && since.elapsed() >= stale => {
+                    // The same version for the whole timeout: its run is dead. Replaced only
+                    // if it is still that version, so of two takers one wins.
+                    let version = UpdateVersion {
+                        e_tag: meta.e_tag.clone(),
+                        version: meta.version.clone(),
+                    };
+                    return match Self::put_as(url, PutMode::Update(version), started).await {
+                        Ok(lock) => {
+                            tracing::warn!(
+                                "took over the lock {url}: {holder} has not renewed it for {} s",
+                                stale.as_secs()
+                            );
+                            Ok(lock)
                         }
-                    }
+                        Err(object_store::Error::Precondition { .. }) => {
+                            Err(held(url, &holder, "another run took it over first"))
+                        }
+                        Err(e) => Err(err(url, "cannot take over the lock", &e)),
+                    };
                 }
+                Some((t, _)) if *t == tag => {}
                 Some(_) => return Err(held(url, &holder, "it is renewed: that run is alive")),
                 None => {
                     tracing::info!(
@@ -119,11 +94,33 @@ impl StoreLock {
                     watched = Some((tag, Instant::now()));
                 }
             }
-            tokio::time::sleep(
-                (stale / 6).clamp(Duration::from_millis(200), Duration::from_secs(5)),
-            )
-            .await;
+            let poll = (stale / 6).clamp(Duration::from_millis(200), Duration::from_secs(5));
+            tokio::time::sleep(poll).await;
         }
+    }
+
+    /// Writes the lock's body with `mode` (create, or replace a given version).
+    async fn put_as(url: &Url, mode: PutMode, started: u64) -> object_store::Result<StoreLock> {
+        let store = store_for(url).map_err(|e| object_store::Error::Generic {
+            store: "lock",
+            source: e.to_string().into(),
+        })?;
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        let r = store
+            .put_opts(&url.object_key(), body(started, 0), opts)
+            .await?;
+        Ok(StoreLock {
+            url: url.clone(),
+            version: UpdateVersion {
+                e_tag: r.e_tag,
+                version: r.version,
+            },
+            beats: 0,
+            started,
+        })
     }
 
     /// Rewrites the lock (a heartbeat), only if it is still the version this process wrote.
@@ -135,11 +132,7 @@ impl StoreLock {
             ..Default::default()
         };
         match store
-            .put_opts(
-                &self.url.object_key(),
-                body(self.started, self.beats).into(),
-                opts,
-            )
+            .put_opts(&self.url.object_key(), body(self.started, self.beats), opts)
             .await
         {
             Ok(r) => {

@@ -133,7 +133,7 @@ pub async fn fetch_one(url: &Url, local: &Path) -> Result<(), Error> {
         .head(&key)
         .await
         .map_err(|e| err(url, "cannot fetch", &e))?;
-    let tag_file = super::mirror::sibling(local, ".etag");
+    let tag_file = crate::ledger::files::sibling(local, ".etag");
     let etag = meta.e_tag.clone().unwrap_or_default();
     if !etag.is_empty()
         && local.is_file()
@@ -160,7 +160,7 @@ pub(super) async fn download(
     if let Some(d) = local.parent() {
         std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
     }
-    let tmp = super::mirror::sibling(local, ".part");
+    let tmp = crate::ledger::files::sibling(local, ".part");
     let mut f = tokio::fs::File::create(&tmp)
         .await
         .map_err(|e| io(&tmp, e))?;
