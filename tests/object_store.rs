@@ -189,6 +189,22 @@ schema = "s3://data/schema/post.json""#,
     let cells: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&cells[..3], ["20", "0", "0"], "{}", st.stdout);
 
+    // The same pod again (a container restarted on its disk): the fetched input is kept as it
+    // is while its ETag holds; a changed object is fetched again, and only its new row is sent.
+    let fetched = f.path("pod-a/in/s3/data/in/rows.csv");
+    let mtime = || std::fs::metadata(&fetched).unwrap().modified().unwrap();
+    let before = mtime();
+    ok(&ran(pod(&f, &m, "pod-a", &["run", &job]).output().unwrap()));
+    assert_eq!(mtime(), before, "fetched again though unchanged");
+    assert_eq!(s.stats().requests, 20);
+    let mut more = rows.clone();
+    more.push("topic 21".into());
+    m.put("data", "in/rows.csv", csv_of(&more).as_bytes());
+    let r = ran(pod(&f, &m, "pod-a", &["run", &job]).output().unwrap());
+    ok(&r);
+    assert_eq!(s.stats().requests, 21, "{}", r.stderr);
+    assert_eq!(m.records("data", "out/blog.jsonl").len(), 21);
+
     // The secret is nowhere: not on the store, not in a pod's folder, not in a message.
     no_secret_in(&m.everything("data"), "the bucket");
     no_secret_under(&f.path("pod-a"));
@@ -536,4 +552,158 @@ fn the_kubernetes_manifests_run_as_written() {
     assert!(keys.contains(&"out/blog.parquet".to_string()), "{keys:?}");
     assert!(keys.contains(&"out/blog.csv".to_string()), "{keys:?}");
     assert_eq!(s.stats().requests as usize, rows, "the merge sends nothing");
+}
+
+#[test]
+fn the_store_client_follows_no_redirect_and_speaks_http_only_when_allowed() {
+    // The other host: 127.0.0.2 is loopback too, but another origin.
+    let other = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in other.incoming().flatten().take(50) {
+            seen2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(c);
+        }
+    });
+    let endpoint = redirector(format!("http://{other_addr}/steal"));
+    let s = server();
+    let f = Fixture::new();
+    let job = store_job(&f, &s.base_url(), 2, "");
+    let r = ran(f
+        .cmd(&["run", &job])
+        .env("AWS_ENDPOINT_URL", &endpoint)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", "AKIDTESTING")
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_REGION", "us-east-1")
+        .env("PROMPTMILL_WORK_DIR", f.path("pod"))
+        .output()
+        .unwrap());
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("s3://data/in/rows.csv"), "{}", r.stderr);
+    no_secret_in(r.stderr.as_bytes(), "stderr");
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a redirect was followed"
+    );
+    assert_eq!(s.stats().requests, 0);
+
+    // Plain http only where AWS_ALLOW_HTTP says so: the same local store without it is refused.
+    let Some(m) = Moto::start() else { return };
+    seed(&m, &texts(2, "x"));
+    let mut c = pod(&f, &m, "pod-2", &["run", &job]);
+    c.env_remove("AWS_ALLOW_HTTP");
+    let r = ran(c.output().unwrap());
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("s3://data/in/rows.csv"), "{}", r.stderr);
+    assert_eq!(s.stats().requests, 0);
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// A slow job (60 rows, two at a time at 100 ms) started on pod `work`, once its lock is taken.
+fn slow_store_run(m: &Moto, f: &Fixture, s: &FakeServer, work: &str) -> Child {
+    seed(m, &texts(60, "topic"));
+    let job = store_job(f, &s.base_url(), 2, "");
+    let child = pod(f, m, work, &["run", &job])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while m.list("data", "out/blog.jsonl.ckpt/").is_empty() {
+        assert!(Instant::now() < deadline, "no checkpoint was made");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn sigterm_on_a_pod_publishes_what_it_has_and_nothing_is_paid_twice() {
+    let Some(m) = Moto::start() else { return };
+    let s = spawn_background(Config {
+        latency_ms: 100,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    let mut a = slow_store_run(&m, &f, &s, "pod-a");
+    // A merge while the run holds its lock is refused.
+    let mg = ran(pod(
+        &f,
+        &m,
+        "ops",
+        &[
+            "merge",
+            "s3://data/out/blog.jsonl",
+            "-o",
+            "s3://data/out/all.jsonl",
+        ],
+    )
+    .output()
+    .unwrap());
+    assert_ne!(mg.code, 0, "{}", mg.stderr);
+    assert!(mg.stderr.contains("lock"), "{}", mg.stderr);
+    sigterm(&a);
+    let code = wait(&mut a, Duration::from_secs(60));
+    let a = ran(a.wait_with_output().unwrap());
+    assert_eq!(code, 143, "{}", a.stderr);
+    assert!(
+        a.stderr.contains("published to s3://data/out/blog.jsonl"),
+        "{}",
+        a.stderr
+    );
+    let kept = m.records("data", "out/blog.jsonl").len();
+    assert!(kept > 0 && kept < 60, "{kept}");
+    assert_eq!(
+        s.stats().requests as usize,
+        kept,
+        "the requests in flight were waited for"
+    );
+    assert!(!m
+        .list("data", "out/")
+        .contains(&"out/blog.jsonl.lock".to_string()));
+
+    // Another pod finishes it: billed equals kept, every row once.
+    ok(&ran(pod(&f, &m, "pod-b", &["run", "job.toml"])
+        .output()
+        .unwrap()));
+    assert_eq!(m.records("data", "out/blog.jsonl").len(), 60);
+    assert_eq!(s.stats().requests, 60);
+}
+
+#[test]
+fn a_run_whose_lock_is_taken_over_stops_and_does_not_publish() {
+    let Some(m) = Moto::start() else { return };
+    let s = spawn_background(Config {
+        latency_ms: 100,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    let mut a = slow_store_run(&m, &f, &s, "pod-a");
+    // Another run took it over (it thought this one dead).
+    m.put(
+        "data",
+        "out/blog.jsonl.lock",
+        br#"{"host":"other","pid":1}"#,
+    );
+    let code = wait(&mut a, Duration::from_secs(30));
+    let a = ran(a.wait_with_output().unwrap());
+    assert_ne!(code, 0, "{}", a.stderr);
+    assert!(a.stderr.contains("took the lock over"), "{}", a.stderr);
+    assert!(m.get("data", "out/blog.jsonl").is_none(), "it published");
+    assert!(s.stats().requests < 60, "it stopped");
+    // The other run's lock is left alone.
+    assert_eq!(
+        m.get("data", "out/blog.jsonl.lock").unwrap(),
+        br#"{"host":"other","pid":1}"#.to_vec()
+    );
 }

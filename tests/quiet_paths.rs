@@ -1,7 +1,7 @@
 //! The quiet paths where a row could be lost, paid twice or leaked: each through the real
 //! binary, counting what the fake server billed against what the output kept.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -206,25 +206,6 @@ fn a_dot_env_in_a_parent_folder_is_not_read() {
     f.write("job/.env", "PM_PARENT_KEY=from-the-parent\n");
     let r = run_in_job_folder();
     assert_eq!(r.code, 0, "{}", r.stderr);
-}
-
-/// A server on 127.0.0.1 that answers every request with a redirect to `to`.
-fn redirector(to: String) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten().take(20) {
-            let mut c = c;
-            let mut buf = [0u8; 8192];
-            let _ = c.read(&mut buf);
-            let _ = write!(
-                c,
-                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {to}\r\nContent-Length: 0\r\n\
-                 Connection: close\r\n\r\n"
-            );
-        }
-    });
-    format!("http://{addr}")
 }
 
 #[test]

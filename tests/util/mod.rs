@@ -307,3 +307,24 @@ pub fn budget_holds_across_runs(
         "a third run spent past the budget"
     );
 }
+
+/// A server on 127.0.0.1 that answers every request with a redirect to `to`.
+pub fn redirector(to: String) -> String {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten().take(20) {
+            let mut c = c;
+            let mut buf = [0u8; 8192];
+            let _ = c.read(&mut buf);
+            let _ = write!(
+                c,
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: {to}\r\nContent-Length: 0\r\n\
+                 Connection: close\r\n\r\n"
+            );
+        }
+    });
+    format!("http://{addr}")
+}
