@@ -409,6 +409,7 @@ class Bench:
                         f.write(text)
                 m, sent = self.scale_run(s, job, out, n, name)
                 figures[kind] = (m, sent)
+            s3 = self.s11_on_s3(s, pq_in, content, n)
             s.stop()
         (mc, _), (mp, sent) = figures["csv"], figures["parquet"]
         pq_out = os.path.join(self.work, "out", "pq_parquet.parquet")
@@ -420,6 +421,84 @@ class Bench:
                     f"Parquet: {n / mp.wall:.0f} rows/s, peak RSS {mp.rss_mb:.1f} MB; CSV: "
                     f"{n / mc.wall:.0f} rows/s, peak RSS {mc.rss_mb:.1f} MB",
                     "RSS < 100 MB", ok and mp.rss_mb < 100)
+        if s3 is not None:
+            m3, sent3, rows3 = s3
+            ok3 = m3.code == 0 and sent3 == n and rows3 == n
+            self.record("11 parquet in, parquet out on a local S3 server (moto)",
+                        f"{n / m3.wall:.0f} rows/s, CPU {m3.cpu / n * 1e6:.0f} ms/1k rows, peak RSS "
+                        f"{m3.rss_mb:.1f} MB ({rows3} rows in the table on the store)",
+                        "RSS < 100 MB", ok3 and m3.rss_mb < 100)
+
+    def s11_on_s3(self, server, pq_in, content, n):
+        """The Parquet job with its input and every output on moto's S3 server (127.0.0.1):
+        the input fetched, the journal checkpointed every 10 s, the outputs published."""
+        import shutil
+        import socket
+        import subprocess
+        moto = shutil.which("moto_server")
+        try:
+            import boto3
+        except ImportError:
+            boto3 = None
+        if not moto or boto3 is None:
+            self.say("  ! moto_server or boto3 missing (pip install 'moto[server]'): S3 half skipped")
+            self.record("11 parquet on S3", "not run: no moto", "RSS < 100 MB", False)
+            return None
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        log = open(self.log("moto"), "w")
+        proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            c = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench",
+                             aws_secret_access_key="bench-secret", region_name="us-east-1")
+            for _ in range(100):
+                try:
+                    c.create_bucket(Bucket="bench")
+                    break
+                except Exception:
+                    time.sleep(0.1)
+            c.upload_file(pq_in, "bench", "in/rows.parquet")
+            job, out = write_job(self.work, "pq_s3", "s3://bench/in/rows.parquet", server.base_url,
+                                 content, 16, 64)
+            with open(job) as f:
+                text = f.read()
+            text = text.replace(f'path = "{out}"', 'path = "s3://bench/out/pq_s3.jsonl"\n'
+                                'parquet = "s3://bench/out/pq_s3.parquet"')
+            text = text.replace('path = "s3://bench/in/rows.parquet"',
+                                'path = "s3://bench/in/rows.parquet"\nid = "id"')
+            with open(job, "w") as f:
+                f.write(text)
+            work = os.path.join(self.work, "pq_s3_pod")
+            shutil.rmtree(work, ignore_errors=True)
+            env = dict(self.env, AWS_ENDPOINT_URL=endpoint, AWS_ALLOW_HTTP="true",
+                       AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret",
+                       AWS_REGION="us-east-1", PROMPTMILL_WORK_DIR=work)
+            saved, self.env = self.env, env
+            before = server.stats()["requests"]
+            try:
+                m = self.pm_run(job, "pq_s3")
+            finally:
+                self.env = saved
+            sent = server.stats()["requests"] - before
+            local = os.path.join(self.work, "pq_s3_table.parquet")
+            try:
+                c.download_file("bench", "out/pq_s3.parquet", local)
+                import pyarrow.parquet as pq
+                rows = pq.ParquetFile(local).metadata.num_rows
+            except Exception as e:
+                self.say(f"  ! no Parquet table on the store: {e}")
+                rows = 0
+            self.say(f"  S3: {n} rows: {m.wall:.1f}s = {n / m.wall:.0f} rows/s, CPU "
+                     f"{m.cpu:.1f}s = {m.cpu / n * 1e6:.0f} ms/1k rows, peak RSS {m.rss_mb:.1f} MB, "
+                     f"{sent} requests, {rows} rows in s3://bench/out/pq_s3.parquet")
+            return m, sent, rows
+        finally:
+            proc.terminate()
+            proc.wait()
+            log.close()
 
     def _quota(self, label, name, rows, conc, job_rpm):
         self.say(f"\n## {label}")

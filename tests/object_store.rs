@@ -707,3 +707,80 @@ fn a_run_whose_lock_is_taken_over_stops_and_does_not_publish() {
         br#"{"host":"other","pid":1}"#.to_vec()
     );
 }
+
+#[test]
+fn parquet_parts_in_a_bucket_folder_and_file_urls_are_read_like_local_files() {
+    let Some(m) = Moto::start() else { return };
+    let s = server();
+    let f = Fixture::new();
+    m.bucket("data");
+    // A Hugging Face-style export: the part files of one dataset under a folder.
+    let part =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs/data/reviews.parquet"))
+            .unwrap();
+    m.put("data", "reviews/part-0.parquet", &part);
+    m.put("data", "reviews/part-1.parquet", &part);
+    m.put("data", "reviews/_SUCCESS", b"");
+    f.write(
+        "job.toml",
+        format!(
+            r#"
+[input]
+path = "s3://data/reviews/"
+
+[[messages]]
+role = "user"
+content = "Summarise: {{{{ review }}}} ({{{{ meta.lang }}}}, tags {{{{ tags | join(sep=', ') }}}})"
+
+[model]
+name = "gpt-4o-mini"
+base_url = "{}"
+max_tokens = 20
+
+[output]
+path = "s3://data/out/reviews.jsonl"
+parquet = "s3://data/out/reviews.parquet"
+"#,
+            s.base_url()
+        ),
+    );
+    let r = ran(pod(&f, &m, "pod", &["run", "job.toml"]).output().unwrap());
+    ok(&r);
+    // Two parts of the same five rows: ten rows, five requests (the second part's are copies).
+    assert_eq!(s.stats().requests, 5, "{}", r.stderr);
+    let rows: Vec<u64> = m
+        .records("data", "out/reviews.jsonl")
+        .iter()
+        .map(|r| r["row"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        rows,
+        (1..=10).collect::<Vec<_>>(),
+        "rows numbered across the parts"
+    );
+    assert_eq!(&m.get("data", "out/reviews.parquet").unwrap()[..4], b"PAR1");
+
+    // file:// is a local path: no working folder, no pieces.
+    let abs = f.path("local");
+    let data = f.write("local/rows.csv", csv_of(&texts(3, "row")));
+    f.write(
+        "file.toml",
+        format!(
+            "[input]\npath = \"file://{}\"\n[[messages]]\nrole = \"user\"\ncontent = \"{{{{ text }}}}\"\n\
+             [model]\nname = \"gpt-4o-mini\"\nbase_url = \"{}\"\nmax_tokens = 5\n\
+             [output]\npath = \"file://{}/out.jsonl\"\n",
+            data.display(),
+            s.base_url(),
+            abs.display()
+        ),
+    );
+    let r = ran(pod(&f, &m, "pod-f", &["run", "file.toml"])
+        .output()
+        .unwrap());
+    ok(&r);
+    assert_eq!(read_jsonl(&abs.join("out.jsonl")).len(), 3);
+    assert!(
+        !f.path("pod-f").exists(),
+        "a file:// job needs no working folder"
+    );
+}

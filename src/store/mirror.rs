@@ -399,7 +399,7 @@ async fn send_lines(
         return Ok(0);
     }
     let store = store_for(url)?;
-    let mut w = object_store::buffered::BufWriter::new(store, url.object_key());
+    let mut w = super::part_writer(store, url);
     f.seek(SeekFrom::Start(from)).map_err(io)?;
     let mut left = cut - from;
     let mut buf = vec![0u8; 1 << 20];

@@ -183,7 +183,7 @@ pub async fn upload(local: &Path, url: &Url) -> Result<(), Error> {
     let store = store_for(url)?;
     let io = |e| crate::ledger::journal::io_err(local, e);
     let mut f = tokio::fs::File::open(local).await.map_err(io)?;
-    let mut w = object_store::buffered::BufWriter::new(store, url.object_key());
+    let mut w = super::part_writer(store, url);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).await.map_err(io)?;
