@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building promptmill needs on a fresh Debian machine that has the Rust toolchain:
 # cmake and a C/C++ compiler for llama.cpp, libclang for its bindings. With --test, also what
-# the tests need: Chromium, for the report's browser test, and moto, the object-store tests'
-# local S3 server (neither is needed for the quick start). Does nothing when all are present.
+# the tests need: Chromium, for the report's browser test; moto and Azurite, the object-store
+# tests' local S3 and Azure Blob servers (none is needed for the quick start). Does nothing when
+# all are present.
 set -euo pipefail
 tests=0
 [ "${1:-}" = "--test" ] && tests=1
@@ -29,4 +30,17 @@ if [ "$tests" -eq 1 ] && ! command -v moto_server >/dev/null 2>&1; then
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'moto[server]==5.2.1'
   # A user install puts moto_server in ~/.local/bin.
   command -v moto_server >/dev/null 2>&1 || export PATH="$HOME/.local/bin:$PATH"
+fi
+# The az:// tests' local Azure Blob server: Microsoft's Azurite, from npm (pinned).
+if [ "$tests" -eq 1 ] && ! command -v azurite-blob >/dev/null 2>&1; then
+  if ! command -v npm >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  echo "installing: azurite (npm)" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo npm install -g --silent azurite@3.37.0
 fi

@@ -784,3 +784,78 @@ parquet = "s3://data/out/reviews.parquet"
         "a file:// job needs no working folder"
     );
 }
+
+#[test]
+fn az_urls_run_resume_and_lock_on_azure_blob_storage() {
+    let Some(az) = crate::util::azure::Azurite::start() else {
+        return;
+    };
+    let s = spawn_background(Config {
+        latency_ms: 50,
+        ..Default::default()
+    });
+    let f = Fixture::new();
+    az.container("data");
+    az.put(
+        "data",
+        "in/rows.csv",
+        csv_of(&texts(80, "topic")).as_bytes(),
+    );
+    az.put(
+        "data",
+        "templates/ask.tera",
+        b"{% include \"part.tera\" %} {{ text }}",
+    );
+    az.put("data", "templates/part.tera", b"Write about:");
+    let job = store_job(&f, &s.base_url(), 2, "");
+    let text = std::fs::read_to_string(f.path(&job))
+        .unwrap()
+        .replace("s3://", "az://");
+    f.write(&job, text);
+    let run = |work: &str| {
+        let mut c = f.cmd(&["run", "--quiet", &job]);
+        az.env(&mut c);
+        c.env("PROMPTMILL_WORK_DIR", f.path(work));
+        c
+    };
+    // Killed once some pieces are on the store, then run again elsewhere: it takes the dead
+    // run's lock over (Azure's conditional writes) and finishes.
+    let mut a = run("pod-a").spawn().unwrap();
+    let local = f.path("pod-a/out/az/data/out/blog.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !az.list("data").iter().any(|k| k.contains(".ckpt/")) || read_jsonl_lenient(&local) < 20 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let answered = read_jsonl_lenient(&local);
+    let checkpointed: usize = az
+        .list("data")
+        .iter()
+        .filter(|k| k.contains(".ckpt/"))
+        .map(|k| {
+            String::from_utf8(az.get("data", k).unwrap())
+                .unwrap()
+                .lines()
+                .count()
+        })
+        .sum();
+    let r = ran(run("pod-b").output().unwrap());
+    ok(&r);
+    let body = az.get("data", "out/blog.jsonl").unwrap();
+    let kept = String::from_utf8(body).unwrap().lines().count();
+    assert_eq!(kept, 80);
+    let billed = s.stats().requests as usize;
+    assert!(
+        billed - kept <= answered + 2,
+        "billed {billed}, kept {kept}"
+    );
+    assert!(
+        !az.list("data").iter().any(|k| k.ends_with(".lock")),
+        "the lock is released"
+    );
+    // A fresh pod finds it done.
+    ok(&ran(run("pod-c").output().unwrap()));
+    assert_eq!(s.stats().requests as usize, billed);
+}

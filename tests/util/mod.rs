@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 pub use fake_openai::{spawn_background, spawn_background_on, Config, FakeServer};
 
+pub mod azure;
 pub mod s3;
 
 pub const KEY: &str = "sk-test-DO-NOT-LEAK-0123456789abcdef";
