@@ -253,10 +253,7 @@ fn wait(child: &mut Child, limit: Duration) -> i32 {
 #[test]
 fn two_pods_given_the_same_shard_never_both_run_it() {
     let Some(m) = Moto::start() else { return };
-    let s = spawn_background(Config {
-        latency_ms: 150,
-        ..Default::default()
-    });
+    let s = slow_server(150);
     let f = Fixture::new();
     seed(&m, &texts(40, "topic"));
     let job = store_job(&f, &s.base_url(), 2, "");
@@ -304,10 +301,7 @@ fn lines_in_pieces(m: &Moto, output: &str) -> usize {
 fn an_indexed_job_with_a_pod_killed_and_rescheduled_merges_every_row_once() {
     let Some(m) = Moto::start() else { return };
     // 100 rows a shard, two at a time at 100 ms: about 5 s a pod, 10 checkpoints.
-    let s = spawn_background(Config {
-        latency_ms: 100,
-        ..Default::default()
-    });
+    let s = slow_server(100);
     let f = Fixture::new();
     let rows = texts(300, "topic");
     seed(&m, &rows);
@@ -630,10 +624,7 @@ fn slow_store_run(m: &Moto, f: &Fixture, s: &FakeServer, work: &str) -> Child {
 #[test]
 fn sigterm_on_a_pod_publishes_what_it_has_and_nothing_is_paid_twice() {
     let Some(m) = Moto::start() else { return };
-    let s = spawn_background(Config {
-        latency_ms: 100,
-        ..Default::default()
-    });
+    let s = slow_server(100);
     let f = Fixture::new();
     let mut a = slow_store_run(&m, &f, &s, "pod-a");
     // A merge while the run holds its lock is refused.
@@ -683,10 +674,7 @@ fn sigterm_on_a_pod_publishes_what_it_has_and_nothing_is_paid_twice() {
 #[test]
 fn a_run_whose_lock_is_taken_over_stops_and_does_not_publish() {
     let Some(m) = Moto::start() else { return };
-    let s = spawn_background(Config {
-        latency_ms: 100,
-        ..Default::default()
-    });
+    let s = slow_server(100);
     let f = Fixture::new();
     let mut a = slow_store_run(&m, &f, &s, "pod-a");
     // Another run took it over (it thought this one dead).
@@ -790,10 +778,7 @@ fn az_urls_run_resume_and_lock_on_azure_blob_storage() {
     let Some(az) = crate::util::azure::Azurite::start() else {
         return;
     };
-    let s = spawn_background(Config {
-        latency_ms: 50,
-        ..Default::default()
-    });
+    let s = slow_server(50);
     let f = Fixture::new();
     az.container("data");
     az.put(

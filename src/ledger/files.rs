@@ -87,6 +87,19 @@ impl Files {
     }
 }
 
+/// Whether a file name is an output's, not one of its companions (`.stale`, `.prev`, …).
+pub fn is_output_name(name: &str) -> bool {
+    name.ends_with(".jsonl")
+        && ![
+            ".stale.jsonl",
+            ".prev.jsonl",
+            ".rejected.jsonl",
+            ".batches.jsonl",
+        ]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
 /// `out/x.jsonl` → `out/x.KIND.jsonl`: the output's companions that hold records.
 pub fn companion(output: &Path, kind: &str) -> PathBuf {
     let name = output

@@ -41,16 +41,7 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>, Error> {
 }
 
 fn is_output(p: &Path) -> bool {
-    let name = p.to_string_lossy();
-    name.ends_with(".jsonl")
-        && ![
-            ".stale.jsonl",
-            ".prev.jsonl",
-            ".rejected.jsonl",
-            ".batches.jsonl",
-        ]
-        .iter()
-        .any(|s| name.ends_with(s))
+    crate::ledger::files::is_output_name(&p.to_string_lossy())
 }
 
 /// What `merge` did.

@@ -52,15 +52,7 @@ async fn outputs_of(url: &Url) -> Result<Vec<Url>, Error> {
 }
 
 fn is_output(name: &str) -> bool {
-    name.ends_with(".jsonl")
-        && ![
-            ".stale.jsonl",
-            ".prev.jsonl",
-            ".rejected.jsonl",
-            ".batches.jsonl",
-        ]
-        .iter()
-        .any(|s| name.ends_with(s))
+    crate::ledger::files::is_output_name(name)
 }
 
 /// Whether a run holds the output's lock.

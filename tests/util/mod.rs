@@ -184,6 +184,14 @@ pub fn server() -> FakeServer {
     spawn_background(Config::default())
 }
 
+/// The fake server answering every request after `latency_ms`.
+pub fn slow_server(latency_ms: u64) -> FakeServer {
+    spawn_background(Config {
+        latency_ms,
+        ..Default::default()
+    })
+}
+
 /// A server answering after `latency_ms` and a job of `rows` rows on it: slow enough that a
 /// test can act on the run while it goes.
 pub fn slow_job(latency_ms: u64, rows: usize) -> (FakeServer, Fixture, std::path::PathBuf) {
