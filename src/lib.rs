@@ -34,6 +34,8 @@
 //!            request), compact, spend, stamp, files (every companion path; atomic replace)
 //! shape      what a completion must look like: schema, checks, judging
 //! shard      which shard owns a row
+//! store      object-store URLs: fetched inputs, an output mirrored locally and checkpointed
+//!            to the store in pieces, the conditional-put lock
 //! provider   the contract (Provider, Wire, Request, Completion, ErrorKind, ProviderError,
 //!            RateLimits); openai (HTTP, plain or streamed), anthropic (Claude's Messages
 //!            API, plain or streamed), gemini (Google's generateContent, plain or SSE),

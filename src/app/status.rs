@@ -39,9 +39,14 @@ pub fn status_of_job(
         let carried =
             crate::ledger::Carried::read(&crate::ledger::files::Files::new(&job.output).spend())?;
         let spent = planner.index.spent_usd_with(&carried);
-        let name = match sh {
-            Some(s) => format!("shard {}/{} ({})", s.k, s.n, job.output.display()),
+        // A store output by its URL, not its local mirror's path.
+        let shown = match &job.remote {
+            Some(r) => r.url.to_string(),
             None => job.output.display().to_string(),
+        };
+        let name = match sh {
+            Some(s) => format!("shard {}/{} ({shown})", s.k, s.n),
+            None => shown,
         };
         parts.push((
             job,
