@@ -402,7 +402,7 @@ async fn send_lines(
     let mut w = super::part_writer(store, url);
     f.seek(SeekFrom::Start(from)).map_err(io)?;
     let mut left = cut - from;
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 256 << 10];
     while left > 0 {
         let n = (left as usize).min(buf.len());
         f.read_exact(&mut buf[..n]).map_err(io)?;

@@ -149,13 +149,13 @@ where
     futures::executor::block_on(handle).expect("an object-store task does not panic")
 }
 
-/// A streamed upload: parts of 8 MB (S3's least is 5 MB), at most two in flight, so an
-/// upload holds about 24 MB however large the file.
+/// A streamed upload: parts of 5 MB (S3's least), at most two in flight, so an upload holds
+/// about 15 MB however large the file.
 pub(crate) fn part_writer(
     store: Arc<dyn ObjectStore>,
     url: &Url,
 ) -> object_store::buffered::BufWriter {
-    object_store::buffered::BufWriter::with_capacity(store, url.object_key(), 8 << 20)
+    object_store::buffered::BufWriter::with_capacity(store, url.object_key(), 5 << 20)
         .with_max_concurrency(2)
 }
 

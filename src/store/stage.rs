@@ -184,7 +184,7 @@ pub async fn upload(local: &Path, url: &Url) -> Result<(), Error> {
     let io = |e| crate::ledger::journal::io_err(local, e);
     let mut f = tokio::fs::File::open(local).await.map_err(io)?;
     let mut w = super::part_writer(store, url);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; 256 << 10];
     loop {
         let n = f.read(&mut buf).await.map_err(io)?;
         if n == 0 {
