@@ -138,8 +138,10 @@ where
 {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     let rt = RT.get_or_init(|| {
+        // One worker: store calls are few and I/O-bound, and every thread that allocates
+        // brings its own malloc arena (memory one thread frees another cannot reuse).
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("store")
             .enable_all()
             .build()
