@@ -773,54 +773,79 @@ parquet = "s3://data/out/reviews.parquet"
     );
 }
 
-#[test]
-fn az_urls_run_resume_and_lock_on_azure_blob_storage() {
-    let Some(az) = crate::util::azure::Azurite::start() else {
-        return;
-    };
-    let s = slow_server(50);
+/// A bucket a test can fill and read without promptmill: Azurite's, or the fake GCS's.
+trait Bucket {
+    fn put(&self, key: &str, body: &[u8]);
+    fn get(&self, key: &str) -> Option<Vec<u8>>;
+    fn keys(&self) -> Vec<String>;
+}
+
+struct AzureData<'a>(&'a crate::util::azure::Azurite);
+
+impl Bucket for AzureData<'_> {
+    fn put(&self, key: &str, body: &[u8]) {
+        self.0.put("data", key, body)
+    }
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.get("data", key)
+    }
+    fn keys(&self) -> Vec<String> {
+        self.0.list("data")
+    }
+}
+
+struct GcsData<'a>(&'a FakeServer);
+
+impl Bucket for GcsData<'_> {
+    fn put(&self, key: &str, body: &[u8]) {
+        self.0.gcs_put("data", key, body)
+    }
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.gcs_get("data", key)
+    }
+    fn keys(&self) -> Vec<String> {
+        self.0.gcs_keys("data")
+    }
+}
+
+/// The job on `SCHEME://data/…`: killed once some pieces are on the store, run again on an
+/// empty folder (it takes the dead run's lock over through the store's conditional writes and
+/// finishes, billed minus kept within the bound), then a fresh pod that sends nothing.
+fn killed_and_resumed(b: &dyn Bucket, scheme: &str, s: &FakeServer, env: &dyn Fn(&mut Command)) {
     let f = Fixture::new();
-    az.container("data");
-    az.put(
-        "data",
-        "in/rows.csv",
-        csv_of(&texts(80, "topic")).as_bytes(),
-    );
-    az.put(
-        "data",
+    b.put("in/rows.csv", csv_of(&texts(80, "topic")).as_bytes());
+    b.put(
         "templates/ask.tera",
         b"{% include \"part.tera\" %} {{ text }}",
     );
-    az.put("data", "templates/part.tera", b"Write about:");
+    b.put("templates/part.tera", b"Write about:");
     let job = store_job(&f, &s.base_url(), 2, "");
     let text = std::fs::read_to_string(f.path(&job))
         .unwrap()
-        .replace("s3://", "az://");
+        .replace("s3://", &format!("{scheme}://"));
     f.write(&job, text);
     let run = |work: &str| {
         let mut c = f.cmd(&["run", "--quiet", &job]);
-        az.env(&mut c);
+        env(&mut c);
         c.env("PROMPTMILL_WORK_DIR", f.path(work));
         c
     };
-    // Killed once some pieces are on the store, then run again elsewhere: it takes the dead
-    // run's lock over (Azure's conditional writes) and finishes.
     let mut a = run("pod-a").spawn().unwrap();
-    let local = f.path("pod-a/out/az/data/out/blog.jsonl");
+    let local = f.path(&format!("pod-a/out/{scheme}/data/out/blog.jsonl"));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !az.list("data").iter().any(|k| k.contains(".ckpt/")) || read_jsonl_lenient(&local) < 20 {
+    while !b.keys().iter().any(|k| k.contains(".ckpt/")) || read_jsonl_lenient(&local) < 20 {
         assert!(Instant::now() < deadline, "no progress");
         std::thread::sleep(Duration::from_millis(50));
     }
     a.kill().unwrap();
     a.wait().unwrap();
     let answered = read_jsonl_lenient(&local);
-    let checkpointed: usize = az
-        .list("data")
+    let checkpointed: usize = b
+        .keys()
         .iter()
         .filter(|k| k.contains(".ckpt/"))
         .map(|k| {
-            String::from_utf8(az.get("data", k).unwrap())
+            String::from_utf8(b.get(k).unwrap())
                 .unwrap()
                 .lines()
                 .count()
@@ -828,8 +853,10 @@ fn az_urls_run_resume_and_lock_on_azure_blob_storage() {
         .sum();
     let r = ran(run("pod-b").output().unwrap());
     ok(&r);
-    let body = az.get("data", "out/blog.jsonl").unwrap();
-    let kept = String::from_utf8(body).unwrap().lines().count();
+    let kept = String::from_utf8(b.get("out/blog.jsonl").unwrap())
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(kept, 80);
     let billed = s.stats().requests as usize;
     assert!(
@@ -838,10 +865,41 @@ fn az_urls_run_resume_and_lock_on_azure_blob_storage() {
         answered - checkpointed
     );
     assert!(
-        !az.list("data").iter().any(|k| k.ends_with(".lock")),
+        !b.keys().iter().any(|k| k.ends_with(".lock")),
         "the lock is released"
     );
-    // A fresh pod finds it done.
     ok(&ran(run("pod-c").output().unwrap()));
-    assert_eq!(s.stats().requests as usize, billed);
+    assert_eq!(
+        s.stats().requests as usize,
+        billed,
+        "a fresh pod sends nothing"
+    );
+}
+
+#[test]
+fn az_urls_run_resume_and_lock_on_azure_blob_storage() {
+    let Some(az) = crate::util::azure::Azurite::start() else {
+        return;
+    };
+    az.container("data");
+    let s = slow_server(50);
+    killed_and_resumed(&AzureData(&az), "az", &s, &|c| az.env(c));
+}
+
+#[test]
+fn gs_urls_run_resume_and_lock_on_google_cloud_storage() {
+    // The fake server speaks GCS's XML API too; a service-account file points the client at it.
+    let s = slow_server(50);
+    let dir = tempfile::tempdir().unwrap();
+    let account = dir.path().join("account.json");
+    std::fs::write(
+        &account,
+        serde_json::json!({"disable_oauth": true, "gcs_base_url": s.gcs_url(),
+            "client_email": "", "private_key": "", "private_key_id": ""})
+        .to_string(),
+    )
+    .unwrap();
+    killed_and_resumed(&GcsData(&s), "gs", &s, &|c| {
+        c.env("GOOGLE_SERVICE_ACCOUNT", &account);
+    });
 }

@@ -50,6 +50,7 @@ pub(crate) async fn route(
         (&Method::GET, "/v1/models" | "/models") => models(&shared),
         (&Method::GET, "/stats") => json_response(StatusCode::OK, &shared.stats().to_json()),
         (_, p) if crate::batch::is_batch_path(p) => crate::batch::route(&shared, req).await,
+        (_, p) if crate::gcs::is_path(p) => crate::gcs::route(&shared, req).await,
         (m, p) => {
             let msg = format!("Invalid URL ({m} {p})");
             error_response(

@@ -13,6 +13,7 @@ mod anthropic_batch;
 mod azure;
 mod batch;
 mod fault;
+mod gcs;
 mod gemini;
 mod gemini_batch;
 mod handler;
@@ -237,6 +238,8 @@ pub(crate) struct Shared {
     pub prompt_cache: Mutex<std::collections::HashSet<u64>>,
     /// `http://127.0.0.1:PORT` (or `https://`): where result URLs point.
     pub root: String,
+    /// Google Cloud Storage's objects, for the `gs://` tests.
+    pub gcs: Mutex<gcs::State>,
 }
 
 impl Shared {
@@ -318,6 +321,7 @@ impl FakeServer {
             batch_gemini: Mutex::new(gemini_batch::State::default()),
             azure_hits: Mutex::new(Vec::new()),
             prompt_cache: Mutex::new(Default::default()),
+            gcs: Mutex::new(Default::default()),
         });
         let (tx, rx) = watch::channel(());
         tokio::spawn(accept_loop(listener, shared.clone(), rx, acceptor));
@@ -425,6 +429,26 @@ impl FakeServer {
     /// A Gemini file's bytes (`files/upload-N`), uploads and responses files alike.
     pub fn gemini_file(&self, name: &str) -> Option<Vec<u8>> {
         self.shared.batch_gemini.lock().unwrap().file_content(name)
+    }
+
+    /// The fake Google Cloud Storage's root, for a service-account file's `gcs_base_url`.
+    pub fn gcs_url(&self) -> String {
+        format!("{}/gcs", self.shared.root)
+    }
+
+    /// Puts an object in the fake Google Cloud Storage.
+    pub fn gcs_put(&self, bucket: &str, key: &str, data: &[u8]) {
+        gcs::put_object(&self.shared, bucket, key, data.to_vec());
+    }
+
+    /// An object of the fake Google Cloud Storage.
+    pub fn gcs_get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        self.shared.gcs.lock().unwrap().get(bucket, key)
+    }
+
+    /// The keys of a bucket of the fake Google Cloud Storage, sorted.
+    pub fn gcs_keys(&self, bucket: &str) -> Vec<String> {
+        self.shared.gcs.lock().unwrap().keys(bucket)
     }
 
     /// Every batch object, as `GET /v1/batches/{id}` shows it, oldest first.
