@@ -903,3 +903,34 @@ fn gs_urls_run_resume_and_lock_on_google_cloud_storage() {
         c.env("GOOGLE_SERVICE_ACCOUNT", &account);
     });
 }
+
+#[test]
+fn fresh_on_a_store_output_keeps_the_old_records_when_the_pod_dies() {
+    let Some(m) = Moto::start() else { return };
+    let s = slow_server(100);
+    let f = Fixture::new();
+    seed(&m, &texts(30, "topic"));
+    let job = store_job(&f, &s.base_url(), 2, "");
+    ok(&ran(pod(&f, &m, "pod-a", &["run", "--quiet", &job])
+        .output()
+        .unwrap()));
+    assert_eq!(m.records("data", "out/blog.jsonl").len(), 30);
+    // `--fresh` moves those paid records to `.prev`; the pod dies after its first piece.
+    let before: Vec<String> = m.list("data", "out/blog.jsonl.ckpt/");
+    let mut b = pod(&f, &m, "pod-b", &["run", "--quiet", "--fresh", &job])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while m.list("data", "out/blog.jsonl.ckpt/") == before {
+        assert!(Instant::now() < deadline, "no checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    b.kill().unwrap();
+    b.wait().unwrap();
+    let prev = m.records("data", "out/blog.prev.jsonl");
+    assert_eq!(
+        prev.len(),
+        30,
+        "the paid records moved aside are on the store"
+    );
+}

@@ -243,6 +243,14 @@ impl Mirror {
     }
 
     async fn snapshot_from(&mut self, mut f: std::fs::File) -> Result<u64, Error> {
+        // Records a rewrite moved out of the journal (`--fresh`'s `.prev`, compaction's
+        // `.stale`) go up before the snapshot that no longer holds them.
+        for c in &COMPANIONS {
+            let local = companion_path(&self.local, c);
+            if local.is_file() {
+                stage::upload(&local, &self.url_of(&local)).await?;
+            }
+        }
         let meta = f
             .metadata()
             .map_err(|e| crate::ledger::journal::io_err(&self.local, e))?;
@@ -293,7 +301,7 @@ impl Mirror {
             // Some stores cap a server-side copy (S3: 5 GB); upload it instead.
             stage::upload(&self.local, &self.url).await?;
         }
-        for c in COMPANIONS.iter().chain(PUBLISHED) {
+        for c in PUBLISHED {
             let local = companion_path(&self.local, c);
             if local.is_file() {
                 let url = self.url_of(&local);
