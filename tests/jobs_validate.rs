@@ -38,7 +38,11 @@ fn every_job_in_the_repository_validates() {
         // templates are fetched): `object_store::the_kubernetes_manifests_run_as_written` runs
         // the repository's one such job, blog_s3.toml, against a local S3 server.
         if std::fs::read_to_string(job).unwrap().contains("\"s3://") {
-            assert!(job.ends_with("blog_s3.toml"), "{} needs a test of its own", job.display());
+            assert!(
+                job.ends_with("blog_s3.toml"),
+                "{} needs a test of its own",
+                job.display()
+            );
             continue;
         }
         let r = ran(Command::new(env!("CARGO_BIN_EXE_promptmill"))

@@ -194,8 +194,14 @@ schema = "s3://data/schema/post.json""#,
     let fetched = f.path("pod-a/in/s3/data/in/rows.csv");
     let mtime = || std::fs::metadata(&fetched).unwrap().modified().unwrap();
     let before = mtime();
+    let pieces = m.list("data", "out/blog.jsonl.ckpt/");
     ok(&ran(pod(&f, &m, "pod-a", &["run", &job]).output().unwrap()));
     assert_eq!(mtime(), before, "fetched again though unchanged");
+    assert_eq!(
+        m.list("data", "out/blog.jsonl.ckpt/"),
+        pieces,
+        "a rerun that changed nothing sends no new snapshot"
+    );
     assert_eq!(s.stats().requests, 20);
     let mut more = rows.clone();
     more.push("topic 21".into());

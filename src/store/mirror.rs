@@ -290,7 +290,17 @@ impl Mirror {
     /// The finished output, as the user reads it: the journal (compacted) copied to the
     /// output's own key, and every companion that exists locally uploaded whole.
     pub async fn publish(&mut self, extra: &[(PathBuf, Url)]) -> Result<(), Error> {
-        self.snapshot().await?;
+        // A rerun that changed nothing leaves the journal its generation's snapshot: not
+        // sent again (at ten million rows it is gigabytes).
+        let unchanged = std::fs::metadata(&self.local).is_ok_and(|m| {
+            self.state.seq == 0
+                && self.state.gen > 0
+                && ino_of_meta(&m) == self.state.ino
+                && m.len() == self.state.offset
+        });
+        if !unchanged {
+            self.snapshot().await?;
+        }
         let snap = self.piece_url(self.state.gen, 0);
         let store = store_for(&self.url)?;
         if store
