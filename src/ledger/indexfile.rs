@@ -531,3 +531,82 @@ fn write(path: &Path, mut g: Gathered, dest: Option<&Path>) -> Result<Index, Err
     ix.unreadable = unreadable;
     Ok(ix)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn rec(row: u64, fp: u8, status: &str, cost: f64) -> String {
+        let err = if status == "ok" {
+            "null".to_string()
+        } else {
+            r#"{"kind":"server","status":500,"message":"boom"}"#.to_string()
+        };
+        format!(
+            r#"{{"row":{row},"id":"{row}","status":"{status}","input":{{"t":"{row}"}},"completion":"c","usage":{{"completion_tokens":3}},"cost_usd":{cost},"fingerprint":"{}","error":{err}}}"#,
+            crate::fingerprint::hex(&[fp; 16])
+        ) + "\n"
+    }
+
+    fn all(ix: &Index) -> Vec<Entry> {
+        (0..ix.len()).map(|i| ix.entry(i)).collect()
+    }
+
+    /// An index file brought up to date from the records appended after it says the same as
+    /// one built from the whole journal: entries, superseded records, lines that are not
+    /// records, and what was spent.
+    #[test]
+    fn an_extended_index_file_equals_one_built_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.jsonl");
+        let by = Keying { by_id: false };
+        let mut text = String::new();
+        for i in 0..300u64 {
+            text += &rec(
+                i + 1,
+                (i % 200) as u8,
+                if i % 7 == 0 { "error" } else { "ok" },
+                0.5,
+            );
+        }
+        text += "garbage\n";
+        std::fs::write(&out, &text).unwrap();
+        let first = Index::open(&out, by, true).unwrap();
+        assert!(dir.path().join("o.jsonl.index").exists());
+        assert_eq!(first.records, 300);
+        drop(first);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+        for i in 0..50u64 {
+            f.write_all(rec(400 + i, (i * 3) as u8, "ok", 0.25).as_bytes())
+                .unwrap();
+        }
+        f.write_all(b"more garbage\n").unwrap();
+        drop(f);
+        let extended = Index::open(&out, by, true).unwrap();
+        let afresh = Index::load(&out, by).unwrap();
+        assert_eq!(all(&extended), all(&afresh));
+        let sorted = |v: &[u64]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(
+            sorted(&extended.superseded_paid),
+            sorted(&afresh.superseded_paid)
+        );
+        assert_eq!(extended.unreadable, afresh.unreadable);
+        assert_eq!(extended.unreadable.len(), 2);
+        assert_eq!((extended.records, afresh.records), (350, 350));
+        assert!((extended.spent_usd - afresh.spent_usd).abs() < 1e-9);
+        assert_eq!(
+            extended.mean_completion_tokens,
+            afresh.mean_completion_tokens
+        );
+        // Read back as it is: the same again.
+        let cached = Index::open(&out, by, false).unwrap();
+        assert_eq!(all(&cached), all(&afresh));
+        assert!(cached.get(&[3; 16], 0).is_some());
+        assert!(cached.get(&[250; 16], 0).is_none());
+    }
+}
