@@ -14,7 +14,9 @@ use crate::fingerprint::fingerprint_bytes;
 use crate::ledger::journal::io_err;
 use crate::ledger::record::{CopiedFrom, Record};
 
-use super::index::Entry;
+use super::index::{entry_of, Entry};
+use super::indexfile::Sink;
+use crate::ledger::journal;
 use super::*;
 
 /// One input row in the plan spool.
@@ -100,12 +102,7 @@ pub fn compact(
     let mut c = Compactor::open(output, keying, side)?;
     c.follow(spool)?;
     let stale = c.leftovers(complete)?;
-    let done = c.finish(stale)?;
-    if done.rewritten {
-        // The index file described the old output: the next run finds it current.
-        Index::open(output, keying, true)?;
-    }
-    Ok(done)
+    c.finish(stale)
 }
 
 /// One compaction: the index, the rewritten output being written beside the output, the
@@ -116,6 +113,11 @@ struct Compactor<'a> {
     ix: Index,
     /// Per index entry, the row that took its record first, plus one; 0 while none has.
     taken: Vec<u32>,
+    /// The index of the compacted output, entry by entry as its lines are written.
+    sink: Sink,
+    /// Bytes written to the compacted output.
+    written: u64,
+    keying: Keying,
     report: Compacted,
     /// The compacted output, written to `tmp` beside the output.
     tmp: PathBuf,
@@ -150,6 +152,9 @@ impl<'a> Compactor<'a> {
             side,
             ix,
             taken,
+            sink: Sink::new(output, keying),
+            written: 0,
+            keying,
             report: Compacted::default(),
             tmp,
             out,
@@ -214,7 +219,7 @@ impl<'a> Compactor<'a> {
         }
         let verbatim = !copy && p.input.is_none() && e.ident != 0;
         if verbatim {
-            self.keep_verbatim(e.offset)?;
+            self.keep_verbatim(e)?;
         } else {
             self.in_place = false;
             let from = copy.then(|| (first > 1).then(|| u64::from(first) - 1));
@@ -222,7 +227,7 @@ impl<'a> Compactor<'a> {
                 self.report.copies += 1;
             }
             let r = rewrite(&self.buf, p, from, self.output, e.offset)?;
-            write_out(&mut self.out, &self.tmp, &r)?;
+            self.put(&r, None)?;
         }
         self.report.rows += 1;
         Ok(())
@@ -249,7 +254,7 @@ impl<'a> Compactor<'a> {
         let (rdr, at) = self.stale_src.as_mut().expect("opened above");
         read_line_at(rdr, at, offset, &mut self.buf).map_err(|e| io_err(stale, e))?;
         let r = rewrite(&self.buf, p, Some(None), stale, offset)?;
-        write_out(&mut self.out, &self.tmp, &r)?;
+        self.put(&r, None)?;
         self.report.copies += 1;
         self.report.rows += 1;
         Ok(())
@@ -257,36 +262,60 @@ impl<'a> Compactor<'a> {
 
     /// Writes the line just read from the output (at `offset`) as it is; the output is no
     /// longer in place unless the line follows the one kept before it.
-    fn keep_verbatim(&mut self, offset: u64) -> Result<(), Error> {
-        if offset != self.expect {
+    fn keep_verbatim(&mut self, e: Entry) -> Result<(), Error> {
+        if e.offset != self.expect {
             self.in_place = false;
         }
-        self.expect = offset + self.buf.len() as u64;
-        write_out(&mut self.out, &self.tmp, &self.buf)
+        self.expect = e.offset + self.buf.len() as u64;
+        let line = std::mem::take(&mut self.buf);
+        let put = self.put(&line, Some(e));
+        self.buf = line;
+        put
+    }
+
+    /// Writes a line to the compacted output, and its entry (`None`: read from the line, one
+    /// compaction rewrote) to the index of it.
+    fn put(&mut self, line: &[u8], e: Option<Entry>) -> Result<(), Error> {
+        let e = match e {
+            Some(e) => e,
+            None => journal::parse_line(line)
+                .ok()
+                .flatten()
+                .and_then(|l| entry_of(&l, line, 0, self.keying))
+                .ok_or_else(|| Error::Other("a rewritten record does not read back".into()))?,
+        };
+        self.sink.push(Entry {
+            offset: self.written,
+            ..e
+        })?;
+        self.written += line.len() as u64;
+        write_out(&mut self.out, &self.tmp, line)
     }
 
     /// What no row took: stale when the whole input was read (returned, with the superseded
     /// records that were paid for), else kept at the end for the rows to come.
     fn leftovers(&mut self, complete: bool) -> Result<Vec<u64>, Error> {
-        let mut leftover: Vec<(u64, bool)> = Vec::new();
+        // (offset, position in the index, an input error's)
+        let mut leftover: Vec<(u64, usize, bool)> = Vec::new();
         let taken = &self.taken;
         self.ix.entries.scan(|i, rec| {
             if taken[i] == 0 {
                 let e = Entry::decode(rec);
-                leftover.push((e.offset, e.outcome() == Outcome::Input));
+                leftover.push((e.offset, i, e.outcome() == Outcome::Input));
             }
         });
         leftover.sort_unstable();
         let mut stale: Vec<u64> = self.ix.superseded_paid.clone();
-        for (offset, input_error) in &leftover {
+        for &(offset, i, input_error) in &leftover {
             if complete {
                 if !input_error {
-                    stale.push(*offset);
+                    stale.push(offset);
                 }
             } else if let Some(rdr) = self.src.as_mut() {
-                read_line_at(rdr, &mut self.pos, *offset, &mut self.buf)
+                read_line_at(rdr, &mut self.pos, offset, &mut self.buf)
                     .map_err(|e| io_err(self.output, e))?;
-                self.keep_verbatim(*offset)?;
+                let e = self.ix.entry(i);
+                self.keep_verbatim(e)?;
             }
         }
         if complete && !leftover.is_empty() {
@@ -332,6 +361,8 @@ impl<'a> Compactor<'a> {
         }
         crate::ledger::files::rename_durably(&self.tmp, self.output)?;
         self.report.rewritten = true;
+        // The index file described the old output: the new one's, from what was written.
+        self.sink.finish(self.output)?;
         Ok(self.report)
     }
 }
@@ -657,7 +688,7 @@ mod tests {
     #[test]
     fn the_index_entry_stays_small() {
         // On disk; in memory only a chunk of them at a time while the index file is built.
-        assert_eq!(crate::ledger::index::REC, 40);
+        assert_eq!(crate::ledger::index::REC, 64);
         assert!(std::mem::size_of::<Entry>() * crate::ledger::runs::CHUNK < 16 << 20);
     }
 }

@@ -2,6 +2,7 @@
 //! disk, sorted by key in the index file beside the output (`indexfile`), and are read
 //! memory-mapped; what stays in memory is a bloom filter over the keys (so a row that is not
 //! done costs no disk read) and the fence of the file's blocks: about 1.3 bytes a record.
+//! On disk, 64 bytes a record.
 
 use std::fs::File;
 use std::path::Path;
@@ -19,14 +20,18 @@ pub(super) const OUTCOME_MASK: u8 = 3;
 pub(super) const COPY: u8 = 4;
 /// The line records money: a cost or an unconfirmed cost.
 pub(super) const PAID: u8 = 8;
+/// An ok original record with usage: its completion tokens count in the mean.
+pub(super) const USAGE: u8 = 16;
 
-/// An entry's size on disk: fingerprint 16, id hash 8, ident 8, offset and flags 8.
-pub(super) const REC: usize = 40;
+/// An entry's size on disk: fingerprint 16, id hash 8, ident 8, offset and flags 8, cost 8,
+/// unconfirmed cost 8, completion tokens 4, 4 spare. The money and tokens are there so an
+/// index file can be written for a compacted output without parsing it again.
+pub(super) const REC: usize = 64;
 /// The sort key: the fingerprint and the id hash (big-endian, so bytes sort as the numbers).
 pub(super) const KEY: usize = 24;
 
 /// One key's latest record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Entry {
     pub fp: [u8; 16],
     /// The id's hash when the job has an id column, else 0.
@@ -37,6 +42,11 @@ pub struct Entry {
     /// Where the record starts in the journal (under 2^56).
     pub offset: u64,
     pub(super) flags: u8,
+    /// The line's `cost_usd` and `unconfirmed_usd` (0 when absent).
+    pub(super) cost: f64,
+    pub(super) unconfirmed: f64,
+    /// Completion tokens, when `USAGE` is set.
+    pub(super) tokens: u32,
 }
 
 impl Entry {
@@ -58,6 +68,9 @@ impl Entry {
         b[16..24].copy_from_slice(&self.idh.to_be_bytes());
         b[24..32].copy_from_slice(&self.ident.to_le_bytes());
         b[32..40].copy_from_slice(&(self.offset | u64::from(self.flags) << 56).to_le_bytes());
+        b[40..48].copy_from_slice(&self.cost.to_le_bytes());
+        b[48..56].copy_from_slice(&self.unconfirmed.to_le_bytes());
+        b[56..60].copy_from_slice(&self.tokens.to_le_bytes());
         b
     }
 
@@ -70,6 +83,9 @@ impl Entry {
             ident: u64::from_le_bytes(word(24..32)),
             offset: last & ((1 << 56) - 1),
             flags: (last >> 56) as u8,
+            cost: f64::from_le_bytes(word(40..48)),
+            unconfirmed: f64::from_le_bytes(word(48..56)),
+            tokens: u32::from_le_bytes(b[56..60].try_into().expect("4 bytes")),
         }
     }
 }
@@ -259,8 +275,19 @@ pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -
     if line.copied_from.is_some() {
         flags |= COPY;
     }
-    if line.cost_usd.unwrap_or(0.0) > 0.0 || line.unconfirmed_usd.unwrap_or(0.0) > 0.0 {
+    let (cost, unconfirmed) = (
+        line.cost_usd.unwrap_or(0.0),
+        line.unconfirmed_usd.unwrap_or(0.0),
+    );
+    if cost > 0.0 || unconfirmed > 0.0 {
         flags |= PAID;
+    }
+    let mut tokens = 0;
+    if line.status == Status::Ok && line.copied_from.is_none() {
+        if let Some(u) = &line.usage {
+            flags |= USAGE;
+            tokens = u.completion_tokens.min(u64::from(u32::MAX)) as u32;
+        }
     }
     Some(Entry {
         fp,
@@ -268,6 +295,9 @@ pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -
         ident,
         offset,
         flags,
+        cost,
+        unconfirmed,
+        tokens,
     })
 }
 
@@ -276,13 +306,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_entry_round_trips_through_its_forty_bytes() {
+    fn an_entry_round_trips_through_its_bytes() {
         let e = Entry {
             fp: [7; 16],
             idh: 0x0102_0304_0506_0708,
             ident: 99,
             offset: (1 << 56) - 1,
             flags: PAID | COPY | 2,
+            cost: 0.25,
+            unconfirmed: 1.5,
+            tokens: 7,
         };
         assert_eq!(Entry::decode(&e.encode()), e);
         let orig = Entry { flags: 0, ..e };

@@ -25,10 +25,9 @@ use siphasher::sip::SipHasher13;
 use crate::error::Error;
 use crate::ledger::files::sibling;
 use crate::ledger::journal::{self, io_err};
-use crate::ledger::record::Status;
 use crate::ledger::runs::{self, FenceBuilder, Mapped};
 
-use super::index::{cmp_encoded, entry_of, filter_hash, Entry, Index, KEY, PAID, REC};
+use super::index::{cmp_encoded, entry_of, filter_hash, Entry, Index, KEY, PAID, REC, USAGE};
 use super::Keying;
 
 const MAGIC: &[u8; 8] = b"PMLIX001";
@@ -327,7 +326,7 @@ fn build(
 
 /// Parses the journal from byte `from` into sorted runs of entries.
 fn gather(path: &Path, keying: Keying, from: u64, g: &mut Gathered) -> Result<(), Error> {
-    let mut chunk: Vec<Entry> = Vec::with_capacity(runs::CHUNK.min(1024));
+    let mut chunk: Vec<[u8; REC]> = Vec::with_capacity(runs::CHUNK.min(1024));
     let first_line = g.meta.lines;
     let mut end = from;
     journal::for_each_line_from(path, from, first_line, |offset, number, bytes| {
@@ -357,17 +356,8 @@ fn gather(path: &Path, keying: Keying, from: u64, g: &mut Gathered) -> Result<()
             g.unreadable.push((number, offset));
             return Ok(());
         };
-        let m = &mut g.meta;
-        m.records += 1;
-        m.spent_usd += line.cost_usd.unwrap_or(0.0);
-        m.unconfirmed_usd += line.unconfirmed_usd.unwrap_or(0.0);
-        if line.status == Status::Ok && line.copied_from.is_none() {
-            if let Some(u) = &line.usage {
-                m.ok_rows += 1;
-                m.ok_tokens += u.completion_tokens;
-            }
-        }
-        chunk.push(e);
+        count(&mut g.meta, &e);
+        chunk.push(e.encode());
         if chunk.len() >= runs::CHUNK {
             spill_chunk(path, &mut chunk, g)?;
         }
@@ -387,22 +377,87 @@ fn gather(path: &Path, keying: Keying, from: u64, g: &mut Gathered) -> Result<()
     Ok(())
 }
 
-/// Sorts a chunk, keeps each key's best entry, and spills it as a run.
-fn spill_chunk(path: &Path, chunk: &mut Vec<Entry>, g: &mut Gathered) -> Result<(), Error> {
-    let mut enc: Vec<[u8; REC]> = chunk.drain(..).map(|e| e.encode()).collect();
-    enc.sort_unstable_by(|a, b| cmp_encoded(a, b));
-    let mut kept: Vec<[u8; REC]> = Vec::with_capacity(enc.len());
-    for e in enc {
-        match kept.last_mut() {
-            Some(last) if last[..KEY] == e[..KEY] => {
-                supersede(last, &mut g.superseded);
-                *last = e;
-            }
-            _ => kept.push(e),
+/// A record's part in what the index file's header adds up.
+fn count(m: &mut Meta, e: &Entry) {
+    m.records += 1;
+    m.spent_usd += e.cost;
+    m.unconfirmed_usd += e.unconfirmed;
+    if e.flags & USAGE != 0 {
+        m.ok_rows += 1;
+        m.ok_tokens += u64::from(e.tokens);
+    }
+}
+
+/// The index of an output written record by record (compaction's), from entries already
+/// known: written as the index file once that output is in place, with no parse of it.
+pub(super) struct Sink {
+    near: std::path::PathBuf,
+    chunk: Vec<[u8; REC]>,
+    g: Gathered,
+}
+
+impl Sink {
+    pub(super) fn new(near: &Path, keying: Keying) -> Sink {
+        Sink {
+            near: near.to_path_buf(),
+            chunk: Vec::new(),
+            g: Gathered {
+                meta: Meta {
+                    by_id: keying.by_id,
+                    ..Meta::default()
+                },
+                runs: Vec::new(),
+                entries: 0,
+                superseded: Vec::new(),
+                unreadable: Vec::new(),
+            },
         }
     }
-    g.entries += kept.len();
-    let f = runs::spill(path, kept.iter().map(|e| &e[..]))?;
+
+    /// The next line's entry (its offset in the new output).
+    pub(super) fn push(&mut self, e: Entry) -> Result<(), Error> {
+        count(&mut self.g.meta, &e);
+        self.g.meta.lines += 1;
+        self.chunk.push(e.encode());
+        if self.chunk.len() >= runs::CHUNK {
+            spill_chunk(&self.near, &mut self.chunk, &mut self.g)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the index file of `output`, now in place and holding every line pushed.
+    pub(super) fn finish(mut self, output: &Path) -> Result<(), Error> {
+        if !self.chunk.is_empty() {
+            spill_chunk(&self.near, &mut self.chunk, &mut self.g)?;
+        }
+        let (len, ino) = journal_id(output)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.g.meta.journal_len = len;
+        self.g.meta.ino = ino;
+        (self.g.meta.head, self.g.meta.tail) = journal_hashes(output, len)?;
+        write(output, self.g, Some(&sibling(output, ".index"))).map(drop)
+    }
+}
+
+/// Sorts a chunk in place, keeps each key's best entry, and spills it as a run.
+fn spill_chunk(path: &Path, chunk: &mut Vec<[u8; REC]>, g: &mut Gathered) -> Result<(), Error> {
+    chunk.sort_unstable_by(|a, b| cmp_encoded(a, b));
+    let mut kept = 0;
+    for i in 0..chunk.len() {
+        // Sorted best-last within a key: a later entry of the same key replaces the kept one.
+        if kept > 0 && chunk[kept - 1][..KEY] == chunk[i][..KEY] {
+            supersede(&chunk[kept - 1], &mut g.superseded);
+            chunk[kept - 1] = chunk[i];
+        } else {
+            chunk[kept] = chunk[i];
+            kept += 1;
+        }
+    }
+    g.entries += kept;
+    let f = runs::spill(path, chunk[..kept].iter().map(|e| &e[..]))?;
+    chunk.clear();
     g.runs.push(Box::new(f));
     Ok(())
 }

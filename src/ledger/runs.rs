@@ -14,12 +14,13 @@ use memmap2::{Mmap, UncheckedAdvice};
 use crate::error::Error;
 use crate::ledger::journal::io_err;
 
-/// Records per chunk sorted in memory before it is spilled: 12 MB of 48-byte entries.
-pub const CHUNK: usize = 256 * 1024;
+/// Records per chunk sorted in memory before it is spilled: 8 MB of 64-byte entries.
+pub const CHUNK: usize = 128 * 1024;
 
-/// Lookups between two releases of the mapped pages: each touches one or two 4 KB pages, so
-/// the mapping never holds more than about 16 MB of a large file in the process's memory.
-const RELEASE_EVERY: u32 = 2048;
+/// Lookups between two releases of the mapped pages. A fault maps the pages around the one
+/// read too (64 KB), so this keeps what a large mapped file counts in the process's memory
+/// to about 4 MB.
+const RELEASE_EVERY: u32 = 64;
 
 /// An anonymous temporary file beside `near` (on its disk, gone when closed or killed), or in
 /// the system's temporary folder when that folder cannot take one.
@@ -97,7 +98,7 @@ pub fn merge(
     let mut heap = BinaryHeap::with_capacity(runs.len());
     for (run, f) in runs.into_iter().enumerate() {
         let mut reader = Reader {
-            r: BufReader::with_capacity(64 * 1024, f),
+            r: BufReader::with_capacity(32 * 1024, f),
             rec: vec![0; rec],
             run,
         };
@@ -206,7 +207,7 @@ impl Mapped {
     /// Calls `each(i, record)` for every record in order, letting go of the pages read every
     /// 4 MB, so a scan of a large file does not count it whole as this process's memory.
     pub fn scan(&self, mut each: impl FnMut(usize, &[u8])) {
-        let step = (4 << 20) / self.rec;
+        let step = (1 << 20) / self.rec;
         for i in 0..self.len {
             each(i, self.get(i));
             if (i + 1) % step == 0 {
