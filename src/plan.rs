@@ -95,13 +95,13 @@ impl Planner {
 
     /// `plan`, for a caller that already has the row's id hash (`Keying::id_hash`).
     pub fn plan_keyed(&mut self, p: &Prepared, idh: u64) -> Result<Decision, Error> {
-        let mut found = self.index.get(&p.fingerprint, idh);
+        let mut found = self.index.get(&p.fingerprint, idh)?;
         let mut legacy = None;
         if found.is_none() && self.index.records > 0 {
             // An output written before rows were keyed by request identity: its records carry
             // the body's hash. Upgrading must not re-pay them.
             let old = crate::fingerprint::legacy_fingerprint(&p.request.body);
-            if let Some(e) = self.index.get(&old, idh) {
+            if let Some(e) = self.index.get(&old, idh)? {
                 found = Some(e);
                 legacy = Some(old);
             }
@@ -111,7 +111,7 @@ impl Planner {
             Some(Outcome::FailedFinal) if !self.retry_failed => Decision::DoneFailed,
             _ => {
                 let head = u64::from_le_bytes(p.fingerprint[..8].try_into().expect("8 bytes"));
-                if self.sent.contains(head) || self.index.has_ok_source(&p.fingerprint) {
+                if self.sent.contains(head)? || self.index.has_ok_source(&p.fingerprint)? {
                     Decision::Copy
                 } else {
                     self.sent.insert(head)?;
@@ -159,7 +159,7 @@ impl Planner {
         fields: &Map<String, Value>,
     ) -> Result<Decision, Error> {
         let key = ledger::input_error_key(row, message);
-        let found = self.index.get(&key, 0);
+        let found = self.index.get(&key, 0)?;
         let decision = if found.is_some() {
             Decision::DoneFailed
         } else {

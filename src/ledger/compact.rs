@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -16,8 +16,8 @@ use crate::ledger::record::{CopiedFrom, Record};
 
 use super::index::{entry_of, Entry};
 use super::indexfile::Sink;
-use crate::ledger::journal;
 use super::*;
+use crate::ledger::journal;
 
 /// One input row in the plan spool.
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,9 +119,10 @@ struct Compactor<'a> {
     written: u64,
     keying: Keying,
     report: Compacted,
-    /// The compacted output, written to `tmp` beside the output.
+    /// The compacted output, written to `tmp` beside the output; opened only once it differs
+    /// from the output (a rerun that changes nothing writes nothing).
     tmp: PathBuf,
-    out: BufWriter<File>,
+    out: Option<BufWriter<File>>,
     /// The output, when there is one; `pos` is where it stands.
     src: Option<BufReader<File>>,
     pos: u64,
@@ -140,8 +141,6 @@ impl<'a> Compactor<'a> {
         let ix = Index::open(output, keying, true)?.with_stale(&side.stale, keying, true)?;
         let taken = vec![0; ix.len()];
         let tmp = crate::ledger::files::sibling(output, ".compact");
-        let out =
-            BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
         let src = match File::open(output) {
             Ok(f) => Some(BufReader::with_capacity(256 * 1024, f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -157,7 +156,7 @@ impl<'a> Compactor<'a> {
             keying,
             report: Compacted::default(),
             tmp,
-            out,
+            out: None,
             src,
             pos: 0,
             stale_src: None,
@@ -199,15 +198,15 @@ impl<'a> Compactor<'a> {
     /// same request's record, from the output or else from the stale file; else it is pending.
     fn row(&mut self, p: Planned, fp: &[u8; 16]) -> Result<(), Error> {
         let ix = &self.ix;
-        let (i, copy) = match ix.position(fp, p.idh) {
+        let (i, copy) = match ix.position(fp, p.idh)? {
             Some(i) if self.taken[i] == 0 => (i, false),
             Some(i) => (i, true),
-            None => match ix.source_index(fp, false, &self.taken) {
+            None => match ix.source_index(fp, false, &self.taken)? {
                 Some(i) => (i, true),
                 None => return self.copy_from_stale(p, fp),
             },
         };
-        let e = ix.entry(i);
+        let e = ix.entry(i)?;
         let first = self.taken[i];
         let Some(rdr) = self.src.as_mut() else {
             unreachable!("an index entry implies an output file")
@@ -221,7 +220,7 @@ impl<'a> Compactor<'a> {
         if verbatim {
             self.keep_verbatim(e)?;
         } else {
-            self.in_place = false;
+            self.diverge()?;
             let from = copy.then(|| (first > 1).then(|| u64::from(first) - 1));
             if copy {
                 self.report.copies += 1;
@@ -236,12 +235,14 @@ impl<'a> Compactor<'a> {
     /// A row whose request no record in the output answers: a copy of the stale file's
     /// record if it has one (a row put back), else the row is pending.
     fn copy_from_stale(&mut self, p: Planned, fp: &[u8; 16]) -> Result<(), Error> {
-        self.in_place = false;
-        let from_stale = self
-            .ix
-            .stale
-            .as_ref()
-            .and_then(|st| st.source_index(fp, true, &[]).map(|i| st.entry(i).offset));
+        self.diverge()?;
+        let from_stale = match self.ix.stale.as_deref() {
+            Some(st) => match st.source_index(fp, true, &[])? {
+                Some(i) => Some(st.entry(i)?.offset),
+                None => None,
+            },
+            None => None,
+        };
         let Some(offset) = from_stale else {
             self.report.pending += 1;
             return Ok(());
@@ -264,7 +265,7 @@ impl<'a> Compactor<'a> {
     /// longer in place unless the line follows the one kept before it.
     fn keep_verbatim(&mut self, e: Entry) -> Result<(), Error> {
         if e.offset != self.expect {
-            self.in_place = false;
+            self.diverge()?;
         }
         self.expect = e.offset + self.buf.len() as u64;
         let line = std::mem::take(&mut self.buf);
@@ -289,7 +290,34 @@ impl<'a> Compactor<'a> {
             ..e
         })?;
         self.written += line.len() as u64;
-        write_out(&mut self.out, &self.tmp, line)
+        match self.out.as_mut() {
+            Some(out) => write_out(out, &self.tmp, line),
+            None => Ok(()),
+        }
+    }
+
+    /// The compacted output stops being the output: its file is opened, and what was kept in
+    /// place so far (every line up to `written`, verbatim and in order) is copied into it.
+    fn diverge(&mut self) -> Result<(), Error> {
+        self.in_place = false;
+        if self.out.is_some() {
+            return Ok(());
+        }
+        let f = File::create(&self.tmp).map_err(|e| io_err(&self.tmp, e))?;
+        let mut out = BufWriter::with_capacity(256 * 1024, f);
+        if self.written > 0 {
+            let src = File::open(self.output).map_err(|e| io_err(self.output, e))?;
+            let copied = std::io::copy(&mut src.take(self.written), &mut out)
+                .map_err(|e| io_err(&self.tmp, e))?;
+            if copied != self.written {
+                return Err(Error::Other(format!(
+                    "{}: shorter than what compaction kept of it",
+                    self.output.display()
+                )));
+            }
+        }
+        self.out = Some(out);
+        Ok(())
     }
 
     /// What no row took: stale when the whole input was read (returned, with the superseded
@@ -303,7 +331,7 @@ impl<'a> Compactor<'a> {
                 let e = Entry::decode(rec);
                 leftover.push((e.offset, i, e.outcome() == Outcome::Input));
             }
-        });
+        })?;
         leftover.sort_unstable();
         let mut stale: Vec<u64> = self.ix.superseded_paid.clone();
         for &(offset, i, input_error) in &leftover {
@@ -314,20 +342,20 @@ impl<'a> Compactor<'a> {
             } else if let Some(rdr) = self.src.as_mut() {
                 read_line_at(rdr, &mut self.pos, offset, &mut self.buf)
                     .map_err(|e| io_err(self.output, e))?;
-                let e = self.ix.entry(i);
+                let e = self.ix.entry(i)?;
                 self.keep_verbatim(e)?;
             }
         }
         if complete && !leftover.is_empty() {
-            self.in_place = false;
+            self.diverge()?;
         }
         if !self.ix.superseded_paid.is_empty() || !self.ix.unreadable.is_empty() {
-            self.in_place = false;
+            self.diverge()?;
         }
         let file_len = std::fs::metadata(self.output).map(|m| m.len()).unwrap_or(0);
         // Superseded lines that cost nothing are dropped: they too make the file change.
         if self.expect != file_len {
-            self.in_place = false;
+            self.diverge()?;
         }
         Ok(stale)
     }
@@ -335,15 +363,15 @@ impl<'a> Compactor<'a> {
     /// Leaves the output as it is when nothing changed; else moves the `stale` lines and the
     /// lines that are not records aside, then puts the compacted file in the output's place.
     fn finish(mut self, mut stale: Vec<u64>) -> Result<Compacted, Error> {
-        let out = self
-            .out
-            .into_inner()
-            .map_err(|e| io_err(&self.tmp, e.into_error()))?;
         if self.in_place {
-            drop(out);
-            let _ = std::fs::remove_file(&self.tmp);
             return Ok(self.report);
         }
+        let out = self
+            .out
+            .take()
+            .expect("opened when the output stopped being in place")
+            .into_inner()
+            .map_err(|e| io_err(&self.tmp, e.into_error()))?;
         out.sync_all().map_err(|e| io_err(&self.tmp, e))?;
         drop(out);
 
@@ -581,7 +609,7 @@ mod tests {
         std::fs::write(&out, &text).unwrap();
         let ix = Index::load(&out, BY_FP).unwrap();
         assert_eq!(ix.len(), 2);
-        assert_eq!(ix.get(&[1; 16], 0).unwrap().outcome(), Outcome::Ok);
+        assert_eq!(ix.get(&[1; 16], 0).unwrap().unwrap().outcome(), Outcome::Ok);
         assert_eq!(ix.records, 3);
         assert!((ix.spent_usd - 1.5).abs() < 1e-9);
         let spool = dir.path().join("plan");

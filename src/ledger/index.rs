@@ -4,7 +4,6 @@
 //! done costs no disk read) and the fence of the file's blocks: about 1.3 bytes a record.
 //! On disk, 64 bytes a record.
 
-use std::fs::File;
 use std::path::Path;
 
 use fastbloom::BloomFilter;
@@ -12,7 +11,7 @@ use fastbloom::BloomFilter;
 use crate::error::Error;
 use crate::ledger::journal::Line;
 use crate::ledger::record::Status;
-use crate::ledger::runs::Mapped;
+use crate::ledger::runs::Table;
 
 use super::*;
 
@@ -103,11 +102,9 @@ pub(super) fn cmp_encoded(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
 /// Everything the journal (and the stale file) says.
 pub struct Index {
     /// Sorted by key; one entry per key.
-    pub(super) entries: Mapped,
+    pub(super) entries: Table,
     /// Over the fingerprints of `entries`; `None` when there are none.
     pub(super) filter: Option<BloomFilter>,
-    /// The file `entries` maps (the index file, or a scratch file), kept open with it.
-    pub(super) _file: Option<File>,
     /// Records replaced by a later record of the same key that cost money: kept, as stale.
     pub(super) superseded_paid: Vec<u64>,
     /// (line number, offset) of lines that are not records.
@@ -125,9 +122,8 @@ pub struct Index {
 impl Default for Index {
     fn default() -> Index {
         Index {
-            entries: Mapped::empty(REC),
+            entries: Table::empty(REC),
             filter: None,
-            _file: None,
             superseded_paid: Vec::new(),
             unreadable: Vec::new(),
             records: 0,
@@ -189,8 +185,8 @@ impl Index {
         self.entries.len()
     }
 
-    pub(super) fn entry(&self, i: usize) -> Entry {
-        Entry::decode(self.entries.get(i))
+    pub(super) fn entry(&self, i: usize) -> Result<Entry, Error> {
+        self.entries.with(i, Entry::decode)
     }
 
     fn maybe(&self, fp: &[u8; 16]) -> bool {
@@ -199,19 +195,19 @@ impl Index {
             .is_some_and(|f| f.contains_hash(filter_hash(fp)))
     }
 
-    pub(super) fn position(&self, fp: &[u8; 16], idh: u64) -> Option<usize> {
+    pub(super) fn position(&self, fp: &[u8; 16], idh: u64) -> Result<Option<usize>, Error> {
         if !self.maybe(fp) {
-            return None;
+            return Ok(None);
         }
         let mut key = [0u8; KEY];
         key[..16].copy_from_slice(fp);
         key[16..].copy_from_slice(&idh.to_be_bytes());
-        let r = self.entries.equal_range(&key);
-        (!r.is_empty()).then_some(r.start)
+        let r = self.entries.equal_range(&key)?;
+        Ok((!r.is_empty()).then_some(r.start))
     }
 
-    pub fn get(&self, fp: &[u8; 16], idh: u64) -> Option<Entry> {
-        self.position(fp, idh).map(|i| self.entry(i))
+    pub fn get(&self, fp: &[u8; 16], idh: u64) -> Result<Option<Entry>, Error> {
+        self.position(fp, idh)?.map(|i| self.entry(i)).transpose()
     }
 
     /// A record of the same request under any id, to copy from: an ok original first, then
@@ -221,24 +217,35 @@ impl Index {
         fp: &[u8; 16],
         ok_only: bool,
         taken: &[u32],
-    ) -> Option<usize> {
+    ) -> Result<Option<usize>, Error> {
         if !self.maybe(fp) {
-            return None;
+            return Ok(None);
         }
-        self.entries
-            .equal_range(fp)
-            .filter(|&i| !ok_only || self.entry(i).outcome() == Outcome::Ok)
-            .max_by_key(|&i| {
-                let e = self.entry(i);
-                let referenced = taken.get(i).is_some_and(|&t| t != 0);
-                (e.outcome() == Outcome::Ok, !e.is_copy(), referenced)
-            })
+        let mut best = None;
+        for i in self.entries.equal_range(fp)? {
+            let e = self.entry(i)?;
+            if ok_only && e.outcome() != Outcome::Ok {
+                continue;
+            }
+            let referenced = taken.get(i).is_some_and(|&t| t != 0);
+            let rank = (e.outcome() == Outcome::Ok, !e.is_copy(), referenced);
+            // The last of equal ranks wins, as `max_by_key` would.
+            if best.is_none_or(|(r, _)| rank >= r) {
+                best = Some((rank, i));
+            }
+        }
+        Ok(best.map(|(_, i)| i))
     }
 
     /// Whether an ok record of this request exists under any id (the stale file's included).
-    pub fn has_ok_source(&self, fp: &[u8; 16]) -> bool {
-        self.source_index(fp, true, &[]).is_some()
-            || self.stale.as_ref().is_some_and(|s| s.has_ok_source(fp))
+    pub fn has_ok_source(&self, fp: &[u8; 16]) -> Result<bool, Error> {
+        if self.source_index(fp, true, &[])?.is_some() {
+            return Ok(true);
+        }
+        match &self.stale {
+            Some(s) => s.has_ok_source(fp),
+            None => Ok(false),
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use siphasher::sip::SipHasher13;
 use crate::error::Error;
 use crate::ledger::files::sibling;
 use crate::ledger::journal::{self, io_err};
-use crate::ledger::runs::{self, FenceBuilder, Mapped};
+use crate::ledger::runs::{self, FenceBuilder, Table};
 
 use super::index::{cmp_encoded, entry_of, filter_hash, Entry, Index, KEY, PAID, REC, USAGE};
 use super::Keying;
@@ -118,7 +118,7 @@ fn journal_hashes(path: &Path, len: u64) -> Result<(u64, u64), Error> {
 
 fn into_index(c: Cached, at: &Path) -> Result<Index, Error> {
     let m = c.meta;
-    let entries = Mapped::new(&c.file, HEADER, REC, c.fence).map_err(|e| io_err(at, e))?;
+    let entries = Table::new(&c.file, at, HEADER as u64, REC, c.fence)?;
     debug_assert_eq!(entries.len(), c.n);
     for (number, _) in c.unreadable.iter().take(5) {
         tracing::warn!("line {number} of the output is not a record; it is kept aside");
@@ -126,7 +126,6 @@ fn into_index(c: Cached, at: &Path) -> Result<Index, Error> {
     Ok(Index {
         entries,
         filter: Some(c.filter),
-        _file: Some(c.file),
         superseded_paid: c.superseded,
         unreadable: c.unreadable,
         records: m.records,
@@ -590,7 +589,6 @@ fn write(path: &Path, mut g: Gathered, dest: Option<&Path>) -> Result<Index, Err
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write as _;
 
     fn rec(row: u64, fp: u8, status: &str, cost: f64) -> String {
         let err = if status == "ok" {
@@ -605,7 +603,7 @@ mod tests {
     }
 
     fn all(ix: &Index) -> Vec<Entry> {
-        (0..ix.len()).map(|i| ix.entry(i)).collect()
+        (0..ix.len()).map(|i| ix.entry(i).unwrap()).collect()
     }
 
     /// An index file brought up to date from the records appended after it says the same as
@@ -661,7 +659,7 @@ mod tests {
         // Read back as it is: the same again.
         let cached = Index::open(&out, by, false).unwrap();
         assert_eq!(all(&cached), all(&afresh));
-        assert!(cached.get(&[3; 16], 0).is_some());
-        assert!(cached.get(&[250; 16], 0).is_none());
+        assert!(cached.get(&[3; 16], 0).unwrap().is_some());
+        assert!(cached.get(&[250; 16], 0).unwrap().is_none());
     }
 }

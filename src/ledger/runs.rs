@@ -1,26 +1,22 @@
 //! Sorted runs of fixed-size records on disk, for what must not grow with the rows in memory:
 //! chunks sorted in memory and spilled to anonymous temporary files, merged in one streaming
-//! pass, and the merged file read back memory-mapped through a small in-memory fence (the first
-//! key of every 4 KB block).
+//! pass, and the merged file read back a block at a time through a small in-memory fence (the
+//! first key of every 4 KB block). Positioned reads rather than a memory map: a mapped page the
+//! kernel faults in (with 64 KB around it) counts as the process's memory until it is let go,
+//! which at one lookup per row cost more than the read.
 
+use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
-
-use memmap2::{Mmap, UncheckedAdvice};
+use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 use crate::ledger::journal::io_err;
 
 /// Records per chunk sorted in memory before it is spilled: 8 MB of 64-byte entries.
 pub const CHUNK: usize = 128 * 1024;
-
-/// Lookups between two releases of the mapped pages. A fault maps the pages around the one
-/// read too (64 KB), so this keeps what a large mapped file counts in the process's memory
-/// to about 4 MB.
-const RELEASE_EVERY: u32 = 64;
 
 /// An anonymous temporary file beside `near` (on its disk, gone when closed or killed), or in
 /// the system's temporary folder when that folder cannot take one.
@@ -115,16 +111,21 @@ pub fn merge(
     Ok(())
 }
 
-/// A file of sorted `rec`-byte records from byte `start` on, mapped for lookups; its fence
-/// holds the first 8 key bytes of every block, as a big-endian number.
-pub struct Mapped {
-    map: Option<Mmap>,
-    start: usize,
+/// A file of sorted `rec`-byte records from byte `start` on, read a block at a time by
+/// positioned reads (so none of it counts as this process's memory, and nothing is mapped
+/// that another process could cut short); its fence holds the first 8 key bytes of every
+/// block, as a big-endian number.
+pub struct Table {
+    file: Option<File>,
+    /// For errors: the file's path, or what it is a scratch file for.
+    path: PathBuf,
+    start: u64,
     rec: usize,
     len: usize,
     per_block: usize,
     fence: Vec<u64>,
-    touched: std::cell::Cell<u32>,
+    /// The records read last: the first one's position, and their bytes.
+    cache: RefCell<(usize, Vec<u8>)>,
 }
 
 /// The first 8 bytes of a key, as a number that sorts as the bytes do.
@@ -155,48 +156,57 @@ impl FenceBuilder {
     }
 }
 
-impl Mapped {
-    /// Maps `file`, whose records (of `rec` bytes, `fence` collected over them) start at
-    /// byte `start`. The file is never written again once mapped: it was written by this
-    /// process and is replaced only by a rename, never truncated.
+#[cfg(unix)]
+fn read_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(f, buf, at)
+}
+
+#[cfg(windows)]
+fn read_at(f: &File, mut buf: &mut [u8], mut at: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        match std::os::windows::fs::FileExt::seek_read(f, buf, at)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                at += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Table {
+    /// The records (of `rec` bytes, `fence` collected over them) of `file` from byte `start`.
     pub fn new(
         file: &File,
-        start: usize,
+        path: &Path,
+        start: u64,
         rec: usize,
         fence: FenceBuilder,
-    ) -> std::io::Result<Mapped> {
-        let len = fence.n;
-        let map = if len == 0 {
-            None
-        } else {
-            // SAFETY: the file is ours (a scratch file, or the index written beside the output
-            // under the output's lock, and replaced only by a rename): nothing truncates it
-            // while it is mapped.
-            let m = unsafe { Mmap::map(file) }?;
-            let _ = m.advise(memmap2::Advice::Random);
-            Some(m)
-        };
-        Ok(Mapped {
-            map,
+    ) -> Result<Table, Error> {
+        Ok(Table {
+            file: Some(file.try_clone().map_err(|e| io_err(path, e))?),
+            path: path.to_path_buf(),
             start,
             rec,
-            len,
+            len: fence.n,
             per_block: fence.per_block,
             fence: fence.fence,
-            touched: std::cell::Cell::new(0),
+            cache: RefCell::new((0, Vec::new())),
         })
     }
 
     /// No records.
-    pub fn empty(rec: usize) -> Mapped {
-        Mapped {
-            map: None,
+    pub fn empty(rec: usize) -> Table {
+        Table {
+            file: None,
+            path: PathBuf::new(),
             start: 0,
             rec,
             len: 0,
             per_block: (4096 / rec).max(1),
             fence: Vec::new(),
-            touched: std::cell::Cell::new(0),
+            cache: RefCell::new((0, Vec::new())),
         }
     }
 
@@ -204,57 +214,75 @@ impl Mapped {
         self.len
     }
 
-    /// Calls `each(i, record)` for every record in order, letting go of the pages read every
-    /// 4 MB, so a scan of a large file does not count it whole as this process's memory.
-    pub fn scan(&self, mut each: impl FnMut(usize, &[u8])) {
-        let step = (1 << 20) / self.rec;
-        for i in 0..self.len {
-            each(i, self.get(i));
-            if (i + 1) % step == 0 {
-                self.release();
+    /// Reads records `range` into the cache.
+    fn load(&self, range: std::ops::Range<usize>) -> Result<(), Error> {
+        let mut c = self.cache.borrow_mut();
+        if c.0 == range.start && c.1.len() == range.len() * self.rec {
+            return Ok(());
+        }
+        c.0 = range.start;
+        c.1.resize(range.len() * self.rec, 0);
+        let f = self.file.as_ref().expect("a record implies a file");
+        let at = self.start + (range.start * self.rec) as u64;
+        read_at(f, &mut c.1, at).map_err(|e| io_err(&self.path, e))
+    }
+
+    /// `f` of the record at `i`.
+    pub fn with<T>(&self, i: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T, Error> {
+        {
+            let c = self.cache.borrow();
+            let n = c.1.len() / self.rec;
+            if i >= c.0 && i < c.0 + n {
+                let at = (i - c.0) * self.rec;
+                return Ok(f(&c.1[at..at + self.rec]));
             }
         }
-        self.release();
+        self.load(i..i + 1)?;
+        let c = self.cache.borrow();
+        Ok(f(&c.1[..self.rec]))
     }
 
-    fn release(&self) {
-        if let Some(m) = &self.map {
-            // SAFETY: a read-only shared mapping of a file: dropping its pages loses
-            // nothing, the next read faults them back in from the page cache.
-            let _ = unsafe { m.unchecked_advise(UncheckedAdvice::DontNeed) };
-        }
-    }
-
-    /// The record at `i`.
-    pub fn get(&self, i: usize) -> &[u8] {
-        let m = self.map.as_ref().expect("a record implies a mapping");
-        let at = self.start + i * self.rec;
-        &m[at..at + self.rec]
-    }
-
-    /// The positions of every record whose first `key.len()` bytes equal `key`.
-    pub fn equal_range(&self, key: &[u8]) -> std::ops::Range<usize> {
+    /// The positions of every record whose first `key.len()` bytes equal `key`: one read of
+    /// the block (rarely two) the fence points at.
+    pub fn equal_range(&self, key: &[u8]) -> Result<std::ops::Range<usize>, Error> {
         if self.len == 0 {
-            return 0..0;
+            return Ok(0..0);
         }
-        self.tick();
         let p = prefix(key);
         let lo = self.fence.partition_point(|&f| f < p).saturating_sub(1) * self.per_block;
         let hi = (self.fence.partition_point(|&f| f <= p) * self.per_block).min(self.len);
-        let k = key.len();
-        let first = lo + partition(lo..hi, |i| &self.get(i)[..k] < key);
-        let end = first + partition(first..hi, |i| &self.get(i)[..k] == key);
-        first..end
+        self.load(lo..hi)?;
+        let c = self.cache.borrow();
+        let (k, rec) = (key.len(), self.rec);
+        let at = |i: usize| &c.1[(i - lo) * rec..(i - lo) * rec + k];
+        let first = lo + partition(lo..hi, |i| at(i) < key);
+        let end = first + partition(first..hi, |i| at(i) == key);
+        Ok(first..end)
     }
 
-    /// Lets the kernel take back the mapped pages now and then: they stay in the page cache,
-    /// but no longer count as this process's memory.
-    fn tick(&self) {
-        let n = self.touched.get() + 1;
-        self.touched.set(n);
-        if n % RELEASE_EVERY == 0 {
-            self.release();
+    /// The records from the first, as a stream (for a merge).
+    pub fn reader(&self) -> Result<std::io::Take<File>, Error> {
+        let Some(f) = &self.file else {
+            return Ok(scratch(&self.path)?.take(0));
+        };
+        let mut f = f.try_clone().map_err(|e| io_err(&self.path, e))?;
+        f.seek(SeekFrom::Start(self.start))
+            .map_err(|e| io_err(&self.path, e))?;
+        Ok(f.take((self.len * self.rec) as u64))
+    }
+
+    /// Calls `each(i, record)` for every record in order.
+    pub fn scan(&self, mut each: impl FnMut(usize, &[u8])) -> Result<(), Error> {
+        if self.file.is_none() {
+            return Ok(());
         }
+        let mut r = BufReader::with_capacity(256 * 1024, self.reader()?);
+        let mut rec = vec![0u8; self.rec];
+        for i in 0..self.len {
+            r.read_exact(&mut rec).map_err(|e| io_err(&self.path, e))?;
+            each(i, &rec);
+        }
+        Ok(())
     }
 }
 
@@ -278,7 +306,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_merge_in_order_and_a_mapped_file_finds_every_key() {
+    fn runs_merge_in_order_and_a_table_finds_every_key() {
         let dir = tempfile::tempdir().unwrap();
         let near = dir.path().join("x");
         let mut runs = Vec::new();
@@ -309,14 +337,14 @@ mod tests {
             .zip(out.chunks(8).skip(1))
             .all(|(a, b)| a <= b));
         let f = spill(&near, std::iter::once(&out[..])).unwrap();
-        let m = Mapped::new(&f, 0, 8, fence).unwrap();
+        let m = Table::new(&f, &near, 0, 8, fence).unwrap();
         assert_eq!(m.len(), 15000);
         for r in 0..3u64 {
             for i in (0..5000u64).step_by(97) {
                 let k = (i * 7919 + r * 13).to_be_bytes();
-                assert!(!m.equal_range(&k).is_empty(), "{r} {i}");
+                assert!(!m.equal_range(&k).unwrap().is_empty(), "{r} {i}");
             }
         }
-        assert!(m.equal_range(&3u64.to_be_bytes()).is_empty());
+        assert!(m.equal_range(&3u64.to_be_bytes()).unwrap().is_empty());
     }
 }

@@ -4,15 +4,14 @@
 //! a bloom filter, so a request not sent before costs no disk read.
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use fastbloom::BloomFilter;
 
 use crate::error::Error;
 use crate::ledger::journal::io_err;
-use crate::ledger::runs::{self, FenceBuilder, Mapped};
+use crate::ledger::runs::{self, FenceBuilder, Table};
 
 /// Keys held in the hash set before they are spilled: about 4 MB.
 const CHUNK: usize = 256 * 1024;
@@ -22,7 +21,7 @@ pub struct Sent {
     near: PathBuf,
     recent: HashSet<u64>,
     /// Every spilled key, sorted (big-endian), and its mapping.
-    spilled: Option<(File, Mapped)>,
+    spilled: Option<Table>,
     filter: BloomFilter,
     /// What `filter` was sized for, and how many keys it holds.
     capacity: usize,
@@ -41,15 +40,15 @@ impl Sent {
         }
     }
 
-    pub fn contains(&self, head: u64) -> bool {
+    pub fn contains(&self, head: u64) -> Result<bool, Error> {
         if self.recent.contains(&head) {
-            return true;
+            return Ok(true);
         }
         match &self.spilled {
-            Some((_, m)) if self.filter.contains_hash(head) => {
-                !m.equal_range(&head.to_be_bytes()).is_empty()
+            Some(t) if self.filter.contains_hash(head) => {
+                Ok(!t.equal_range(&head.to_be_bytes())?.is_empty())
             }
-            _ => false,
+            _ => Ok(false),
         }
     }
 
@@ -68,11 +67,8 @@ impl Sent {
         keys.sort_unstable();
         let chunk = runs::spill(&self.near, keys.iter().map(|k| &k[..]))?;
         let mut inputs: Vec<Box<dyn Read>> = vec![Box::new(chunk)];
-        if let Some((f, _)) = self.spilled.take() {
-            let mut f = f;
-            f.seek(SeekFrom::Start(0))
-                .map_err(|e| io_err(&self.near, e))?;
-            inputs.push(Box::new(f));
+        if let Some(t) = self.spilled.take() {
+            inputs.push(Box::new(t.reader()?));
         }
         let mut fence = FenceBuilder::new(8);
         let out = runs::scratch(&self.near)?;
@@ -107,8 +103,7 @@ impl Sent {
         let f = w
             .into_inner()
             .map_err(|e| io_err(&self.near, e.into_error()))?;
-        let m = Mapped::new(&f, 0, 8, fence).map_err(|e| io_err(&self.near, e))?;
-        self.spilled = Some((f, m));
+        self.spilled = Some(Table::new(&f, &self.near, 0, 8, fence)?);
         Ok(())
     }
 }
@@ -132,9 +127,11 @@ mod tests {
         }
         assert!(s.spilled.is_some());
         for i in (0..n).step_by(1013) {
-            assert!(s.contains(key(i)), "{i}");
+            assert!(s.contains(key(i)).unwrap(), "{i}");
         }
-        let absent = (n..n + 20_000).filter(|&i| s.contains(key(i))).count();
+        let absent = (n..n + 20_000)
+            .filter(|&i| s.contains(key(i)).unwrap())
+            .count();
         assert_eq!(absent, 0);
     }
 }
