@@ -208,11 +208,6 @@ impl<'a> Compactor<'a> {
         };
         let e = ix.entry(i)?;
         let first = self.taken[i];
-        let Some(rdr) = self.src.as_mut() else {
-            unreachable!("an index entry implies an output file")
-        };
-        read_line_at(rdr, &mut self.pos, e.offset, &mut self.buf)
-            .map_err(|err| io_err(self.output, err))?;
         if !copy {
             self.taken[i] = p.row.min(u64::from(u32::MAX) - 1) as u32 + 1;
         }
@@ -221,6 +216,7 @@ impl<'a> Compactor<'a> {
             self.keep_verbatim(e)?;
         } else {
             self.diverge()?;
+            self.read(e.offset)?;
             let from = copy.then(|| (first > 1).then(|| u64::from(first) - 1));
             if copy {
                 self.report.copies += 1;
@@ -267,11 +263,31 @@ impl<'a> Compactor<'a> {
         if e.offset != self.expect {
             self.diverge()?;
         }
+        if self.out.is_none() && e.len > 0 {
+            // Still the output as it is: the line stays where it stands, unread.
+            self.expect = e.offset + u64::from(e.len);
+            self.sink.push(Entry {
+                offset: self.written,
+                ..e
+            })?;
+            self.written += u64::from(e.len);
+            return Ok(());
+        }
+        self.read(e.offset)?;
         self.expect = e.offset + self.buf.len() as u64;
         let line = std::mem::take(&mut self.buf);
         let put = self.put(&line, Some(e));
         self.buf = line;
         put
+    }
+
+    /// Reads the output's line at `offset` into `buf`.
+    fn read(&mut self, offset: u64) -> Result<(), Error> {
+        let Some(rdr) = self.src.as_mut() else {
+            unreachable!("an index entry implies an output file")
+        };
+        read_line_at(rdr, &mut self.pos, offset, &mut self.buf)
+            .map_err(|err| io_err(self.output, err))
     }
 
     /// Writes a line to the compacted output, and its entry (`None`: read from the line, one
@@ -287,6 +303,7 @@ impl<'a> Compactor<'a> {
         };
         self.sink.push(Entry {
             offset: self.written,
+            len: u32::try_from(line.len()).unwrap_or(0),
             ..e
         })?;
         self.written += line.len() as u64;
@@ -339,9 +356,7 @@ impl<'a> Compactor<'a> {
                 if !input_error {
                     stale.push(offset);
                 }
-            } else if let Some(rdr) = self.src.as_mut() {
-                read_line_at(rdr, &mut self.pos, offset, &mut self.buf)
-                    .map_err(|e| io_err(self.output, e))?;
+            } else if self.src.is_some() {
                 let e = self.ix.entry(i)?;
                 self.keep_verbatim(e)?;
             }

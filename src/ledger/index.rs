@@ -1,7 +1,7 @@
 //! The index: every key's latest record, for resuming and for compacting. Its entries live on
 //! disk, sorted by key in the index file beside the output (`indexfile`), and are read
 //! memory-mapped; what stays in memory is a bloom filter over the keys (so a row that is not
-//! done costs no disk read) and the fence of the file's blocks: about 1.3 bytes a record.
+//! done costs no disk read) and the fence of the file's blocks: about 1.7 bytes a record.
 //! On disk, 64 bytes a record.
 
 use std::path::Path;
@@ -23,7 +23,7 @@ pub(super) const PAID: u8 = 8;
 pub(super) const USAGE: u8 = 16;
 
 /// An entry's size on disk: fingerprint 16, id hash 8, ident 8, offset and flags 8, cost 8,
-/// unconfirmed cost 8, completion tokens 4, 4 spare. The money and tokens are there so an
+/// unconfirmed cost 8, completion tokens 4, line length 4. The money and tokens are there so an
 /// index file can be written for a compacted output without parsing it again.
 pub(super) const REC: usize = 64;
 /// The sort key: the fingerprint and the id hash (big-endian, so bytes sort as the numbers).
@@ -46,6 +46,9 @@ pub struct Entry {
     pub(super) unconfirmed: f64,
     /// Completion tokens, when `USAGE` is set.
     pub(super) tokens: u32,
+    /// The line's length with its line end (0: unknown), so compaction can keep a line in
+    /// place without reading it.
+    pub(super) len: u32,
 }
 
 impl Entry {
@@ -70,6 +73,7 @@ impl Entry {
         b[40..48].copy_from_slice(&self.cost.to_le_bytes());
         b[48..56].copy_from_slice(&self.unconfirmed.to_le_bytes());
         b[56..60].copy_from_slice(&self.tokens.to_le_bytes());
+        b[60..64].copy_from_slice(&self.len.to_le_bytes());
         b
     }
 
@@ -85,6 +89,7 @@ impl Entry {
             cost: f64::from_le_bytes(word(40..48)),
             unconfirmed: f64::from_le_bytes(word(48..56)),
             tokens: u32::from_le_bytes(b[56..60].try_into().expect("4 bytes")),
+            len: u32::from_le_bytes(b[60..64].try_into().expect("4 bytes")),
         }
     }
 }
@@ -305,6 +310,7 @@ pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -
         cost,
         unconfirmed,
         tokens,
+        len: u32::try_from(bytes.len()).unwrap_or(0),
     })
 }
 
@@ -323,6 +329,7 @@ mod tests {
             cost: 0.25,
             unconfirmed: 1.5,
             tokens: 7,
+            len: 300,
         };
         assert_eq!(Entry::decode(&e.encode()), e);
         let orig = Entry { flags: 0, ..e };

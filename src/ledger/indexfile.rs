@@ -30,7 +30,7 @@ use crate::ledger::runs::{self, FenceBuilder, Table};
 use super::index::{cmp_encoded, entry_of, filter_hash, Entry, Index, KEY, PAID, REC, USAGE};
 use super::Keying;
 
-const MAGIC: &[u8; 8] = b"PMLIX001";
+const MAGIC: &[u8; 8] = b"PMLIX002";
 const HEADER: usize = 128;
 /// How much of each end of the journal the header's hashes cover.
 const WINDOW: u64 = 64 * 1024;

@@ -1,7 +1,7 @@
 //! Sorted runs of fixed-size records on disk, for what must not grow with the rows in memory:
 //! chunks sorted in memory and spilled to anonymous temporary files, merged in one streaming
 //! pass, and the merged file read back a block at a time through a small in-memory fence (the
-//! first key of every 4 KB block). Positioned reads rather than a memory map: a mapped page the
+//! first key of every 1 KB block). Positioned reads rather than a memory map: a mapped page the
 //! kernel faults in (with 64 KB around it) counts as the process's memory until it is let go,
 //! which at one lookup per row cost more than the read.
 
@@ -14,6 +14,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 use crate::ledger::journal::io_err;
+
+/// The bytes a lookup reads: the fence holds one key per block, so a smaller block reads
+/// (and copies) less per lookup and holds more fence in memory (8 bytes per block: half a byte
+/// a record of the index's 64).
+const BLOCK: usize = 1024;
 
 /// Records per chunk sorted in memory before it is spilled: 8 MB of 64-byte entries.
 pub const CHUNK: usize = 128 * 1024;
@@ -143,7 +148,7 @@ pub struct FenceBuilder {
 impl FenceBuilder {
     pub fn new(rec: usize) -> FenceBuilder {
         FenceBuilder {
-            per_block: (4096 / rec).max(1),
+            per_block: (BLOCK / rec).max(1),
             n: 0,
             fence: Vec::new(),
         }
@@ -204,7 +209,7 @@ impl Table {
             start: 0,
             rec,
             len: 0,
-            per_block: (4096 / rec).max(1),
+            per_block: (BLOCK / rec).max(1),
             fence: Vec::new(),
             cache: RefCell::new((0, Vec::new())),
         }
