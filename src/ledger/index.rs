@@ -4,8 +4,6 @@
 //! done costs no disk read) and the fence of the file's blocks: about 1.7 bytes a record.
 //! On disk, 64 bytes a record.
 
-use std::path::Path;
-
 use fastbloom::BloomFilter;
 
 use crate::error::Error;
@@ -146,33 +144,6 @@ pub(super) fn filter_hash(fp: &[u8; 16]) -> u64 {
 }
 
 impl Index {
-    /// The index of the journal at `path`, from its index file when that is current, else
-    /// brought up to date from the journal. `persist`: the caller holds the output's lock, so
-    /// it may write the index file (others build theirs in a scratch file).
-    pub fn open(path: &Path, keying: Keying, persist: bool) -> Result<Index, Error> {
-        super::indexfile::open(path, keying, persist)
-    }
-
-    /// The index of the journal at `path`, built afresh (its index file neither read nor
-    /// written).
-    #[cfg(test)]
-    pub fn load(path: &Path, keying: Keying) -> Result<Index, Error> {
-        super::indexfile::build_afresh(path, keying)
-    }
-
-    /// Adds the stale file's records as copy sources, so a row deleted from the input and put
-    /// back later is not paid for again.
-    pub fn with_stale(
-        mut self,
-        stale: &Path,
-        keying: Keying,
-        persist: bool,
-    ) -> Result<Index, Error> {
-        let ix = Index::open(stale, keying, persist)?;
-        self.stale = (ix.records > 0).then(|| Box::new(ix));
-        Ok(self)
-    }
-
     /// What the output has spent: its records, the stale file's, and what rows that ended
     /// with no record may have cost (`carried`).
     pub fn spent_usd_with(&self, carried: &super::Carried) -> f64 {

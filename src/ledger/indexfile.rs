@@ -64,7 +64,36 @@ struct Cached {
     unreadable: Vec<(u64, u64)>,
 }
 
-pub(super) fn open(path: &Path, keying: Keying, persist: bool) -> Result<Index, Error> {
+impl Index {
+    /// The index of the journal at `path`, from its index file when that is current, else
+    /// brought up to date from the journal. `persist`: the caller holds the output's lock, so
+    /// it may write the index file (others build theirs in a scratch file).
+    pub fn open(path: &Path, keying: Keying, persist: bool) -> Result<Index, Error> {
+        open(path, keying, persist)
+    }
+
+    /// The index of the journal at `path`, built afresh (its index file neither read nor
+    /// written).
+    #[cfg(test)]
+    pub fn load(path: &Path, keying: Keying) -> Result<Index, Error> {
+        build(path, keying, None, None)
+    }
+
+    /// Adds the stale file's records as copy sources, so a row deleted from the input and put
+    /// back later is not paid for again.
+    pub fn with_stale(
+        mut self,
+        stale: &Path,
+        keying: Keying,
+        persist: bool,
+    ) -> Result<Index, Error> {
+        let ix = Index::open(stale, keying, persist)?;
+        self.stale = (ix.records > 0).then(|| Box::new(ix));
+        Ok(self)
+    }
+}
+
+fn open(path: &Path, keying: Keying, persist: bool) -> Result<Index, Error> {
     let cache = sibling(path, ".index");
     let (len, ino) = journal_id(path)?;
     let base = match read(&cache, path, keying, len, ino) {
@@ -275,12 +304,6 @@ struct Gathered {
     entries: usize,
     superseded: Vec<u64>,
     unreadable: Vec<(u64, u64)>,
-}
-
-/// The index of the journal at `path`, built afresh in a scratch file.
-#[cfg(test)]
-pub(super) fn build_afresh(path: &Path, keying: Keying) -> Result<Index, Error> {
-    build(path, keying, None, None)
 }
 
 /// Builds the index of the journal at `path`: from `base` (an index file of a prefix of it)
@@ -496,7 +519,30 @@ impl Out {
     }
 }
 
-/// Merges the runs into the index file (or a scratch file), each key once, and maps it.
+/// Merges the gathered runs into `out`, each key once (its best entry; the others are
+/// superseded).
+fn merge_into(out: &mut Out, path: &Path, g: &mut Gathered) -> Result<(), Error> {
+    let mut pending: Option<[u8; REC]> = None;
+    let runs = std::mem::take(&mut g.runs);
+    let superseded = &mut g.superseded;
+    runs::merge(runs, REC, path, cmp_encoded, |r| {
+        let r: [u8; REC] = r.try_into().expect("a record");
+        match &mut pending {
+            // Sorted best-last within a key: the earlier one is superseded.
+            Some(p) if p[..KEY] == r[..KEY] => supersede(p, superseded),
+            Some(p) => out.entry(p)?,
+            None => {}
+        }
+        pending = Some(r);
+        Ok(())
+    })?;
+    match pending {
+        Some(p) => out.entry(&p),
+        None => Ok(()),
+    }
+}
+
+/// Merges the runs into the index file (or a scratch file), each key once, and opens it.
 fn write(path: &Path, mut g: Gathered, dest: Option<&Path>) -> Result<Index, Error> {
     let tmp = dest.map(|d| sibling(d, ".tmp"));
     let (file, at) = match &tmp {
@@ -524,23 +570,7 @@ fn write(path: &Path, mut g: Gathered, dest: Option<&Path>) -> Result<Index, Err
     out.w
         .write_all(&[0u8; HEADER])
         .map_err(|e| io_err(&out.at, e))?;
-    let mut pending: Option<[u8; REC]> = None;
-    let runs = std::mem::take(&mut g.runs);
-    let superseded = &mut g.superseded;
-    runs::merge(runs, REC, path, cmp_encoded, |r| {
-        let r: [u8; REC] = r.try_into().expect("a record");
-        match &mut pending {
-            // Sorted best-last within a key: the earlier one is superseded.
-            Some(p) if p[..KEY] == r[..KEY] => supersede(p, superseded),
-            Some(p) => out.entry(p)?,
-            None => {}
-        }
-        pending = Some(r);
-        Ok(())
-    })?;
-    if let Some(p) = pending {
-        out.entry(&p)?;
-    }
+    merge_into(&mut out, path, &mut g)?;
     for o in &g.superseded {
         out.bytes(&o.to_le_bytes())?;
     }
