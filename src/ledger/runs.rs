@@ -154,7 +154,7 @@ impl FenceBuilder {
         }
     }
     pub fn push(&mut self, record: &[u8]) {
-        if self.n % self.per_block == 0 {
+        if self.n.is_multiple_of(self.per_block) {
             self.fence.push(prefix(record));
         }
         self.n += 1;
