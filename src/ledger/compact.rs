@@ -12,10 +12,10 @@ use serde_json::{Map, Value};
 use crate::error::Error;
 use crate::fingerprint::fingerprint_bytes;
 use crate::ledger::journal::io_err;
-use crate::ledger::record::{CopiedFrom, Record};
 
 use super::index::{entry_of, Entry};
 use super::indexfile::Sink;
+use super::rewrite::rewrite;
 use super::*;
 use crate::ledger::journal;
 
@@ -404,7 +404,10 @@ impl<'a> Compactor<'a> {
         }
         crate::ledger::files::rename_durably(&self.tmp, self.output)?;
         self.report.rewritten = true;
-        // The index file described the old output: the new one's, from what was written.
+        // The index file described the old output: the new one's, from what was written. The
+        // old index goes first: the two never need memory at once.
+        drop(std::mem::take(&mut self.taken));
+        drop(std::mem::take(&mut self.ix));
         self.sink.finish(self.output)?;
         Ok(self.report)
     }
@@ -452,46 +455,6 @@ fn move_aside(
 /// Writes `b` to the compacted file `tmp`.
 fn write_out(out: &mut BufWriter<File>, tmp: &Path, b: &[u8]) -> Result<(), Error> {
     out.write_all(b).map_err(|e| io_err(tmp, e))
-}
-
-/// The record `line` (at `offset` in `path`) rewritten for the row `p` names: its number, id,
-/// fields and fingerprint. `copy`: as a free copy of another row's answer, from the given row
-/// (`None`: the row the record itself names).
-fn rewrite(
-    line: &[u8],
-    p: Planned,
-    copy: Option<Option<u64>>,
-    path: &Path,
-    offset: u64,
-) -> Result<Vec<u8>, Error> {
-    let mut r: Record = serde_json::from_slice(line.trim_ascii()).map_err(|err| Error::Input {
-        path: path.to_path_buf(),
-        message: format!("the record at byte {offset}: {err}"),
-    })?;
-    if let Some(from_row) = copy {
-        r.copied_from = Some(CopiedFrom {
-            row: from_row.unwrap_or(r.row),
-            id: r.id.clone(),
-        });
-        r.usage = None;
-        r.cost_usd = Some(0.0);
-        r.unconfirmed_usd = None;
-        r.attempts = 0;
-        r.latency_ms = 0;
-    }
-    r.row = p.row;
-    if let Some(id) = p.id {
-        r.id = id;
-    }
-    if let Some(input) = p.input {
-        r.input = input;
-    }
-    if let Some(fp) = p.fingerprint {
-        r.fingerprint = Some(fp);
-    }
-    let mut s = serde_json::to_vec(&r).expect("a record serializes");
-    s.push(b'\n');
-    Ok(s)
 }
 
 fn read_line_at(

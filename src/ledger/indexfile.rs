@@ -314,7 +314,7 @@ fn build(
     base: Option<Cached>,
     dest: Option<&Path>,
 ) -> Result<Index, Error> {
-    let (len, ino) = journal_id(path)?;
+    let (_, ino) = journal_id(path)?;
     let mut g = Gathered {
         meta: Meta {
             by_id: keying.by_id,
@@ -338,7 +338,6 @@ fn build(
             .map_err(|e| io_err(path, e))?;
         g.runs.push(Box::new(f.take((c.n * REC) as u64)));
     }
-    let _ = len;
     gather(path, keying, from, &mut g)?;
     if g.meta.journal_len > 0 {
         (g.meta.head, g.meta.tail) = journal_hashes(path, g.meta.journal_len)?;

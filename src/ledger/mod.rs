@@ -17,6 +17,7 @@ mod index;
 mod indexfile;
 pub mod journal;
 pub mod record;
+mod rewrite;
 pub mod runs;
 mod sent;
 mod spend;
