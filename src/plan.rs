@@ -2,15 +2,13 @@
 //! before), a copy (the same request was answered already), or a request. `run` and
 //! `estimate` share it, so the dry run's "to send" is what the run sends.
 
-use std::collections::HashSet;
-
 use serde_json::{Map, Value};
 
 use crate::error::Error;
 use crate::fingerprint::hex;
 use crate::job::Job;
 use crate::ledger::files::Files;
-use crate::ledger::{self, Index, Keying, Outcome, Planned, Spool};
+use crate::ledger::{self, Index, Keying, Outcome, Planned, Sent, Spool};
 use crate::request::Prepared;
 use crate::shard;
 
@@ -33,7 +31,7 @@ pub struct Planner {
     keying: Keying,
     retry_failed: bool,
     /// The first 8 bytes of every fingerprint sent this run: a later identical row copies.
-    sent: HashSet<u64>,
+    sent: Sent,
     spool: Option<Spool>,
 }
 
@@ -44,10 +42,15 @@ pub fn keying(job: &Job) -> Keying {
     }
 }
 
-/// The index of a job's output as it stands, the stale file's records included.
-pub fn load_index(job: &Job) -> Result<Index, Error> {
+/// The index of a job's output as it stands, the stale file's records included. `locked`:
+/// the caller holds the output's lock, so it may bring the index files up to date on disk.
+pub fn load_index(job: &Job, locked: bool) -> Result<Index, Error> {
     let keying = keying(job);
-    Index::load(&job.output, keying)?.with_stale(&Files::new(&job.output).stale(), keying)
+    Index::open(&job.output, keying, locked)?.with_stale(
+        &Files::new(&job.output).stale(),
+        keying,
+        locked,
+    )
 }
 
 impl Planner {
@@ -55,20 +58,28 @@ impl Planner {
     /// running (estimate, export, status): each says what `run` would do.
     pub fn for_job(job: &Job, retry_failed: bool) -> Result<Planner, Error> {
         Ok(Planner::new(
-            load_index(job)?,
+            load_index(job, false)?,
             keying(job),
             retry_failed,
             None,
+            &job.output,
         ))
     }
 
-    /// `spool`: where the run's plan goes (none for a dry run).
-    pub fn new(index: Index, keying: Keying, retry_failed: bool, spool: Option<Spool>) -> Planner {
+    /// `spool`: where the run's plan goes (none for a dry run); `output`: scratch files go
+    /// beside it.
+    pub fn new(
+        index: Index,
+        keying: Keying,
+        retry_failed: bool,
+        spool: Option<Spool>,
+        output: &std::path::Path,
+    ) -> Planner {
         Planner {
             index,
             keying,
             retry_failed,
-            sent: HashSet::new(),
+            sent: Sent::new(output),
             spool,
         }
     }
@@ -84,14 +95,14 @@ impl Planner {
 
     /// `plan`, for a caller that already has the row's id hash (`Keying::id_hash`).
     pub fn plan_keyed(&mut self, p: &Prepared, idh: u64) -> Result<Decision, Error> {
-        let mut found = self.index.get(&p.fingerprint, idh).copied();
+        let mut found = self.index.get(&p.fingerprint, idh)?;
         let mut legacy = None;
         if found.is_none() && self.index.records > 0 {
             // An output written before rows were keyed by request identity: its records carry
             // the body's hash. Upgrading must not re-pay them.
             let old = crate::fingerprint::legacy_fingerprint(&p.request.body);
-            if let Some(e) = self.index.get(&old, idh) {
-                found = Some(*e);
+            if let Some(e) = self.index.get(&old, idh)? {
+                found = Some(e);
                 legacy = Some(old);
             }
         }
@@ -100,10 +111,10 @@ impl Planner {
             Some(Outcome::FailedFinal) if !self.retry_failed => Decision::DoneFailed,
             _ => {
                 let head = u64::from_le_bytes(p.fingerprint[..8].try_into().expect("8 bytes"));
-                if self.sent.contains(&head) || self.index.has_ok_source(&p.fingerprint) {
+                if self.sent.contains(head)? || self.index.has_ok_source(&p.fingerprint)? {
                     Decision::Copy
                 } else {
-                    self.sent.insert(head);
+                    self.sent.insert(head)?;
                     Decision::Send
                 }
             }
@@ -148,7 +159,7 @@ impl Planner {
         fields: &Map<String, Value>,
     ) -> Result<Decision, Error> {
         let key = ledger::input_error_key(row, message);
-        let found = self.index.get(&key, 0).copied();
+        let found = self.index.get(&key, 0)?;
         let decision = if found.is_some() {
             Decision::DoneFailed
         } else {

@@ -17,6 +17,7 @@ mod dry_run;
 mod end_to_end;
 mod fetch_model;
 mod gemini;
+mod index;
 mod input;
 mod jobs_validate;
 mod ledger;

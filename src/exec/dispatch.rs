@@ -46,8 +46,42 @@ struct Unreadable {
 /// already with the stopper).
 enum Next {
     Msg(Msg),
+    /// A row that needs nothing but counting.
+    Count(Counted),
     Send(Prepared),
     Nothing,
+}
+
+#[derive(Clone, Copy)]
+enum Counted {
+    SkippedOk,
+    SkippedFailed,
+    Copied,
+}
+
+/// Rows counted and not yet told to the writer: sent every `TALLY_EVERY` rows, before any
+/// other message, and at the end.
+#[derive(Default)]
+struct Tally {
+    counts: [u64; 3],
+}
+
+const TALLY_EVERY: u64 = 1024;
+
+impl Tally {
+    fn add(&mut self, c: Counted) -> bool {
+        self.counts[c as usize] += 1;
+        self.counts.iter().sum::<u64>() >= TALLY_EVERY
+    }
+
+    fn take(&mut self) -> Option<Msg> {
+        let [skipped_ok, skipped_failed, copied] = std::mem::take(&mut self.counts);
+        (skipped_ok + skipped_failed + copied > 0).then_some(Msg::Counted {
+            skipped_ok,
+            skipped_failed,
+            copied,
+        })
+    }
 }
 
 /// The dispatcher's state for one run.
@@ -62,7 +96,7 @@ pub(super) struct Dispatch<'a> {
 }
 
 /// Plans each row and sends those that need it.
-pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut mpsc::Receiver<RowResult>) -> Dispatched {
+pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut crate::input::RowStream) -> Dispatched {
     let mut run = Running {
         semaphore: Arc::new(Semaphore::new(d.shared.job.limits.concurrency)),
         tasks: JoinSet::new(),
@@ -73,6 +107,7 @@ pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut mpsc::Receiver<RowResul
     let limit = run.d.opts.limit;
     let (mut seen, mut owned) = (0u64, 0u64);
     let (mut complete, mut read_failed) = (false, false);
+    let mut tally = Tally::default();
     loop {
         if limit.is_some_and(|l| seen >= l) {
             break;
@@ -106,13 +141,19 @@ pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut mpsc::Receiver<RowResul
         let went = match next {
             Err(()) => Err(()),
             Ok(Next::Nothing) => Ok(()),
-            Ok(Next::Msg(m)) => run.d.tx.send(m).await.map_err(|_| ()),
+            Ok(Next::Count(c)) if !tally.add(c) => Ok(()),
+            Ok(Next::Count(_)) => run.tell(&mut tally).await,
+            Ok(Next::Msg(m)) => match run.tell(&mut tally).await {
+                Ok(()) => run.d.tx.send(m).await.map_err(|_| ()),
+                Err(()) => Err(()),
+            },
             Ok(Next::Send(p)) => run.send_online(p).await,
         };
         if went.is_err() {
             break;
         }
     }
+    let _ = run.tell(&mut tally).await;
     run.join().await;
     let records = run.d.planner.index.records;
     if complete && seen == 0 && records > 0 {
@@ -139,6 +180,14 @@ struct Running<'a> {
 }
 
 impl Running<'_> {
+    /// Sends the writer what was counted since last time.
+    async fn tell(&self, tally: &mut Tally) -> Result<(), ()> {
+        match tally.take() {
+            Some(m) => self.d.tx.send(m).await.map_err(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     /// A row read, rendered into its request; or why it could not be.
     fn prepare(&self, item: RowResult) -> Result<Prepared, Unreadable> {
         match item {
@@ -194,7 +243,7 @@ impl Running<'_> {
                 );
                 Ok(Next::Msg(Msg::finished(record)))
             }
-            Ok(_) => Ok(Next::Msg(Msg::Skipped { ok: false })),
+            Ok(_) => Ok(Next::Count(Counted::SkippedFailed)),
         }
     }
 
@@ -224,9 +273,9 @@ impl Running<'_> {
         })?;
         let job = &self.d.shared.job;
         Ok(match (decision, route) {
-            (Decision::Done, _) => Next::Msg(Msg::Skipped { ok: true }),
-            (Decision::DoneFailed, _) => Next::Msg(Msg::Skipped { ok: false }),
-            (Decision::Copy, _) => Next::Msg(Msg::Copied),
+            (Decision::Done, _) => Next::Count(Counted::SkippedOk),
+            (Decision::DoneFailed, _) => Next::Count(Counted::SkippedFailed),
+            (Decision::Copy, _) => Next::Count(Counted::Copied),
             (Decision::WriteError, _) => unreachable!("only for unreadable rows"),
             (Decision::Send, batch::Route::Result { outcome, from }) => {
                 let Prepared {

@@ -147,7 +147,7 @@ pub async fn run(
     }
     let builder = Builder::new(&job, &backend);
     let spool = Spool::create(&Files::new(&job.output).plan())?;
-    let mut planner = Planner::new(index, keying, opts.retry_failed, Some(spool));
+    let mut planner = Planner::new(index, keying, opts.retry_failed, Some(spool), &job.output);
     let stopper = Arc::new(Stopper::new(signals.clone()));
     let (tx, rx) = mpsc::channel::<Msg>(job.limits.concurrency * 2 + 64);
     let writer = writer::start(&job, &opts, &backend, rx, &stopper)?;

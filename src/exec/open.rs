@@ -48,7 +48,7 @@ pub(super) fn open_output(
             job.output.display()
         );
     }
-    let index = crate::plan::load_index(job)?;
+    let index = crate::plan::load_index(job, true)?;
     if index.records > 0 {
         tracing::info!(
             "{}: {} earlier records found; resuming",

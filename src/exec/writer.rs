@@ -28,10 +28,13 @@ pub(super) enum Msg {
         /// writer can cost.
         slot: Option<OwnedSemaphorePermit>,
     },
-    Skipped {
-        ok: bool,
+    /// Rows done before (ok or failed) and rows copied, counted by the dispatcher and sent
+    /// together: one message a row would wake the writer once a row.
+    Counted {
+        skipped_ok: u64,
+        skipped_failed: u64,
+        copied: u64,
     },
-    Copied,
     /// A row that ended with no record after attempts the server may have billed.
     Unconfirmed(f64),
     /// A row a batch still running holds.
@@ -163,9 +166,15 @@ pub(super) async fn write_records(
                     stats.add(&record, retries, rate_limited, billed);
                     slots.extend(slot);
                 }
-                Msg::Skipped { ok: true } => stats.skipped_ok += 1,
-                Msg::Skipped { ok: false } => stats.skipped_failed += 1,
-                Msg::Copied => stats.copied += 1,
+                Msg::Counted {
+                    skipped_ok,
+                    skipped_failed,
+                    copied,
+                } => {
+                    stats.skipped_ok += skipped_ok;
+                    stats.skipped_failed += skipped_failed;
+                    stats.copied += copied;
+                }
                 Msg::Unconfirmed(usd) => stats.pending_unconfirmed_usd += usd,
                 Msg::InFlight => stats.batch_in_flight += 1,
                 Msg::Batched => stats.batch_rows += 1,

@@ -175,24 +175,59 @@ impl Source {
     /// more than the channel's capacity in memory. The input is opened once: the CSV header
     /// (empty for JSONL) comes back with the stream, so a pipe or FIFO is read whole by one
     /// reader.
-    pub fn stream(
-        &self,
-        capacity: usize,
-    ) -> Result<(Vec<String>, mpsc::Receiver<RowResult>), Error> {
+    pub fn stream(&self, capacity: usize) -> Result<(Vec<String>, RowStream), Error> {
         let rows = self.reader()?;
         let header = rows.header.clone();
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        // Rows go in chunks, so the consumer is not woken once a row; `capacity` rows at most.
+        let (tx, rx) = mpsc::channel((capacity / CHUNK).max(1));
         std::thread::Builder::new()
             .name("input".into())
             .spawn(move || {
+                let mut chunk = Vec::with_capacity(CHUNK);
                 for r in rows {
-                    if tx.blocking_send(r).is_err() {
-                        break; // the scheduler stopped reading
+                    chunk.push(r);
+                    // A full chunk goes; so does a partial one when the consumer has nothing
+                    // queued (it may be waiting for these rows: a slow pipe is not held up).
+                    if chunk.len() >= CHUNK || tx.capacity() == tx.max_capacity() {
+                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                        if tx.blocking_send(full).is_err() {
+                            return; // the scheduler stopped reading
+                        }
                     }
+                }
+                if !chunk.is_empty() {
+                    let _ = tx.blocking_send(chunk);
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start the input reader: {e}")))?;
-        Ok((header, rx))
+        Ok((
+            header,
+            RowStream {
+                rx,
+                ready: std::collections::VecDeque::new(),
+            },
+        ))
+    }
+}
+
+/// Rows a chunk of the input stream carries at most.
+const CHUNK: usize = 64;
+
+/// The rows read on the input thread, in order.
+pub struct RowStream {
+    rx: mpsc::Receiver<Vec<RowResult>>,
+    ready: std::collections::VecDeque<RowResult>,
+}
+
+impl RowStream {
+    /// The next row; `None` at the end of the input.
+    pub async fn recv(&mut self) -> Option<RowResult> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Some(r);
+            }
+            self.ready.extend(self.rx.recv().await?);
+        }
     }
 }
 

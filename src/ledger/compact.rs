@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -12,10 +12,12 @@ use serde_json::{Map, Value};
 use crate::error::Error;
 use crate::fingerprint::fingerprint_bytes;
 use crate::ledger::journal::io_err;
-use crate::ledger::record::{CopiedFrom, Record};
 
-use super::index::REFERENCED;
+use super::index::{entry_of, Entry};
+use super::indexfile::Sink;
+use super::rewrite::rewrite;
 use super::*;
+use crate::ledger::journal;
 
 /// One input row in the plan spool.
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,10 +111,18 @@ struct Compactor<'a> {
     output: &'a Path,
     side: &'a Sidecars,
     ix: Index,
+    /// Per index entry, the row that took its record first, plus one; 0 while none has.
+    taken: Vec<u32>,
+    /// The index of the compacted output, entry by entry as its lines are written.
+    sink: Sink,
+    /// Bytes written to the compacted output.
+    written: u64,
+    keying: Keying,
     report: Compacted,
-    /// The compacted output, written to `tmp` beside the output.
+    /// The compacted output, written to `tmp` beside the output; opened only once it differs
+    /// from the output (a rerun that changes nothing writes nothing).
     tmp: PathBuf,
-    out: BufWriter<File>,
+    out: Option<BufWriter<File>>,
     /// The output, when there is one; `pos` is where it stands.
     src: Option<BufReader<File>>,
     pos: u64,
@@ -128,10 +138,9 @@ struct Compactor<'a> {
 
 impl<'a> Compactor<'a> {
     fn open(output: &'a Path, keying: Keying, side: &'a Sidecars) -> Result<Compactor<'a>, Error> {
-        let ix = Index::load(output, keying)?.with_stale(&side.stale, keying)?;
+        let ix = Index::open(output, keying, true)?.with_stale(&side.stale, keying, true)?;
+        let taken = vec![0; ix.len()];
         let tmp = crate::ledger::files::sibling(output, ".compact");
-        let out =
-            BufWriter::with_capacity(256 * 1024, File::create(&tmp).map_err(|e| io_err(&tmp, e))?);
         let src = match File::open(output) {
             Ok(f) => Some(BufReader::with_capacity(256 * 1024, f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -141,9 +150,13 @@ impl<'a> Compactor<'a> {
             output,
             side,
             ix,
+            taken,
+            sink: Sink::new(output, keying),
+            written: 0,
+            keying,
             report: Compacted::default(),
             tmp,
-            out,
+            out: None,
             src,
             pos: 0,
             stale_src: None,
@@ -185,37 +198,31 @@ impl<'a> Compactor<'a> {
     /// same request's record, from the output or else from the stale file; else it is pending.
     fn row(&mut self, p: Planned, fp: &[u8; 16]) -> Result<(), Error> {
         let ix = &self.ix;
-        let (i, copy) = match ix.position(fp, p.idh) {
-            Some(i) if ix.entries[i].flags & REFERENCED == 0 => (i, false),
+        let (i, copy) = match ix.position(fp, p.idh)? {
+            Some(i) if self.taken[i] == 0 => (i, false),
             Some(i) => (i, true),
-            None => match ix.source_index(fp, false) {
+            None => match ix.source_index(fp, false, &self.taken)? {
                 Some(i) => (i, true),
                 None => return self.copy_from_stale(p, fp),
             },
         };
-        let e = ix.entries[i];
-        let Some(rdr) = self.src.as_mut() else {
-            unreachable!("an index entry implies an output file")
-        };
-        read_line_at(rdr, &mut self.pos, e.offset, &mut self.buf)
-            .map_err(|err| io_err(self.output, err))?;
+        let e = ix.entry(i)?;
+        let first = self.taken[i];
         if !copy {
-            self.ix.entries[i].flags |= REFERENCED;
-            self.ix.entries[i].first_row = p.row.min(u32::MAX as u64) as u32;
+            self.taken[i] = p.row.min(u64::from(u32::MAX) - 1) as u32 + 1;
         }
         let verbatim = !copy && p.input.is_none() && e.ident != 0;
         if verbatim {
-            self.keep_verbatim(e.offset)?;
+            self.keep_verbatim(e)?;
         } else {
-            self.in_place = false;
-            let from = copy.then(|| {
-                (e.flags & REFERENCED != 0 && e.first_row > 0).then_some(e.first_row as u64)
-            });
+            self.diverge()?;
+            self.read(e.offset)?;
+            let from = copy.then(|| (first > 1).then(|| u64::from(first) - 1));
             if copy {
                 self.report.copies += 1;
             }
             let r = rewrite(&self.buf, p, from, self.output, e.offset)?;
-            write_out(&mut self.out, &self.tmp, &r)?;
+            self.put(&r, None)?;
         }
         self.report.rows += 1;
         Ok(())
@@ -224,12 +231,14 @@ impl<'a> Compactor<'a> {
     /// A row whose request no record in the output answers: a copy of the stale file's
     /// record if it has one (a row put back), else the row is pending.
     fn copy_from_stale(&mut self, p: Planned, fp: &[u8; 16]) -> Result<(), Error> {
-        self.in_place = false;
-        let from_stale = self
-            .ix
-            .stale
-            .as_ref()
-            .and_then(|st| st.source_index(fp, true).map(|i| st.entries[i].offset));
+        self.diverge()?;
+        let from_stale = match self.ix.stale.as_deref() {
+            Some(st) => match st.source_index(fp, true, &[])? {
+                Some(i) => Some(st.entry(i)?.offset),
+                None => None,
+            },
+            None => None,
+        };
         let Some(offset) = from_stale else {
             self.report.pending += 1;
             return Ok(());
@@ -242,7 +251,7 @@ impl<'a> Compactor<'a> {
         let (rdr, at) = self.stale_src.as_mut().expect("opened above");
         read_line_at(rdr, at, offset, &mut self.buf).map_err(|e| io_err(stale, e))?;
         let r = rewrite(&self.buf, p, Some(None), stale, offset)?;
-        write_out(&mut self.out, &self.tmp, &r)?;
+        self.put(&r, None)?;
         self.report.copies += 1;
         self.report.rows += 1;
         Ok(())
@@ -250,47 +259,118 @@ impl<'a> Compactor<'a> {
 
     /// Writes the line just read from the output (at `offset`) as it is; the output is no
     /// longer in place unless the line follows the one kept before it.
-    fn keep_verbatim(&mut self, offset: u64) -> Result<(), Error> {
-        if offset != self.expect {
-            self.in_place = false;
+    fn keep_verbatim(&mut self, e: Entry) -> Result<(), Error> {
+        if e.offset != self.expect {
+            self.diverge()?;
         }
-        self.expect = offset + self.buf.len() as u64;
-        write_out(&mut self.out, &self.tmp, &self.buf)
+        if self.out.is_none() && e.len > 0 {
+            // Still the output as it is: the line stays where it stands, unread.
+            self.expect = e.offset + u64::from(e.len);
+            self.sink.push(Entry {
+                offset: self.written,
+                ..e
+            })?;
+            self.written += u64::from(e.len);
+            return Ok(());
+        }
+        self.read(e.offset)?;
+        self.expect = e.offset + self.buf.len() as u64;
+        let line = std::mem::take(&mut self.buf);
+        let put = self.put(&line, Some(e));
+        self.buf = line;
+        put
+    }
+
+    /// Reads the output's line at `offset` into `buf`.
+    fn read(&mut self, offset: u64) -> Result<(), Error> {
+        let Some(rdr) = self.src.as_mut() else {
+            unreachable!("an index entry implies an output file")
+        };
+        read_line_at(rdr, &mut self.pos, offset, &mut self.buf)
+            .map_err(|err| io_err(self.output, err))
+    }
+
+    /// Writes a line to the compacted output, and its entry (`None`: read from the line, one
+    /// compaction rewrote) to the index of it.
+    fn put(&mut self, line: &[u8], e: Option<Entry>) -> Result<(), Error> {
+        let e = match e {
+            Some(e) => e,
+            None => journal::parse_line(line)
+                .ok()
+                .flatten()
+                .and_then(|l| entry_of(&l, line, 0, self.keying))
+                .ok_or_else(|| Error::Other("a rewritten record does not read back".into()))?,
+        };
+        self.sink.push(Entry {
+            offset: self.written,
+            len: u32::try_from(line.len()).unwrap_or(0),
+            ..e
+        })?;
+        self.written += line.len() as u64;
+        match self.out.as_mut() {
+            Some(out) => write_out(out, &self.tmp, line),
+            None => Ok(()),
+        }
+    }
+
+    /// The compacted output stops being the output: its file is opened, and what was kept in
+    /// place so far (every line up to `written`, verbatim and in order) is copied into it.
+    fn diverge(&mut self) -> Result<(), Error> {
+        self.in_place = false;
+        if self.out.is_some() {
+            return Ok(());
+        }
+        let f = File::create(&self.tmp).map_err(|e| io_err(&self.tmp, e))?;
+        let mut out = BufWriter::with_capacity(256 * 1024, f);
+        if self.written > 0 {
+            let src = File::open(self.output).map_err(|e| io_err(self.output, e))?;
+            let copied = std::io::copy(&mut src.take(self.written), &mut out)
+                .map_err(|e| io_err(&self.tmp, e))?;
+            if copied != self.written {
+                return Err(Error::Other(format!(
+                    "{}: shorter than what compaction kept of it",
+                    self.output.display()
+                )));
+            }
+        }
+        self.out = Some(out);
+        Ok(())
     }
 
     /// What no row took: stale when the whole input was read (returned, with the superseded
     /// records that were paid for), else kept at the end for the rows to come.
     fn leftovers(&mut self, complete: bool) -> Result<Vec<u64>, Error> {
-        let mut leftover: Vec<(u64, bool)> = self
-            .ix
-            .entries
-            .iter()
-            .filter(|e| e.flags & REFERENCED == 0)
-            .map(|e| (e.offset, e.outcome() == Outcome::Input))
-            .collect();
+        // (offset, position in the index, an input error's)
+        let mut leftover: Vec<(u64, usize, bool)> = Vec::new();
+        let taken = &self.taken;
+        self.ix.entries.scan(|i, rec| {
+            if taken[i] == 0 {
+                let e = Entry::decode(rec);
+                leftover.push((e.offset, i, e.outcome() == Outcome::Input));
+            }
+        })?;
         leftover.sort_unstable();
         let mut stale: Vec<u64> = self.ix.superseded_paid.clone();
-        for (offset, input_error) in &leftover {
+        for &(offset, i, input_error) in &leftover {
             if complete {
                 if !input_error {
-                    stale.push(*offset);
+                    stale.push(offset);
                 }
-            } else if let Some(rdr) = self.src.as_mut() {
-                read_line_at(rdr, &mut self.pos, *offset, &mut self.buf)
-                    .map_err(|e| io_err(self.output, e))?;
-                self.keep_verbatim(*offset)?;
+            } else if self.src.is_some() {
+                let e = self.ix.entry(i)?;
+                self.keep_verbatim(e)?;
             }
         }
         if complete && !leftover.is_empty() {
-            self.in_place = false;
+            self.diverge()?;
         }
         if !self.ix.superseded_paid.is_empty() || !self.ix.unreadable.is_empty() {
-            self.in_place = false;
+            self.diverge()?;
         }
         let file_len = std::fs::metadata(self.output).map(|m| m.len()).unwrap_or(0);
         // Superseded lines that cost nothing are dropped: they too make the file change.
         if self.expect != file_len {
-            self.in_place = false;
+            self.diverge()?;
         }
         Ok(stale)
     }
@@ -298,15 +378,15 @@ impl<'a> Compactor<'a> {
     /// Leaves the output as it is when nothing changed; else moves the `stale` lines and the
     /// lines that are not records aside, then puts the compacted file in the output's place.
     fn finish(mut self, mut stale: Vec<u64>) -> Result<Compacted, Error> {
-        let out = self
-            .out
-            .into_inner()
-            .map_err(|e| io_err(&self.tmp, e.into_error()))?;
         if self.in_place {
-            drop(out);
-            let _ = std::fs::remove_file(&self.tmp);
             return Ok(self.report);
         }
+        let out = self
+            .out
+            .take()
+            .expect("opened when the output stopped being in place")
+            .into_inner()
+            .map_err(|e| io_err(&self.tmp, e.into_error()))?;
         out.sync_all().map_err(|e| io_err(&self.tmp, e))?;
         drop(out);
 
@@ -324,6 +404,11 @@ impl<'a> Compactor<'a> {
         }
         crate::ledger::files::rename_durably(&self.tmp, self.output)?;
         self.report.rewritten = true;
+        // The index file described the old output: the new one's, from what was written. The
+        // old index goes first: the two never need memory at once.
+        drop(std::mem::take(&mut self.taken));
+        drop(std::mem::take(&mut self.ix));
+        self.sink.finish(self.output)?;
         Ok(self.report)
     }
 }
@@ -370,46 +455,6 @@ fn move_aside(
 /// Writes `b` to the compacted file `tmp`.
 fn write_out(out: &mut BufWriter<File>, tmp: &Path, b: &[u8]) -> Result<(), Error> {
     out.write_all(b).map_err(|e| io_err(tmp, e))
-}
-
-/// The record `line` (at `offset` in `path`) rewritten for the row `p` names: its number, id,
-/// fields and fingerprint. `copy`: as a free copy of another row's answer, from the given row
-/// (`None`: the row the record itself names).
-fn rewrite(
-    line: &[u8],
-    p: Planned,
-    copy: Option<Option<u64>>,
-    path: &Path,
-    offset: u64,
-) -> Result<Vec<u8>, Error> {
-    let mut r: Record = serde_json::from_slice(line.trim_ascii()).map_err(|err| Error::Input {
-        path: path.to_path_buf(),
-        message: format!("the record at byte {offset}: {err}"),
-    })?;
-    if let Some(from_row) = copy {
-        r.copied_from = Some(CopiedFrom {
-            row: from_row.unwrap_or(r.row),
-            id: r.id.clone(),
-        });
-        r.usage = None;
-        r.cost_usd = Some(0.0);
-        r.unconfirmed_usd = None;
-        r.attempts = 0;
-        r.latency_ms = 0;
-    }
-    r.row = p.row;
-    if let Some(id) = p.id {
-        r.id = id;
-    }
-    if let Some(input) = p.input {
-        r.input = input;
-    }
-    if let Some(fp) = p.fingerprint {
-        r.fingerprint = Some(fp);
-    }
-    let mut s = serde_json::to_vec(&r).expect("a record serializes");
-    s.push(b'\n');
-    Ok(s)
 }
 
 fn read_line_at(
@@ -490,7 +535,6 @@ pub fn move_appending(from: &Path, dest: &Path) -> Result<bool, Error> {
 mod tests {
 
     use super::*;
-    use crate::ledger::index::Entry;
 
     fn rec(row: u64, id: &str, fp: u8, status: &str, extra: &str) -> String {
         format!(
@@ -543,7 +587,7 @@ mod tests {
         std::fs::write(&out, &text).unwrap();
         let ix = Index::load(&out, BY_FP).unwrap();
         assert_eq!(ix.len(), 2);
-        assert_eq!(ix.get(&[1; 16], 0).unwrap().outcome(), Outcome::Ok);
+        assert_eq!(ix.get(&[1; 16], 0).unwrap().unwrap().outcome(), Outcome::Ok);
         assert_eq!(ix.records, 3);
         assert!((ix.spent_usd - 1.5).abs() < 1e-9);
         let spool = dir.path().join("plan");
@@ -649,8 +693,8 @@ mod tests {
 
     #[test]
     fn the_index_entry_stays_small() {
-        assert!(std::mem::size_of::<Entry>() <= 48);
-        // 1,000,000 keys: the index's vector, with the slack of one dedup pass.
-        assert!(std::mem::size_of::<Entry>() * 1_000_000 < 64 << 20);
+        // On disk; in memory only a chunk of them at a time while the index file is built.
+        assert_eq!(crate::ledger::index::REC, 64);
+        assert!(std::mem::size_of::<Entry>() * crate::ledger::runs::CHUNK < 16 << 20);
     }
 }

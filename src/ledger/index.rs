@@ -1,12 +1,15 @@
-//! The index: every key's latest record, loaded once from the journal (and the stale file)
-//! by the one parser in `journal`, for resuming and for compacting.
+//! The index: every key's latest record, for resuming and for compacting. Its entries live on
+//! disk, sorted by key in the index file beside the output (`indexfile`), and are read
+//! memory-mapped; what stays in memory is a bloom filter over the keys (so a row that is not
+//! done costs no disk read) and the fence of the file's blocks: about 1.7 bytes a record.
+//! On disk, 64 bytes a record.
 
-use std::path::Path;
+use fastbloom::BloomFilter;
 
 use crate::error::Error;
-use crate::fingerprint::fingerprint_bytes;
-use crate::ledger::journal::{self, Line};
+use crate::ledger::journal::Line;
 use crate::ledger::record::Status;
+use crate::ledger::runs::Table;
 
 use super::*;
 
@@ -14,10 +17,18 @@ pub(super) const OUTCOME_MASK: u8 = 3;
 pub(super) const COPY: u8 = 4;
 /// The line records money: a cost or an unconfirmed cost.
 pub(super) const PAID: u8 = 8;
-pub(super) const REFERENCED: u8 = 16;
+/// An ok original record with usage: its completion tokens count in the mean.
+pub(super) const USAGE: u8 = 16;
 
-/// One key's latest record. 48 bytes: a 1,000,000-row output's index is under 50 MB.
-#[derive(Debug, Clone, Copy)]
+/// An entry's size on disk: fingerprint 16, id hash 8, ident 8, offset and flags 8, cost 8,
+/// unconfirmed cost 8, completion tokens 4, line length 4. The money and tokens are there so an
+/// index file can be written for a compacted output without parsing it again.
+pub(super) const REC: usize = 64;
+/// The sort key: the fingerprint and the id hash (big-endian, so bytes sort as the numbers).
+pub(super) const KEY: usize = 24;
+
+/// One key's latest record.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Entry {
     pub fp: [u8; 16],
     /// The id's hash when the job has an id column, else 0.
@@ -25,10 +36,17 @@ pub struct Entry {
     /// Hash of (row, id, input) as written, 0 when the line must be rewritten anyway; equal
     /// to the current row's [`ident`] when the record can be kept byte for byte.
     pub ident: u64,
+    /// Where the record starts in the journal (under 2^56).
     pub offset: u64,
-    /// The first row that took this record during compaction: later rows copy from it.
-    pub(super) first_row: u32,
     pub(super) flags: u8,
+    /// The line's `cost_usd` and `unconfirmed_usd` (0 when absent).
+    pub(super) cost: f64,
+    pub(super) unconfirmed: f64,
+    /// Completion tokens, when `USAGE` is set.
+    pub(super) tokens: u32,
+    /// The line's length with its line end (0: unknown), so compaction can keep a line in
+    /// place without reading it.
+    pub(super) len: u32,
 }
 
 impl Entry {
@@ -43,16 +61,53 @@ impl Entry {
     pub fn is_copy(&self) -> bool {
         self.flags & COPY != 0
     }
-    pub(super) fn key(&self) -> ([u8; 16], u64) {
-        (self.fp, self.idh)
+
+    pub(super) fn encode(&self) -> [u8; REC] {
+        let mut b = [0u8; REC];
+        b[..16].copy_from_slice(&self.fp);
+        b[16..24].copy_from_slice(&self.idh.to_be_bytes());
+        b[24..32].copy_from_slice(&self.ident.to_le_bytes());
+        b[32..40].copy_from_slice(&(self.offset | u64::from(self.flags) << 56).to_le_bytes());
+        b[40..48].copy_from_slice(&self.cost.to_le_bytes());
+        b[48..56].copy_from_slice(&self.unconfirmed.to_le_bytes());
+        b[56..60].copy_from_slice(&self.tokens.to_le_bytes());
+        b[60..64].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    pub(super) fn decode(b: &[u8]) -> Entry {
+        let word = |r: std::ops::Range<usize>| -> [u8; 8] { b[r].try_into().expect("8 bytes") };
+        let last = u64::from_le_bytes(word(32..40));
+        Entry {
+            fp: b[..16].try_into().expect("16 bytes"),
+            idh: u64::from_be_bytes(word(16..24)),
+            ident: u64::from_le_bytes(word(24..32)),
+            offset: last & ((1 << 56) - 1),
+            flags: (last >> 56) as u8,
+            cost: f64::from_le_bytes(word(40..48)),
+            unconfirmed: f64::from_le_bytes(word(48..56)),
+            tokens: u32::from_le_bytes(b[56..60].try_into().expect("4 bytes")),
+            len: u32::from_le_bytes(b[60..64].try_into().expect("4 bytes")),
+        }
     }
 }
 
-/// Everything the journal (and the stale file) says, loaded once.
-#[derive(Default)]
+/// The order of encoded entries: by key, then copies before originals, then by offset, so
+/// the last of a key is its latest original record (else its latest copy).
+pub(super) fn cmp_encoded(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let rank = |x: &[u8]| {
+        let last = u64::from_le_bytes(x[32..40].try_into().expect("8 bytes"));
+        ((last >> 56) as u8 & COPY == 0, last & ((1 << 56) - 1))
+    };
+    a[..KEY].cmp(&b[..KEY]).then_with(|| rank(a).cmp(&rank(b)))
+}
+
+/// Everything the journal (and the stale file) says.
 pub struct Index {
     /// Sorted by key; one entry per key.
-    pub(super) entries: Vec<Entry>,
+    pub(super) entries: Table,
+    /// Over the fingerprints of `entries`; `None` when there are none.
+    pub(super) filter: Option<BloomFilter>,
     /// Records replaced by a later record of the same key that cost money: kept, as stale.
     pub(super) superseded_paid: Vec<u64>,
     /// (line number, offset) of lines that are not records.
@@ -67,151 +122,106 @@ pub struct Index {
     pub(super) stale: Option<Box<Index>>,
 }
 
-impl Index {
-    /// Adds the stale file's records as copy sources, so a row deleted from the input and put
-    /// back later is not paid for again.
-    pub fn with_stale(mut self, stale: &Path, keying: Keying) -> Result<Index, Error> {
-        let ix = Index::load(stale, keying)?;
-        self.stale = (ix.records > 0).then(|| Box::new(ix));
-        Ok(self)
+impl Default for Index {
+    fn default() -> Index {
+        Index {
+            entries: Table::empty(REC),
+            filter: None,
+            superseded_paid: Vec::new(),
+            unreadable: Vec::new(),
+            records: 0,
+            spent_usd: 0.0,
+            unconfirmed_usd: 0.0,
+            mean_completion_tokens: None,
+            stale: None,
+        }
     }
+}
 
-    /// What the stale file's records cost (they were paid for).
+/// The bloom filter's hash of a fingerprint: bytes the fence does not use.
+pub(super) fn filter_hash(fp: &[u8; 16]) -> u64 {
+    u64::from_le_bytes(fp[8..16].try_into().expect("8 bytes"))
+}
+
+impl Index {
     /// What the output has spent: its records, the stale file's, and what rows that ended
     /// with no record may have cost (`carried`).
     pub fn spent_usd_with(&self, carried: &super::Carried) -> f64 {
         self.spent_usd + self.unconfirmed_usd + self.stale_spent_usd() + carried.unconfirmed_usd
     }
 
+    /// What the stale file's records cost (they were paid for).
     pub fn stale_spent_usd(&self) -> f64 {
         self.stale
             .as_ref()
             .map_or(0.0, |s| s.spent_usd + s.unconfirmed_usd)
     }
 
-    /// Reads the journal at `path` (and the stale file's spend). Memory: 48 bytes per key.
-    pub fn load(path: &Path, keying: Keying) -> Result<Index, Error> {
-        let mut ix = Index::default();
-        let mut last_dedup = 0usize;
-        let (mut ok_rows, mut ok_tokens) = (0u64, 0u64);
-        journal::for_each_line(path, |offset, number, bytes| {
-            let line = match journal::parse_line(bytes) {
-                Ok(Some(l)) => l,
-                Ok(None) => return Ok(()),
-                Err(why) => {
-                    if ix.unreadable.len() < 5 {
-                        tracing::warn!(
-                            "{}: line {number} is not a record ({why}); it is kept aside",
-                            path.display()
-                        );
-                    }
-                    ix.unreadable.push((number, offset));
-                    return Ok(());
-                }
-            };
-            let Some(e) = entry_of(&line, bytes, offset, keying) else {
-                if ix.unreadable.len() < 5 {
-                    tracing::warn!(
-                        "{}: line {number} has a malformed fingerprint; it is kept aside",
-                        path.display()
-                    );
-                }
-                ix.unreadable.push((number, offset));
-                return Ok(());
-            };
-            ix.records += 1;
-            ix.spent_usd += line.cost_usd.unwrap_or(0.0);
-            ix.unconfirmed_usd += line.unconfirmed_usd.unwrap_or(0.0);
-            if line.status == Status::Ok && line.copied_from.is_none() {
-                if let Some(u) = &line.usage {
-                    ok_rows += 1;
-                    ok_tokens += u.completion_tokens;
-                }
-            }
-            ix.entries.push(e);
-            // Keep duplicates (reruns of a key) from piling up in memory.
-            if ix.entries.len() >= 1024 && ix.entries.len() >= 2 * last_dedup {
-                ix.dedup();
-                last_dedup = ix.entries.len();
-            }
-            Ok(())
-        })?;
-        if ix.unreadable.len() > 5 {
-            tracing::warn!(
-                "{}: {} lines in all are not records; they are kept aside",
-                path.display(),
-                ix.unreadable.len()
-            );
-        }
-        ix.dedup();
-        if ok_rows > 0 {
-            ix.mean_completion_tokens = Some(ok_tokens as f64 / ok_rows as f64);
-        }
-        Ok(ix)
-    }
-
-    /// One entry per key: the latest original record, else the latest copy. In place, so a
-    /// large index never exists twice.
-    pub(super) fn dedup(&mut self) {
-        self.entries.sort_unstable_by(|a, b| {
-            a.key()
-                .cmp(&b.key())
-                .then((!a.is_copy()).cmp(&!b.is_copy()))
-                .then(a.offset.cmp(&b.offset))
-        });
-        // Sorted best-last within a key: keep each key's last entry.
-        let mut kept = 0;
-        for i in 0..self.entries.len() {
-            let e = self.entries[i];
-            if kept > 0 && self.entries[kept - 1].key() == e.key() {
-                let old = self.entries[kept - 1];
-                if old.flags & PAID != 0 {
-                    self.superseded_paid.push(old.offset);
-                }
-                self.entries[kept - 1] = e;
-            } else {
-                self.entries[kept] = e;
-                kept += 1;
-            }
-        }
-        self.entries.truncate(kept);
-    }
-
-    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub(super) fn position(&self, fp: &[u8; 16], idh: u64) -> Option<usize> {
-        self.entries
-            .binary_search_by(|e| e.key().cmp(&(*fp, idh)))
-            .ok()
+    pub(super) fn entry(&self, i: usize) -> Result<Entry, Error> {
+        self.entries.with(i, Entry::decode)
     }
 
-    pub fn get(&self, fp: &[u8; 16], idh: u64) -> Option<&Entry> {
-        self.position(fp, idh).map(|i| &self.entries[i])
+    fn maybe(&self, fp: &[u8; 16]) -> bool {
+        self.filter
+            .as_ref()
+            .is_some_and(|f| f.contains_hash(filter_hash(fp)))
     }
 
-    /// A record of the same request under any id, to copy from: an ok original first.
-    pub(super) fn source_index(&self, fp: &[u8; 16], ok_only: bool) -> Option<usize> {
-        let start = self.entries.partition_point(|e| e.fp < *fp);
-        let end = start + self.entries[start..].partition_point(|e| e.fp == *fp);
-        let rank = |e: &Entry| {
-            (
-                e.outcome() == Outcome::Ok,
-                !e.is_copy(),
-                e.flags & REFERENCED != 0,
-            )
-        };
-        (start..end)
-            .filter(|&i| !ok_only || self.entries[i].outcome() == Outcome::Ok)
-            .max_by_key(|&i| rank(&self.entries[i]))
+    pub(super) fn position(&self, fp: &[u8; 16], idh: u64) -> Result<Option<usize>, Error> {
+        if !self.maybe(fp) {
+            return Ok(None);
+        }
+        let mut key = [0u8; KEY];
+        key[..16].copy_from_slice(fp);
+        key[16..].copy_from_slice(&idh.to_be_bytes());
+        let r = self.entries.equal_range(&key)?;
+        Ok((!r.is_empty()).then_some(r.start))
+    }
+
+    pub fn get(&self, fp: &[u8; 16], idh: u64) -> Result<Option<Entry>, Error> {
+        self.position(fp, idh)?.map(|i| self.entry(i)).transpose()
+    }
+
+    /// A record of the same request under any id, to copy from: an ok original first, then
+    /// one no row took yet (`taken`: compaction's first taker of each entry, 0 for none).
+    pub(super) fn source_index(
+        &self,
+        fp: &[u8; 16],
+        ok_only: bool,
+        taken: &[u32],
+    ) -> Result<Option<usize>, Error> {
+        if !self.maybe(fp) {
+            return Ok(None);
+        }
+        let mut best = None;
+        for i in self.entries.equal_range(fp)? {
+            let e = self.entry(i)?;
+            if ok_only && e.outcome() != Outcome::Ok {
+                continue;
+            }
+            let referenced = taken.get(i).is_some_and(|&t| t != 0);
+            let rank = (e.outcome() == Outcome::Ok, !e.is_copy(), referenced);
+            // The last of equal ranks wins, as `max_by_key` would.
+            if best.is_none_or(|(r, _)| rank >= r) {
+                best = Some((rank, i));
+            }
+        }
+        Ok(best.map(|(_, i)| i))
     }
 
     /// Whether an ok record of this request exists under any id (the stale file's included).
-    pub fn has_ok_source(&self, fp: &[u8; 16]) -> bool {
-        self.source_index(fp, true).is_some()
-            || self.stale.as_ref().is_some_and(|s| s.has_ok_source(fp))
+    pub fn has_ok_source(&self, fp: &[u8; 16]) -> Result<bool, Error> {
+        if self.source_index(fp, true, &[])?.is_some() {
+            return Ok(true);
+        }
+        match &self.stale {
+            Some(s) => s.has_ok_source(fp),
+            None => Ok(false),
+        }
     }
 }
 
@@ -222,7 +232,10 @@ pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -
         (Status::Error, None) => Outcome::FailedTransient,
     };
     let (fp, idh) = match (&line.fingerprint, outcome) {
-        (Some(f), _) => (fingerprint_bytes(f)?, keying.id_hash(&line.id)),
+        (Some(f), _) => (
+            crate::fingerprint::fingerprint_bytes(f)?,
+            keying.id_hash(&line.id),
+        ),
         (None, Outcome::Input) => {
             let msg = line
                 .error
@@ -235,7 +248,7 @@ pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -
         // it by; it is superseded by whatever the row gets next.
         (None, _) => (input_error_key(line.row, "no fingerprint"), 0),
     };
-    let ident = if journal::is_canonical(bytes) {
+    let ident = if super::journal::is_canonical(bytes) {
         let input = line.input.map(|r| r.get().as_bytes()).unwrap_or(b"{}");
         ident(line.row, &line.id, input)
     } else {
@@ -245,15 +258,55 @@ pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -
     if line.copied_from.is_some() {
         flags |= COPY;
     }
-    if line.cost_usd.unwrap_or(0.0) > 0.0 || line.unconfirmed_usd.unwrap_or(0.0) > 0.0 {
+    let (cost, unconfirmed) = (
+        line.cost_usd.unwrap_or(0.0),
+        line.unconfirmed_usd.unwrap_or(0.0),
+    );
+    if cost > 0.0 || unconfirmed > 0.0 {
         flags |= PAID;
+    }
+    let mut tokens = 0;
+    if line.status == Status::Ok && line.copied_from.is_none() {
+        if let Some(u) = &line.usage {
+            flags |= USAGE;
+            tokens = u.completion_tokens.min(u64::from(u32::MAX)) as u32;
+        }
     }
     Some(Entry {
         fp,
         idh,
         ident,
         offset,
-        first_row: 0,
         flags,
+        cost,
+        unconfirmed,
+        tokens,
+        len: u32::try_from(bytes.len()).unwrap_or(0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_round_trips_through_its_bytes() {
+        let e = Entry {
+            fp: [7; 16],
+            idh: 0x0102_0304_0506_0708,
+            ident: 99,
+            offset: (1 << 56) - 1,
+            flags: PAID | COPY | 2,
+            cost: 0.25,
+            unconfirmed: 1.5,
+            tokens: 7,
+            len: 300,
+        };
+        assert_eq!(Entry::decode(&e.encode()), e);
+        let orig = Entry { flags: 0, ..e };
+        assert!(
+            cmp_encoded(&e.encode(), &orig.encode()).is_lt(),
+            "a copy sorts first"
+        );
+    }
 }

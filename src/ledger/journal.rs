@@ -96,16 +96,31 @@ pub fn is_canonical(bytes: &[u8]) -> bool {
 /// includes the line ending. A missing file has no lines.
 pub fn for_each_line(
     path: &Path,
+    each: impl FnMut(u64, u64, &[u8]) -> Result<(), Error>,
+) -> Result<(), Error> {
+    for_each_line_from(path, 0, 0, each)
+}
+
+/// `for_each_line` from byte `offset` (the start of a line), numbering lines after
+/// `lines_before`.
+pub fn for_each_line_from(
+    path: &Path,
+    offset: u64,
+    lines_before: u64,
     mut each: impl FnMut(u64, u64, &[u8]) -> Result<(), Error>,
 ) -> Result<(), Error> {
-    let f = match File::open(path) {
+    let mut f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err(path, e)),
     };
+    if offset > 0 {
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| io_err(path, e))?;
+    }
     let mut rdr = BufReader::with_capacity(256 * 1024, f);
     let mut buf = Vec::new();
-    let (mut offset, mut number) = (0u64, 0u64);
+    let (mut offset, mut number) = (offset, lines_before);
     loop {
         buf.clear();
         let n = rdr

@@ -14,8 +14,12 @@
 mod compact;
 pub mod files;
 mod index;
+mod indexfile;
 pub mod journal;
 pub mod record;
+mod rewrite;
+pub mod runs;
+mod sent;
 mod spend;
 pub mod stamp;
 
@@ -27,6 +31,7 @@ use crate::provider::ErrorKind;
 
 pub use compact::{compact, move_appending, Planned, Sidecars, Spool};
 pub use index::Index;
+pub use sent::Sent;
 pub use spend::Carried;
 
 /// How a key's latest record ended.
