@@ -25,6 +25,9 @@ use crate::ledger::journal::{for_each_line, parse_line};
 
 const DECODE_ROWS: usize = 8192;
 const ROW_GROUP_ROWS: usize = 65_536;
+/// A row group is also closed once it holds this much encoded data: the writer keeps a whole
+/// row group in memory, and 65,536 long completions would be tens of megabytes.
+const ROW_GROUP_BYTES: usize = 16 << 20;
 
 /// The input columns' types, as the job's input knows them.
 #[derive(Debug, Clone)]
@@ -123,6 +126,9 @@ pub fn export_parquet(jsonl: &Path, out: &Path, opts: &ParquetOptions) -> Result
         decoder.serialize(rows).map_err(|e| arrow(e.to_string()))?;
         if let Some(b) = decoder.flush().map_err(|e| arrow(e.to_string()))? {
             w.write(&b).map_err(|e| arrow(e.to_string()))?;
+            if w.memory_size() > ROW_GROUP_BYTES {
+                w.flush().map_err(|e| arrow(e.to_string()))?;
+            }
         }
         rows.clear();
         Ok(())
