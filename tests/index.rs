@@ -2,20 +2,9 @@
 //! deleted or absent (an output written before it existed), the journal decides, and a rerun
 //! pays for nothing it holds.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::util::*;
-
-fn texts_in(path: &std::path::Path) -> BTreeSet<String> {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap())
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|r| r["input"]["text"].as_str().unwrap().to_string())
-        .collect()
-}
 
 /// kill -9 while a run appends to an output whose index file describes it as it was before
 /// the run: the rerun reads the records appended since from the journal and sends none of
@@ -48,29 +37,10 @@ fn a_resume_after_kill_9_with_a_stale_index_file_repays_nothing() {
     std::fs::write(&out, &text).unwrap();
     let done_before = texts_in(&out);
     assert!(done_before.len() >= 140 && done_before.len() < 300);
-    let sent_before = s.requests().len();
-
-    let r = f.run(&["run", "--quiet", job, "--concurrency", "4"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let recs = f.records();
-    assert_eq!(recs.len(), 300, "every row exactly once");
-    for (i, rec) in recs.iter().enumerate() {
-        assert_eq!(rec["row"], i as u64 + 1);
-        assert_eq!(rec["status"], "ok");
-    }
-    let resent: Vec<String> = user_texts(&s)[sent_before..]
-        .iter()
-        .filter(|t| done_before.contains(*t))
-        .cloned()
-        .collect();
-    assert!(resent.is_empty(), "finished rows sent again: {resent:?}");
+    rerun_repays_nothing(&f, &s, job, "4", 300, &done_before);
     assert!(
         s.requests().len() <= 300 + 4,
         "at most the requests in flight at the kill are paid again"
-    );
-    assert_eq!(
-        f.summary()["rows_skipped"].as_u64().unwrap(),
-        done_before.len() as u64
     );
 }
 

@@ -3,8 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::util::*;
 
 /// kill -9 in the middle of a run: the rerun loses no finished row and pays for none twice.
@@ -29,40 +27,9 @@ fn resume_after_kill_9_loses_nothing_and_repays_nothing() {
     let mut text = std::fs::read(&out).unwrap();
     text.extend_from_slice(b"{\"row\":299,\"id\":\"299\",\"sta");
     std::fs::write(&out, &text).unwrap();
-    let done_before: std::collections::BTreeSet<String> = String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .map(|r| r["input"]["text"].as_str().unwrap().to_string())
-        .collect();
+    let done_before = texts_in(&out);
     assert!(done_before.len() >= 60 && done_before.len() < 300);
-    let sent_before = s.requests().len();
-    let r = f.run(&[
-        "run",
-        "--quiet",
-        job.to_str().unwrap(),
-        "--concurrency",
-        "8",
-    ]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let recs = f.records();
-    assert_eq!(recs.len(), 300, "every row exactly once");
-    for (i, rec) in recs.iter().enumerate() {
-        assert_eq!(rec["row"], i as u64 + 1);
-        assert_eq!(rec["status"], "ok");
-    }
-    let resent: Vec<String> = user_texts(&s)[sent_before..]
-        .iter()
-        .filter(|t| done_before.contains(*t))
-        .cloned()
-        .collect();
-    assert!(
-        resent.is_empty(),
-        "finished rows were sent again: {resent:?}"
-    );
-    assert_eq!(
-        f.summary()["rows_skipped"].as_u64().unwrap(),
-        done_before.len() as u64
-    );
+    rerun_repays_nothing(&f, &s, job.to_str().unwrap(), "8", 300, &done_before);
 }
 
 #[test]

@@ -337,3 +337,46 @@ pub fn redirector(to: String) -> String {
     });
     format!("http://{addr}")
 }
+
+/// The rows' texts in an output's readable records (a torn last line is left out).
+pub fn texts_in(path: &Path) -> std::collections::BTreeSet<String> {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap())
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|r| r["input"]["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The rerun after a kill: every one of `rows` rows ends ok exactly once, in order, none of
+/// `done_before` is sent again, and they are counted as skipped.
+pub fn rerun_repays_nothing(
+    f: &Fixture,
+    s: &FakeServer,
+    job: &str,
+    concurrency: &str,
+    rows: usize,
+    done_before: &std::collections::BTreeSet<String>,
+) {
+    let sent_before = s.requests().len();
+    let r = f.run(&["run", "--quiet", job, "--concurrency", concurrency]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let recs = f.records();
+    assert_eq!(recs.len(), rows, "every row exactly once");
+    for (i, rec) in recs.iter().enumerate() {
+        assert_eq!(rec["row"], i as u64 + 1);
+        assert_eq!(rec["status"], "ok");
+    }
+    let resent: Vec<String> = user_texts(s)[sent_before..]
+        .iter()
+        .filter(|t| done_before.contains(*t))
+        .cloned()
+        .collect();
+    assert!(
+        resent.is_empty(),
+        "finished rows were sent again: {resent:?}"
+    );
+    assert_eq!(
+        f.summary()["rows_skipped"].as_u64().unwrap(),
+        done_before.len() as u64
+    );
+}
