@@ -85,7 +85,7 @@ impl Planner {
     }
 
     /// The spool, finished, for compaction.
-    pub fn finish(self) -> Result<Option<std::path::PathBuf>, Error> {
+    pub fn finish(self) -> Result<Option<ledger::Plan>, Error> {
         self.spool.map(Spool::finish).transpose()
     }
 
@@ -123,6 +123,7 @@ impl Planner {
             return Ok(decision);
         }
         let kept = matches!(decision, Decision::Done | Decision::DoneFailed);
+        let in_place = legacy.is_none() && kept;
         let (key, current, refingerprint) = match (legacy, found) {
             // A kept legacy record is rewritten with the current fingerprint; a legacy record
             // that is replaced (sent again) is superseded by the new one.
@@ -138,11 +139,12 @@ impl Planner {
             (None, Some(_)) => (p.fingerprint, false, None),
             (None, None) => (p.fingerprint, decision == Decision::Send, None),
         };
+        let at = found.filter(|_| in_place && current).map(|e| (e.offset, e.line_len()));
         self.spool_row(
             p.row.number,
             &key,
             idh,
-            current,
+            (current, at),
             &p.row.id,
             &p.row.fields,
             refingerprint,
@@ -174,18 +176,21 @@ impl Planner {
                 Some(_) => false,
                 None => true,
             };
-            self.spool_row(row, &key, 0, current, id, fields, None)?;
+            let at = found.filter(|_| current).map(|e| (e.offset, e.line_len()));
+            self.spool_row(row, &key, 0, (current, at), id, fields, None)?;
         }
         Ok(decision)
     }
 
+    /// `current`: the record already says this row, id and fields; `at`: it is kept byte for
+    /// byte, where it stands (offset, length).
     #[allow(clippy::too_many_arguments)]
     fn spool_row(
         &mut self,
         row: u64,
         fp: &[u8; 16],
         idh: u64,
-        current: bool,
+        (current, at): (bool, Option<(u64, u32)>),
         id: &str,
         fields: &Map<String, Value>,
         refingerprint: Option<String>,
@@ -193,14 +198,17 @@ impl Planner {
         let Some(spool) = self.spool.as_mut() else {
             return Ok(());
         };
-        spool.push(&Planned {
-            row,
-            fp: hex(fp),
-            idh,
-            id: (!current).then(|| id.to_string()),
-            input: (!current).then(|| fields.clone()),
-            fingerprint: refingerprint,
-        })
+        spool.push(
+            &Planned {
+                row,
+                fp: hex(fp),
+                idh,
+                id: (!current).then(|| id.to_string()),
+                input: (!current).then(|| fields.clone()),
+                fingerprint: refingerprint,
+            },
+            at,
+        )
     }
 }
 

@@ -1,7 +1,6 @@
 //! Finishing a run: compaction into input order, the CSV, the carried spend, the summary and
 //! the exit code.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::budget::Budget;
@@ -37,7 +36,7 @@ pub(super) fn finish(
         );
     }
     if let Some(spool) = &end.spool {
-        let _ = std::fs::remove_file(spool);
+        let _ = std::fs::remove_file(&spool.path);
     }
     if end.failed.is_none() {
         write_csv(&job, header.as_deref())?;
@@ -72,7 +71,7 @@ pub(super) fn finish(
 fn compact(
     job: &Job,
     files: &Files,
-    spool: &Path,
+    spool: &ledger::Plan,
     complete: bool,
     stats: &mut Stats,
 ) -> Result<(), Error> {

@@ -1,7 +1,6 @@
 //! The one writer task: every finished row's record is appended to the journal here, with the
 //! counters and the progress line; nothing else writes the output while the run goes.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -71,7 +70,7 @@ pub(super) struct Written {
     /// Records that did not reach the disk: their rows are pending.
     pub(super) unwritten: usize,
     /// The plan spool, for compaction; `None` when it could not be written.
-    pub(super) spool: Option<PathBuf>,
+    pub(super) spool: Option<crate::ledger::Plan>,
 }
 
 /// Opens the journal for appending and starts the writer task with its progress line.
@@ -104,7 +103,7 @@ pub(super) fn start(
 /// on the way stops the job.
 pub(super) async fn wind_down(
     writer: JoinHandle<WriterEnd>,
-    spool: Result<Option<PathBuf>, Error>,
+    spool: Result<Option<crate::ledger::Plan>, Error>,
     stopper: &Stopper,
 ) -> Result<Written, Error> {
     let WriterEnd {

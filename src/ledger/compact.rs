@@ -43,6 +43,34 @@ pub struct Spool {
     path: PathBuf,
     w: BufWriter<File>,
     line: Vec<u8>,
+    rows: u64,
+    /// While every row so far keeps its record as it stands and those records follow one
+    /// another from the output's first byte: where the next one must start.
+    chain: Option<u64>,
+}
+
+/// The finished plan spool.
+#[derive(Debug)]
+pub struct Plan {
+    pub path: PathBuf,
+    rows: u64,
+    /// Every row kept its record as it stands, and those records, in input order, are the
+    /// output's lines from its first byte up to here: when that is the whole output,
+    /// compaction would copy it byte for byte, so it is not run (a rerun that changes
+    /// nothing then reads no index entry twice).
+    in_place_to: Option<u64>,
+}
+
+#[cfg(test)]
+impl Plan {
+    /// A plan spool with no proof that the output is in place.
+    pub fn at(path: &Path) -> Plan {
+        Plan {
+            path: path.to_path_buf(),
+            rows: 0,
+            in_place_to: None,
+        }
+    }
 }
 
 impl Spool {
@@ -52,10 +80,21 @@ impl Spool {
             path: path.to_path_buf(),
             w: BufWriter::with_capacity(256 * 1024, f),
             line: Vec::with_capacity(1024),
+            rows: 0,
+            chain: Some(0),
         })
     }
 
-    pub fn push(&mut self, p: &Planned) -> Result<(), Error> {
+    /// One row's plan. `kept`: the row keeps its record byte for byte, and it stands at this
+    /// offset with this length (with its line end).
+    pub fn push(&mut self, p: &Planned, kept: Option<(u64, u32)>) -> Result<(), Error> {
+        self.rows += 1;
+        self.chain = match (self.chain, kept) {
+            (Some(end), Some((offset, len))) if offset == end && len > 0 => {
+                Some(end + u64::from(len))
+            }
+            _ => None,
+        };
         self.line.clear();
         serde_json::to_writer(&mut self.line, p).expect("a plan line serializes");
         self.line.push(b'\n');
@@ -64,12 +103,16 @@ impl Spool {
             .map_err(|e| io_err(&self.path, e))
     }
 
-    pub fn finish(self) -> Result<PathBuf, Error> {
+    pub fn finish(self) -> Result<Plan, Error> {
         let path = self.path.clone();
         self.w
             .into_inner()
             .map_err(|e| io_err(&path, e.into_error()))?;
-        Ok(path)
+        Ok(Plan {
+            path,
+            rows: self.rows,
+            in_place_to: self.chain,
+        })
     }
 }
 
@@ -94,13 +137,28 @@ pub struct Compacted {
 /// in the output, after the ordered rows, for the rows not reached yet.
 pub fn compact(
     output: &Path,
-    spool: &Path,
+    plan: &Plan,
     complete: bool,
     keying: Keying,
     side: &Sidecars,
 ) -> Result<Compacted, Error> {
+    if let Some(end) = plan.in_place_to {
+        // Every line of the output is one row's record, in input order, kept as it is: no
+        // record left over, superseded or unreadable, none appended since the plan.
+        let len = match std::fs::metadata(output) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(output, e)),
+        };
+        if len == end {
+            return Ok(Compacted {
+                rows: plan.rows,
+                ..Compacted::default()
+            });
+        }
+    }
     let mut c = Compactor::open(output, keying, side)?;
-    c.follow(spool)?;
+    c.follow(&plan.path)?;
     let stale = c.leftovers(complete)?;
     c.finish(stale)
 }
@@ -592,7 +650,7 @@ mod tests {
         assert!((ix.spent_usd - 1.5).abs() < 1e-9);
         let spool = dir.path().join("plan");
         std::fs::write(&spool, planned(1, 1, None) + &planned(2, 2, None)).unwrap();
-        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        let c = compact(&out, &Plan::at(&spool), true, BY_FP, &side(dir.path())).unwrap();
         assert_eq!((c.rows, c.stale, c.rewritten), (2, 1, true));
         let stale = std::fs::read_to_string(dir.path().join("stale.jsonl")).unwrap();
         assert!(stale.contains("\"error\""), "{stale}");
@@ -621,7 +679,7 @@ mod tests {
                 + &planned(4, 1, Some("dup")),
         )
         .unwrap();
-        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        let c = compact(&out, &Plan::at(&spool), true, BY_FP, &side(dir.path())).unwrap();
         assert_eq!((c.rows, c.pending, c.copies, c.stale), (3, 1, 1, 1));
         let recs: Vec<Value> = std::fs::read_to_string(&out)
             .unwrap()
@@ -654,10 +712,10 @@ mod tests {
         std::fs::write(&out, format!("{a}\n{b}\n")).unwrap();
         let spool = dir.path().join("plan");
         std::fs::write(&spool, planned(1, 1, None) + &planned(2, 2, None)).unwrap();
-        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        let c = compact(&out, &Plan::at(&spool), true, BY_FP, &side(dir.path())).unwrap();
         assert!(!c.rewritten);
         std::fs::write(&out, format!("{a}\ngarbage\n{b}\n")).unwrap();
-        let c = compact(&out, &spool, true, BY_FP, &side(dir.path())).unwrap();
+        let c = compact(&out, &Plan::at(&spool), true, BY_FP, &side(dir.path())).unwrap();
         assert_eq!((c.rows, c.rejected, c.rewritten), (2, 1, true));
         assert_eq!(
             std::fs::read_to_string(&out).unwrap(),
@@ -677,7 +735,7 @@ mod tests {
         std::fs::write(&out, &text).unwrap();
         let spool = dir.path().join("plan");
         std::fs::write(&spool, planned(1, 1, None)).unwrap();
-        let c = compact(&out, &spool, false, BY_FP, &side(dir.path())).unwrap();
+        let c = compact(&out, &Plan::at(&spool), false, BY_FP, &side(dir.path())).unwrap();
         assert_eq!((c.rows, c.stale), (1, 0));
         let rows: Vec<u64> = std::fs::read_to_string(&out)
             .unwrap()

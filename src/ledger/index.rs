@@ -61,6 +61,10 @@ impl Entry {
     pub fn is_copy(&self) -> bool {
         self.flags & COPY != 0
     }
+    /// The record's line length with its line end (0: unknown).
+    pub fn line_len(&self) -> u32 {
+        self.len
+    }
 
     pub(super) fn encode(&self) -> [u8; REC] {
         let mut b = [0u8; REC];

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 
 use crate::provider::ErrorKind;
 
-pub use compact::{compact, move_appending, Planned, Sidecars, Spool};
+pub use compact::{compact, move_appending, Plan, Planned, Sidecars, Spool};
 pub use index::Index;
 pub use sent::Sent;
 pub use spend::Carried;
