@@ -139,7 +139,9 @@ impl Planner {
             (None, Some(_)) => (p.fingerprint, false, None),
             (None, None) => (p.fingerprint, decision == Decision::Send, None),
         };
-        let at = found.filter(|_| in_place && current).map(|e| (e.offset, e.line_len()));
+        let at = found
+            .filter(|_| in_place && current)
+            .map(|e| (e.offset, e.line_len()));
         self.spool_row(
             p.row.number,
             &key,

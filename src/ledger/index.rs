@@ -229,51 +229,92 @@ impl Index {
     }
 }
 
+/// What an index entry is made of, from a parsed line or from a record compaction rewrote.
+struct Facts<'a> {
+    row: u64,
+    id: &'a str,
+    ok: bool,
+    error: Option<(crate::provider::ErrorKind, &'a str)>,
+    fingerprint: Option<&'a str>,
+    copied: bool,
+    cost: f64,
+    unconfirmed: f64,
+    completion_tokens: Option<u64>,
+    /// The `input` object as written; `None` when the line cannot be kept byte for byte.
+    input: Option<&'a [u8]>,
+}
+
 pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -> Option<Entry> {
-    let outcome = match (&line.status, &line.error) {
-        (Status::Ok, _) => Outcome::Ok,
-        (Status::Error, Some(e)) => error_outcome(e.kind),
-        (Status::Error, None) => Outcome::FailedTransient,
+    let input = super::journal::is_canonical(bytes)
+        .then(|| line.input.map(|r| r.get().as_bytes()).unwrap_or(b"{}"));
+    let facts = Facts {
+        row: line.row,
+        id: &line.id,
+        ok: line.status == Status::Ok,
+        error: line.error.as_ref().map(|e| (e.kind, e.message.as_ref())),
+        fingerprint: line.fingerprint.as_deref(),
+        copied: line.copied_from.is_some(),
+        cost: line.cost_usd.unwrap_or(0.0),
+        unconfirmed: line.unconfirmed_usd.unwrap_or(0.0),
+        completion_tokens: line.usage.as_ref().map(|u| u.completion_tokens),
+        input,
     };
-    let (fp, idh) = match (&line.fingerprint, outcome) {
-        (Some(f), _) => (
-            crate::fingerprint::fingerprint_bytes(f)?,
-            keying.id_hash(&line.id),
+    entry_from(&facts, bytes.len(), offset, keying)
+}
+
+/// The entry of a record compaction serialized itself (`line`, canonical by construction),
+/// without parsing the line again; `input` is its `input` object as serialized.
+pub(super) fn entry_of_record(
+    r: &crate::ledger::record::Record,
+    input: &[u8],
+    line: &[u8],
+    offset: u64,
+    keying: Keying,
+) -> Option<Entry> {
+    let facts = Facts {
+        row: r.row,
+        id: &r.id,
+        ok: r.status == Status::Ok,
+        error: r.error.as_ref().map(|e| (e.kind, e.message.as_str())),
+        fingerprint: r.fingerprint.as_deref(),
+        copied: r.copied_from.is_some(),
+        cost: r.cost_usd.unwrap_or(0.0),
+        unconfirmed: r.unconfirmed_usd.unwrap_or(0.0),
+        completion_tokens: r.usage.as_ref().map(|u| u.completion_tokens),
+        input: Some(input),
+    };
+    entry_from(&facts, line.len(), offset, keying)
+}
+
+fn entry_from(f: &Facts, len: usize, offset: u64, keying: Keying) -> Option<Entry> {
+    let outcome = match (f.ok, f.error) {
+        (true, _) => Outcome::Ok,
+        (false, Some((kind, _))) => error_outcome(kind),
+        (false, None) => Outcome::FailedTransient,
+    };
+    let (fp, idh) = match (f.fingerprint, outcome) {
+        (Some(fp), _) => (
+            crate::fingerprint::fingerprint_bytes(fp)?,
+            keying.id_hash(f.id),
         ),
-        (None, Outcome::Input) => {
-            let msg = line
-                .error
-                .as_ref()
-                .map(|e| e.message.as_ref())
-                .unwrap_or("");
-            (input_error_key(line.row, msg), 0)
-        }
+        (None, Outcome::Input) => (input_error_key(f.row, f.error.map_or("", |e| e.1)), 0),
         // A failure without a request fingerprint that is not an input error: nothing to key
         // it by; it is superseded by whatever the row gets next.
-        (None, _) => (input_error_key(line.row, "no fingerprint"), 0),
+        (None, _) => (input_error_key(f.row, "no fingerprint"), 0),
     };
-    let ident = if super::journal::is_canonical(bytes) {
-        let input = line.input.map(|r| r.get().as_bytes()).unwrap_or(b"{}");
-        ident(line.row, &line.id, input)
-    } else {
-        0
-    };
+    let ident = f.input.map_or(0, |input| ident(f.row, f.id, input));
     let mut flags = outcome as u8;
-    if line.copied_from.is_some() {
+    if f.copied {
         flags |= COPY;
     }
-    let (cost, unconfirmed) = (
-        line.cost_usd.unwrap_or(0.0),
-        line.unconfirmed_usd.unwrap_or(0.0),
-    );
-    if cost > 0.0 || unconfirmed > 0.0 {
+    if f.cost > 0.0 || f.unconfirmed > 0.0 {
         flags |= PAID;
     }
     let mut tokens = 0;
-    if line.status == Status::Ok && line.copied_from.is_none() {
-        if let Some(u) = &line.usage {
+    if f.ok && !f.copied {
+        if let Some(t) = f.completion_tokens {
             flags |= USAGE;
-            tokens = u.completion_tokens.min(u64::from(u32::MAX)) as u32;
+            tokens = t.min(u64::from(u32::MAX)) as u32;
         }
     }
     Some(Entry {
@@ -282,10 +323,10 @@ pub(super) fn entry_of(line: &Line, bytes: &[u8], offset: u64, keying: Keying) -
         ident,
         offset,
         flags,
-        cost,
-        unconfirmed,
+        cost: f.cost,
+        unconfirmed: f.unconfirmed,
         tokens,
-        len: u32::try_from(bytes.len()).unwrap_or(0),
+        len: u32::try_from(len).unwrap_or(0),
     })
 }
 
