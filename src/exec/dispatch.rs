@@ -3,25 +3,23 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 use super::batch;
 use super::budget::NoRoom;
+use super::prepare::{PreparedRows, Unreadable};
 use super::records::{batch_record, error_record};
 use super::send::process;
 use super::signals::{write_stop_message, Halt};
 use super::writer::Msg;
 use super::{RunOptions, Shared};
 use crate::chat::Mode;
-use crate::input::RowResult;
 use crate::ledger::record::RecordError;
 use crate::ledger::Keying;
 use crate::plan::{Decision, Planner};
 use crate::provider::ErrorKind;
-use crate::render::Renderer;
-use crate::request::{Builder, Prepared};
+use crate::request::Prepared;
 
 /// What dispatching saw of the input.
 pub(super) struct Dispatched {
@@ -32,14 +30,6 @@ pub(super) struct Dispatched {
     pub(super) read: u64,
     /// Of those, this shard's.
     pub(super) owned: u64,
-}
-
-/// A row that could not be read or rendered: it gets an error record of its own.
-struct Unreadable {
-    number: u64,
-    id: String,
-    input: Map<String, Value>,
-    message: String,
 }
 
 /// What a planned row needs next. `Err(())` from a step: dispatching stops (the reason is
@@ -87,8 +77,6 @@ impl Tally {
 /// The dispatcher's state for one run.
 pub(super) struct Dispatch<'a> {
     pub(super) shared: &'a Arc<Shared>,
-    pub(super) renderer: &'a Renderer,
-    pub(super) builder: &'a Builder,
     pub(super) planner: &'a mut Planner,
     pub(super) opts: &'a RunOptions,
     pub(super) tx: &'a mpsc::Sender<Msg>,
@@ -96,7 +84,7 @@ pub(super) struct Dispatch<'a> {
 }
 
 /// Plans each row and sends those that need it.
-pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut crate::input::RowStream) -> Dispatched {
+pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut PreparedRows) -> Dispatched {
     let mut run = Running {
         semaphore: Arc::new(Semaphore::new(d.shared.job.limits.concurrency)),
         tasks: JoinSet::new(),
@@ -112,18 +100,18 @@ pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut crate::input::RowStream
         if limit.is_some_and(|l| seen >= l) {
             break;
         }
-        let item: RowResult = tokio::select! {
+        let item = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
             r = rows.recv() => match r {
                 Some(r) => r,
-                None => { complete = !read_failed; break }
+                None => { complete = rows.ended() && !read_failed; break }
             },
         };
         seen += 1;
         run.reap();
-        read_failed |= item.as_ref().is_err_and(|e| e.fatal);
-        let prepared = run.prepare(item);
+        read_failed |= item.fatal;
+        let prepared = item.prepared;
         // Another shard's row: not this run's business at all.
         let job = &run.d.shared.job;
         let mine = match &prepared {
@@ -185,28 +173,6 @@ impl Running<'_> {
         match tally.take() {
             Some(m) => self.d.tx.send(m).await.map_err(|_| ()),
             None => Ok(()),
-        }
-    }
-
-    /// A row read, rendered into its request; or why it could not be.
-    fn prepare(&self, item: RowResult) -> Result<Prepared, Unreadable> {
-        match item {
-            Err(e) => Err(Unreadable {
-                number: e.number,
-                id: e.number.to_string(),
-                input: Map::new(),
-                message: e.message,
-            }),
-            Ok(row) => self
-                .d
-                .builder
-                .prepare(&self.d.shared.job.input, self.d.renderer, row)
-                .map_err(|(row, message)| Unreadable {
-                    number: row.number,
-                    id: row.id,
-                    input: row.fields,
-                    message,
-                }),
         }
     }
 

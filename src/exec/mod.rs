@@ -16,6 +16,7 @@ mod dispatch;
 mod finish;
 mod open;
 pub mod pace;
+mod prepare;
 mod reask;
 mod records;
 pub mod retry;
@@ -131,8 +132,8 @@ pub async fn run(
     let keying = keying(&job);
     // The input opens before `--fresh` moves anything. A CSV input's header gives the CSV
     // export its columns in order, even those no readable row had.
-    let (header, mut rows) =
-        crate::input::Source::of(&job).stream(job.limits.concurrency * 2 + 16)?;
+    let ahead = job.limits.concurrency * 2 + 16;
+    let (header, rows) = crate::input::Source::of(&job).stream(ahead)?;
     let header = (job.input_format == InputFormat::Csv).then_some(header);
     // The lock is held until the run ends.
     let open::Opened {
@@ -145,7 +146,8 @@ pub async fn run(
     for f in &pass.failed_batches {
         tracing::error!("{f}");
     }
-    let builder = Builder::new(&job, &backend);
+    let builder = Arc::new(Builder::new(&job, &backend));
+    let mut rows = prepare::spawn(rows, Arc::new(renderer), builder, job.input.clone(), ahead)?;
     let spool = Spool::create(&Files::new(&job.output).plan())?;
     let mut planner = Planner::new(index, keying, opts.retry_failed, Some(spool), &job.output);
     let stopper = Arc::new(Stopper::new(signals.clone()));
@@ -163,8 +165,6 @@ pub async fn run(
     let seen = dispatch::dispatch(
         dispatch::Dispatch {
             shared: &shared,
-            renderer: &renderer,
-            builder: &builder,
             planner: &mut planner,
             opts: &opts,
             tx: &tx,

@@ -220,14 +220,20 @@ pub struct RowStream {
 }
 
 impl RowStream {
-    /// The next row; `None` at the end of the input.
-    pub async fn recv(&mut self) -> Option<RowResult> {
+    /// The next row; `None` at the end of the input. Called from a thread outside the
+    /// runtime (the one that renders rows).
+    pub fn blocking_recv(&mut self) -> Option<RowResult> {
         loop {
             if let Some(r) = self.ready.pop_front() {
                 return Some(r);
             }
-            self.ready.extend(self.rx.recv().await?);
+            self.ready.extend(self.rx.blocking_recv()?);
         }
+    }
+
+    /// Whether a row can be had without waiting for the input.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty() || !self.rx.is_empty()
     }
 }
 

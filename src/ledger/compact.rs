@@ -160,7 +160,48 @@ pub fn compact(
     let mut c = Compactor::open(output, keying, side)?;
     c.follow(&plan.path)?;
     let stale = c.leftovers(complete)?;
+    c.drain()?;
     c.finish(stale)
+}
+
+/// A line on its way to the compacted output, in order: kept as it was read, or to be
+/// rewritten for its row.
+enum Queued {
+    Kept(Vec<u8>, Entry),
+    Rewrite {
+        line: Vec<u8>,
+        p: Planned,
+        copy: Option<Option<u64>>,
+        /// Read from the stale file, not the output.
+        from_stale: bool,
+        offset: u64,
+    },
+}
+
+/// Lines queued before the rewrites among them are done, on two threads, and written.
+const QUEUE: usize = 2048;
+
+impl Queued {
+    /// The line to write and its entry; `output` and `stale` name where a line came from in
+    /// an error.
+    fn into_line(
+        self,
+        (output, stale, keying): (&Path, &Path, Keying),
+    ) -> Result<(Vec<u8>, Option<Entry>), Error> {
+        match self {
+            Queued::Kept(line, e) => Ok((line, Some(e))),
+            Queued::Rewrite {
+                line,
+                p,
+                copy,
+                from_stale,
+                offset,
+            } => {
+                let path = if from_stale { stale } else { output };
+                rewrite(&line, p, copy, path, offset, keying)
+            }
+        }
+    }
 }
 
 /// One compaction: the index, the rewritten output being written beside the output, the
@@ -192,6 +233,8 @@ struct Compactor<'a> {
     in_place: bool,
     /// The line last read.
     buf: Vec<u8>,
+    /// Lines read and not written yet (only once the output is no longer in place).
+    queue: Vec<Queued>,
 }
 
 impl<'a> Compactor<'a> {
@@ -221,6 +264,7 @@ impl<'a> Compactor<'a> {
             expect: 0,
             in_place: true,
             buf: Vec::new(),
+            queue: Vec::new(),
         })
     }
 
@@ -279,8 +323,14 @@ impl<'a> Compactor<'a> {
             if copy {
                 self.report.copies += 1;
             }
-            let (r, entry) = rewrite(&self.buf, p, from, self.output, e.offset, self.keying)?;
-            self.put(&r, entry)?;
+            let line = std::mem::take(&mut self.buf);
+            self.enqueue(Queued::Rewrite {
+                line,
+                p,
+                copy: from,
+                from_stale: false,
+                offset: e.offset,
+            })?;
         }
         self.report.rows += 1;
         Ok(())
@@ -308,8 +358,14 @@ impl<'a> Compactor<'a> {
         }
         let (rdr, at) = self.stale_src.as_mut().expect("opened above");
         read_line_at(rdr, at, offset, &mut self.buf).map_err(|e| io_err(stale, e))?;
-        let (r, entry) = rewrite(&self.buf, p, Some(None), stale, offset, self.keying)?;
-        self.put(&r, entry)?;
+        let line = std::mem::take(&mut self.buf);
+        self.enqueue(Queued::Rewrite {
+            line,
+            p,
+            copy: Some(None),
+            from_stale: true,
+            offset,
+        })?;
         self.report.copies += 1;
         self.report.rows += 1;
         Ok(())
@@ -334,9 +390,50 @@ impl<'a> Compactor<'a> {
         self.read(e.offset)?;
         self.expect = e.offset + self.buf.len() as u64;
         let line = std::mem::take(&mut self.buf);
+        if self.out.is_some() {
+            return self.enqueue(Queued::Kept(line, e));
+        }
         let put = self.put(&line, Some(e));
         self.buf = line;
         put
+    }
+
+    /// Queues a line for the compacted output (which is open by now); a full queue is
+    /// written.
+    fn enqueue(&mut self, q: Queued) -> Result<(), Error> {
+        self.queue.push(q);
+        if self.queue.len() >= QUEUE {
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the queued lines in order, rewriting those that need it first: parsing and
+    /// writing a record again is the dearest step of a compaction that renumbers every row,
+    /// so the queue is split between this thread and one more.
+    fn drain(&mut self) -> Result<(), Error> {
+        let mut queue = std::mem::take(&mut self.queue);
+        let back = queue.split_off(queue.len() / 2);
+        let this = (self.output, self.side.stale.as_path(), self.keying);
+        let (front, back) = std::thread::scope(|s| {
+            let other = s.spawn(move || {
+                back.into_iter()
+                    .map(|q| q.into_line(this))
+                    .collect::<Result<Vec<_>, _>>()
+            });
+            let front = queue
+                .into_iter()
+                .map(|q| q.into_line(this))
+                .collect::<Result<Vec<_>, _>>();
+            let back = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (front, back)
+        });
+        for (line, entry) in front?.into_iter().chain(back?) {
+            self.put(&line, entry)?;
+        }
+        Ok(())
     }
 
     /// Reads the output's line at `offset` into `buf`.
@@ -727,8 +824,11 @@ mod tests {
         );
     }
 
-    /// A plan spool written through `Spool`, each row kept at (offset, length) when given.
-    fn spooled(dir: &Path, rows: &[(u64, u8, Option<(u64, u32)>)]) -> Plan {
+    /// A row of a plan: its number, its key's byte, where its record is kept (offset, length).
+    type Row = (u64, u8, Option<(u64, u32)>);
+
+    /// A plan spool written through `Spool`.
+    fn spooled(dir: &Path, rows: &[Row]) -> Plan {
         let mut sp = Spool::create(&dir.join("plan")).unwrap();
         for &(row, fp, kept) in rows {
             let p: Planned = serde_json::from_str(&planned(row, fp, None)).unwrap();
