@@ -362,3 +362,29 @@ fn a_row_task_that_panics_stops_the_run_never_exit_0_and_the_rerun_pays_nothing_
     assert_eq!(f.records().len(), 6);
     assert_eq!(s.stats().requests, 6, "no row paid twice");
 }
+
+/// The thread that renders rows dies mid-input: the rows after it are not taken as gone from
+/// the input (their records stay in the output, none moves to the stale file), and the run
+/// stops with exit 2, never 0.
+#[test]
+fn a_renderer_that_dies_mid_input_stops_the_run_and_moves_no_record_aside() {
+    let s = server();
+    let f = Fixture::new();
+    f.write("data.csv", csv_of(&texts(6, "row")));
+    let job = f.job("data.csv", "{{ text }}", "", "", &s.base_url());
+    let job = job.to_str().unwrap();
+    ok(&f.run(&["run", job]));
+    let before = std::fs::read(f.path("out/result.jsonl")).unwrap();
+    let r = ran(f
+        .cmd(&["run", job])
+        .env("PROMPTMILL_FAILPOINT", "render:panic:3")
+        .output()
+        .unwrap());
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("died before its end"), "{}", r.stderr);
+    assert!(!f.path("out/result.stale.jsonl").exists());
+    assert_eq!(f.records().len(), 6, "every record is still in the output");
+    ok(&f.run(&["run", job]));
+    assert_eq!(std::fs::read(f.path("out/result.jsonl")).unwrap(), before);
+    assert_eq!(s.stats().requests, 6, "nothing sent again");
+}

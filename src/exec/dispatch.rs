@@ -105,7 +105,7 @@ pub(super) async fn dispatch(d: Dispatch<'_>, rows: &mut PreparedRows) -> Dispat
             _ = stop.cancelled() => break,
             r = rows.recv() => match r {
                 Some(r) => r,
-                None => { complete = rows.ended() && !read_failed; break }
+                None => { complete = run.input_ended(rows) && !read_failed; break }
             },
         };
         seen += 1;
@@ -353,6 +353,20 @@ impl Running<'_> {
         while let Some(r) = self.tasks.join_next().await {
             self.ended(r);
         }
+    }
+
+    /// Whether the input was read to its end. A thread that read or rendered it and died
+    /// first (a panic) stops the job: the rows after it stay pending, and none of their
+    /// records is taken as gone from the input.
+    fn input_ended(&self, rows: &PreparedRows) -> bool {
+        if !rows.ended() {
+            self.d.shared.stop(Halt::Job(
+                "the thread reading and rendering the input died before its end; the rows \
+                 after it stay pending: run the same command again, and please report this"
+                    .into(),
+            ));
+        }
+        rows.ended()
     }
 
     /// A task that panicked stops the job: its row stays pending, and the run never ends as if

@@ -314,3 +314,18 @@ fn write_stamp(job: &Job, seen: &dispatch::Dispatched, header: Option<&[String]>
         tracing::warn!("cannot write {}: {e}", path.display());
     }
 }
+
+/// `PROMPTMILL_FAILPOINT=STEP:panic:N` makes step STEP panic at row N (`row`: the row's task;
+/// `render`: the thread that renders rows), so tests can check that a panic stops the run
+/// (exit 2) and never ends it as if every row were done.
+fn failpoint(step: &str, row: u64) {
+    static SPEC: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("PROMPTMILL_FAILPOINT").ok()?;
+        let (at, n) = v.split_once(":panic:")?;
+        Some((at.to_string(), n.parse().ok()?))
+    });
+    if spec.as_ref().is_some_and(|(at, n)| at == step && *n == row) {
+        panic!("failpoint {step}:panic:{row}");
+    }
+}

@@ -84,6 +84,7 @@ pub(super) fn spawn(
         .spawn(move || {
             let mut chunk = Vec::with_capacity(CHUNK);
             while let Some(r) = rows.blocking_recv() {
+                super::failpoint("render", r.as_ref().map_or(0, |row| row.number));
                 chunk.push(prepare(&builder, &renderer, &input, r));
                 // A partial chunk goes when the next row would be waited for, or when the
                 // dispatcher has nothing queued: a slow pipe's rows are not held up.
@@ -97,7 +98,9 @@ pub(super) fn spawn(
             if !chunk.is_empty() && tx.blocking_send(Chunk::Items(chunk)).is_err() {
                 return;
             }
-            let _ = tx.blocking_send(Chunk::End);
+            if rows.ended() {
+                let _ = tx.blocking_send(Chunk::End);
+            }
         })
         .map_err(|e| Error::Other(format!("cannot start the row renderer: {e}")))?;
     Ok(PreparedRows {

@@ -24,7 +24,7 @@ pub(super) async fn process(
     pace_tokens: u64,
     prompt_tokens: Option<u64>,
 ) -> Option<Msg> {
-    panic_failpoint(p.row.number);
+    super::failpoint("row", p.row.number);
     let started = Instant::now();
     let mut st = Sending {
         retrier: sh.retry.start(),
@@ -114,20 +114,6 @@ async fn shape(
             (c, Some(s))
         }
         (None, None) => (c, None),
-    }
-}
-
-/// `PROMPTMILL_FAILPOINT=row:panic:N` makes row N's task panic, so that tests can check that a
-/// panic stops the run (exit 2, the row pending) and is never an exit 0.
-fn panic_failpoint(row: u64) {
-    static ROW: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
-    let at = ROW.get_or_init(|| {
-        std::env::var("PROMPTMILL_FAILPOINT")
-            .ok()
-            .and_then(|v| v.strip_prefix("row:panic:")?.parse().ok())
-    });
-    if *at == Some(row) {
-        panic!("failpoint row:panic:{row}");
     }
 }
 

@@ -195,9 +195,12 @@ impl Source {
                         }
                     }
                 }
-                if !chunk.is_empty() {
-                    let _ = tx.blocking_send(chunk);
+                if !chunk.is_empty() && tx.blocking_send(chunk).is_err() {
+                    return;
                 }
+                // The end: an empty chunk, which is never sent otherwise. A thread that dies
+                // before it (a panic) leaves the input unfinished, never taken as read whole.
+                let _ = tx.blocking_send(Vec::new());
             })
             .map_err(|e| Error::Other(format!("cannot start the input reader: {e}")))?;
         Ok((
@@ -205,6 +208,7 @@ impl Source {
             RowStream {
                 rx,
                 ready: std::collections::VecDeque::new(),
+                ended: false,
             },
         ))
     }
@@ -217,6 +221,7 @@ const CHUNK: usize = 64;
 pub struct RowStream {
     rx: mpsc::Receiver<Vec<RowResult>>,
     ready: std::collections::VecDeque<RowResult>,
+    ended: bool,
 }
 
 impl RowStream {
@@ -227,8 +232,18 @@ impl RowStream {
             if let Some(r) = self.ready.pop_front() {
                 return Some(r);
             }
-            self.ready.extend(self.rx.blocking_recv()?);
+            let chunk = self.rx.blocking_recv()?;
+            if chunk.is_empty() {
+                self.ended = true;
+                return None;
+            }
+            self.ready.extend(chunk);
         }
+    }
+
+    /// The input was read to its end (not cut short by the reading thread's death).
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 
     /// Whether a row can be had without waiting for the input.
