@@ -2,13 +2,13 @@
 //! stdin on a blocking thread. A bad record becomes a `RowError` naming the file, line and
 //! field; the stream goes on.
 
+pub mod chunks;
 pub mod parquet;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
-use tokio::sync::mpsc;
 
 use crate::error::Error;
 pub use crate::job::InputFormat;
@@ -178,79 +178,24 @@ impl Source {
     pub fn stream(&self, capacity: usize) -> Result<(Vec<String>, RowStream), Error> {
         let rows = self.reader()?;
         let header = rows.header.clone();
-        // Rows go in chunks, so the consumer is not woken once a row; `capacity` rows at most.
-        let (tx, rx) = mpsc::channel((capacity / CHUNK).max(1));
+        let (mut tx, rx) = chunks::channel(capacity);
         std::thread::Builder::new()
             .name("input".into())
             .spawn(move || {
-                let mut chunk = Vec::with_capacity(CHUNK);
                 for r in rows {
-                    chunk.push(r);
-                    // A full chunk goes; so does a partial one when the consumer has nothing
-                    // queued (it may be waiting for these rows: a slow pipe is not held up).
-                    if chunk.len() >= CHUNK || tx.capacity() == tx.max_capacity() {
-                        let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-                        if tx.blocking_send(full).is_err() {
-                            return; // the scheduler stopped reading
-                        }
+                    if tx.push(r, true).is_err() {
+                        return; // the scheduler stopped reading
                     }
                 }
-                if !chunk.is_empty() && tx.blocking_send(chunk).is_err() {
-                    return;
-                }
-                // The end: an empty chunk, which is never sent otherwise. A thread that dies
-                // before it (a panic) leaves the input unfinished, never taken as read whole.
-                let _ = tx.blocking_send(Vec::new());
+                tx.end();
             })
             .map_err(|e| Error::Other(format!("cannot start the input reader: {e}")))?;
-        Ok((
-            header,
-            RowStream {
-                rx,
-                ready: std::collections::VecDeque::new(),
-                ended: false,
-            },
-        ))
+        Ok((header, rx))
     }
 }
-
-/// Rows a chunk of the input stream carries at most.
-const CHUNK: usize = 64;
 
 /// The rows read on the input thread, in order.
-pub struct RowStream {
-    rx: mpsc::Receiver<Vec<RowResult>>,
-    ready: std::collections::VecDeque<RowResult>,
-    ended: bool,
-}
-
-impl RowStream {
-    /// The next row; `None` at the end of the input. Called from a thread outside the
-    /// runtime (the one that renders rows).
-    pub fn blocking_recv(&mut self) -> Option<RowResult> {
-        loop {
-            if let Some(r) = self.ready.pop_front() {
-                return Some(r);
-            }
-            let chunk = self.rx.blocking_recv()?;
-            if chunk.is_empty() {
-                self.ended = true;
-                return None;
-            }
-            self.ready.extend(chunk);
-        }
-    }
-
-    /// The input was read to its end (not cut short by the reading thread's death).
-    pub fn ended(&self) -> bool {
-        self.ended
-    }
-
-    /// Whether a row can be had without waiting for the input.
-    pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty() || !self.rx.is_empty()
-    }
-}
+pub type RowStream = chunks::Receiver<RowResult>;
 
 enum Kind {
     Csv(csv::Reader<Box<dyn Read + Send>>, csv::ByteRecord),

@@ -390,7 +390,9 @@ impl<'a> Compactor<'a> {
         self.read(e.offset)?;
         self.expect = e.offset + self.buf.len() as u64;
         let line = std::mem::take(&mut self.buf);
-        if self.out.is_some() {
+        // Behind rewrites still queued it waits its turn; else it goes at once (a run's
+        // compaction of records that came back out of order spawns no thread).
+        if !self.queue.is_empty() {
             return self.enqueue(Queued::Kept(line, e));
         }
         let put = self.put(&line, Some(e));
@@ -412,6 +414,9 @@ impl<'a> Compactor<'a> {
     /// writing a record again is the dearest step of a compaction that renumbers every row,
     /// so the queue is split between this thread and one more.
     fn drain(&mut self) -> Result<(), Error> {
+        if self.queue.is_empty() {
+            return Ok(());
+        }
         let mut queue = std::mem::take(&mut self.queue);
         let back = queue.split_off(queue.len() / 2);
         let this = (self.output, self.side.stale.as_path(), self.keying);
